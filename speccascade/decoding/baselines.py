@@ -1,0 +1,97 @@
+"""Baselines with the speculative cascade's interface: autoregressive decoding of one model, and
+the token-level sequential cascade of algorithms.md section 2."""
+
+from __future__ import annotations
+
+import torch
+
+from ..deferral.rules import Rule
+from ..errors import SpeccascadeError
+from .base import DecodeState, Decoder
+from .pairs import ModelPair
+from .sampling import sample
+
+
+class Autoregressive(Decoder):
+    """One model decoding alone (``which`` = "target" or "drafter"), one forward per token.
+
+    It samples token ``j`` of a row with the same uniform the cascade drafts it with, so the
+    drafter alone equals the cascade under ``NeverDefer`` token for token.
+    """
+
+    def __init__(self, pair: ModelPair, which: str = "target", temperature: float = 0.0, top_k=None, top_p=None) -> None:
+        if which not in ("target", "drafter"):
+            raise SpeccascadeError(f"which must be 'target' or 'drafter', got {which!r}")
+        super().__init__(pair, temperature, top_k, top_p)
+        self.which = which
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {self.which: getattr(self.pair, self.which)}
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState) -> None:
+        active = ~state.done
+        logits, _ = state.caches[self.which].forward(
+            state.pending.unsqueeze(1), state.pos.unsqueeze(1), state.window(1)
+        )
+        token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, state.n_out])
+        state.counts.add(f"{self.which}_calls", active.long())
+        setattr(state.counts, f"{self.which}_forwards", getattr(state.counts, f"{self.which}_forwards") + 1)
+        state.emit(token.unsqueeze(1), torch.ones_like(token))
+        state.advance(active.long(), 1)
+        state.pending = torch.where(active, token, state.pending)
+
+
+class SequentialCascade(Decoder):
+    """Token-level sequential cascade: the drafter proposes, a drafter-only rule decides per token,
+    and a deferred token comes from the target, which catches up on the skipped tokens in one call.
+
+    Only rules that need no target distribution can run here (Chow, AlwaysDefer, NeverDefer,
+    drafter-only learned heads).
+    """
+
+    def __init__(self, pair: ModelPair, rule: Rule, temperature: float = 0.0, top_k=None, top_p=None) -> None:
+        super().__init__(pair, temperature, top_k, top_p)
+        if rule.needs_target or rule.granularity != "position":
+            raise SpeccascadeError(
+                f"rule {rule.name!r} needs the target's distribution; the sequential cascade runs only "
+                "drafter-only position rules (chow, always, never, drafter-only learned heads)"
+            )
+        self.rule = rule
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"drafter": self.pair.drafter, "target": self.pair.target}
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState) -> None:
+        active = ~state.done
+        drafter, target = state.caches["drafter"], state.caches["target"]
+        window = state.window(1)
+        logits, _ = drafter.forward(state.pending.unsqueeze(1), state.pos.unsqueeze(1), window)
+        q = logits[:, 0].softmax(-1)
+        dist = self.sampler(logits[:, 0], q)
+        r = self.rule.defer(q.unsqueeze(1), None)[:, 0] & active
+        state.counts.drafter_forwards += 1
+        state.counts.add("drafter_calls", active.long())
+        state.counts.add("decided", active.long())
+        state.counts.add("deferrals", r.long())
+        if bool(r.any()):
+            dist = torch.where(r.unsqueeze(1), self._catch_up(state, window), dist)
+            state.counts.add("target_calls", r.long())
+            state.counts.target_forwards += 1
+        else:
+            state.backlog.append((state.pending, state.pos.clone()))
+        token = sample(dist, state.streams.draft[state.rows, state.n_out])
+        state.emit(token.unsqueeze(1), torch.ones_like(token))
+        state.advance(active.long(), 1)
+        state.pending = torch.where(active, token, state.pending)
+
+    def _catch_up(self, state: DecodeState, window: torch.Tensor) -> torch.Tensor:
+        """Feed the target every token it has not seen, the pending one last; return ``p~`` there."""
+        ids = torch.stack([t for t, _ in state.backlog] + [state.pending], dim=1)
+        positions = torch.stack([p for _, p in state.backlog] + [state.pos], dim=1)
+        logits, _ = state.caches["target"].forward(ids, positions, window)
+        state.backlog = []
+        return self.sampler(logits[:, -1])

@@ -1,0 +1,189 @@
+"""The speculative-cascade decoder (algorithms.md section 3).
+
+One block step: ``draft`` gamma tokens from ``q~`` (plus one drafter step over the last draft, so
+``q_{gamma+1}`` exists for the bonus position), ``verify`` them with one target call, ``accept``
+drafts left to right with probability ``min(1, pi(x) / q~(x))``, draw the token after the last
+accepted draft from the residual ``norm(max(0, pi - q~))`` (or, when all were accepted, the bonus
+from ``pi_{gamma+1}``), and ``rollback`` both caches to the emitted prefix.
+
+With :class:`~speccascade.deferral.rules.AlwaysDefer` this is exact speculative decoding; with
+:class:`~speccascade.deferral.rules.NeverDefer` it is the drafter's own decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..deferral.features import EPS
+from ..deferral.rules import AlwaysDefer, Rule
+from ..errors import SpeccascadeError
+from .base import DecodeState, Decoder
+from .pairs import ModelPair
+from .sampling import sample
+
+
+class Dists(NamedTuple):
+    """One model's distributions over a block: unscaled ``probs`` (rules) and ``sampled`` (``q~``/``p~``)."""
+
+    probs: torch.Tensor  # [B, T, V]
+    sampled: torch.Tensor  # [B, T, V]
+    hidden: torch.Tensor | None  # [B, T, H] last-layer hidden states, when asked for
+
+
+@dataclass
+class BlockEvent:
+    """What a hook sees after each block, for every row (inactive rows included; see ``active``).
+
+    Positions ``t < gamma`` are drafted positions; index ``gamma`` is the bonus position.
+    """
+
+    q: torch.Tensor  # [B, gamma + 1, V] drafter probabilities (T = 1)
+    p: torch.Tensor  # [B, gamma + 1, V] target probabilities (T = 1)
+    drafts: torch.Tensor  # [B, gamma]
+    deferred: torch.Tensor  # [B, gamma] bool, the rule's r at each draft
+    accept_prob: torch.Tensor  # [B, gamma]
+    n_accepted: torch.Tensor  # [B]
+    next_token: torch.Tensor  # [B] residual or bonus token
+    out_index: torch.Tensor  # [B] output index of the first draft
+    active: torch.Tensor  # [B] rows still decoding when the block started
+    q_hidden: torch.Tensor | None = None  # [B, gamma + 1, H]
+    p_hidden: torch.Tensor | None = None
+
+
+Hook = Callable[[BlockEvent], None]
+
+
+class SpeculativeCascade(Decoder):
+    """Speculative cascade over ``pair`` with a deferral ``rule`` and block size gamma.
+
+    Rules decide on the unscaled (T = 1) probabilities; mixing, accepting and resampling use the
+    temperature / top-k / top-p sampling distributions of both models (as the paper's colab does).
+    ``hook`` is called with a :class:`BlockEvent` after every block (the trace logger's entry
+    point); ``hook_hidden_states`` also passes both models' last hidden states.
+    """
+
+    def __init__(
+        self,
+        pair: ModelPair,
+        rule: Rule | None = None,
+        block_size: int = 5,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        hook: Hook | None = None,
+        hook_hidden_states: bool = False,
+    ) -> None:
+        super().__init__(pair, temperature, top_k, top_p)
+        if block_size < 1:
+            raise SpeccascadeError(f"block_size (gamma) must be >= 1, got {block_size}")
+        self.rule = rule if rule is not None else AlwaysDefer()
+        self.block_size = block_size
+        self.hook = hook
+        self.hook_hidden_states = hook_hidden_states
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"drafter": self.pair.drafter, "target": self.pair.target}
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState) -> None:
+        """One block: draft, verify, accept, emit, rollback."""
+        gamma = self.block_size
+        active = ~state.done
+        drafts, q = self.draft(state)
+        p = self.verify(state, drafts)
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled)
+        n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
+        next_token = self.resample(state, n, q.sampled, mix.emit)
+
+        tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
+        deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)
+        self.count(state, active, n, deferred)
+        if self.hook is not None:
+            self.hook(
+                BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
+                           state.n_out.clone(), active, q.hidden, p.hidden)
+            )
+        state.emit(tokens, n + 1)
+        self.rollback(state, torch.where(active, n + 1, 0), next_token)
+
+    def draft(self, state: DecodeState) -> tuple[torch.Tensor, Dists]:
+        """gamma drafts from ``q~``, and the drafter's distributions at gamma + 1 positions."""
+        gamma, drafter = self.block_size, state.caches["drafter"]
+        window = state.window(gamma + 1)
+        slots = state.mask.shape[1]
+        x, drafts, probs, sampled, hidden = state.pending, [], [], [], []
+        for i in range(gamma + 1):
+            logits, h = drafter.forward(
+                x.unsqueeze(1), (state.pos + i).unsqueeze(1), window[:, : slots + i + 1], self.hook_hidden_states
+            )
+            q = logits[:, 0].softmax(-1)
+            q_s = self.sampler(logits[:, 0], q)
+            probs.append(q), sampled.append(q_s), hidden.append(h)
+            if i < gamma:
+                x = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
+                drafts.append(x)
+        state.counts.drafter_forwards += gamma + 1
+        q_hidden = torch.cat(hidden, dim=1) if self.hook_hidden_states else None
+        return torch.stack(drafts, 1), Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden)
+
+    def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
+        """One target call over the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
+        gamma = self.block_size
+        ids = torch.cat([state.pending.unsqueeze(1), drafts], dim=1)
+        positions = state.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
+        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.hook_hidden_states)
+        state.counts.target_forwards += 1
+        p = logits.softmax(-1)
+        return Dists(p, self.sampler(logits, p), hidden)
+
+    def accept(
+        self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accept each draft with ``min(1, accept(x) / q~(x))``; return leading accepts ``n`` and the probabilities."""
+        gamma = self.block_size
+        x = drafts.unsqueeze(-1)
+        q_x = q_s[:, :gamma].gather(-1, x).squeeze(-1)
+        a_x = accept[:, :gamma].gather(-1, x).squeeze(-1)
+        accept_prob = (a_x / q_x.clamp_min(EPS)).clamp_max(1.0)
+        index = state.n_out.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
+        accepted = state.streams.accept.gather(1, index) < accept_prob
+        n = accepted.long().cumprod(1).sum(1)
+        return n, accept_prob
+
+    def resample(self, state: DecodeState, n: torch.Tensor, q_s: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+        """The token after the ``n`` accepted drafts: residual ``norm(max(0, pi - q~))`` or bonus ``pi``."""
+        rows = state.rows
+        rejected = n < self.block_size
+        e_n, q_n = emit[rows, n], q_s[rows, n]
+        residual = (e_n - q_n * rejected.unsqueeze(1)).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, e_n)
+        index = state.n_out + n
+        u = torch.where(rejected, state.streams.resample[rows, index], state.streams.draft[rows, index])
+        return sample(residual, u)
+
+    def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, deferred: torch.Tensor) -> None:
+        gamma, counts = self.block_size, state.counts
+        a = active.long()
+        offsets = torch.arange(gamma, device=n.device)
+        examined = offsets <= n.unsqueeze(1)  # accepted drafts and the first rejected one
+        counts.add("target_calls", a)
+        counts.add("drafter_calls", a * (gamma + 1))
+        counts.add("drafted", a * gamma)
+        counts.add("accepted", a * n)
+        counts.add("decided", a * examined.sum(1))
+        counts.add("deferrals", a * (deferred & examined).sum(1))
+        counts.add("rejections", a * (n < gamma).long())
+        counts.reached_at += a.unsqueeze(1) * examined
+        counts.accepted_at += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
+
+    def rollback(self, state: DecodeState, valid: torch.Tensor, next_token: torch.Tensor) -> None:
+        """Keep each row's pending token and accepted drafts in both caches; mask the rest out."""
+        kept = int(valid.max())
+        for cache in state.caches.values():
+            cache.rollback(self.block_size + 1 - kept)
+        state.advance(valid, kept)
+        state.pending = torch.where(valid > 0, next_token, state.pending)
