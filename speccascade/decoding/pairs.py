@@ -41,12 +41,11 @@ class ModelPair:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids: the target's generation config, plus the tokenizer's own."""
         ids = self.target.generation_config.eos_token_id
-        if ids is None and self.tokenizer is not None:
-            ids = self.tokenizer.eos_token_id
-        if ids is None:
-            return []
-        return [ids] if isinstance(ids, int) else list(ids)
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        extra = getattr(self.tokenizer, "eos_token_id", None)
+        return ids + [extra] if isinstance(extra, int) and extra not in ids else ids
 
     @property
     def pad_token_id(self) -> int:

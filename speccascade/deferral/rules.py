@@ -44,6 +44,11 @@ class Rule(ABC):
     EXACT: ClassVar[float | None] = None
     DRAFTER_ONLY: ClassVar[float | None] = None
 
+    @property
+    def spec(self) -> str:
+        """The command-line spelling (``opt:0.3``) that :func:`parse` reads back."""
+        return self.name if self.knob is None else f"{self.name}:{getattr(self, self.knob):g}"
+
     @abstractmethod
     def mix(self, q: torch.Tensor, p: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
         """The block's :class:`Mix` from unscaled ``q``, ``p`` and sampling ``q_s``, ``p_s``."""
@@ -267,3 +272,16 @@ def from_name(name: str, value: float | None = None) -> Rule:
     if value is None or cls.knob is None:
         return cls()
     return cls(**{cls.knob: int(value) if cls.knob == "k" else float(value)})
+
+
+def parse(spec: str) -> Rule:
+    """A rule from its command-line spelling: ``name`` or ``name:value`` (``opt:0.3``, ``topk:5``)."""
+    name, _, value = spec.partition(":")
+    if not value:
+        return from_name(name)
+    try:
+        return from_name(name, float(value))
+    except ValueError as err:
+        if isinstance(err, SpeccascadeError):
+            raise
+        raise SpeccascadeError(f"rule {spec!r}: {value!r} is not a number") from err

@@ -1,0 +1,56 @@
+"""The ``speccascade`` command: one subcommand per pipeline step, each taking ``--config FILE.yaml``.
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from .errors import SpeccascadeError
+from .evaluation.demo import demo
+
+COMMANDS: dict[str, Callable] = {"demo": demo}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="speccascade", description="Speculative cascades with learned deferral rules.")
+    subcommands = parser.add_subcommands(dest="command")
+    for name, function in COMMANDS.items():
+        sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0])
+        sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options; flags override it")
+        sub.add_function_arguments(function)
+        subcommands.add_subcommand(name, sub, help=sub.description)
+    return parser
+
+
+def _underscored(arg: str) -> str:
+    """``--max-new-tokens=5`` -> ``--max_new_tokens=5``: both spellings are accepted."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("-", "_").replace("__", "--", 1) + eq + value
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_MODE", "offline")  # nothing may wait on the network
+    parser = build_parser()
+    cfg = parser.parse_args([_underscored(a) for a in (sys.argv[1:] if argv is None else argv)])
+    options = {k: v for k, v in cfg[cfg.command].as_dict().items() if k != "config"}
+    try:
+        COMMANDS[cfg.command](**options)
+    except SpeccascadeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""algorithms.md section 6, limit 5: cached decoding equals uncached recomputation, and rollback
+after rejections leaves each cache equal to a fresh prefill of the emitted prefix."""
+
+from __future__ import annotations
+
+import torch
+
+from speccascade import SpeculativeCascade, rules
+from tests.helpers import row
+
+
+def full_forward_probs(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Uncached forward over left-padded sequences, [B, S, V] probabilities."""
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return model(sequences, attention_mask=mask, position_ids=positions).logits.float().softmax(-1)
+
+
+def test_cached_block_probabilities_equal_uncached_recomputation(pair, batch):
+    ids, mask = batch
+    events = []
+    dec = SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=4, temperature=1.0, hook=events.append)
+    out = dec.generate(ids, mask, max_new_tokens=20, seed=11)
+    full_mask = torch.cat([mask, torch.ones_like(out.new_tokens)], dim=1)
+    length = ids.shape[1]
+    for model_name, attr in (("target", "p"), ("drafter", "q")):
+        reference = full_forward_probs(getattr(pair, model_name), out.sequences, full_mask)
+        checked = 0
+        for e in events:
+            for b in torch.nonzero(e.active).flatten().tolist():
+                j = int(e.out_index[b])
+                # positions up to the first rejection saw only emitted tokens before them
+                for t in range(min(int(e.n_accepted[b]), dec.block_size) + 1):
+                    if j + t >= out.stats.rows[b]["new_tokens"]:
+                        break
+                    torch.testing.assert_close(getattr(e, attr)[b, t], reference[b, length + j + t - 1], atol=2e-5, rtol=1e-4)
+                    checked += 1
+        assert checked >= out.stats.new_tokens  # every emitted token's distribution was compared
+
+
+def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch):
+    ids, mask = batch
+    dec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4, temperature=1.0)
+    state = dec.start(ids, mask, max_new_tokens=40, seed=2)
+    for _ in range(5):
+        dec.step(state)
+    slots = state.mask.shape[1]
+    real = state.mask.sum(1)
+    assert bool((real < slots).any()), "some row must hold masked-out (rejected) slots"
+    for name, model in dec.models.items():
+        cache = state.caches[name].cache
+        assert cache.get_seq_length() == slots
+        for b in range(ids.shape[0]):
+            # the emitted prefix minus the pending token, which no cache holds yet
+            n = int(state.n_out[b])
+            prefix = torch.cat([row(ids, mask, b), state.out[b : b + 1, : n - 1]], dim=1)
+            fresh = SpeculativeCascade(pair, rules.AlwaysDefer()).start(
+                torch.cat([prefix, state.out[b : b + 1, n - 1 : n]], dim=1), max_new_tokens=1
+            ).caches[name].cache
+            keep = state.mask[b].bool()
+            for layer, fresh_layer in zip(cache.layers, fresh.layers):
+                torch.testing.assert_close(layer.keys[b][:, keep], fresh_layer.keys[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(layer.values[b][:, keep], fresh_layer.values[0], atol=1e-5, rtol=1e-4)
+        assert torch.equal(state.pos, real)  # the pending token's position = tokens already cached
