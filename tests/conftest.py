@@ -12,11 +12,12 @@ import pytest
 from speccascade.decoding import tiny_random_pair
 
 PROMPTS = ["hello world", "a", "the quick brown fox jumps", "1 + 1 ="]
+DEVICE = os.environ.get("SPECCASCADE_TEST_DEVICE", "cpu")  # "cuda" runs the decoder tests on a GPU
 
 
 @pytest.fixture(scope="session")
 def pair():
-    return tiny_random_pair(seed=0)
+    return tiny_random_pair(seed=0, device=DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -114,12 +114,23 @@ def load_pair(
         if spec.drafter_layers is None:
             raise SpeccascadeError("give a drafter model or drafter_layers (a layer subset of the target)")
         drafter_model = layer_subset(target_model, spec.drafter_layers)
-        drafter_id = f"{target_id}[layers {','.join(map(str, spec.drafter_layers))}]"
+        drafter_id = f"{target_id} layers {_ranges(spec.drafter_layers)}"
     else:
         drafter_model, drafter_tokenizer = _from_pretrained(spec.drafter, {}, device, dtype, trust_remote_code)
         check_same_tokenizer(drafter_tokenizer, tokenizer, spec.drafter, target_id)
         drafter_id = spec.drafter
     return ModelPair(drafter_model, target_model, tokenizer, name, drafter_id, target_id)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _load_target(spec: PairSpec, device, dtype, trust_remote_code: bool):

@@ -14,29 +14,30 @@ from scipy.stats import chisquare
 from speccascade import SpeculativeCascade, rules
 from speccascade.decoding import Sampler, tiny_random_pair
 from speccascade.decoding.sampling import sample
+from tests.conftest import DEVICE
 
 V, N, GAMMA = 8, 20_000, 3
-PROMPT = torch.tensor([[3, 1, 4, 1, 5]])
+PROMPT = torch.tensor([[3, 1, 4, 1, 5]], device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def small_pair():
-    return tiny_random_pair(seed=5, vocab_size=V)
+    return tiny_random_pair(seed=5, vocab_size=V, device=DEVICE)
 
 
 def target_joint(pair, sampler: Sampler) -> torch.Tensor:
     """Exact P(x1, x2) under the target's sampling distribution, [V, V]."""
     with torch.no_grad():
         first = sampler(pair.target(PROMPT).logits[0, -1].float())
-        prefixes = torch.cat([PROMPT.repeat(V, 1), torch.arange(V).unsqueeze(1)], dim=1)
+        prefixes = torch.cat([PROMPT.repeat(V, 1), torch.arange(V, device=DEVICE).unsqueeze(1)], dim=1)
         second = sampler(pair.target(prefixes).logits[:, -1].float())
-    return first.unsqueeze(1) * second
+    return (first.unsqueeze(1) * second).cpu()
 
 
 def empirical_joint(decoder) -> torch.Tensor:
     out = decoder.generate(PROMPT.repeat(N, 1), max_new_tokens=2, seed=list(range(N)))
     x = out.new_tokens
-    return torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V).reshape(V, V).double()
+    return torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V).reshape(V, V).double().cpu()
 
 
 def chi_square_p(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
@@ -54,7 +55,7 @@ class NoDivisionByQ(SpeculativeCascade):
     def accept(self, state, drafts, q_s, accept):
         x = drafts.unsqueeze(-1)
         accept_prob = accept[:, : self.block_size].gather(-1, x).squeeze(-1)
-        index = state.n_out.unsqueeze(1) + torch.arange(self.block_size)
+        index = state.n_out.unsqueeze(1) + torch.arange(self.block_size, device=drafts.device)
         accepted = state.streams.accept.gather(1, index) < accept_prob
         return accepted.long().cumprod(1).sum(1), accept_prob
 

@@ -103,7 +103,7 @@ def test_sequential_cascade_mixes_and_catches_up(pair, batch):
                 p = pair.target(prefix).logits[0, -1]
             expected = p.argmax() if q.max() < 1 - rule.alpha else q.argmax()
             assert token == int(expected)
-            prefix = torch.cat([prefix, torch.tensor([[token]])], dim=1)
+            prefix = torch.cat([prefix, prefix.new_tensor([[token]])], dim=1)
 
 
 def test_stats_are_consistent(pair, batch):

@@ -29,7 +29,7 @@ def test_layer_subset_drafter_shares_the_targets_weights(pair):
     from speccascade.decoding import layer_subset
 
     whole = layer_subset(pair.target, [0, 1])
-    ids = torch.tensor([[3, 9, 27, 81]])
+    ids = torch.tensor([[3, 9, 27, 81]], device=pair.device)
     with torch.no_grad():
         assert torch.equal(whole(ids).logits, pair.target(ids).logits)
 
