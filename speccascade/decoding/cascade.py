@@ -95,7 +95,8 @@ class SpeculativeCascade(Decoder):
         active = ~state.done
         drafts, q = self.draft(state)
         p = self.verify(state, drafts)
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled)
+        rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / gamma).clamp_max(1.0)
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
         next_token = self.resample(state, n, q.sampled, mix.emit)
 

@@ -1,7 +1,11 @@
-"""The single definition of every quantity computed from the two models' distributions.
+"""The feature spec: the single, versioned definition of every feature of a drafted position.
 
 Rules, the decoder, trace logging and training all call these functions, so a feature is never
-computed two ways. Inputs are probability tensors of shape ``[..., V]`` (last axis: vocabulary).
+computed two ways. Inputs are the unscaled (T = 1) probabilities ``q`` (drafter) and ``p``
+(target), ``[..., V]``, on whatever device the models use; every function is vectorised.
+
+Position-level features never depend on the drafted token; token-level features describe one
+candidate token ``v`` (the drafted token in traces, every vocabulary entry in the decoder).
 """
 
 from __future__ import annotations
@@ -9,6 +13,32 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
+TOP_K = 3  # top-k probabilities logged per model
+
+SPEC_NAME = "speccascade-features"
+SPEC_VERSION = 1
+
+POSITION_FEATURES: tuple[str, ...] = (
+    *(f"{m}_top{i}" for m in ("q", "p") for i in range(1, TOP_K + 1)),  # q_top1 = max q
+    "q_margin", "p_margin",  # top1 - top2
+    "q_entropy", "p_entropy",  # nats
+    "tv",  # D_TV(p, q)
+    "kl_pq", "kl_qp",  # KL(p || q), KL(q || p)
+    "argmax_agree",  # 1 if argmax q == argmax p
+    "rel_position",  # (position in block + 1) / block size
+)
+DRAFTER_ONLY_FEATURES: tuple[str, ...] = tuple(f for f in POSITION_FEATURES if f.startswith("q_") or f == "rel_position")
+TOKEN_FEATURES: tuple[str, ...] = (
+    "q_tok", "p_tok",  # q(v), p(v)
+    "log_ratio",  # log p(v) - log q(v)
+    "q_rank", "p_rank",  # tokens strictly more likely than v (0 = the argmax)
+)
+ALL_FEATURES = POSITION_FEATURES + TOKEN_FEATURES
+
+
+def spec() -> dict:
+    """The spec as recorded in trace manifests and head checkpoints."""
+    return {"name": SPEC_NAME, "version": SPEC_VERSION, "position": list(POSITION_FEATURES), "token": list(TOKEN_FEATURES)}
 
 
 def max_prob(probs: torch.Tensor) -> torch.Tensor:
@@ -19,3 +49,92 @@ def max_prob(probs: torch.Tensor) -> torch.Tensor:
 def tv_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Total-variation distance ``D_TV(p, q) = sum_v max(0, q(v) - p(v))``, in [0, 1]."""
     return (q - p).clamp_min(0).sum(dim=-1).clamp(0.0, 1.0)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(EPS).log()).sum(-1)
+
+
+def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b), with both clamped at EPS inside the log."""
+    return (a * (a.clamp_min(EPS).log() - b.clamp_min(EPS).log())).sum(-1).clamp_min(0.0)
+
+
+def position_features(
+    q: torch.Tensor,
+    p: torch.Tensor | None,
+    rel_position: torch.Tensor | float = 1.0,
+    names: tuple[str, ...] = POSITION_FEATURES,
+) -> dict[str, torch.Tensor]:
+    """The position-level features ``names``, each ``[...]`` (the leading shape of ``q``).
+
+    Only what ``names`` asks for is computed; ``p`` may be None when no name needs it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, probs in (("q", q), ("p", p)):
+        wanted = [n for n in names if n.startswith(name + "_")]
+        if not wanted:
+            continue
+        if any("_top" in n or "_margin" in n for n in wanted):
+            top = probs.topk(TOP_K, dim=-1).values
+            for i in range(TOP_K):
+                out[f"{name}_top{i + 1}"] = top[..., i]
+            out[f"{name}_margin"] = top[..., 0] - top[..., 1]
+        if f"{name}_entropy" in wanted:
+            out[f"{name}_entropy"] = entropy(probs)
+    if "tv" in names:
+        out["tv"] = tv_distance(p, q)
+    if "kl_pq" in names:
+        out["kl_pq"] = kl(p, q)
+    if "kl_qp" in names:
+        out["kl_qp"] = kl(q, p)
+    if "argmax_agree" in names:
+        out["argmax_agree"] = (q.argmax(-1) == p.argmax(-1)).to(q.dtype)
+    if "rel_position" in names:
+        rel = torch.as_tensor(rel_position, dtype=q.dtype, device=q.device)
+        out["rel_position"] = rel.expand(q.shape[:-1])
+    return {name: out[name] for name in names}
+
+
+def token_features(q: torch.Tensor, p: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-level features of ``tokens`` ``[...]`` under ``q``, ``p`` ``[..., V]``."""
+    index = tokens.unsqueeze(-1)
+    q_tok = q.gather(-1, index)
+    p_tok = p.gather(-1, index)
+    return {
+        "q_tok": q_tok.squeeze(-1),
+        "p_tok": p_tok.squeeze(-1),
+        "log_ratio": (p_tok.clamp_min(EPS).log() - q_tok.clamp_min(EPS).log()).squeeze(-1),
+        "q_rank": (q > q_tok).sum(-1).to(q.dtype),
+        "p_rank": (p > p_tok).sum(-1).to(q.dtype),
+    }
+
+
+def vocabulary_token_features(q: torch.Tensor, p: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The token-level features ``names`` for every vocabulary entry, ``[..., V]`` each.
+
+    Ranks over the whole vocabulary cost a sort; they are computed only when asked for.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name == "q_tok":
+            out[name] = q
+        elif name == "p_tok":
+            out[name] = p
+        elif name == "log_ratio":
+            out[name] = p.clamp_min(EPS).log() - q.clamp_min(EPS).log()
+        elif name in ("q_rank", "p_rank"):
+            probs = q if name == "q_rank" else p
+            out[name] = _strict_ranks(probs)
+        else:
+            raise KeyError(f"{name!r} is not a token-level feature")
+    return out
+
+
+def _strict_ranks(probs: torch.Tensor) -> torch.Tensor:
+    """For each entry, how many entries are strictly larger (ties share the smaller rank)."""
+    sorted_desc = probs.sort(dim=-1, descending=True).values
+    # number of sorted values > x  ==  V - (number of values <= x) == searchsorted on the ascending copy
+    ascending = sorted_desc.flip(-1).contiguous()
+    at_most = torch.searchsorted(ascending, probs.contiguous(), right=True)
+    return (probs.shape[-1] - at_most).to(probs.dtype)

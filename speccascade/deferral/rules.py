@@ -12,18 +12,22 @@ and the bonus token from ``emit``. For the cascaded rules ``accept = emit = pi``
 Each rule class names its knob (``alpha``, or ``k`` for :class:`TopK`) and, in ``EXACT`` and
 ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding and one at which it
 accepts every draft.
+
+A rule's formula is written once, in ``decide``, over named features of
+:mod:`speccascade.deferral.features`: the decoder feeds it features of live distributions, and
+offline comparisons feed it the same columns read from traces.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Mapping, NamedTuple
 
 import torch
 
 from ..errors import SpeccascadeError
-from .features import EPS, max_prob, tv_distance
+from .features import EPS, TOKEN_FEATURES as TOKEN_NAMES, position_features, vocabulary_token_features
 
 
 class Mix(NamedTuple):
@@ -41,6 +45,7 @@ class Rule(ABC):
     granularity: ClassVar[str]  # "position" or "token"
     needs_target: ClassVar[bool] = True  # False: decides from q alone (sequential cascade)
     knob: ClassVar[str | None] = "alpha"
+    features: ClassVar[tuple[str, ...]] = ()  # the features ``decide`` reads
     EXACT: ClassVar[float | None] = None
     DRAFTER_ONLY: ClassVar[float | None] = None
 
@@ -50,8 +55,17 @@ class Rule(ABC):
         return self.name if self.knob is None else f"{self.name}:{getattr(self, self.knob):g}"
 
     @abstractmethod
-    def mix(self, q: torch.Tensor, p: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
-        """The block's :class:`Mix` from unscaled ``q``, ``p`` and sampling ``q_s``, ``p_s``."""
+    def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``r`` (bool) from named features; position rules per position, token rules per token."""
+
+    @abstractmethod
+    def mix(
+        self, q: torch.Tensor, p: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor, rel_position: torch.Tensor | float = 1.0
+    ) -> Mix:
+        """The block's :class:`Mix` from unscaled ``q``, ``p`` and sampling ``q_s``, ``p_s``.
+
+        ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it.
+        """
 
     @staticmethod
     def deferred_at(defer: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,12 +80,12 @@ class PositionRule(Rule):
 
     granularity = "position"
 
-    @abstractmethod
-    def defer(self, q: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``)."""
+        return self.decide(position_features(q, p, rel_position, self.features))
 
-    def mix(self, q, p, q_s, p_s) -> Mix:
-        r = self.defer(q, p)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
+        r = self.defer(q, p, rel_position)
         pi = torch.where(r.unsqueeze(-1), p_s, q_s)
         return Mix(pi, pi, r)
 
@@ -79,17 +93,22 @@ class PositionRule(Rule):
 class TokenRule(Rule):
     """One decision per candidate token: ``pi(v) = q~(v) (1 - r(v)) + p~(v) eta``.
 
-    ``eta = sum_u r(u) q~(u)`` is summed over the whole vocabulary.
+    ``eta = sum_u r(u) q~(u)`` is summed over the whole vocabulary. ``decide`` reads token-level
+    features per token and position-level ones broadcast over the vocabulary.
     """
 
     granularity = "token"
 
-    @abstractmethod
-    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Boolean ``r(v)`` ``[B, T, V]``."""
+        token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
+        f = vocabulary_token_features(q, p, token_names)
+        position = position_features(q, p, rel_position, tuple(n for n in self.features if n not in TOKEN_NAMES))
+        f.update({name: value.unsqueeze(-1) for name, value in position.items()})
+        return self.decide(f)
 
-    def mix(self, q, p, q_s, p_s) -> Mix:
-        r = self.defer_tokens(q, p)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
+        r = self.defer_tokens(q, p, rel_position)
         deferred_q = torch.where(r, q_s, 0.0)
         eta = deferred_q.sum(-1, keepdim=True)
         pi = (q_s - deferred_q) + p_s * eta
@@ -103,9 +122,10 @@ class AlwaysDefer(PositionRule):
     name = "always"
     needs_target = False
     knob = None
+    features = ("q_top1",)
 
-    def defer(self, q, p):
-        return torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
+    def decide(self, f):
+        return torch.ones_like(f["q_top1"], dtype=torch.bool)
 
 
 @dataclass
@@ -115,9 +135,10 @@ class NeverDefer(PositionRule):
     name = "never"
     needs_target = False
     knob = None
+    features = ("q_top1",)
 
-    def defer(self, q, p):
-        return torch.zeros(q.shape[:-1], dtype=torch.bool, device=q.device)
+    def decide(self, f):
+        return torch.zeros_like(f["q_top1"], dtype=torch.bool)
 
 
 @dataclass
@@ -127,11 +148,12 @@ class Chow(PositionRule):
     alpha: float = 0.5
     name = "chow"
     needs_target = False
+    features = ("q_top1",)
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
 
-    def defer(self, q, p):
-        return max_prob(q) < 1 - self.alpha
+    def decide(self, f):
+        return f["q_top1"] < 1 - self.alpha
 
 
 @dataclass
@@ -140,11 +162,12 @@ class Diff(PositionRule):
 
     alpha: float = 0.0
     name = "diff"
+    features = ("q_top1", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
 
-    def defer(self, q, p):
-        return max_prob(q) < max_prob(p) - self.alpha
+    def decide(self, f):
+        return f["q_top1"] < f["p_top1"] - self.alpha
 
 
 @dataclass
@@ -153,13 +176,13 @@ class OPT(PositionRule):
 
     alpha: float = 0.5
     name = "opt"
+    features = ("q_top1", "p_top1", "tv")
     EXACT = float("-inf")
     DRAFTER_ONLY = float("inf")
 
-    def defer(self, q, p):
-        d = tv_distance(p, q)
-        # alpha = -inf or +inf with d = 0 gives nan, and nan compares False: q = p there anyway
-        return max_prob(q) < max_prob(p) - self.alpha * d
+    def decide(self, f):
+        # alpha = -inf or +inf with tv = 0 gives nan, and nan compares False: q = p there anyway
+        return f["q_top1"] < f["p_top1"] - self.alpha * f["tv"]
 
 
 @dataclass
@@ -168,11 +191,12 @@ class BiLD(PositionRule):
 
     alpha: float = 0.3
     name = "bild"
+    features = ("tv",)
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
 
-    def defer(self, q, p):
-        return tv_distance(p, q) > self.alpha
+    def decide(self, f):
+        return f["tv"] > self.alpha
 
 
 @dataclass
@@ -181,11 +205,12 @@ class TokenV1(TokenRule):
 
     alpha: float = 0.0
     name = "tokenv1"
+    features = ("q_tok", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
 
-    def defer_tokens(self, q, p):
-        return q < max_prob(p).unsqueeze(-1) - self.alpha
+    def decide(self, f):
+        return f["q_tok"] < f["p_top1"] - self.alpha
 
 
 @dataclass
@@ -194,11 +219,12 @@ class TokenV2(TokenRule):
 
     alpha: float = 0.0
     name = "tokenv2"
+    features = ("p_tok", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
 
-    def defer_tokens(self, q, p):
-        return p < max_prob(p).unsqueeze(-1) - self.alpha
+    def decide(self, f):
+        return f["p_tok"] < f["p_top1"] - self.alpha
 
 
 @dataclass
@@ -207,11 +233,12 @@ class TokenV3(TokenRule):
 
     alpha: float = 0.5
     name = "tokenv3"
+    features = ("p_tok", "p_top1")
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
 
-    def defer_tokens(self, q, p):
-        return p < (1 - self.alpha) * max_prob(p).unsqueeze(-1)
+    def decide(self, f):
+        return f["p_tok"] < (1 - self.alpha) * f["p_top1"]
 
 
 @dataclass
@@ -221,6 +248,7 @@ class TopK(TokenRule):
     k: int = 5
     name = "topk"
     knob = "k"
+    features = ("p_rank",)
     EXACT = 0
     DRAFTER_ONLY = None  # k = V; depends on the vocabulary
 
@@ -228,11 +256,8 @@ class TopK(TokenRule):
         if self.k < 0:
             raise SpeccascadeError(f"TopK needs k >= 0, got {self.k}")
 
-    def defer_tokens(self, q, p):
-        if self.k == 0:
-            return torch.ones_like(p, dtype=torch.bool)
-        kth = p.topk(min(self.k, p.shape[-1]), dim=-1).values[..., -1:]
-        return p < kth
+    def decide(self, f):
+        return f["p_rank"] >= self.k  # at least k tokens strictly more likely than v
 
 
 @dataclass
@@ -246,13 +271,17 @@ class LossySD(Rule):
     alpha: float = 0.1
     name = "lossy"
     granularity = "position"
+    features = ("q_top1",)
     EXACT = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise SpeccascadeError(f"LossySD needs alpha in [0, 1], got {self.alpha}")
 
-    def mix(self, q, p, q_s, p_s) -> Mix:
+    def decide(self, f):
+        return torch.ones_like(f["q_top1"], dtype=torch.bool)
+
+    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
         accept = p_s / max(1.0 - self.alpha, EPS)
         defer = torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
         return Mix(accept, p_s, defer)
