@@ -11,10 +11,11 @@ from typing import Callable
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from .data.log_traces import log_traces
 from .errors import SpeccascadeError
 from .evaluation.demo import demo
 
-COMMANDS: dict[str, Callable] = {"demo": demo}
+COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "demo": demo}
 
 
 def build_parser() -> ArgumentParser:

@@ -1,0 +1,6 @@
+"""Tasks and metrics, the trace schema, the trace writer/reader and the log-traces driver."""
+
+from .tasks import TASKS, Example, Task, get_task
+from .traces import load_traces, read_manifest
+
+__all__ = ["TASKS", "Example", "Task", "get_task", "load_traces", "read_manifest"]

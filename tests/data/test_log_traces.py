@@ -1,0 +1,148 @@
+"""``log-traces`` on tiny-random: both modes, rules recomputed from columns, multi-process, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+
+from speccascade.data import traces
+from speccascade.data.log_traces import log_traces
+from speccascade.data.schema import ORACLE_LABELS, REFERENCE_LABELS
+from speccascade.deferral import features as F
+from speccascade.deferral import rules
+from speccascade.errors import SpeccascadeError
+
+TINY = dict(models="tiny-random", task="arithmetic", limit=6, batch_size=4, shard_examples=2, topk=4)
+
+
+def read_rows(directory: Path):
+    manifest = traces.read_manifest(directory)
+    files = [str(directory / s["file"]) for s in manifest["shards"]]
+    return manifest, load_dataset("parquet", data_files=files, split="train")
+
+
+def sorted_rows(directory: Path) -> dict[tuple[str, int], dict]:
+    _, rows = read_rows(directory)
+    return {(r["example_id"], r["position"]): r for r in rows}
+
+
+def assert_same_rows(a: Path, b: Path) -> None:
+    ra, rb = sorted_rows(a), sorted_rows(b)
+    assert ra.keys() == rb.keys()
+    for key, row in ra.items():
+        for name, value in row.items():
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                assert rb[key][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, name)
+            else:
+                assert rb[key][name] == value, (key, name)
+
+
+@pytest.mark.parametrize("mode", ["reference", "on-policy"])
+def test_both_modes_write_readable_shards_with_the_stated_rows(tmp_path, mode):
+    out = tmp_path / mode
+    manifest = log_traces(out, mode=mode, max_new_tokens=12, hidden_states="both", **TINY)
+    assert manifest["complete"] and manifest["examples"] == 6 and len(manifest["shards"]) == 3
+    assert manifest["feature_spec"]["version"] == F.SPEC_VERSION and manifest["tokenizer"]
+    on_disk, rows = read_rows(out)
+    assert on_disk == manifest and rows.num_rows == manifest["rows"] > 0
+    assert set(F.ALL_FEATURES) | set(ORACLE_LABELS) <= set(rows.column_names)
+    assert len(rows[0]["q_hidden"]) == len(rows[0]["p_hidden"]) == 64 and len(rows[0]["q_topk_ids"]) == 4
+    table = rows.with_format("torch")[:]
+    assert ((table["soft_accept"] >= 0) & (table["soft_accept"] <= 1)).all()
+    assert ((table["tv"] >= 0) & (table["tv"] <= 1 + 1e-6)).all()
+    if mode == "reference":
+        assert set(REFERENCE_LABELS) <= set(rows.column_names)
+        torch.testing.assert_close(table["gap"], table["loss_q"] - table["loss_p"])
+        assert (table["draft_token"] == torch.tensor([r for r in table["q_topk_ids"][:, 0].tolist()])).all()
+    else:
+        assert {"deferred", "accepted", "examined", "score"} <= set(rows.column_names)
+        assert table["deferred"][table["examined"]].all()  # `always` defers every examined draft
+        assert not (table["accepted"] & ~table["examined"]).any()
+
+
+@pytest.mark.parametrize("spec", ["chow:0.9", "diff:0.05", "opt:-0.05", "bild:0.5", "tokenv1:0", "tokenv2:0.02", "tokenv3:0.5", "topk:3"])
+def test_fixed_rules_recomputed_from_columns_match_the_decoder(tmp_path, spec):
+    log_traces(tmp_path, mode="on-policy", rule=spec, temperature=1.0, max_new_tokens=16, **TINY)
+    table = read_rows(tmp_path)[1].with_format("torch")[:]
+    decided = rules.parse(spec).decide({name: table[name] for name in F.ALL_FEATURES})
+    assert torch.equal(decided, table["deferred"])
+    assert 0 < int(table["deferred"].sum()) < len(table["deferred"])  # the rule really chose both ways
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "speccascade.cli", "log-traces", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def cli_args(out: Path, limit: int, extra: list[str] = ()) -> list[str]:
+    return ["--out", str(out), "--models", "tiny-random", "--task", "arithmetic", "--limit", str(limit),
+            "--mode", "on-policy", "--max-new-tokens", "24", "--batch-size", "2", "--shard-examples", "2",
+            "--temperature", "1.0", "--topk", "4", "--accelerator", "cpu", *extra]
+
+
+def test_two_processes_write_the_rows_of_one(tmp_path):
+    one = run_cli(cli_args(tmp_path / "one", 8))
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    two = run_cli(cli_args(tmp_path / "two", 8, ["--devices", "2"]))
+    assert two.wait(timeout=300) == 0, two.stdout.read()
+    manifest = traces.read_manifest(tmp_path / "two")
+    assert {Path(s["file"]).name[:4] for s in manifest["shards"]} == {"r000", "r001"}  # both ranks wrote
+    assert_same_rows(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
+    full = tmp_path / "full"
+    log_traces(full, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
+    killed = tmp_path / "killed"
+    proc = run_cli(cli_args(killed, 24))
+    deadline = time.time() + 120
+    while not list((killed / "shards").glob("r000-*.json")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = traces.read_manifest(killed)
+    assert not manifest["complete"], "the run finished before it was killed; make it longer"
+    with pytest.raises(SpeccascadeError, match="pass --resume"):
+        log_traces(killed, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
+    resumed = run_cli(cli_args(killed, 24, ["--resume", "true"]))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    assert traces.read_manifest(killed)["complete"]
+    assert_same_rows(full, killed)
+
+
+def test_bad_input_fails_clearly_and_leaves_no_complete_looking_output(tmp_path):
+    with pytest.raises(SpeccascadeError, match="unknown task 'nope'"):
+        log_traces(tmp_path / "a", models="tiny-random", task="nope")
+    with pytest.raises(SpeccascadeError, match="not found"):
+        log_traces(tmp_path / "b", models="tiny-random", task="gsm8k", data_file=str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
+    with pytest.raises(SpeccascadeError, match=r"bad.jsonl:2"):
+        log_traces(tmp_path / "c", models="tiny-random", task="gsm8k", data_file=str(bad))
+    assert not any((tmp_path / d).exists() for d in "abc")
+    with pytest.raises(SpeccascadeError, match="unknown mode"):
+        log_traces(tmp_path / "d", models="tiny-random", mode="offline")
+    done = tmp_path / "done"
+    log_traces(done, mode="reference", **TINY)
+    before = traces.read_manifest(done)
+    with pytest.raises(SpeccascadeError, match=r"different configuration: limit=6 \(now 5\)"):
+        log_traces(done, mode="reference", **(TINY | {"limit": 5}), resume=True)
+    assert traces.read_manifest(done) == before
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = run_cli(["--out", str(tmp_path / "x"), "--models", "tiny-random", "--task", "nope"])
+    assert proc.wait(timeout=120) == 2
+    assert proc.stdout.read().strip().splitlines()[-1] == "error: unknown task 'nope'; known: " + ", ".join(
+        __import__("speccascade.data", fromlist=["TASKS"]).TASKS
+    )
