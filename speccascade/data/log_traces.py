@@ -203,16 +203,16 @@ class _Logger:
         for name, model in (("q", pair.drafter), ("p", pair.target)):
             result = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            logits_to_keep=width + 1, output_hidden_states=name in self.hidden)
-            outputs[name] = result.logits[:, :-1, : pair.vocab_size].float().softmax(-1)  # predicts the last `width` tokens
+            outputs[name] = result.logits[:, :-1, : pair.vocab_size]  # predicts the last `width` tokens
             if name in self.hidden:
                 outputs[f"{name}_hidden"] = result.hidden_states[-1][:, -width - 1 : -1]
         lengths = torch.tensor([len(r) for r in refs], device=pair.device)
         offset = torch.arange(width, device=pair.device) - (width - lengths).unsqueeze(1)  # index within the continuation
         keep = offset >= 0
-        q, p = outputs["q"][keep], outputs["p"][keep]
+        log_q, log_p = (outputs[name][keep].float().log_softmax(-1) for name in ("q", "p"))
         t = offset[keep]
-        cols = position_rows(q, p, q.argmax(-1), t % cfg["block_size"], cfg["block_size"],
-                             reference=ids[:, -width:][keep], topk=cfg["topk"])
+        cols = position_rows(log_q.exp(), log_p.exp(), None, t % cfg["block_size"], cfg["block_size"],
+                             reference=ids[:, -width:][keep], topk=cfg["topk"], log_q=log_q, log_p=log_p)
         cols["position"] = t
         cols["_row"] = torch.arange(len(batch), device=pair.device).unsqueeze(1).expand(-1, width)[keep]
         cols["example_index"] = torch.tensor([i for i, _ in batch], device=pair.device)[cols["_row"]]

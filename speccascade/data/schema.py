@@ -22,18 +22,23 @@ ON_POLICY_LABELS = ("deferred", "accepted", "examined", "score")
 def position_rows(
     q: torch.Tensor,
     p: torch.Tensor,
-    draft: torch.Tensor,
+    draft: torch.Tensor | None,
     position_in_block: torch.Tensor,
     block_size: int,
     reference: torch.Tensor | None = None,
     topk: int = 0,
+    log_q: torch.Tensor | None = None,
+    log_p: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Feature and label columns for ``N`` positions: ``q``, ``p`` ``[N, V]``, tokens ``[N]``.
 
-    ``draft`` is the drafted token (on-policy) or the drafter's argmax (reference mode);
-    ``reference`` the gold token, when teacher-forced.
+    ``draft`` is the drafted token (on-policy), or None for the drafter's argmax (reference
+    mode); ``reference`` the gold token, when teacher-forced; ``log_q``/``log_p`` optional
+    log-probabilities that save recomputing them.
     """
-    cols = F.position_features(q, p, (position_in_block + 1).to(q.dtype) / block_size)
+    cols = F.position_features(q, p, (position_in_block + 1).to(q.dtype) / block_size, log_q=log_q, log_p=log_p)
+    drafter_argmax = q.argmax(-1)
+    draft = drafter_argmax if draft is None else draft
     cols.update(F.token_features(q, p, draft))
     target_argmax = p.argmax(-1)
     cols["draft_token"] = draft
@@ -48,7 +53,7 @@ def position_rows(
         cols["loss_q"] = 1 - q.gather(-1, index).squeeze(-1)
         cols["loss_p"] = 1 - p.gather(-1, index).squeeze(-1)
         cols["gap"] = cols["loss_q"] - cols["loss_p"]
-        cols["loss_q_greedy"] = (q.argmax(-1) != reference).to(q.dtype)
+        cols["loss_q_greedy"] = (drafter_argmax != reference).to(q.dtype)
         cols["loss_p_greedy"] = (target_argmax != reference).to(q.dtype)
         cols["gap_greedy"] = cols["loss_q_greedy"] - cols["loss_p_greedy"]
     if topk > 0:

@@ -51,43 +51,38 @@ def tv_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (q - p).clamp_min(0).sum(dim=-1).clamp(0.0, 1.0)
 
 
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * probs.clamp_min(EPS).log()).sum(-1)
-
-
-def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b), with both clamped at EPS inside the log."""
-    return (a * (a.clamp_min(EPS).log() - b.clamp_min(EPS).log())).sum(-1).clamp_min(0.0)
-
-
 def position_features(
     q: torch.Tensor,
     p: torch.Tensor | None,
     rel_position: torch.Tensor | float = 1.0,
     names: tuple[str, ...] = POSITION_FEATURES,
+    log_q: torch.Tensor | None = None,
+    log_p: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The position-level features ``names``, each ``[...]`` (the leading shape of ``q``).
 
     Only what ``names`` asks for is computed; ``p`` may be None when no name needs it.
+    ``log_q``/``log_p`` (log-softmax of the logits), when the caller has them, save a log pass.
     """
     out: dict[str, torch.Tensor] = {}
+    logs = {name: t for name, t in (("q", log_q), ("p", log_p)) if t is not None}  # entropies and KLs share them
     for name, probs in (("q", q), ("p", p)):
         wanted = [n for n in names if n.startswith(name + "_")]
-        if not wanted:
-            continue
         if any("_top" in n or "_margin" in n for n in wanted):
             top = probs.topk(TOP_K, dim=-1).values
             for i in range(TOP_K):
                 out[f"{name}_top{i + 1}"] = top[..., i]
             out[f"{name}_margin"] = top[..., 0] - top[..., 1]
+        if name not in logs and (f"{name}_entropy" in wanted or {"kl_pq", "kl_qp"} & set(names)):
+            logs[name] = probs.clamp_min(EPS).log()
         if f"{name}_entropy" in wanted:
-            out[f"{name}_entropy"] = entropy(probs)
+            out[f"{name}_entropy"] = -(probs * logs[name]).sum(-1)
     if "tv" in names:
         out["tv"] = tv_distance(p, q)
-    if "kl_pq" in names:
-        out["kl_pq"] = kl(p, q)
-    if "kl_qp" in names:
-        out["kl_qp"] = kl(q, p)
+    if {"kl_pq", "kl_qp"} & set(names):
+        log_ratio = logs["p"] - logs["q"]
+        out["kl_pq"] = (p * log_ratio).sum(-1).clamp_min(0.0)
+        out["kl_qp"] = (q * log_ratio).sum(-1).neg().clamp_min(0.0)
     if "argmax_agree" in names:
         out["argmax_agree"] = (q.argmax(-1) == p.argmax(-1)).to(q.dtype)
     if "rel_position" in names:
