@@ -1,0 +1,24 @@
+"""The task registry: where examples come from, how they are prompted, and how a reply is scored.
+
+``get_task(name)`` for ``arithmetic`` (generated), ``gsm8k``, ``summarisation``, ``translation``
+and ``qa`` (from the hub, or from a local file with the hub dataset's fields).
+"""
+
+from __future__ import annotations
+
+from ...errors import SpeccascadeError
+from .arithmetic import Arithmetic
+from .base import Example, Task
+from .corpora import GSM8K, QA, Summarisation, Translation
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, Translation, QA)}
+
+
+def get_task(name: str) -> Task:
+    """A fresh instance of the task called ``name``."""
+    if name not in TASKS:
+        raise SpeccascadeError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+__all__ = ["TASKS", "Example", "Task", "get_task"]
