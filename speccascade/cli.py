@@ -5,6 +5,7 @@ Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Callable
@@ -37,10 +38,19 @@ def _underscored(arg: str) -> str:
     return name.replace("-", "_").replace("__", "--", 1) + eq + value
 
 
+def _normalised(argv: list[str]) -> list[str]:
+    """Dashes or underscores in option names; a bare boolean flag (``--resume``) means true."""
+    args = [_underscored(a) for a in argv]
+    function = COMMANDS.get(args[0]) if args else None
+    flags = {f"--{n}" for n, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")} if function else set()
+    return [f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("--")) else a
+            for i, a in enumerate(args)]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")  # nothing may wait on the network
     parser = build_parser()
-    cfg = parser.parse_args([_underscored(a) for a in (sys.argv[1:] if argv is None else argv)])
+    cfg = parser.parse_args(_normalised(sys.argv[1:] if argv is None else argv))
     options = {k: v for k, v in cfg[cfg.command].as_dict().items() if k != "config"}
     try:
         COMMANDS[cfg.command](**options)

@@ -66,29 +66,40 @@ def position_features(
     """
     out: dict[str, torch.Tensor] = {}
     logs = {name: t for name, t in (("q", log_q), ("p", log_p)) if t is not None}  # entropies and KLs share them
+    argmax: dict[str, torch.Tensor] = {}
     for name, probs in (("q", q), ("p", p)):
         wanted = [n for n in names if n.startswith(name + "_")]
         if any("_top" in n or "_margin" in n for n in wanted):
-            top = probs.topk(TOP_K, dim=-1).values
+            top = probs.topk(TOP_K, dim=-1)
             for i in range(TOP_K):
-                out[f"{name}_top{i + 1}"] = top[..., i]
-            out[f"{name}_margin"] = top[..., 0] - top[..., 1]
+                out[f"{name}_top{i + 1}"] = top.values[..., i]
+            out[f"{name}_margin"] = top.values[..., 0] - top.values[..., 1]
+            argmax[name] = top.indices[..., 0]
         if name not in logs and (f"{name}_entropy" in wanted or {"kl_pq", "kl_qp"} & set(names)):
             logs[name] = probs.clamp_min(EPS).log()
         if f"{name}_entropy" in wanted:
-            out[f"{name}_entropy"] = -(probs * logs[name]).sum(-1)
+            out[f"{name}_entropy"] = -_dot(probs, logs[name])
     if "tv" in names:
         out["tv"] = tv_distance(p, q)
     if {"kl_pq", "kl_qp"} & set(names):
         log_ratio = logs["p"] - logs["q"]
-        out["kl_pq"] = (p * log_ratio).sum(-1).clamp_min(0.0)
-        out["kl_qp"] = (q * log_ratio).sum(-1).neg().clamp_min(0.0)
+        out["kl_pq"] = _dot(p, log_ratio).clamp_min(0.0)
+        out["kl_qp"] = _dot(q, log_ratio).neg().clamp_min(0.0)
     if "argmax_agree" in names:
-        out["argmax_agree"] = (q.argmax(-1) == p.argmax(-1)).to(q.dtype)
+        q_arg = argmax["q"] if "q" in argmax else q.argmax(-1)
+        p_arg = argmax["p"] if "p" in argmax else p.argmax(-1)
+        out["argmax_agree"] = (q_arg == p_arg).to(q.dtype)
     if "rel_position" in names:
         rel = torch.as_tensor(rel_position, dtype=q.dtype, device=q.device)
         out["rel_position"] = rel.expand(q.shape[:-1])
     return {name: out[name] for name in names}
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_v a(v) b(v)`` over the last axis, as one batched matrix product (no [..., V] temporary)."""
+    shape = a.shape[:-1]
+    a2, b2 = a.reshape(-1, 1, a.shape[-1]), b.reshape(-1, b.shape[-1], 1)
+    return torch.bmm(a2, b2).reshape(shape)
 
 
 def token_features(q: torch.Tensor, p: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -114,7 +114,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     assert not manifest["complete"], "the run finished before it was killed; make it longer"
     with pytest.raises(SpeccascadeError, match="pass --resume"):
         log_traces(killed, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
-    resumed = run_cli(cli_args(killed, 24, ["--resume", "true"]))
+    resumed = run_cli(cli_args(killed, 24, ["--resume"]))
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     assert traces.read_manifest(killed)["complete"]
     assert_same_rows(full, killed)
