@@ -22,12 +22,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, NamedTuple
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 
 import torch
 
 from ..errors import SpeccascadeError
-from .features import EPS, TOKEN_FEATURES as TOKEN_NAMES, position_features, vocabulary_token_features
+from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, position_features, vocabulary_token_features
+from .features import TOKEN_FEATURES as TOKEN_NAMES
+
+if TYPE_CHECKING:
+    from .heads import DeferralHead
 
 
 class Mix(NamedTuple):
@@ -287,6 +293,74 @@ class LossySD(Rule):
         return Mix(accept, p_s, defer)
 
 
+@dataclass
+class Learned(Rule):
+    """A learned deferral head as a rule (algorithms.md section 5), position- or token-level.
+
+    Heads trained for gap regression defer iff the predicted gap exceeds ``threshold * D_TV``
+    (a learned OPT); classification and relaxed heads defer iff their calibrated probability
+    exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
+    Token-level heads are evaluated over the whole vocabulary.
+    """
+
+    head: "DeferralHead"
+    threshold: float = 0.5
+    name = "learned"
+    knob = "threshold"
+    EXACT = float("-inf")
+    DRAFTER_ONLY = float("inf")
+    defer = PositionRule.defer
+    defer_tokens = TokenRule.defer_tokens
+
+    def __post_init__(self) -> None:
+        self.head.eval()
+        self.features = tuple(self.head.features) + (("tv",) if self.head.objective == "gap" else ())
+
+    @property
+    def granularity(self) -> str:
+        return self.head.granularity
+
+    @property
+    def needs_target(self) -> bool:
+        return any(f not in DRAFTER_ONLY_FEATURES for f in self.features)
+
+    @property
+    def spec(self) -> str:
+        return f"learned:{self.head.provenance.get('path', '?')}@{self.threshold:g}"
+
+    @torch.no_grad()
+    def decide(self, f):
+        score = self.head(self.head.inputs(f))
+        if self.head.objective == "gap":
+            return score > self.threshold * f["tv"]
+        return self.head.probability(score) > self.threshold
+
+    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
+        base = TokenRule if self.granularity == "token" else PositionRule
+        return base.mix(self, q, p, q_s, p_s, rel_position)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, threshold: float | None = None) -> "Learned":
+        """Load a head checkpoint; refuse one whose feature spec this decoder does not provide."""
+        from .heads import DeferralHead
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+            raise SpeccascadeError(f"{directory} is not a deferral head (config.json and model.safetensors expected)")
+        config = json.loads((directory / "config.json").read_text())
+        spec = config.get("feature_spec") or {}
+        if spec.get("name") != SPEC_NAME or spec.get("version") != SPEC_VERSION:
+            raise SpeccascadeError(
+                f"head in {directory} was trained on feature spec {spec.get('name')} v{spec.get('version')}; "
+                f"this decoder provides {SPEC_NAME} v{SPEC_VERSION}"
+            )
+        head = DeferralHead.from_pretrained(directory)
+        head.provenance = {**head.provenance, "path": str(directory)}
+        if threshold is None:
+            threshold = head.operating_points.get("default", 0.0 if head.objective == "gap" else 0.5)
+        return cls(head, threshold)
+
+
 FIXED_RULES: dict[str, type[Rule]] = {
     cls.name: cls
     for cls in (Chow, Diff, OPT, BiLD, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer, NeverDefer)
@@ -306,6 +380,9 @@ def from_name(name: str, value: float | None = None) -> Rule:
 def parse(spec: str) -> Rule:
     """A rule from its command-line spelling: ``name`` or ``name:value`` (``opt:0.3``, ``topk:5``)."""
     name, _, value = spec.partition(":")
+    if name == "learned":  # learned:DIR or learned:DIR@THRESHOLD
+        path, _, threshold = value.rpartition("@") if "@" in value else (value, "", "")
+        return Learned.from_pretrained(path, float(threshold) if threshold else None)
     if not value:
         return from_name(name)
     try:

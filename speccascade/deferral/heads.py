@@ -1,0 +1,107 @@
+"""Learned deferral heads: small networks over the feature spec, saved as ``config.json`` + ``model.safetensors``.
+
+Every constructor argument is JSON and lands in ``config.json`` (``PyTorchModelHubMixin``), so a
+checkpoint carries its architecture, the feature spec and feature list it was trained on, the
+input normalisation, the objective, calibration and recommended operating points (architecture.md
+section 6). Inputs are normalised inside ``forward`` with the training split's statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from ..errors import SpeccascadeError
+from . import features as F
+
+KINDS = ("logistic", "mlp")
+OBJECTIVES = ("gap", "classification", "relaxed")
+
+
+class DeferralHead(nn.Module, PyTorchModelHubMixin):
+    """``h(phi) -> score`` per position (or per candidate token for token-level heads).
+
+    ``objective`` fixes what the score means: ``gap`` regresses the quality gap
+    ``loss_q - loss_p`` (defer iff gap > threshold * D_TV, a learned OPT); ``classification``
+    and ``relaxed`` give a deferral logit (defer iff calibrated sigmoid > threshold).
+    """
+
+    def __init__(
+        self,
+        features: list[str],
+        kind: str = "mlp",
+        hidden: int = 64,
+        depth: int = 2,
+        objective: str = "classification",
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        feature_spec: dict | None = None,
+        calibration: dict | None = None,
+        operating_points: dict | None = None,
+        provenance: dict | None = None,
+        metrics: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise SpeccascadeError(f"unknown head {kind!r}; choose one of {', '.join(KINDS)}")
+        if objective not in OBJECTIVES:
+            raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        unknown = [f for f in features if f not in F.ALL_FEATURES]
+        if unknown:
+            raise SpeccascadeError(f"features {unknown} are not in the feature spec {F.SPEC_NAME} v{F.SPEC_VERSION}")
+        self.features = list(features)
+        self.kind, self.objective, self.hidden, self.depth = kind, objective, hidden, depth
+        self.feature_spec = feature_spec or F.spec()
+        self.calibration = calibration or {"method": "none"}
+        self.operating_points = operating_points or {}
+        self.provenance = provenance or {}
+        self.metrics = metrics or {}
+        n = len(features)
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * n))
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * n))
+        if kind == "logistic":
+            self.net = nn.Linear(n, 1)
+        else:
+            layers, width = [], n
+            for _ in range(depth):
+                layers += [nn.Linear(width, hidden), nn.GELU()]
+                width = hidden
+            self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    @property
+    def granularity(self) -> str:
+        """``token`` when any input is a token-level feature."""
+        return "token" if any(f in F.TOKEN_FEATURES for f in self.features) else "position"
+
+    def config(self) -> dict:
+        """Every constructor argument as JSON: what ``config.json`` holds."""
+        return {
+            "features": self.features, "kind": self.kind, "hidden": self.hidden, "depth": self.depth,
+            "objective": self.objective, "mean": self.mean.tolist(), "std": self.std.tolist(),
+            "feature_spec": self.feature_spec, "calibration": self.calibration,
+            "operating_points": self.operating_points, "provenance": self.provenance, "metrics": self.metrics,
+        }
+
+    def save(self, directory) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (no pickle)."""
+        self.save_pretrained(directory, config=self.config())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw score ``[...]`` from features ``[..., F]`` in ``self.features`` order."""
+        x = (x - self.mean) / self.std.clamp_min(1e-6)
+        return self.net(x).squeeze(-1)
+
+    def inputs(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stack named features (live or trace columns, broadcast to one shape) into ``[..., F]``."""
+        missing = [name for name in self.features if name not in f]
+        if missing:
+            raise SpeccascadeError(f"the head needs features {missing} that were not provided")
+        columns = torch.broadcast_tensors(*(f[name] for name in self.features))
+        return torch.stack([c.to(self.mean.dtype) for c in columns], dim=-1)
+
+    def probability(self, score: torch.Tensor) -> torch.Tensor:
+        """Calibrated deferral probability from a raw logit (Platt scaling, or none)."""
+        if self.calibration.get("method") == "platt":
+            score = self.calibration["a"] * score + self.calibration["b"]
+        return torch.sigmoid(score)

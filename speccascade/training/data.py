@@ -1,0 +1,111 @@
+"""``TraceDataModule``: trace directories as train/validation tensors for a deferral head.
+
+The split is by example (a stable hash of ``example_id``), never by row, so no example leaks
+across it. Rows stay in memory-mapped Arrow files (``datasets``); batches are read as slices.
+Rows with NaN or infinite inputs or labels are dropped, and the count is printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from datasets import Dataset, concatenate_datasets
+from torch.utils.data import DataLoader
+
+from ..data.traces import load_traces, read_manifest
+from ..errors import SpeccascadeError
+
+LABELS = {  # the label columns each objective needs
+    "gap": ("gap",),
+    "classification": ("gap",),
+    "relaxed": ("loss_q", "loss_p", "tv"),
+}
+
+
+def in_validation(example_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Row slices of an Arrow-backed dataset as float tensors (features ``x``, labels ``y``)."""
+
+    def __init__(self, rows: Dataset, features: list[str], labels: list[str]) -> None:
+        self.rows, self.features, self.labels = rows, features, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.rows[index]
+        return {
+            "x": torch.tensor(np.stack([batch[f] for f in self.features], axis=-1), dtype=torch.float32),
+            "y": {name: torch.tensor(batch[name], dtype=torch.float32) for name in self.labels},
+        }
+
+
+def _identity(batch):
+    return batch
+
+
+class TraceDataModule(pl.LightningDataModule):
+    """Train/validation batches of ``features`` and the objective's labels from trace directories."""
+
+    def __init__(
+        self,
+        traces: list[str],
+        features: list[str],
+        objective: str = "classification",
+        val_fraction: float = 0.2,
+        batch_size: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if objective not in LABELS:
+            raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(LABELS)}")
+        self.labels = list(LABELS[objective])
+        self.manifests = [read_manifest(t) for t in traces]
+        self.train_rows: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None:
+            return
+        hp = self.hparams
+        rows = concatenate_datasets([load_traces(t) for t in hp.traces]) if len(hp.traces) > 1 else load_traces(hp.traces[0])
+        if len(rows) == 0:
+            raise SpeccascadeError(f"traces {', '.join(hp.traces)} hold no rows")
+        needed = list(dict.fromkeys([*hp.features, *self.labels]))
+        missing = [c for c in needed if c not in rows.column_names]
+        if missing:
+            raise SpeccascadeError(
+                f"traces lack columns {missing} needed by objective {hp.objective!r} and the head's features "
+                "(loss columns come from --mode reference traces)"
+            )
+        rows = rows.select_columns(["example_id", *needed])
+        finite = rows.map(
+            lambda b: {"_ok": np.isfinite(np.stack([np.asarray(b[c], dtype=np.float64) for c in needed], -1)).all(-1)},
+            batched=True, batch_size=65536,
+        )
+        dropped = len(finite) - sum(finite["_ok"])
+        if dropped:
+            print(f"train-deferral: dropped {dropped} rows with NaN or infinite values")
+            rows = finite.filter(lambda b: b["_ok"], batched=True).remove_columns("_ok")
+        val = np.array([in_validation(e, hp.val_fraction, hp.seed) for e in rows["example_id"]])
+        self.train_rows = rows.select(np.flatnonzero(~val))
+        self.val_rows = rows.select(np.flatnonzero(val))
+        if len(self.train_rows) == 0 or len(self.val_rows) == 0:
+            raise SpeccascadeError(f"the split by example left an empty {'train' if len(self.train_rows) == 0 else 'validation'} set; log more examples")
+        x = np.stack([np.asarray(self.train_rows[f], dtype=np.float64) for f in hp.features], axis=-1)
+        self.mean, self.std = x.mean(0).tolist(), (x.std(0) + 1e-6).tolist()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Batches(self.train_rows, self.hparams.features, self.labels), batch_size=self.hparams.batch_size,
+                          shuffle=True, collate_fn=_identity, generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Batches(self.val_rows, self.hparams.features, self.labels), batch_size=self.hparams.batch_size,
+                          collate_fn=_identity)

@@ -1,0 +1,67 @@
+"""``DeferralModule``: trains a :class:`~speccascade.deferral.heads.DeferralHead` against an objective
+of algorithms.md section 5."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as nnf
+from torchmetrics.classification import BinaryAUROC
+
+from ..deferral.heads import DeferralHead
+
+
+def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    """gap: squared error on ``loss_q - loss_p``; classification: BCE on ``1[gap > 0]`` weighted by ``|gap|``;
+    relaxed: ``E[(1 - s) loss_q + s (loss_p + alpha D_TV)]`` with ``s = sigmoid(score)``."""
+    if objective == "gap":
+        return nnf.mse_loss(score, y["gap"])
+    if objective == "classification":
+        weight = y["gap"].abs()
+        return nnf.binary_cross_entropy_with_logits(score, (y["gap"] > 0).float(), weight=weight) / weight.mean().clamp_min(1e-8)
+    s = torch.sigmoid(score)
+    return ((1 - s) * y["loss_q"] + s * (y["loss_p"] + alpha * y["tv"])).mean()
+
+
+def defer_target(objective: str, y: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    """Whether deferring was right for each row (for AUROC): the gap is positive (relaxed: beyond the cost)."""
+    if objective == "relaxed":
+        return (y["loss_q"] - y["loss_p"] > alpha * y["tv"]).long()
+    return (y["gap"] > 0).long()
+
+
+class DeferralModule(pl.LightningModule):
+    """A deferral head and its objective; logs train/val loss and validation AUROC."""
+
+    def __init__(
+        self,
+        features: list[str],
+        mean: list[float],
+        std: list[float],
+        kind: str = "mlp",
+        hidden: int = 64,
+        depth: int = 2,
+        objective: str = "classification",
+        alpha: float = 0.0,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.head = DeferralHead(features, kind=kind, hidden=hidden, depth=depth, objective=objective, mean=mean, std=std)
+        self.val_auroc = BinaryAUROC()
+
+    def training_step(self, batch, batch_idx):
+        loss = objective_loss(self.hparams.objective, self.head(batch["x"]), batch["y"], self.hparams.alpha)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        score = self.head(batch["x"])
+        loss = objective_loss(self.hparams.objective, score, batch["y"], self.hparams.alpha)
+        self.val_auroc.update(score, defer_target(self.hparams.objective, batch["y"], self.hparams.alpha))
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
+        self.log("val_auroc", self.val_auroc, prog_bar=True, batch_size=len(batch["x"]))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

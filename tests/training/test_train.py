@@ -1,0 +1,110 @@
+"""Deferral heads: a planted signal is learned, checkpoints round-trip, the learned rule is exact when forced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from speccascade import SpeculativeCascade, rules
+from speccascade.data import traces
+from speccascade.data.log_traces import log_traces
+from speccascade.deferral import features as F
+from speccascade.deferral.heads import DeferralHead
+from speccascade.errors import SpeccascadeError
+from speccascade.training import train_deferral
+
+
+def planted_traces(directory: Path, examples: int = 200, rows: int = 20, seed: int = 0) -> Path:
+    """Random features; deferring pays exactly where ``kl_qp`` is high, which no fixed rule reads."""
+    rng = np.random.default_rng(seed)
+    n = examples * rows
+    cols = {name: rng.random(n).astype(np.float32) for name in F.POSITION_FEATURES}
+    gap = np.where(cols["kl_qp"] > 0.5, 0.4, -0.4) + rng.normal(0, 0.05, n)
+    cols |= {"loss_p": np.full(n, 0.3, np.float32), "gap": gap.astype(np.float32)}
+    cols["loss_q"] = (cols["loss_p"] + cols["gap"]).astype(np.float32)
+    ids = np.repeat([f"ex-{i:04d}" for i in range(examples)], rows).astype(object)
+    writer = traces.ShardWriter(directory, rank=0)
+    writer.write({"example_id": ids} | cols, [f"ex-{i:04d}" for i in range(examples)])
+    traces.write_manifest(directory, {"config": {}, "feature_spec": F.spec()}, complete=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_traces(tmp_path_factory.mktemp("planted"))
+
+
+def test_head_recovers_a_signal_no_fixed_rule_sees(planted, tmp_path):
+    head = train_deferral([str(planted)], tmp_path / "head", head="mlp", objective="classification", epochs=15, batch_size=512)
+    assert head.metrics["auroc"] > 0.9
+    rows = traces.load_traces(planted).with_format("numpy")[:]
+    target = rows["gap"] > 0
+    fixed_scores = {  # each fixed rule's deferral score (defer when high)
+        "chow": -rows["q_top1"], "diff/opt": rows["p_top1"] - rows["q_top1"], "bild": rows["tv"],
+    }
+    best_fixed = max(roc_auc_score(target, s) for s in fixed_scores.values())
+    assert best_fixed < 0.6 < head.metrics["auroc"]
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["feature_spec"]["version"] == F.SPEC_VERSION and config["features"] == list(F.POSITION_FEATURES)
+    assert config["calibration"]["method"] == "platt" and len(config["mean"]) == len(F.POSITION_FEATURES)
+    rates = {float(k): v for k, v in config["operating_points"].items() if k != "default"}
+    assert list(rates.values()) == sorted(rates.values(), reverse=True)  # more deferral, lower threshold
+
+
+@pytest.mark.parametrize("objective", ["gap", "relaxed"])
+def test_other_objectives_learn_the_signal(planted, tmp_path, objective):
+    head = train_deferral([str(planted)], tmp_path / objective, head="logistic" if objective == "gap" else "mlp",
+                          objective=objective, features=["kl_qp", "q_top1", "tv"], epochs=15, batch_size=512, lr=0.03)
+    assert head.metrics["auroc"] > 0.9
+
+
+def test_missing_label_columns_are_named(tmp_path, planted):
+    with pytest.raises(SpeccascadeError, match=r"lack columns \['q_tok', 'p_tok'"):
+        train_deferral([str(planted)], tmp_path / "x", head="token-mlp", epochs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory, pair):
+    """A head trained on real tiny-random reference traces."""
+    root = tmp_path_factory.mktemp("tiny")
+    log_traces(root / "traces", models="tiny-random", task="arithmetic", limit=24, mode="reference", topk=0)
+    train_deferral([str(root / "traces")], root / "head", head="mlp", epochs=3, batch_size=256)
+    return root / "head"
+
+
+def test_checkpoint_round_trip_decides_the_same_in_the_decoder(tiny_head, pair, batch):
+    ids, mask = batch
+    loaded = rules.Learned.from_pretrained(tiny_head)
+    in_memory = rules.Learned(DeferralHead.from_pretrained(tiny_head), threshold=loaded.threshold)
+    outs = [SpeculativeCascade(pair, rule, block_size=4, temperature=1.0).generate(ids, mask, max_new_tokens=16, seed=5)
+            for rule in (loaded, in_memory)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert outs[0].stats.deferrals == outs[1].stats.deferrals
+    assert rules.parse(f"learned:{tiny_head}@0.3").threshold == 0.3
+
+
+def test_forced_defer_learned_rule_is_exact_speculative_decoding(tiny_head, pair, batch):
+    ids, mask = batch
+    forced = rules.Learned.from_pretrained(tiny_head, threshold=rules.Learned.EXACT)
+    out = SpeculativeCascade(pair, forced, block_size=4).generate(ids, mask, max_new_tokens=16)
+    target = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4).generate(ids, mask, max_new_tokens=16)
+    assert torch.equal(out.sequences, target.sequences) and out.stats.deferrals == out.stats.decided
+
+
+def test_loading_refuses_another_feature_spec_or_a_non_head(tiny_head, tmp_path):
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (changed / name).write_bytes((tiny_head / name).read_bytes())
+    config = json.loads((changed / "config.json").read_text())
+    config["feature_spec"]["version"] = F.SPEC_VERSION + 1
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpeccascadeError, match=f"trained on feature spec {F.SPEC_NAME} v{F.SPEC_VERSION + 1}"):
+        rules.Learned.from_pretrained(changed)
+    with pytest.raises(SpeccascadeError, match="is not a deferral head"):
+        rules.parse(f"learned:{tmp_path}")
