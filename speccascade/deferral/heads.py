@@ -101,7 +101,23 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         return torch.stack([c.to(self.mean.dtype) for c in columns], dim=-1)
 
     def probability(self, score: torch.Tensor) -> torch.Tensor:
-        """Calibrated deferral probability from a raw logit (Platt scaling, or none)."""
-        if self.calibration.get("method") == "platt":
-            score = self.calibration["a"] * score + self.calibration["b"]
+        """Calibrated deferral probability from a raw logit (Platt scaling, isotonic regression, or none)."""
+        method = self.calibration.get("method")
+        if method == "platt":
+            return torch.sigmoid(self.calibration["a"] * score + self.calibration["b"])
+        if method == "isotonic":
+            return _interpolate(score, self.calibration["x"], self.calibration["y"])
         return torch.sigmoid(score)
+
+
+def _interpolate(x: torch.Tensor, xs: list[float], ys: list[float]) -> torch.Tensor:
+    """Piecewise-linear ``np.interp`` in torch (clipped at both ends), for isotonic calibration."""
+    knots_x = torch.tensor(xs, dtype=x.dtype, device=x.device)
+    knots_y = torch.tensor(ys, dtype=x.dtype, device=x.device)
+    if len(xs) == 1:
+        return knots_y.expand_as(x).clone()
+    x = x.clamp(knots_x[0], knots_x[-1])
+    right = torch.searchsorted(knots_x, x.contiguous()).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = knots_x[right - 1], knots_x[right], knots_y[right - 1], knots_y[right]
+    weight = torch.where(x1 > x0, (x - x0) / (x1 - x0).clamp_min(1e-12), torch.zeros_like(x))
+    return y0 + weight * (y1 - y0)

@@ -85,7 +85,6 @@ class TraceDataModule(pl.LightningDataModule):
                 f"traces lack columns {missing} needed by objective {hp.objective!r} and the head's features "
                 "(loss columns come from --mode reference traces)"
             )
-        rows = rows.select_columns(["example_id", *needed])
         finite = rows.map(
             lambda b: {"_ok": np.isfinite(np.stack([np.asarray(b[c], dtype=np.float64) for c in needed], -1)).all(-1)},
             batched=True, batch_size=65536,
@@ -95,8 +94,9 @@ class TraceDataModule(pl.LightningDataModule):
             print(f"train-deferral: dropped {dropped} rows with NaN or infinite values")
             rows = finite.filter(lambda b: b["_ok"], batched=True).remove_columns("_ok")
         val = np.array([in_validation(e, hp.val_fraction, hp.seed) for e in rows["example_id"]])
-        self.train_rows = rows.select(np.flatnonzero(~val))
-        self.val_rows = rows.select(np.flatnonzero(val))
+        self.val_all = rows.select(np.flatnonzero(val))  # every column, for the offline comparison
+        self.train_rows = rows.select(np.flatnonzero(~val)).select_columns(needed)
+        self.val_rows = self.val_all.select_columns(needed)
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
             raise SpeccascadeError(f"the split by example left an empty {'train' if len(self.train_rows) == 0 else 'validation'} set; log more examples")
         x = np.stack([np.asarray(self.train_rows[f], dtype=np.float64) for f in hp.features], axis=-1)

@@ -1,19 +1,25 @@
-"""``train-deferral``: fit a deferral head on traces, calibrate it, export a checkpoint."""
+"""``train-deferral``: fit a deferral head on traces, calibrate it, compare it offline with the
+fixed rules, export a checkpoint, and log all of it locally and to W&B (offline by default)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import netrc
+import os
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from ..deferral import features as F
+from ..deferral import rules
 from ..deferral.heads import DeferralHead
 from ..errors import SpeccascadeError
+from . import calibration as cal
+from . import compare
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target
 
@@ -23,14 +29,18 @@ HEADS = {  # head name -> (kind, default features)
     "token-mlp": ("mlp", F.POSITION_FEATURES + F.TOKEN_FEATURES),
 }
 DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WANDB_MODES = ("offline", "online", "disabled")
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width probability bins, weighted by bin size."""
-    edges = np.linspace(0, 1, bins + 1)
-    index = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(labels[index == b].mean() - probs[index == b].mean()) * (index == b).mean()
-                     for b in range(bins) if (index == b).any()))
+def default_wandb_mode() -> str:
+    """online only where W&B credentials are configured; nothing waits on the network otherwise."""
+    if os.environ.get("WANDB_MODE") in WANDB_MODES:
+        return os.environ["WANDB_MODE"]
+    try:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_key = bool(os.environ.get("WANDB_API_KEY"))
+    return "online" if has_key else "offline"
 
 
 def train_deferral(
@@ -48,12 +58,17 @@ def train_deferral(
     val_fraction: float = 0.2,
     calibration: str = "platt",
     seed: int = 0,
+    devices: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
+    wandb_mode: str | None = None,
+    wandb_project: str = "speccascade",
 ) -> DeferralHead:
     """Train a deferral head on trace directories and export it (config.json + model.safetensors).
 
     Args:
         traces: trace directories written by log-traces.
-        out: output directory of the head checkpoint.
+        out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
         head: logistic, mlp or token-mlp (token-level, per candidate token).
         objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
@@ -64,51 +79,110 @@ def train_deferral(
         batch_size: rows per step.
         lr: AdamW learning rate.
         val_fraction: fraction of examples (not rows) held out for validation and calibration.
-        calibration: platt (logistic on the validation logits) or none; gap heads are not calibrated.
+        calibration: platt, isotonic or none (gap heads are not calibrated).
         seed: seed of the split, the initialisation and the shuffling.
+        devices: training processes (Lightning; e.g. 2 with strategy ddp).
+        strategy: Lightning strategy (auto, ddp, ...).
+        accelerator: cpu, gpu or auto (the heads are small: cpu is the default).
+        wandb_mode: offline, online or disabled (default: online only where credentials exist).
+        wandb_project: W&B project name.
     """
     if head not in HEADS:
         raise SpeccascadeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if calibration not in ("platt", "none"):
-        raise SpeccascadeError(f"unknown calibration {calibration!r}; choose platt or none")
+    if calibration not in cal.METHODS:
+        raise SpeccascadeError(f"unknown calibration {calibration!r}; choose one of {', '.join(cal.METHODS)}")
+    wandb_mode = wandb_mode or default_wandb_mode()
+    if wandb_mode not in WANDB_MODES:
+        raise SpeccascadeError(f"wandb_mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
     kind, default_features = HEADS[head]
     features = list(features or default_features)
+    out = Path(out)
     pl.seed_everything(seed, workers=True, verbose=False)
     data = TraceDataModule([str(t) for t in traces], features, objective, val_fraction, batch_size, seed)
     data.setup()
     module = DeferralModule(features, data.mean, data.std, kind, hidden, depth, objective, alpha, lr)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, deterministic=True,
-                         enable_model_summary=False, default_root_dir=str(out))
+    loggers = [CSVLogger(out, name="logs")]
+    if wandb_mode != "disabled":
+        loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="train-deferral"))
+    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, enable_checkpointing=False, deterministic=True,
+                         enable_model_summary=False, default_root_dir=str(out), devices=devices,
+                         strategy=strategy, accelerator=accelerator)
     trainer.fit(module, datamodule=data)
+    if not trainer.is_global_zero:
+        return module.head
 
     trained = module.head.eval()
+    logits, targets = _validation_scores(trained, data, objective, alpha)
+    metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
+    out.mkdir(parents=True, exist_ok=True)
+    if objective == "gap":
+        metrics["auroc"] = cal.auroc(targets, logits)
+        trained.operating_points = {"default": 0.0}
+    else:
+        metrics["uncalibrated"] = cal.report(trained.probability(torch.from_numpy(logits)).numpy(), targets, logits)
+        trained.calibration = cal.fit(calibration, logits, targets)
+        probs = trained.probability(torch.from_numpy(logits)).numpy()
+        metrics |= cal.report(probs, targets, logits)
+        cal.reliability_diagram(probs, targets, out / "reliability.png")
+        trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
+    trained.metrics = metrics
+    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")}}
+                                     for t, m in zip(traces, data.manifests)]}
+    points = _offline_comparison(trained, data, out, metrics)
+    trained.save(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if wandb_mode != "disabled":
+        _log_to_wandb(loggers[-1], out, metrics, points)
+    return trained
+
+
+def _validation_scores(head: DeferralHead, data: TraceDataModule, objective: str, alpha: float):
     scores, targets = [], []
     with torch.no_grad():
         for batch in data.val_dataloader():
-            scores.append(trained(batch["x"]))
+            scores.append(head(batch["x"]))
             targets.append(defer_target(objective, batch["y"], alpha))
-    score, target = torch.cat(scores).numpy(), torch.cat(targets).numpy()
-    metrics = {"val_rows": int(len(score)), "train_rows": int(len(data.train_rows))}
-    if len(np.unique(target)) == 2:
-        metrics["auroc"] = float(roc_auc_score(target, score))
-    if objective != "gap":
-        if calibration == "platt" and len(np.unique(target)) == 2:
-            platt = LogisticRegression().fit(score.reshape(-1, 1), target)
-            trained.calibration = {"method": "platt", "a": float(platt.coef_[0, 0]), "b": float(platt.intercept_[0])}
-        probs = trained.probability(torch.from_numpy(score)).numpy()
-        metrics["ece"] = expected_calibration_error(probs, target)
-        metrics["brier"] = float(brier_score_loss(target, probs)) if len(np.unique(target)) == 2 else float("nan")
-        # threshold per target deferral rate: defer the most confident fraction
-        trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES}
-        trained.operating_points["default"] = 0.5
-    else:
-        trained.operating_points = {"default": 0.0}
-    trained.metrics = metrics
-    trained.provenance = {"traces": [{"path": str(t), "fingerprint": m.get("fingerprint"), "drafter": m.get("drafter"),
-                                      "target": m.get("target"), "tokenizer": m.get("tokenizer")}
-                                     for t, m in zip(traces, data.manifests)]}
-    out = Path(out)
-    trained.save(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return trained
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
+
+def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict) -> list[dict]:
+    """Quality proxy vs deferral rate on the validation rows, learned head against the fixed rules."""
+    val = data.val_all
+    if not {"loss_q", "loss_p"} <= set(val.column_names) or not set(head.features) <= set(val.column_names):
+        return []
+    columns = {c: np.asarray(val[c]) for c in val.column_names if c in F.ALL_FEATURES or c in ("loss_q", "loss_p")}
+    learned = rules.Learned(head, threshold=0.5)
+    points = compare.curves(columns, learned)
+    keep_all = float(columns["loss_q"].mean())
+    metrics["offline_area"] = {rule: compare.area(points, rule, keep_all) for rule in dict.fromkeys(p["rule"] for p in points)}
+    (out / "comparison.json").write_text(json.dumps(points, indent=2))
+    with (out / "comparison.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["rule", "knob", "deferral_rate", "loss"])
+        writer.writeheader()
+        writer.writerows(points)
+    compare.plot(points, out / "comparison.png")
+    return points
+
+
+def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, points: list[dict]) -> None:
+    """Calibration plot, comparison table and chart, and the checkpoint as a `model` artifact."""
+    import wandb
+
+    run = logger.experiment
+    run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    if (out / "reliability.png").exists():
+        run.log({"reliability": wandb.Image(str(out / "reliability.png"))})
+    if points:
+        table = wandb.Table(columns=["rule", "knob", "deferral_rate", "loss"],
+                            data=[[p["rule"], p["knob"], p["deferral_rate"], p["loss"]] for p in points])
+        rules_seen = list(dict.fromkeys(p["rule"] for p in points))
+        series = [[p["loss"] for p in points if p["rule"] == r] for r in rules_seen]
+        xs = [[p["deferral_rate"] for p in points if p["rule"] == r] for r in rules_seen]
+        run.log({"offline_comparison": table,
+                 "loss_vs_deferral": wandb.plot.line_series(xs=xs, ys=series, keys=rules_seen,
+                                                            title="loss vs deferral rate", xname="deferral rate")})
+    artifact = wandb.Artifact(f"deferral-head-{run.id}", type="model", metadata=metrics)
+    for name in ("config.json", "model.safetensors", "metrics.json"):
+        artifact.add_file(str(out / name))
+    run.log_artifact(artifact)
+    run.finish()

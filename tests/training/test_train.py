@@ -40,7 +40,8 @@ def planted(tmp_path_factory):
 
 
 def test_head_recovers_a_signal_no_fixed_rule_sees(planted, tmp_path):
-    head = train_deferral([str(planted)], tmp_path / "head", head="mlp", objective="classification", epochs=15, batch_size=512)
+    head = train_deferral([str(planted)], tmp_path / "head", head="mlp", objective="classification", epochs=15,
+                          batch_size=512, wandb_mode="disabled")
     assert head.metrics["auroc"] > 0.9
     rows = traces.load_traces(planted).with_format("numpy")[:]
     target = rows["gap"] > 0
@@ -49,6 +50,9 @@ def test_head_recovers_a_signal_no_fixed_rule_sees(planted, tmp_path):
     }
     best_fixed = max(roc_auc_score(target, s) for s in fixed_scores.values())
     assert best_fixed < 0.6 < head.metrics["auroc"]
+    areas = head.metrics["offline_area"]  # mean best loss over deferral budgets: lower is better
+    assert areas["learned"] < 0.8 * min(v for k, v in areas.items() if k != "learned")
+    assert {"comparison.csv", "comparison.png", "reliability.png", "metrics.json"} <= {p.name for p in (tmp_path / "head").iterdir()}
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["feature_spec"]["version"] == F.SPEC_VERSION and config["features"] == list(F.POSITION_FEATURES)
     assert config["calibration"]["method"] == "platt" and len(config["mean"]) == len(F.POSITION_FEATURES)
@@ -59,13 +63,14 @@ def test_head_recovers_a_signal_no_fixed_rule_sees(planted, tmp_path):
 @pytest.mark.parametrize("objective", ["gap", "relaxed"])
 def test_other_objectives_learn_the_signal(planted, tmp_path, objective):
     head = train_deferral([str(planted)], tmp_path / objective, head="logistic" if objective == "gap" else "mlp",
-                          objective=objective, features=["kl_qp", "q_top1", "tv"], epochs=15, batch_size=512, lr=0.03)
+                          objective=objective, features=["kl_qp", "q_top1", "tv"], epochs=15, batch_size=512, lr=0.03,
+                          wandb_mode="disabled")
     assert head.metrics["auroc"] > 0.9
 
 
 def test_missing_label_columns_are_named(tmp_path, planted):
     with pytest.raises(SpeccascadeError, match=r"lack columns \['q_tok', 'p_tok'"):
-        train_deferral([str(planted)], tmp_path / "x", head="token-mlp", epochs=1)
+        train_deferral([str(planted)], tmp_path / "x", head="token-mlp", epochs=1, wandb_mode="disabled")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,7 @@ def tiny_head(tmp_path_factory, pair):
     """A head trained on real tiny-random reference traces."""
     root = tmp_path_factory.mktemp("tiny")
     log_traces(root / "traces", models="tiny-random", task="arithmetic", limit=24, mode="reference", topk=0)
-    train_deferral([str(root / "traces")], root / "head", head="mlp", epochs=3, batch_size=256)
+    train_deferral([str(root / "traces")], root / "head", head="mlp", epochs=3, batch_size=256, wandb_mode="disabled")
     return root / "head"
 
 
@@ -108,3 +113,17 @@ def test_loading_refuses_another_feature_spec_or_a_non_head(tiny_head, tmp_path)
         rules.Learned.from_pretrained(changed)
     with pytest.raises(SpeccascadeError, match="is not a deferral head"):
         rules.parse(f"learned:{tmp_path}")
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_calibration_lowers_ece_of_a_miscalibrated_head(method):
+    from speccascade.training import calibration as cal
+
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 1.5, 20_000)
+    targets = (rng.random(20_000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    overconfident = 4 * true_logit + 1.0  # a head that is far too sure, and biased
+    head = DeferralHead(["q_top1"], kind="logistic", calibration=cal.fit(method, overconfident[:10_000], targets[:10_000]))
+    before = cal.expected_calibration_error(1 / (1 + np.exp(-overconfident[10_000:])), targets[10_000:])
+    after = cal.expected_calibration_error(head.probability(torch.from_numpy(overconfident[10_000:])).numpy(), targets[10_000:])
+    assert before > 0.1 and after < 0.03
