@@ -15,8 +15,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from .data.log_traces import log_traces
 from .errors import SpeccascadeError
 from .evaluation.demo import demo
+from .training.train import train_deferral
 
-COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "demo": demo}
+COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "demo": demo}
 
 
 def build_parser() -> ArgumentParser:
@@ -47,8 +48,12 @@ def _normalised(argv: list[str]) -> list[str]:
             for i, a in enumerate(args)]
 
 
+def train_deferral_main(argv: list[str] | None = None) -> int:
+    """The ``train-deferral`` console script: ``speccascade train-deferral`` under its own name."""
+    return main(["train-deferral", *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("WANDB_MODE", "offline")  # nothing may wait on the network
     parser = build_parser()
     cfg = parser.parse_args(_normalised(sys.argv[1:] if argv is None else argv))
     options = {k: v for k, v in cfg[cfg.command].as_dict().items() if k != "config"}

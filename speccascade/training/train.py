@@ -44,7 +44,7 @@ def default_wandb_mode() -> str:
 
 
 def train_deferral(
-    traces: list[str],
+    traces: list[str] | str,
     out: Path,
     head: str = "mlp",
     objective: str = "classification",
@@ -67,7 +67,7 @@ def train_deferral(
     """Train a deferral head on trace directories and export it (config.json + model.safetensors).
 
     Args:
-        traces: trace directories written by log-traces.
+        traces: trace directories written by log-traces (a list, or one string, comma-separated).
         out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
         head: logistic, mlp or token-mlp (token-level, per candidate token).
         objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
@@ -87,6 +87,8 @@ def train_deferral(
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
         wandb_project: W&B project name.
     """
+    if isinstance(traces, str):
+        traces = [t for t in traces.split(",") if t]
     if head not in HEADS:
         raise SpeccascadeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if calibration not in cal.METHODS:
