@@ -16,6 +16,7 @@ from ..errors import SpeccascadeError
 from . import features as F
 
 KINDS = ("logistic", "mlp")
+CONDITIONING = ("alpha",)  # inputs that are no feature: the trade-off a relaxed head is asked for
 OBJECTIVES = ("gap", "classification", "relaxed")
 
 
@@ -47,7 +48,7 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
             raise SpeccascadeError(f"unknown head {kind!r}; choose one of {', '.join(KINDS)}")
         if objective not in OBJECTIVES:
             raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        unknown = [f for f in features if f not in F.ALL_FEATURES]
+        unknown = [f for f in features if f not in F.ALL_FEATURES + CONDITIONING]
         if unknown:
             raise SpeccascadeError(f"features {unknown} are not in the feature spec {F.SPEC_NAME} v{F.SPEC_VERSION}")
         self.features = list(features)

@@ -305,6 +305,7 @@ class Learned(Rule):
 
     head: "DeferralHead"
     threshold: float = 0.5
+    alpha: float = 0.0  # the trade-off asked of an alpha-conditioned head (ignored by others)
     name = "learned"
     knob = "threshold"
     EXACT = float("-inf")
@@ -314,7 +315,8 @@ class Learned(Rule):
 
     def __post_init__(self) -> None:
         self.head.eval()
-        self.features = tuple(self.head.features) + (("tv",) if self.head.objective == "gap" else ())
+        inputs = tuple(name for name in self.head.features if name != "alpha")
+        self.features = inputs + (("tv",) if self.head.objective == "gap" else ())
 
     @property
     def granularity(self) -> str:
@@ -329,18 +331,24 @@ class Learned(Rule):
         return f"learned:{self.head.provenance.get('path', '?')}@{self.threshold:g}"
 
     @torch.no_grad()
-    def decide(self, f):
+    def value(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the threshold is compared with: the calibrated probability, or predicted gap / D_TV."""
+        if "alpha" in self.head.features:
+            f = {**f, "alpha": torch.tensor(self.alpha, dtype=next(iter(f.values())).dtype)}
         score = self.head(self.head.inputs(f))
         if self.head.objective == "gap":
-            return score > self.threshold * f["tv"]
-        return self.head.probability(score) > self.threshold
+            return score / f["tv"].clamp_min(EPS)
+        return self.head.probability(score)
+
+    def decide(self, f):
+        return self.value(f) > self.threshold
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
         base = TokenRule if self.granularity == "token" else PositionRule
         return base.mix(self, q, p, q_s, p_s, rel_position)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, threshold: float | None = None) -> "Learned":
+    def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":
         """Load a head checkpoint; refuse one whose feature spec this decoder does not provide."""
         from .heads import DeferralHead
 
@@ -358,7 +366,7 @@ class Learned(Rule):
         head.provenance = {**head.provenance, "path": str(directory)}
         if threshold is None:
             threshold = head.operating_points.get("default", 0.0 if head.objective == "gap" else 0.5)
-        return cls(head, threshold)
+        return cls(head, threshold, alpha)
 
 
 FIXED_RULES: dict[str, type[Rule]] = {

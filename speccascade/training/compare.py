@@ -43,10 +43,7 @@ def curves(columns: dict[str, np.ndarray], learned: rules.Learned | None = None,
             rate, loss = _point(defer, loss_q, loss_p)
             points.append({"rule": name, "knob": float(alpha), "deferral_rate": rate, "loss": loss})
     if learned is not None:
-        with torch.no_grad():
-            score = learned.head(learned.head.inputs(tensors))
-            # gap heads defer iff predicted gap > threshold * D_TV, i.e. gap / D_TV > threshold
-            value = score / tensors["tv"].clamp_min(1e-10) if learned.head.objective == "gap" else learned.head.probability(score)
+        value = learned.value(tensors)
         for threshold in np.quantile(value.numpy(), np.linspace(0, 1, steps)):
             defer = (value > threshold).numpy()
             rate, loss = _point(defer, loss_q, loss_p)

@@ -11,7 +11,7 @@ from torchmetrics.classification import BinaryAUROC
 from ..deferral.heads import DeferralHead
 
 
-def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tensor], alpha: float | torch.Tensor) -> torch.Tensor:
     """gap: squared error on ``loss_q - loss_p``; classification: BCE on ``1[gap > 0]`` weighted by ``|gap|``;
     relaxed: ``E[(1 - s) loss_q + s (loss_p + alpha D_TV)]`` with ``s = sigmoid(score)``."""
     if objective == "gap":
@@ -31,7 +31,12 @@ def defer_target(objective: str, y: dict[str, torch.Tensor], alpha: float) -> to
 
 
 class DeferralModule(pl.LightningModule):
-    """A deferral head and its objective; logs train/val loss and validation AUROC."""
+    """A deferral head and its objective; logs train/val loss and validation AUROC.
+
+    With ``alpha_range`` (relaxed objective) every training row draws its own alpha from that
+    range and the head sees it as an input, so one head serves the whole trade-off curve;
+    validation uses ``alpha``.
+    """
 
     def __init__(
         self,
@@ -45,19 +50,32 @@ class DeferralModule(pl.LightningModule):
         alpha: float = 0.0,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
+        alpha_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if alpha_range is not None:  # alpha is one more input, normalised like the uniform it is drawn from
+            low, high = alpha_range
+            features, mean, std = [*features, "alpha"], [*mean, (low + high) / 2], [*std, max(high - low, 1e-6) / 12**0.5]
         self.head = DeferralHead(features, kind=kind, hidden=hidden, depth=depth, objective=objective, mean=mean, std=std)
         self.val_auroc = BinaryAUROC()
 
+    def _inputs(self, x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+        if self.hparams.alpha_range is None:
+            return x
+        return torch.cat([x, torch.as_tensor(alpha, dtype=x.dtype).expand(len(x)).unsqueeze(1)], dim=1)
+
     def training_step(self, batch, batch_idx):
-        loss = objective_loss(self.hparams.objective, self.head(batch["x"]), batch["y"], self.hparams.alpha)
+        alpha = self.hparams.alpha
+        if self.hparams.alpha_range is not None:
+            low, high = self.hparams.alpha_range
+            alpha = low + (high - low) * torch.rand(len(batch["x"]))
+        loss = objective_loss(self.hparams.objective, self.head(self._inputs(batch["x"], alpha)), batch["y"], alpha)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        score = self.head(batch["x"])
+        score = self.head(self._inputs(batch["x"], self.hparams.alpha))
         loss = objective_loss(self.hparams.objective, score, batch["y"], self.hparams.alpha)
         self.val_auroc.update(score, defer_target(self.hparams.objective, batch["y"], self.hparams.alpha))
         self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)

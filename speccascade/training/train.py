@@ -50,6 +50,7 @@ def train_deferral(
     objective: str = "classification",
     features: list[str] | None = None,
     alpha: float = 0.0,
+    alpha_range: tuple[float, float] | None = None,
     hidden: int = 64,
     depth: int = 2,
     epochs: int = 10,
@@ -72,7 +73,9 @@ def train_deferral(
         head: logistic, mlp or token-mlp (token-level, per candidate token).
         objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
-        alpha: the relaxed objective's cost of deferring, per unit of D_TV.
+        alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
+        alpha_range: relaxed objective only: train one head conditioned on alpha drawn from [low, high]
+            (pass ``Learned(..., alpha=...)`` when decoding).
         hidden: hidden width of the MLP.
         depth: hidden layers of the MLP.
         epochs: passes over the training rows.
@@ -87,6 +90,8 @@ def train_deferral(
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
         wandb_project: W&B project name.
     """
+    if alpha_range is not None and objective != "relaxed":
+        raise SpeccascadeError("alpha_range conditions a head on alpha; it needs objective 'relaxed'")
     if isinstance(traces, str):
         traces = [t for t in traces.split(",") if t]
     if head not in HEADS:
@@ -102,7 +107,8 @@ def train_deferral(
     pl.seed_everything(seed, workers=True, verbose=False)
     data = TraceDataModule([str(t) for t in traces], features, objective, val_fraction, batch_size, seed)
     data.setup()
-    module = DeferralModule(features, data.mean, data.std, kind, hidden, depth, objective, alpha, lr)
+    module = DeferralModule(features, data.mean, data.std, kind, hidden, depth, objective, alpha, lr,
+                            alpha_range=tuple(alpha_range) if alpha_range is not None else None)
     loggers = [CSVLogger(out, name="logs")]
     if wandb_mode != "disabled":
         loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="train-deferral"))
@@ -114,7 +120,7 @@ def train_deferral(
         return module.head
 
     trained = module.head.eval()
-    logits, targets = _validation_scores(trained, data, objective, alpha)
+    logits, targets = _validation_scores(module, data, objective, alpha)
     metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
     out.mkdir(parents=True, exist_ok=True)
     if objective == "gap":
@@ -130,7 +136,7 @@ def train_deferral(
     trained.metrics = metrics
     trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")}}
                                      for t, m in zip(traces, data.manifests)]}
-    points = _offline_comparison(trained, data, out, metrics)
+    points = _offline_comparison(trained, data, out, metrics, alpha)
     trained.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if wandb_mode != "disabled":
@@ -138,22 +144,23 @@ def train_deferral(
     return trained
 
 
-def _validation_scores(head: DeferralHead, data: TraceDataModule, objective: str, alpha: float):
+def _validation_scores(module: DeferralModule, data: TraceDataModule, objective: str, alpha: float):
     scores, targets = [], []
     with torch.no_grad():
         for batch in data.val_dataloader():
-            scores.append(head(batch["x"]))
+            scores.append(module.head(module._inputs(batch["x"], alpha)))
             targets.append(defer_target(objective, batch["y"], alpha))
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
-def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict) -> list[dict]:
+def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict, alpha: float) -> list[dict]:
     """Quality proxy vs deferral rate on the validation rows, learned head against the fixed rules."""
     val = data.val_all
-    if not {"loss_q", "loss_p"} <= set(val.column_names) or not set(head.features) <= set(val.column_names):
+    inputs = set(head.features) - {"alpha"}
+    if not {"loss_q", "loss_p"} <= set(val.column_names) or not inputs <= set(val.column_names):
         return []
     columns = {c: np.asarray(val[c]) for c in val.column_names if c in F.ALL_FEATURES or c in ("loss_q", "loss_p")}
-    learned = rules.Learned(head, threshold=0.5)
+    learned = rules.Learned(head, threshold=0.5, alpha=alpha)
     points = compare.curves(columns, learned)
     keep_all = float(columns["loss_q"].mean())
     metrics["offline_area"] = {rule: compare.area(points, rule, keep_all) for rule in dict.fromkeys(p["rule"] for p in points)}

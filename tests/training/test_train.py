@@ -127,3 +127,18 @@ def test_calibration_lowers_ece_of_a_miscalibrated_head(method):
     before = cal.expected_calibration_error(1 / (1 + np.exp(-overconfident[10_000:])), targets[10_000:])
     after = cal.expected_calibration_error(head.probability(torch.from_numpy(overconfident[10_000:])).numpy(), targets[10_000:])
     assert before > 0.1 and after < 0.03
+
+
+def test_alpha_conditioned_head_serves_the_trade_off_curve(tmp_path):
+    """One relaxed head, conditioned on alpha: asking for a higher deferral cost defers less."""
+    directory = planted_traces(tmp_path / "traces")
+    head = train_deferral([str(directory)], tmp_path / "head", objective="relaxed", alpha=0.5, alpha_range=(0.0, 2.0),
+                          features=["kl_qp", "tv"], epochs=15, batch_size=512, lr=0.03, wandb_mode="disabled")
+    rows = traces.load_traces(directory).with_format("torch")[:]
+    f = {"kl_qp": rows["kl_qp"], "tv": rows["tv"]}
+    rates = [rules.Learned(head, threshold=0.5, alpha=a).decide(f).float().mean().item() for a in (0.0, 0.6, 1.8)]
+    assert rates[0] > rates[1] > rates[2]
+    # the relaxed optimum defers iff loss_q - loss_p = +-0.4 exceeds alpha * tv (tv uniform on [0, 1])
+    assert rates[0] == pytest.approx(0.5, abs=0.07) and rates[2] < 0.15
+    with pytest.raises(SpeccascadeError, match="needs objective 'relaxed'"):
+        train_deferral([str(directory)], tmp_path / "x", objective="gap", alpha_range=(0.0, 1.0), wandb_mode="disabled")
