@@ -53,7 +53,7 @@ class SequentialCascade(Decoder):
 
     def __init__(self, pair: ModelPair, rule: Rule, temperature: float = 0.0, top_k=None, top_p=None) -> None:
         super().__init__(pair, temperature, top_k, top_p)
-        if rule.needs_target or rule.granularity != "position":
+        if rule.needs_target or rule.granularity != "position" or rule.needs_hidden:
             raise SpeccascadeError(
                 f"rule {rule.name!r} needs the target's distribution; the sequential cascade runs only "
                 "drafter-only position rules (chow, always, never, drafter-only learned heads)"

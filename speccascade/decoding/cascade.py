@@ -88,6 +88,11 @@ class SpeculativeCascade(Decoder):
     def models(self) -> dict[str, torch.nn.Module]:
         return {"drafter": self.pair.drafter, "target": self.pair.target}
 
+    @property
+    def wants_hidden(self) -> bool:
+        """Hidden states are computed only when the hook or the rule reads them."""
+        return self.hook_hidden_states or self.rule.needs_hidden
+
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         """One block: draft, verify, accept, emit, rollback."""
@@ -96,7 +101,8 @@ class SpeculativeCascade(Decoder):
         drafts, q = self.draft(state)
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / gamma).clamp_max(1.0)
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position)
+        hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
         next_token = self.resample(state, n, q.sampled, mix.emit)
 
@@ -119,7 +125,7 @@ class SpeculativeCascade(Decoder):
         x, drafts, probs, sampled, hidden = state.pending, [], [], [], []
         for i in range(gamma + 1):
             logits, h = drafter.forward(
-                x.unsqueeze(1), (state.pos + i).unsqueeze(1), window[:, : slots + i + 1], self.hook_hidden_states
+                x.unsqueeze(1), (state.pos + i).unsqueeze(1), window[:, : slots + i + 1], self.wants_hidden
             )
             q = logits[:, 0].softmax(-1)
             q_s = self.sampler(logits[:, 0], q)
@@ -128,7 +134,7 @@ class SpeculativeCascade(Decoder):
                 x = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
                 drafts.append(x)
         state.counts.drafter_forwards += gamma + 1
-        q_hidden = torch.cat(hidden, dim=1) if self.hook_hidden_states else None
+        q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         return torch.stack(drafts, 1), Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden)
 
     def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
@@ -136,10 +142,10 @@ class SpeculativeCascade(Decoder):
         gamma = self.block_size
         ids = torch.cat([state.pending.unsqueeze(1), drafts], dim=1)
         positions = state.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
-        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.hook_hidden_states)
+        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.wants_hidden)
         state.counts.target_forwards += 1
         p = logits.softmax(-1)
-        return Dists(p, self.sampler(logits, p), hidden)
+        return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
 
     def accept(
         self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor

@@ -34,6 +34,7 @@ TOKEN_FEATURES: tuple[str, ...] = (
     "q_rank", "p_rank",  # tokens strictly more likely than v (0 = the argmax)
 )
 ALL_FEATURES = POSITION_FEATURES + TOKEN_FEATURES
+HIDDEN_INPUTS: tuple[str, ...] = ("q_hidden", "p_hidden")  # last-layer hidden states: vector inputs of hidden heads
 
 
 def spec() -> dict:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import SpeccascadeError
 from . import features as F
+from .features import HIDDEN_INPUTS
 
 KINDS = ("logistic", "mlp")
 CONDITIONING = ("alpha",)  # inputs that are no feature: the trade-off a relaxed head is asked for
@@ -48,7 +49,7 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
             raise SpeccascadeError(f"unknown head {kind!r}; choose one of {', '.join(KINDS)}")
         if objective not in OBJECTIVES:
             raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        unknown = [f for f in features if f not in F.ALL_FEATURES + CONDITIONING]
+        unknown = [f for f in features if f not in F.ALL_FEATURES + CONDITIONING + HIDDEN_INPUTS]
         if unknown:
             raise SpeccascadeError(f"features {unknown} are not in the feature spec {F.SPEC_NAME} v{F.SPEC_VERSION}")
         self.features = list(features)
@@ -58,7 +59,9 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         self.operating_points = operating_points or {}
         self.provenance = provenance or {}
         self.metrics = metrics or {}
-        n = len(features)
+        if mean is None and any(f in HIDDEN_INPUTS for f in features):
+            raise SpeccascadeError("a head on hidden states needs its input statistics (mean, std) to know their width")
+        n = len(mean) if mean is not None else len(features)
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * n))
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * n))
         if kind == "logistic":
@@ -93,13 +96,20 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         x = (x - self.mean) / self.std.clamp_min(1e-6)
         return self.net(x).squeeze(-1)
 
+    @property
+    def needs_hidden(self) -> bool:
+        return any(f in HIDDEN_INPUTS for f in self.features)
+
     def inputs(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Stack named features (live or trace columns, broadcast to one shape) into ``[..., F]``."""
+        """Named inputs (live or trace columns) as ``[..., D]``: scalars broadcast to one shape, hidden
+        state vectors ``[..., H]`` appended whole, in ``self.features`` order."""
         missing = [name for name in self.features if name not in f]
         if missing:
             raise SpeccascadeError(f"the head needs features {missing} that were not provided")
-        columns = torch.broadcast_tensors(*(f[name] for name in self.features))
-        return torch.stack([c.to(self.mean.dtype) for c in columns], dim=-1)
+        columns = [f[name].to(self.mean.dtype) for name in self.features]
+        columns = [c if name in HIDDEN_INPUTS else c.unsqueeze(-1) for name, c in zip(self.features, columns)]
+        shape = torch.broadcast_shapes(*(c.shape[:-1] for c in columns))
+        return torch.cat([c.expand(*shape, c.shape[-1]) for c in columns], dim=-1)
 
     def probability(self, score: torch.Tensor) -> torch.Tensor:
         """Calibrated deferral probability from a raw logit (Platt scaling, isotonic regression, or none)."""

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import SpeccascadeError
 from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, position_features, vocabulary_token_features
+from .features import HIDDEN_INPUTS
 from .features import TOKEN_FEATURES as TOKEN_NAMES
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Rule(ABC):
     name: ClassVar[str]
     granularity: ClassVar[str]  # "position" or "token"
     needs_target: ClassVar[bool] = True  # False: decides from q alone (sequential cascade)
+    needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``decide`` reads
     EXACT: ClassVar[float | None] = None
@@ -66,11 +68,18 @@ class Rule(ABC):
 
     @abstractmethod
     def mix(
-        self, q: torch.Tensor, p: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor, rel_position: torch.Tensor | float = 1.0
+        self,
+        q: torch.Tensor,
+        p: torch.Tensor,
+        q_s: torch.Tensor,
+        p_s: torch.Tensor,
+        rel_position: torch.Tensor | float = 1.0,
+        hidden: Mapping[str, torch.Tensor] | None = None,
     ) -> Mix:
         """The block's :class:`Mix` from unscaled ``q``, ``p`` and sampling ``q_s``, ``p_s``.
 
-        ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it.
+        ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it;
+        ``hidden``: ``q_hidden``/``p_hidden`` ``[B, T, H]``, for rules that ``needs_hidden``.
         """
 
     @staticmethod
@@ -86,12 +95,13 @@ class PositionRule(Rule):
 
     granularity = "position"
 
-    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0) -> torch.Tensor:
+    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
         """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``)."""
-        return self.decide(position_features(q, p, rel_position, self.features))
+        names = tuple(n for n in self.features if n not in HIDDEN_INPUTS)
+        return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}))
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
-        r = self.defer(q, p, rel_position)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+        r = self.defer(q, p, rel_position, hidden)
         pi = torch.where(r.unsqueeze(-1), p_s, q_s)
         return Mix(pi, pi, r)
 
@@ -105,16 +115,17 @@ class TokenRule(Rule):
 
     granularity = "token"
 
-    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0) -> torch.Tensor:
+    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
         """Boolean ``r(v)`` ``[B, T, V]``."""
         token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
         f = vocabulary_token_features(q, p, token_names)
-        position = position_features(q, p, rel_position, tuple(n for n in self.features if n not in TOKEN_NAMES))
-        f.update({name: value.unsqueeze(-1) for name, value in position.items()})
+        names = tuple(n for n in self.features if n not in TOKEN_NAMES and n not in HIDDEN_INPUTS)
+        f.update({name: value.unsqueeze(-1) for name, value in position_features(q, p, rel_position, names).items()})
+        f.update({name: value.unsqueeze(-2) for name, value in (hidden or {}).items()})  # [B, T, 1, H]
         return self.decide(f)
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
-        r = self.defer_tokens(q, p, rel_position)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+        r = self.defer_tokens(q, p, rel_position, hidden)
         deferred_q = torch.where(r, q_s, 0.0)
         eta = deferred_q.sum(-1, keepdim=True)
         pi = (q_s - deferred_q) + p_s * eta
@@ -287,7 +298,7 @@ class LossySD(Rule):
     def decide(self, f):
         return torch.ones_like(f["q_top1"], dtype=torch.bool)
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
         accept = p_s / max(1.0 - self.alpha, EPS)
         defer = torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
         return Mix(accept, p_s, defer)
@@ -343,9 +354,13 @@ class Learned(Rule):
     def decide(self, f):
         return self.value(f) > self.threshold
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0) -> Mix:
+    @property
+    def needs_hidden(self) -> bool:
+        return self.head.needs_hidden
+
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
         base = TokenRule if self.granularity == "token" else PositionRule
-        return base.mix(self, q, p, q_s, p_s, rel_position)
+        return base.mix(self, q, p, q_s, p_s, rel_position, hidden)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":

@@ -42,9 +42,15 @@ class _Batches(torch.utils.data.Dataset):
     def __getitems__(self, index: list[int]) -> dict[str, torch.Tensor]:
         batch = self.rows[index]
         return {
-            "x": torch.tensor(np.stack([batch[f] for f in self.features], axis=-1), dtype=torch.float32),
+            "x": torch.tensor(input_matrix(batch, self.features), dtype=torch.float32),
             "y": {name: torch.tensor(batch[name], dtype=torch.float32) for name in self.labels},
         }
+
+
+def input_matrix(columns, features: list[str]) -> np.ndarray:
+    """``[N, D]`` inputs: scalar features as one column each, vector columns (hidden states) whole."""
+    parts = [np.asarray(columns[f], dtype=np.float32) for f in features]
+    return np.concatenate([p if p.ndim == 2 else p[:, None] for p in parts], axis=1)
 
 
 def _identity(batch):
@@ -86,7 +92,7 @@ class TraceDataModule(pl.LightningDataModule):
                 "(loss columns come from --mode reference traces)"
             )
         finite = rows.map(
-            lambda b: {"_ok": np.isfinite(np.stack([np.asarray(b[c], dtype=np.float64) for c in needed], -1)).all(-1)},
+            lambda b: {"_ok": np.isfinite(input_matrix(b, needed)).all(-1)},
             batched=True, batch_size=65536,
         )
         dropped = len(finite) - sum(finite["_ok"])
@@ -99,7 +105,7 @@ class TraceDataModule(pl.LightningDataModule):
         self.val_rows = self.val_all.select_columns(needed)
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
             raise SpeccascadeError(f"the split by example left an empty {'train' if len(self.train_rows) == 0 else 'validation'} set; log more examples")
-        x = np.stack([np.asarray(self.train_rows[f], dtype=np.float64) for f in hp.features], axis=-1)
+        x = input_matrix(self.train_rows.select_columns(hp.features).with_format("numpy")[:], hp.features).astype(np.float64)
         self.mean, self.std = x.mean(0).tolist(), (x.std(0) + 1e-6).tolist()
 
     def train_dataloader(self) -> DataLoader:

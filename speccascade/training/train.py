@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from ..deferral import features as F
 from ..deferral import rules
-from ..deferral.heads import DeferralHead
+from ..deferral.heads import HIDDEN_INPUTS, DeferralHead
 from ..errors import SpeccascadeError
 from . import calibration as cal
 from . import compare
@@ -27,6 +27,7 @@ HEADS = {  # head name -> (kind, default features)
     "logistic": ("logistic", F.POSITION_FEATURES),
     "mlp": ("mlp", F.POSITION_FEATURES),
     "token-mlp": ("mlp", F.POSITION_FEATURES + F.TOKEN_FEATURES),
+    "hidden-mlp": ("mlp", F.POSITION_FEATURES + HIDDEN_INPUTS),
 }
 DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 WANDB_MODES = ("offline", "online", "disabled")
@@ -70,7 +71,8 @@ def train_deferral(
     Args:
         traces: trace directories written by log-traces (a list, or one string, comma-separated).
         out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
-        head: logistic, mlp or token-mlp (token-level, per candidate token).
+        head: logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp (position features
+            plus both models' last hidden states; needs traces logged with --hidden-states both).
         objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
         alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
@@ -159,7 +161,8 @@ def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, me
     inputs = set(head.features) - {"alpha"}
     if not {"loss_q", "loss_p"} <= set(val.column_names) or not inputs <= set(val.column_names):
         return []
-    columns = {c: np.asarray(val[c]) for c in val.column_names if c in F.ALL_FEATURES or c in ("loss_q", "loss_p")}
+    wanted = set(F.ALL_FEATURES) | set(HIDDEN_INPUTS) | {"loss_q", "loss_p"}
+    columns = {c: np.asarray(val[c], dtype=np.float32) for c in val.column_names if c in wanted}
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
     points = compare.curves(columns, learned)
     keep_all = float(columns["loss_q"].mean())

@@ -142,3 +142,20 @@ def test_alpha_conditioned_head_serves_the_trade_off_curve(tmp_path):
     assert rates[0] == pytest.approx(0.5, abs=0.07) and rates[2] < 0.15
     with pytest.raises(SpeccascadeError, match="needs objective 'relaxed'"):
         train_deferral([str(directory)], tmp_path / "x", objective="gap", alpha_range=(0.0, 1.0), wandb_mode="disabled")
+
+
+def test_hidden_state_head_trains_and_decodes(tmp_path, pair, batch):
+    """A head on both models' last hidden states, from traces logged with --hidden-states both."""
+    log_traces(tmp_path / "traces", models="tiny-random", task="arithmetic", limit=16, mode="reference",
+               topk=0, hidden_states="both")
+    head = train_deferral([str(tmp_path / "traces")], tmp_path / "head", head="hidden-mlp", epochs=2, wandb_mode="disabled")
+    assert len(head.mean) == len(F.POSITION_FEATURES) + 2 * 64  # scalar features + two 64-wide hidden states
+    rule = rules.Learned.from_pretrained(tmp_path / "head")
+    assert rule.needs_hidden
+    ids, mask = batch
+    out = SpeculativeCascade(pair, rule, block_size=3, temperature=0).generate(ids, mask, max_new_tokens=8)
+    assert out.stats.new_tokens == 8 * len(ids)
+    forced = rules.Learned.from_pretrained(tmp_path / "head", threshold=rules.Learned.EXACT)
+    exact = SpeculativeCascade(pair, forced, block_size=3).generate(ids, mask, max_new_tokens=8)
+    target = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3).generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(exact.sequences, target.sequences)
