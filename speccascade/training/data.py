@@ -105,8 +105,14 @@ class TraceDataModule(pl.LightningDataModule):
         self.val_rows = self.val_all.select_columns(needed)
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
             raise SpeccascadeError(f"the split by example left an empty {'train' if len(self.train_rows) == 0 else 'validation'} set; log more examples")
-        x = input_matrix(self.train_rows.select_columns(hp.features).with_format("numpy")[:], hp.features).astype(np.float64)
-        self.mean, self.std = x.mean(0).tolist(), (x.std(0) + 1e-6).tolist()
+        total = total_sq = None  # input statistics streamed over the memory-mapped rows
+        for chunk in self.train_rows.select_columns(hp.features).with_format("numpy").iter(batch_size=65536):
+            x = input_matrix(chunk, hp.features).astype(np.float64)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            total_sq = (x**2).sum(0) if total_sq is None else total_sq + (x**2).sum(0)
+        mean = total / len(self.train_rows)
+        self.mean = mean.tolist()
+        self.std = (np.sqrt(np.maximum(total_sq / len(self.train_rows) - mean**2, 0.0)) + 1e-6).tolist()
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Batches(self.train_rows, self.hparams.features, self.labels), batch_size=self.hparams.batch_size,
