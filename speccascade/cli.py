@@ -15,9 +15,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from .data.log_traces import log_traces
 from .errors import SpeccascadeError
 from .evaluation.demo import demo
+from .evaluation.evaluate import evaluate
 from .training.train import train_deferral
 
-COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "demo": demo}
+COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate, "demo": demo}
 
 
 def build_parser() -> ArgumentParser:

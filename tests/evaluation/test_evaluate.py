@@ -1,0 +1,79 @@
+"""``speccascade evaluate`` on tiny-random; Pareto fronts and summaries on hand-made points; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speccascade.cli import main
+from speccascade.data.log_traces import log_traces
+from speccascade.errors import SpeccascadeError
+from speccascade.evaluation.evaluate import evaluate
+from speccascade.evaluation.summary import pareto_front, summary
+from speccascade.training import train_deferral
+
+GAMMA = 3
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-head")
+    log_traces(root / "traces", models="tiny-random", task="arithmetic", limit=16, mode="reference", topk=0)
+    train_deferral([str(root / "traces")], root / "head", epochs=2, wandb_mode="disabled")
+    return root / "head"
+
+
+def test_evaluate_end_to_end(tmp_path, head):
+    out = tmp_path / "eval"
+    result = evaluate(out, models="tiny-random", limit=6, rules=f"always,never,opt:0.5,chow,learned:{head}",
+                      block_size=GAMMA, max_new_tokens=12, batch_size=4)
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "quality_vs_cost.png", "report.md"}
+    points = {p["label"]: p for p in result["points"]}
+    assert points["speculative decoding"]["deferral_rate"] == 1.0
+    assert points["never"]["deferral_rate"] == 0.0
+    assert points["speculative decoding"]["quality"] == points["target only"]["quality"]
+    cascades = [p for p in result["points"] if p["rule"] not in ("target",)]
+    assert all(1.0 <= p["tokens_per_target_call"] <= GAMMA + 1 for p in cascades)
+    assert len([p for p in result["points"] if p["rule"] == "chow"]) == 4  # the default grid
+    assert len([p for p in result["points"] if p["rule"] == "learned"]) == 4  # the head's operating points
+    learned_rates = [p["deferral_rate"] for p in result["points"] if p["rule"] == "learned"]
+    assert learned_rates == sorted(learned_rates)  # lower thresholds defer more
+    assert json.loads((out / "results.json").read_text())["target_quality"] == result["target_quality"]
+    assert "| speculative decoding |" in (out / "report.md").read_text()
+
+
+def test_pareto_front_and_summary_on_hand_made_points():
+    points = [
+        {"label": "a", "quality": 0.5, "relative_latency": 0.4},
+        {"label": "b", "quality": 0.7, "relative_latency": 0.6},
+        {"label": "c", "quality": 0.6, "relative_latency": 0.8},  # dominated by b
+        {"label": "d", "quality": 0.9, "relative_latency": 1.3},
+    ]
+    assert [p["label"] for p in pareto_front(points)] == ["a", "b", "d"]
+    assert summary(points, target_quality=0.7) == {"lowest_latency_at_target_quality": 0.6, "best_quality_within_target_latency": 0.7}
+    assert summary(points, target_quality=0.95)["lowest_latency_at_target_quality"] is None
+
+
+def test_bad_input(tmp_path, head, capsys):
+    with pytest.raises(SpeccascadeError, match="unknown rule 'nope'"):
+        evaluate(tmp_path / "a", models="tiny-random", limit=2, rules="nope")
+    with pytest.raises(SpeccascadeError, match="is not a deferral head"):
+        evaluate(tmp_path / "b", models="tiny-random", limit=2, rules=f"learned:{tmp_path}")
+    with pytest.raises(SpeccascadeError, match="has no examples"):
+        evaluate(tmp_path / "c", models="tiny-random", task="gsm8k", data_file=str(_empty(tmp_path)), rules="always")
+    config = json.loads((head / "config.json").read_text())
+    config["provenance"]["traces"][0]["target"] = "some/other-model"
+    other = tmp_path / "other-head"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config))
+    (other / "model.safetensors").write_bytes((head / "model.safetensors").read_bytes())
+    evaluate(tmp_path / "d", models="tiny-random", limit=2, rules=f"learned:{other}@0.5", max_new_tokens=4)
+    assert "was trained on traces of" in capsys.readouterr().err  # warned, not refused
+    assert main(["evaluate", "--models", "tiny-random", "--rules", "bogus", "--out", str(tmp_path / "e")]) == 2
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    return path
