@@ -15,6 +15,7 @@ from ..data.tasks import Example, get_task
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade, load_pair
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..tracking import resolve_wandb_mode
 from .summary import pareto_front, summary
 
 # a few knob values per rule: each point is a full decode of the split
@@ -112,6 +113,8 @@ def evaluate(
     few_shot: int = 0,
     batch_size: int = 8,
     seed: int = 0,
+    wandb_mode: str | None = None,
+    wandb_project: str = "speccascade",
 ) -> dict:
     """Decode a task's evaluation split under every rule and knob; compare quality against cost.
 
@@ -133,7 +136,10 @@ def evaluate(
         few_shot: solved examples put in each prompt (tasks that support it).
         batch_size: examples decoded together.
         seed: sampling seed (example i uses seed + i).
+        wandb_mode: offline, online or disabled (default: online only where credentials exist).
+        wandb_project: W&B project name.
     """
+    wandb_mode = resolve_wandb_mode(wandb_mode)
     examples = get_task(task).examples(split, limit=limit, data_file=data_file, seed=seed, few_shot=few_shot)
     the_task = get_task(task)
     pair = load_pair(models if not (drafter or target) else None, drafter=drafter, target=target)
@@ -165,7 +171,27 @@ def evaluate(
         "wall_s": time.perf_counter() - started,
     }
     write_outputs(Path(out), result)
+    if wandb_mode != "disabled":
+        log_to_wandb(result, Path(out), wandb_mode, wandb_project)
     return result
+
+
+def log_to_wandb(result: dict, out: Path, mode: str, project: str) -> None:
+    """One run per evaluation: every (rule, knob) point as a table, and quality-cost line charts."""
+    import wandb
+
+    run = wandb.init(project=project, mode=mode, dir=str(out), job_type="evaluate", config=result["settings"])
+    fields = ["rule", "label", "knob", "quality", "deferral_rate", "tokens_per_target_call", "relative_latency", "wall_s"]
+    run.log({"points": wandb.Table(columns=fields, data=[[p[f] for f in fields] for p in result["points"]])})
+    rules_seen = [r for r in dict.fromkeys(p["rule"] for p in result["points"])]
+    for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
+        pts = {r: sorted((p[cost], p["quality"]) for p in result["points"] if p["rule"] == r) for r in rules_seen}
+        run.log({f"quality_vs_{cost}": wandb.plot.line_series(
+            xs=[[x for x, _ in pts[r]] for r in rules_seen], ys=[[y for _, y in pts[r]] for r in rules_seen],
+            keys=rules_seen, title=f"quality vs {cost.replace('_', ' ')}", xname=cost)})
+    run.summary.update({"target_quality": result["target_quality"]})
+    run.log({"quality_vs_cost": wandb.Image(str(out / "quality_vs_cost.png"))})
+    run.finish()
 
 
 def write_outputs(out: Path, result: dict) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import netrc
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from ..deferral import features as F
 from ..deferral import rules
 from ..deferral.heads import HIDDEN_INPUTS, DeferralHead
 from ..errors import SpeccascadeError
+from ..tracking import resolve_wandb_mode
 from . import calibration as cal
 from . import compare
 from .data import TraceDataModule
@@ -30,18 +29,6 @@ HEADS = {  # head name -> (kind, default features)
     "hidden-mlp": ("mlp", F.POSITION_FEATURES + HIDDEN_INPUTS),
 }
 DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-def default_wandb_mode() -> str:
-    """online only where W&B credentials are configured; nothing waits on the network otherwise."""
-    if os.environ.get("WANDB_MODE") in WANDB_MODES:
-        return os.environ["WANDB_MODE"]
-    try:
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        has_key = bool(os.environ.get("WANDB_API_KEY"))
-    return "online" if has_key else "offline"
 
 
 def train_deferral(
@@ -100,9 +87,7 @@ def train_deferral(
         raise SpeccascadeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if calibration not in cal.METHODS:
         raise SpeccascadeError(f"unknown calibration {calibration!r}; choose one of {', '.join(cal.METHODS)}")
-    wandb_mode = wandb_mode or default_wandb_mode()
-    if wandb_mode not in WANDB_MODES:
-        raise SpeccascadeError(f"wandb_mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
+    wandb_mode = resolve_wandb_mode(wandb_mode)
     kind, default_features = HEADS[head]
     features = list(features or default_features)
     out = Path(out)

@@ -27,7 +27,9 @@ def head(tmp_path_factory):
 def test_evaluate_end_to_end(tmp_path, head):
     out = tmp_path / "eval"
     result = evaluate(out, models="tiny-random", limit=6, rules=f"always,never,opt:0.5,chow,learned:{head}",
-                      block_size=GAMMA, max_new_tokens=12, batch_size=4)
+                      block_size=GAMMA, max_new_tokens=12, batch_size=4, wandb_mode="offline")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(p.name.endswith(".wandb") for p in runs[0].iterdir())
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "quality_vs_cost.png", "report.md"}
     points = {p["label"]: p for p in result["points"]}
     assert points["speculative decoding"]["deferral_rate"] == 1.0
@@ -57,18 +59,18 @@ def test_pareto_front_and_summary_on_hand_made_points():
 
 def test_bad_input(tmp_path, head, capsys):
     with pytest.raises(SpeccascadeError, match="unknown rule 'nope'"):
-        evaluate(tmp_path / "a", models="tiny-random", limit=2, rules="nope")
+        evaluate(tmp_path / "a", models="tiny-random", limit=2, rules="nope", wandb_mode="disabled")
     with pytest.raises(SpeccascadeError, match="is not a deferral head"):
-        evaluate(tmp_path / "b", models="tiny-random", limit=2, rules=f"learned:{tmp_path}")
+        evaluate(tmp_path / "b", models="tiny-random", limit=2, rules=f"learned:{tmp_path}", wandb_mode="disabled")
     with pytest.raises(SpeccascadeError, match="has no examples"):
-        evaluate(tmp_path / "c", models="tiny-random", task="gsm8k", data_file=str(_empty(tmp_path)), rules="always")
+        evaluate(tmp_path / "c", models="tiny-random", task="gsm8k", data_file=str(_empty(tmp_path)), rules="always", wandb_mode="disabled")
     config = json.loads((head / "config.json").read_text())
     config["provenance"]["traces"][0]["target"] = "some/other-model"
     other = tmp_path / "other-head"
     other.mkdir()
     (other / "config.json").write_text(json.dumps(config))
     (other / "model.safetensors").write_bytes((head / "model.safetensors").read_bytes())
-    evaluate(tmp_path / "d", models="tiny-random", limit=2, rules=f"learned:{other}@0.5", max_new_tokens=4)
+    evaluate(tmp_path / "d", models="tiny-random", limit=2, rules=f"learned:{other}@0.5", max_new_tokens=4, wandb_mode="disabled")
     assert "was trained on traces of" in capsys.readouterr().err  # warned, not refused
     assert main(["evaluate", "--models", "tiny-random", "--rules", "bogus", "--out", str(tmp_path / "e")]) == 2
 
