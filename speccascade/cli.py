@@ -16,9 +16,11 @@ from .data.log_traces import log_traces
 from .errors import SpeccascadeError
 from .evaluation.demo import demo
 from .evaluation.evaluate import evaluate
+from .evaluation.operating_point import operating_point
 from .training.train import train_deferral
 
-COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate, "demo": demo}
+COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
+                                  "operating-point": operating_point, "demo": demo}
 
 
 def build_parser() -> ArgumentParser:
