@@ -1,5 +1,7 @@
-"""Rule comparison: run decoders side by side, tabulate and report."""
+"""Rule comparison on real decoding: evaluate, Pareto fronts and summaries, the operating-point picker, the demo."""
 
-from .compare import RunResult, decoders_for, run_all, stats_table
+from .evaluate import evaluate
+from .operating_point import operating_point
+from .summary import pareto_front, summary
 
-__all__ = ["RunResult", "decoders_for", "run_all", "stats_table"]
+__all__ = ["evaluate", "operating_point", "pareto_front", "summary"]

@@ -1,61 +1,101 @@
-"""``speccascade demo``: decode a few prompts with the embedded default pair under several rules."""
+"""``speccascade demo``: the whole pipeline on the embedded default, offline.
+
+Log teacher-forced traces of the SmolLM2 pair on the ``arithmetic`` task's train split, train an
+MLP deferral head on them, then decode a held-out split with the head, every fixed rule and the
+baselines, and print the quality-cost table. Re-running continues from what is already in
+``--out`` (traces resume; the head and evaluation are redone).
+"""
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-from ..decoding import load_pair
-from ..deferral import rules as rules_module
-from .compare import decoders_for, run_all, stats_table
-
-DEMO_PROMPTS = [
-    "What is 12 + 7?",
-    "Tom has 3 apples and buys 5 more. How many apples does he have now?",
-    "Name three primary colors.",
-    "Write one sentence about the sea.",
-]
+from ..data.log_traces import log_traces
+from ..training.train import train_deferral
+from .evaluate import evaluate
 
 
 def demo(
+    out: Path = Path("runs/demo"),
     models: str = "smollm2-135m",
-    rules: str = "always,opt:0.3,tokenv3:0.5,chow:0.4",
-    prompts: list[str] | None = None,
-    max_new_tokens: int = 48,
+    task: str = "arithmetic",
+    train_examples: int = 256,
+    eval_examples: int = 16,
+    rules: str = "always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
     block_size: int = 5,
     temperature: float = 0.0,
+    max_new_tokens: int = 48,
+    epochs: int = 30,
     seed: int = 0,
-    out: Path | None = None,
+    wandb_mode: str | None = None,
 ) -> dict:
-    """Decode a few prompts with a model pair under several deferral rules and print the statistics.
+    """Log traces, train a deferral head and compare it with every fixed rule, end to end.
 
     Args:
+        out: output directory (traces/, head/, eval/).
         models: model-pair preset (smollm2-135m is embedded: no network needed).
-        rules: comma-separated deferral rules, each name or name:value (always = exact speculative decoding).
-        prompts: the prompts; a few arithmetic and chat prompts by default.
-        max_new_tokens: new tokens per prompt.
+        task: task name (arithmetic is generated: no data needed).
+        train_examples: training examples whose traces are logged (train split).
+        eval_examples: held-out examples decoded per rule and knob (test split).
+        rules: rules compared with the learned head (each name:value is one decode of the split).
         block_size: drafts per block (gamma).
-        temperature: sampling temperature (0 = greedy).
-        seed: random seed of the first prompt (the next prompts take seed + 1, ...).
-        out: directory for demo.json (statistics and texts); nothing is written without it.
+        temperature: sampling temperature of the evaluation (0 = greedy).
+        max_new_tokens: new tokens per evaluated example.
+        epochs: training epochs of the head.
+        seed: seed of data, training and sampling.
+        wandb_mode: offline, online or disabled (default: online only where credentials exist).
     """
     console = Console(width=max(Console().width, 110))
-    rule_list = [rules_module.parse(spec) for spec in rules.split(",") if spec.strip()]
-    with console.status(f"loading model pair {models}"):
-        pair = load_pair(models)
-    console.print(f"drafter: {pair.drafter_id}\ntarget:  {pair.target_id}")
-    ids, mask = pair.encode(prompts or DEMO_PROMPTS)
-    results = run_all(pair, decoders_for(pair, rule_list, block_size, temperature), ids, mask, max_new_tokens, seed)
-    console.print(stats_table(results))
-    console.print(f"\n[bold]{(prompts or DEMO_PROMPTS)[0]}[/bold]")
-    for r in results:
-        console.print(f"  [cyan]{r.name}[/cyan]: {r.texts[0].strip()[:160]!r}")
-    report = {"models": models, "block_size": block_size, "temperature": temperature,
-              "results": [r.as_dict() for r in results]}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "demo.json").write_text(json.dumps(report, indent=2))
-        console.print(f"\nwrote {out / 'demo.json'}")
-    return report
+    out = Path(out)
+    started = time.perf_counter()
+    console.rule(f"1/3 log-traces: {models} on {task} (train, {train_examples} examples, teacher-forced)")
+    log_traces(out / "traces", models=models, task=task, split="train", limit=train_examples, mode="reference",
+               block_size=block_size, seed=seed, resume=True)
+    console.rule("2/3 train-deferral: MLP head, cost-sensitive classification, Platt calibration")
+    head = train_deferral([str(out / "traces")], out / "head", head="mlp", epochs=epochs, batch_size=512, seed=seed,
+                          wandb_mode=wandb_mode)
+    console.print(f"validation AUROC {head.metrics['auroc']:.3f}, ECE {head.metrics['ece']:.3f}")
+    console.rule(f"3/3 evaluate: {eval_examples} held-out examples (test) per rule and knob")
+    result = evaluate(out / "eval", models=models, task=task, split="test", limit=eval_examples,
+                      rules=f"{rules},learned:{out / 'head'}", block_size=block_size, temperature=temperature,
+                      max_new_tokens=max_new_tokens, seed=seed, wandb_mode=wandb_mode)
+    result["demo_wall_s"] = time.perf_counter() - started
+    console.print(results_table(result))
+    for line in summary_lines(result):
+        console.print(line)
+    console.print(f"plot: {out / 'eval' / 'quality_vs_cost.png'}   report: {out / 'eval' / 'report.md'}")
+    runs = sorted((out / "eval" / "wandb").glob("*run-*")) if (out / "eval" / "wandb").exists() else []
+    if runs:
+        console.print(f"W&B run: {runs[-1]}  (upload with `wandb sync {runs[-1]}`)")
+    console.print(f"demo finished in {result['demo_wall_s'] / 60:.1f} minutes")
+    return result
+
+
+def results_table(result: dict) -> Table:
+    table = Table(title=f"quality ({result['settings']['metric']}) against cost, target quality {result['target_quality']:.3f}")
+    for header in ("decoder", "quality", "deferred", "tokens/call", "latency"):
+        table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
+    for p in result["points"]:
+        table.add_row(p["label"], f"{p['quality']:.3f}", f"{p['deferral_rate']:.2f}", f"{p['tokens_per_target_call']:.2f}",
+                      f"{p['relative_latency']:.2f}x")
+    return table
+
+
+def summary_lines(result: dict) -> list[str]:
+    """Per rule: the deferral rate it needs to reach the target's quality, or the best quality it reaches."""
+    lines = []
+    target = result["target_quality"]
+    for rule in dict.fromkeys(p["rule"] for p in result["points"]):
+        if rule == "target":
+            continue
+        pts = [p for p in result["points"] if p["rule"] == rule]
+        matching = [p["deferral_rate"] for p in pts if p["quality"] >= target - 1e-9]
+        if matching:
+            lines.append(f"{rule}: reaches the target's quality deferring {min(matching):.2f} of drafts")
+        else:
+            lines.append(f"{rule}: best quality {max(p['quality'] for p in pts):.3f} (target {target:.3f})")
+    return lines

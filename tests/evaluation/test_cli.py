@@ -1,4 +1,4 @@
-"""The command line: the demo runs end to end on tiny-random; bad input is one line and exit 2."""
+"""The command line: the whole demo pipeline on tiny-random; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -7,30 +7,34 @@ import json
 from speccascade.cli import main
 
 
-def test_demo_on_tiny_random_writes_consistent_stats(tmp_path, capsys):
-    code = main(["demo", "--models", "tiny-random", "--rules", "always,never,opt:0.3", "--max-new-tokens", "8",
-                 "--block-size", "3", "--out", str(tmp_path)])
+def test_demo_pipeline_on_tiny_random(tmp_path, capsys):
+    code = main(["demo", "--models", "tiny-random", "--out", str(tmp_path), "--train-examples", "16",
+                 "--eval-examples", "4", "--rules", "always,never,opt:0.3", "--max-new-tokens", "8",
+                 "--block-size", "3", "--epochs", "2", "--wandb-mode", "disabled"])
     assert code == 0
-    report = json.loads((tmp_path / "demo.json").read_text())
-    by_name = {r["name"]: r for r in report["results"]}
-    assert list(by_name) == ["target only", "speculative decoding", "never", "opt:0.3"]
-    assert by_name["speculative decoding"]["texts"] == by_name["target only"]["texts"]
-    assert by_name["never"]["stats"]["deferral_rate"] == 0.0
-    assert by_name["speculative decoding"]["stats"]["deferral_rate"] == 1.0
-    assert "tokens/call" in capsys.readouterr().out
+    assert (tmp_path / "traces" / "manifest.json").exists() and (tmp_path / "head" / "model.safetensors").exists()
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    by_label = {p["label"]: p for p in result["points"]}
+    assert by_label["speculative decoding"]["quality"] == by_label["target only"]["quality"]
+    assert by_label["speculative decoding"]["deferral_rate"] == 1.0 and by_label["never"]["deferral_rate"] == 0.0
+    assert any(p["rule"] == "learned" for p in result["points"])
+    printed = capsys.readouterr().out
+    assert "tokens/call" in printed and "quality_vs_cost.png" in printed
+    # a second run reuses the complete traces instead of refusing the directory
+    assert main(["demo", "--models", "tiny-random", "--out", str(tmp_path), "--train-examples", "16",
+                 "--eval-examples", "2", "--rules", "always", "--max-new-tokens", "4", "--block-size", "3",
+                 "--epochs", "1", "--wandb-mode", "disabled"]) == 0
 
 
 def test_config_file_and_flags(tmp_path):
-    config = tmp_path / "demo.yaml"
-    config.write_text("models: tiny-random\nrules: never\nmax_new_tokens: 4\n")
-    assert main(["demo", "--config", str(config), "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "demo.json").read_text())
-    assert all(r["stats"]["new_tokens"] == 3 * 4 for r in report["results"])  # flag overrides the file
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(f"models: tiny-random\nrules: never\nlimit: 3\nmax_new_tokens: 4\nout: {tmp_path / 'x'}\nwandb_mode: disabled\n")
+    assert main(["evaluate", "--config", str(config), "--max-new-tokens", "2", "--out", str(tmp_path / "y")]) == 0
+    result = json.loads((tmp_path / "y" / "results.json").read_text())
+    assert all(p["new_tokens"] == 3 * 2 for p in result["points"])  # flags override the file
 
 
-def test_bad_input_is_one_line_and_exit_2(capsys):
-    assert main(["demo", "--models", "nope"]) == 2
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["demo", "--models", "nope", "--out", str(tmp_path), "--wandb-mode", "disabled"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown preset 'nope'") and "\n" not in err
-    assert main(["demo", "--models", "tiny-random", "--rules", "always,bogus:1"]) == 2
-    assert "unknown rule 'bogus'" in capsys.readouterr().err
