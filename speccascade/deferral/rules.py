@@ -344,8 +344,11 @@ class Learned(Rule):
     @torch.no_grad()
     def value(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """What the threshold is compared with: the calibrated probability, or predicted gap / D_TV."""
+        some = next(iter(f.values()))
+        if self.head.mean.device != some.device:  # heads load on the CPU; follow the decoder's device
+            self.head.to(some.device)
         if "alpha" in self.head.features:
-            f = {**f, "alpha": torch.tensor(self.alpha, dtype=next(iter(f.values())).dtype)}
+            f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
         score = self.head(self.head.inputs(f))
         if self.head.objective == "gap":
             return score / f["tv"].clamp_min(EPS)
