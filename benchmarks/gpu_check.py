@@ -30,6 +30,25 @@ def agreement_bf16(device: str) -> float:
     return sum(first_diff) / target.numel()  # fraction of tokens before each row's first divergence
 
 
+def learned_on_device(device: str) -> dict[str, bool]:
+    """A position-level and a token-level learned head decode on ``device``; forced to r = 1 they are exact SD."""
+    from speccascade.deferral import features as F
+    from speccascade.deferral.heads import DeferralHead
+
+    pair = tiny_random_pair(seed=0, device=device)
+    ids, mask = pair.encode(["hello world", "a", "the quick brown fox"], chat=False)
+    exact = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4).generate(ids, mask, max_new_tokens=24).sequences
+    checks = {}
+    for name, features in (("position", list(F.POSITION_FEATURES)), ("token", list(F.POSITION_FEATURES + F.TOKEN_FEATURES))):
+        torch.manual_seed(0)
+        head = DeferralHead(features, mean=[0.0] * len(features), std=[1.0] * len(features))
+        out = SpeculativeCascade(pair, rules.Learned(head, 0.5), block_size=4, temperature=1.0).generate(ids, mask, max_new_tokens=24)
+        forced = SpeculativeCascade(pair, rules.Learned(head, rules.Learned.EXACT), block_size=4).generate(ids, mask, max_new_tokens=24)
+        checks[f"{name}_head_decodes"] = out.stats.new_tokens == 3 * 24
+        checks[f"{name}_head_forced_is_exact"] = bool(torch.equal(forced.sequences, exact))
+    return checks
+
+
 def mid_pair(device: str, dtype: torch.dtype, small: bool) -> ModelPair:
     hidden, layers = (64, 4) if small else (2048, 16)
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -69,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "bf16_agreement": agreement_bf16(device)}
+              "bf16_agreement": agreement_bf16(device), "learned": learned_on_device(device)}
     pair = mid_pair(device, torch.bfloat16 if device == "cuda" else torch.float32, args.small)
     report["speed"] = {f"batch {b}": speed(pair, b, 32 if args.small else 128) for b in (1, 8)}
     text = json.dumps(report, indent=2)
