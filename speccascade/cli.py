@@ -6,7 +6,6 @@ Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from typing import Callable
 

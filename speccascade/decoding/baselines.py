@@ -67,7 +67,7 @@ class SequentialCascade(Decoder):
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         active = ~state.done
-        drafter, target = state.caches["drafter"], state.caches["target"]
+        drafter = state.caches["drafter"]
         window = state.window(1)
         logits, _ = drafter.forward(state.pending.unsqueeze(1), state.pos.unsqueeze(1), window)
         q = logits[:, 0].softmax(-1)

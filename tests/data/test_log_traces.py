@@ -16,7 +16,7 @@ from datasets import load_dataset
 
 from speccascade.data import traces
 from speccascade.data.log_traces import log_traces
-from speccascade.data.schema import ORACLE_LABELS, REFERENCE_LABELS
+from speccascade.data.schema import ID_COLUMNS, ON_POLICY_LABELS, ORACLE_LABELS, REFERENCE_LABELS
 from speccascade.deferral import features as F
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
@@ -54,7 +54,7 @@ def test_both_modes_write_readable_shards_with_the_stated_rows(tmp_path, mode):
     assert manifest["feature_spec"]["version"] == F.SPEC_VERSION and manifest["tokenizer"]
     on_disk, rows = read_rows(out)
     assert on_disk == manifest and rows.num_rows == manifest["rows"] > 0
-    assert set(F.ALL_FEATURES) | set(ORACLE_LABELS) <= set(rows.column_names)
+    assert set(ID_COLUMNS) | set(F.ALL_FEATURES) | set(ORACLE_LABELS) <= set(rows.column_names)
     assert len(rows[0]["q_hidden"]) == len(rows[0]["p_hidden"]) == 64 and len(rows[0]["q_topk_ids"]) == 4
     table = rows.with_format("torch")[:]
     assert ((table["soft_accept"] >= 0) & (table["soft_accept"] <= 1)).all()
@@ -64,7 +64,7 @@ def test_both_modes_write_readable_shards_with_the_stated_rows(tmp_path, mode):
         torch.testing.assert_close(table["gap"], table["loss_q"] - table["loss_p"])
         assert (table["draft_token"] == torch.tensor([r for r in table["q_topk_ids"][:, 0].tolist()])).all()
     else:
-        assert {"deferred", "accepted", "examined", "score"} <= set(rows.column_names)
+        assert set(ON_POLICY_LABELS) <= set(rows.column_names)
         assert table["deferred"][table["examined"]].all()  # `always` defers every examined draft
         assert not (table["accepted"] & ~table["examined"]).any()
 
