@@ -9,7 +9,7 @@ import pytest
 from speccascade.cli import build_parser
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-COMMAND = {"traces": "log-traces", "train": "train-deferral", "eval": "evaluate", "configs": "demo"}
+COMMAND = {"traces": "log-traces", "train": "train-deferral", "eval": "evaluate", "bench": "bench", "configs": "demo"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

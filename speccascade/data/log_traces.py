@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade, load_pair
-from ..decoding.base import left_pad
 from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
@@ -195,17 +194,13 @@ class _Logger:
         ref_mask = torch.zeros_like(ref_ids)
         for b, r in enumerate(refs):  # right-aligned, so every row ends at the last column
             ref_ids[b, width - len(r) :], ref_mask[b, width - len(r) :] = torch.tensor(r), 1
-        ids = torch.cat([prompt_ids, ref_ids.to(pair.device)], dim=1)
-        mask = torch.cat([prompt_mask, ref_mask.to(pair.device)], dim=1)
-        ids, mask = left_pad(ids, mask)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        ref_ids, ref_mask = ref_ids.to(pair.device), ref_mask.to(pair.device)
         outputs = {}
         for name, model in (("q", pair.drafter), ("p", pair.target)):
-            result = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=width + 1, output_hidden_states=name in self.hidden)
-            outputs[name] = result.logits[:, :-1, : pair.vocab_size]  # predicts the last `width` tokens
+            logits, hidden, ids = pair.teacher_forced(model, prompt_ids, prompt_mask, ref_ids, ref_mask, name in self.hidden)
+            outputs[name] = logits[:, :-1]  # predicts the last `width` tokens
             if name in self.hidden:
-                outputs[f"{name}_hidden"] = result.hidden_states[-1][:, -width - 1 : -1]
+                outputs[f"{name}_hidden"] = hidden[:, :-1]
         lengths = torch.tensor([len(r) for r in refs], device=pair.device)
         offset = torch.arange(width, device=pair.device) - (width - lengths).unsqueeze(1)  # index within the continuation
         keep = offset >= 0

@@ -4,11 +4,12 @@ from .baselines import Autoregressive, SequentialCascade
 from .base import Decoder, GenerateOutput
 from .cascade import BlockEvent, SpeculativeCascade
 from .pairs import ModelPair, layer_subset
-from .presets import PRESETS, load_pair, tiny_random_pair
+from .presets import PRESETS, load_pair, tiny_random_pair, tiny_random_t5_pair
 from .sampling import Sampler
 from .stats import DecodeStats
 
 __all__ = [
     "PRESETS", "Autoregressive", "BlockEvent", "DecodeStats", "Decoder", "GenerateOutput", "ModelPair",
     "Sampler", "SequentialCascade", "SpeculativeCascade", "layer_subset", "load_pair", "tiny_random_pair",
+    "tiny_random_t5_pair",
 ]

@@ -1,8 +1,10 @@
 """What every decoder shares: prompt checks, the decoding state, emitting tokens, and the loop.
 
 Rows are left-padded and share one slot layout in every KV cache. ``state.mask`` marks which
-slots hold a real token of each row; ``state.pos`` is the position id of each row's *pending*
-token, the last emitted token, which no cache holds yet (the next step feeds it first).
+of ``state.length`` used slots hold a real token of each row; ``state.pos`` is the position id of
+each row's *pending* token, the last emitted token, which no cache holds yet (the next step feeds
+it first). With the static cache ``length`` is a device tensor, so nothing in a step waits for the
+host; with the dynamic one it is an int.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import SpeccascadeError
-from .cache import KVCache
+from .cache import LAYOUTS, KVCache, default_layout
 from .pairs import ModelPair
 from .sampling import RandomStreams, Sampler
 from .stats import Counters, DecodeStats
@@ -39,7 +42,8 @@ class DecodeState:
     """Everything that changes while a batch decodes."""
 
     prompt_ids: torch.Tensor  # [B, L] left-padded
-    mask: torch.Tensor  # [B, S] slots holding a real token, shared by every cache
+    mask: torch.Tensor  # [B, capacity] bool: slots holding a real token, shared by every cache
+    length: int | torch.Tensor  # slots in use (0-dim device tensor with the static cache)
     pos: torch.Tensor  # [B] position id of the pending token
     pending: torch.Tensor  # [B] last emitted token, not yet in any cache
     out: torch.Tensor  # [B, max_new_tokens + block + 1] new tokens
@@ -54,14 +58,59 @@ class DecodeState:
     started: float = field(default_factory=time.perf_counter)
     backlog: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (ids, positions) fed to
     # the drafter but not yet to the target (sequential cascade)
+    tokens: torch.Tensor | None = None  # [B, capacity] the token id in each slot
+    lag: int = 0  # slots at the end that the drafter's cache lacks (it re-feeds them next step)
+    bound: int = 0  # host-side upper bound on ``length``, so overflow is checked without a sync
+    contiguous: bool = False  # compact after every step (models whose attention reads slot distances)
 
     @property
     def rows(self) -> torch.Tensor:
         return torch.arange(self.pending.shape[0], device=self.pending.device)
 
+    @property
+    def static(self) -> bool:
+        return isinstance(self.length, torch.Tensor)
+
     def window(self, n: int) -> torch.Tensor:
-        """Attention mask over every slot plus ``n`` new ones that each row fills."""
-        return torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], n)], dim=1)
+        """Attention mask over the used slots plus ``n`` new ones that each row fills."""
+        slot = torch.arange(self.mask.shape[1], device=self.mask.device)
+        window = self.mask | ((slot >= self.length) & (slot < self.length + n))
+        return window if self.static else window[:, : self.length + n]
+
+    def last_slots(self, n: int) -> torch.Tensor:
+        """Token ids in the last ``n`` used slots, ``[B, n]`` (what a lagging drafter re-feeds)."""
+        index = self.length - n + torch.arange(n, device=self.mask.device)
+        return self.tokens.gather(1, index.expand(self.tokens.shape[0], n))
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more slots, compacting the caches when the buffer would overflow."""
+        if self.bound + n > self.mask.shape[1]:
+            self.compact()
+            if self.bound + n > self.mask.shape[1]:
+                raise SpeccascadeError(f"the KV cache of {self.mask.shape[1]} slots cannot hold {n} more")
+        self.bound += n
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Move each row's real slots together at the right end and drop slots no row uses.
+
+        Exact for models with explicit position ids (attention ignores where a key sits); needed
+        by models whose attention depends on slot distances (T5's relative position bias).
+        """
+        used = int(self.length)
+        order = torch.argsort(self.mask[:, :used].int(), dim=1, stable=True)  # holes first, tokens in order
+        keep = max(int(self.mask[:, :used].sum(1).max()), self.lag)
+        self.bound = keep
+        if keep == used and bool((self.mask[:, 1:used] >= self.mask[:, : used - 1]).all()):
+            return  # every row's tokens already sit together at the right end
+        order = order[:, used - keep :]
+        for name, cache in self.caches.items():
+            lag = self.lag if name == "drafter" else 0
+            cache.compact(order[:, : keep - lag].clamp_max(used - lag - 1))
+        self.mask[:, :keep] = self.mask.gather(1, order)
+        self.mask[:, keep:] = False
+        self.tokens[:, :keep] = self.tokens.gather(1, order)
+        self.length = torch.tensor(keep, device=self.mask.device) if self.static else keep
 
     def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Append the first ``count[b]`` of ``tokens[b]`` to each active row; return how many were kept.
@@ -84,11 +133,16 @@ class DecodeState:
         self.counts.add("new_tokens", count)
         return count
 
-    def advance(self, valid: torch.Tensor, slots: int) -> None:
-        """Record ``slots`` new cache slots, of which each row's first ``valid[b]`` hold its tokens."""
-        new = torch.arange(slots, device=valid.device) < valid.unsqueeze(1)
-        self.mask = torch.cat([self.mask, new.to(self.mask.dtype)], dim=1)
+    def advance(self, ids: torch.Tensor, valid: torch.Tensor, slots: int | torch.Tensor) -> None:
+        """Record ``slots`` new cache slots fed with ``ids``; each row's first ``valid[b]`` hold its tokens."""
+        slot = torch.arange(self.mask.shape[1], device=valid.device)
+        self.mask |= (slot >= self.length) & (slot < self.length + valid.unsqueeze(1))
+        index = self.length + torch.arange(ids.shape[1], device=ids.device)
+        self.tokens.scatter_(1, index.expand_as(ids), ids)
+        self.length = self.length + slots
         self.pos += valid
+        if self.contiguous:
+            self.compact()
 
     def finish(self) -> GenerateOutput:
         wall = time.perf_counter() - self.started
@@ -101,9 +155,15 @@ class DecodeState:
 
 
 class Decoder(ABC):
-    """A decoder over a model pair; subclasses define how one step extends every row."""
+    """A decoder over a model pair; subclasses define how one step extends every row.
+
+    ``cache``: ``"dynamic"`` or ``"static"`` KV caches (default: static on CUDA, where it saves the
+    host syncs, dynamic on the CPU); ``compile``: ``torch.compile`` the models' decode steps
+    (static cache only). Both give the same tokens as the default path.
+    """
 
     block_size: int = 1
+    drafter_lag: int = 0  # slots the drafter's cache may lag behind the target's between steps
 
     def __init__(
         self,
@@ -111,9 +171,17 @@ class Decoder(ABC):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        cache: str | None = None,
+        compile: bool = False,
     ) -> None:
         self.pair = pair
         self.sampler = Sampler(temperature, top_k, top_p)
+        if cache not in (None, *LAYOUTS):
+            raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {cache!r}")
+        self.cache = cache or default_layout(pair.device, [pair.drafter, pair.target])
+        if compile and self.cache != "static":
+            raise SpeccascadeError("compile needs the static cache (cache='static')")
+        self.compile = compile
 
     @property
     @abstractmethod
@@ -132,10 +200,27 @@ class Decoder(ABC):
         max_new_tokens: int = 64,
         seed: int | Sequence[int] = 0,
     ) -> GenerateOutput:
-        """Decode a batch of prompts; see :class:`GenerateOutput`."""
+        """Decode a batch of prompts; see :class:`GenerateOutput`.
+
+        On CUDA the loop reads the all-done flag one step late (copied while the next step runs),
+        so the host never waits for the device; a finished batch runs at most one idle step.
+        """
         state = self.start(input_ids, attention_mask, max_new_tokens, seed)
-        while not bool(state.done.all()):
+        late: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        while True:
             self.step(state)
+            if state.done.device.type != "cuda":
+                if bool(state.done.all()):
+                    break
+                continue
+            if late is not None:
+                late[1].synchronize()
+                if bool(late[0]):
+                    break
+            flag = state.done.all().to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            late = (flag, event)
         return state.finish()
 
     @torch.inference_mode()
@@ -152,17 +237,40 @@ class Decoder(ABC):
         ids, mask = left_pad(input_ids, attention_mask)
         ids, mask = ids.to(device), mask.to(device)
         self._check(ids, mask, max_new_tokens)
-        batch = ids.shape[0]
-        caches = {name: KVCache(model, self.pair.vocab_size) for name, model in self.models.items()}
-        context, context_mask = ids[:, :-1], mask[:, :-1]
+        encoded = {name: None for name in self.models}
+        if self.pair.is_encoder_decoder:  # each model encodes the source once; decoding starts from the start token
+            encoded = {name: (model.get_encoder()(input_ids=ids, attention_mask=mask), mask) for name, model in self.models.items()}
+            ids = torch.full_like(ids[:, :1], self.pair.decoder_start_token_id)
+            mask = torch.ones_like(ids)
+        prompt_ids = ids
+        if self.drafter_lag and ids.shape[1] == 1:  # a lagging drafter re-feeds a slot: give it one
+            ids, mask = F.pad(ids, (1, 0), value=self.pair.pad_token_id), F.pad(mask, (1, 0))
+        batch, width = ids.shape
+        step = self.block_size + 1
+        # compaction (static) reclaims rejected slots; the dynamic buffers hold the worst case
+        capacity = width + (2 * max_new_tokens + 2 * step if self.cache == "static" else step * (max_new_tokens + 1))
+        caches = {
+            name: KVCache(model, self.pair.vocab_size, capacity if self.cache == "static" else None, self.compile,
+                          encoded[name])
+            for name, model in self.models.items()
+        }
+        context, context_mask = ids[:, :-1], mask[:, :-1].bool()
         if context.shape[1] > 0:
             positions = (context_mask.cumsum(1) - 1).clamp_min(0)
             for cache in caches.values():
                 cache.forward(context, positions, context_mask, logits_to_keep=1)
+        lag = self.drafter_lag if "drafter" in caches else 0
+        if lag:
+            caches["drafter"].rollback(lag)
+        slots = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        slots[:, : width - 1] = context_mask
+        tokens = torch.full((batch, capacity), self.pair.pad_token_id, dtype=torch.long, device=device)
+        tokens[:, : width - 1] = context
         length = max_new_tokens + self.block_size + 1
         return DecodeState(
-            prompt_ids=ids,
-            mask=context_mask,
+            prompt_ids=prompt_ids,
+            mask=slots,
+            length=torch.tensor(width - 1, device=device) if self.cache == "static" else width - 1,
             pos=mask.sum(1) - 1,
             pending=ids[:, -1].clone(),
             out=torch.full((batch, length), self.pair.pad_token_id, dtype=torch.long, device=device),
@@ -175,6 +283,10 @@ class Decoder(ABC):
             eos=torch.tensor(self.pair.eos_token_ids, dtype=torch.long, device=device),
             pad_token_id=self.pair.pad_token_id,
             started=started,
+            tokens=tokens,
+            lag=lag,
+            bound=width - 1,
+            contiguous=self.pair.is_encoder_decoder,
         )
 
     def _check(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:

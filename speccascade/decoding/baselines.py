@@ -19,10 +19,11 @@ class Autoregressive(Decoder):
     drafter alone equals the cascade under ``NeverDefer`` token for token.
     """
 
-    def __init__(self, pair: ModelPair, which: str = "target", temperature: float = 0.0, top_k=None, top_p=None) -> None:
+    def __init__(self, pair: ModelPair, which: str = "target", temperature: float = 0.0, top_k=None, top_p=None,
+                 cache: str | None = None, compile: bool = False) -> None:
         if which not in ("target", "drafter"):
             raise SpeccascadeError(f"which must be 'target' or 'drafter', got {which!r}")
-        super().__init__(pair, temperature, top_k, top_p)
+        super().__init__(pair, temperature, top_k, top_p, cache, compile)
         self.which = which
 
     @property
@@ -32,6 +33,7 @@ class Autoregressive(Decoder):
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         active = ~state.done
+        state.reserve(1)
         logits, _ = state.caches[self.which].forward(
             state.pending.unsqueeze(1), state.pos.unsqueeze(1), state.window(1)
         )
@@ -39,7 +41,7 @@ class Autoregressive(Decoder):
         state.counts.add(f"{self.which}_calls", active.long())
         setattr(state.counts, f"{self.which}_forwards", getattr(state.counts, f"{self.which}_forwards") + 1)
         state.emit(token.unsqueeze(1), torch.ones_like(token))
-        state.advance(active.long(), 1)
+        state.advance(state.pending.unsqueeze(1), active.long(), 1)
         state.pending = torch.where(active, token, state.pending)
 
 
@@ -51,8 +53,9 @@ class SequentialCascade(Decoder):
     drafter-only learned heads).
     """
 
-    def __init__(self, pair: ModelPair, rule: Rule, temperature: float = 0.0, top_k=None, top_p=None) -> None:
-        super().__init__(pair, temperature, top_k, top_p)
+    def __init__(self, pair: ModelPair, rule: Rule, temperature: float = 0.0, top_k=None, top_p=None,
+                 cache: str | None = None, compile: bool = False) -> None:
+        super().__init__(pair, temperature, top_k, top_p, cache, compile)
         if rule.needs_target or rule.granularity != "position" or rule.needs_hidden:
             raise SpeccascadeError(
                 f"rule {rule.name!r} needs the target's distribution; the sequential cascade runs only "
@@ -67,6 +70,7 @@ class SequentialCascade(Decoder):
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         active = ~state.done
+        state.reserve(1)
         drafter = state.caches["drafter"]
         window = state.window(1)
         logits, _ = drafter.forward(state.pending.unsqueeze(1), state.pos.unsqueeze(1), window)
@@ -85,7 +89,7 @@ class SequentialCascade(Decoder):
             state.backlog.append((state.pending, state.pos.clone()))
         token = sample(dist, state.streams.draft[state.rows, state.n_out])
         state.emit(token.unsqueeze(1), torch.ones_like(token))
-        state.advance(active.long(), 1)
+        state.advance(state.pending.unsqueeze(1), active.long(), 1)
         state.pending = torch.where(active, token, state.pending)
 
     def _catch_up(self, state: DecodeState, window: torch.Tensor) -> torch.Tensor:

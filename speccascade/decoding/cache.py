@@ -1,10 +1,20 @@
-"""One model's KV cache behind a small adapter: forward over new tokens, roll back by count.
+"""One model's KV cache behind a small adapter: forward over new tokens, roll back by count, compact.
 
-The cache is transformers' ``DynamicCache``. Its ``crop`` takes a negative count in transformers
-5.x (an absolute length in 4.x); the supported range is pinned in pyproject.toml and this module
-is the only place that calls it. Batched rows share one slot layout: a slot that holds no token
-of a row (left padding, or a draft the row rejected) is masked out by the decoder's 2D attention
-mask, never zero-filled, and every row carries its own position ids.
+Two layouts, the same results:
+
+- ``dynamic`` (transformers' ``DynamicCache``): grows by concatenation; rolling back crops it, which
+  needs the count on the host. Its ``crop`` takes a negative count in transformers 5.x (an
+  absolute length in 4.x); the supported range is pinned in pyproject.toml and this module is the
+  only place that calls it.
+- ``static`` (``StaticCache``): preallocated, written at positions, as gpt-fast does. Rolling back
+  only lowers each layer's fill counter, on the device, so the decoder never waits for the host;
+  every shape stays fixed, which is what ``torch.compile`` with CUDA graphs needs.
+
+Batched rows share one slot layout: a slot that holds no token of a row (left padding, or a draft
+the row rejected) is masked out by the decoder's 2D attention mask, never zero-filled, and every
+row carries its own position ids. ``compact`` moves each row's real slots together at the right
+end, for models whose attention depends on slot distances (T5's relative bias) and to reuse a
+static cache's space.
 """
 
 from __future__ import annotations
@@ -12,23 +22,51 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, StaticCache
+
+from ..errors import SpeccascadeError
+
+LAYOUTS = ("dynamic", "static")
 
 
 class KVCache:
-    """A growing KV cache for ``model`` with positional rollback."""
+    """A KV cache for ``model`` with positional rollback (``capacity`` slots when static)."""
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        vocab_size: int | None = None,
+        capacity: int | None = None,
+        compile: bool = False,
+        encoded: tuple[object, torch.Tensor] | None = None,
+    ) -> None:
         self.model = model
+        self.encoded = encoded  # (encoder outputs, source mask) of an encoder-decoder model
         self.vocab_size = vocab_size  # logits are cut to the pair's shared vocabulary
-        self.cache = DynamicCache(config=model.config)
+        self.static = capacity is not None
+        if self.static and not supports_static(model):
+            raise SpeccascadeError(
+                f"{type(model).__name__} uses sliding-window attention, which the static cache cannot roll "
+                "back; use cache='dynamic'"
+            )
+        if compile and not self.static:
+            raise SpeccascadeError("compile needs the static cache (cache='static')")
+        config = model.config
+        if encoded is not None:
+            if self.static:
+                raise SpeccascadeError("encoder-decoder models run with the dynamic cache (cache='dynamic')")
+            self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        else:
+            self.cache = StaticCache(config=config, max_cache_len=capacity) if self.static else DynamicCache(config=config)
         params = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # decode steps (a few tokens, fixed shapes) run compiled; the prefill runs eagerly
+        self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
 
     def __len__(self) -> int:
-        """Number of slots held (the same for every layer)."""
-        return self.cache.get_seq_length()
+        """Number of slots held (the same for every layer); a host sync for the static cache."""
+        return int(self.cache.get_seq_length())
 
     @torch.inference_mode()
     def forward(
@@ -41,23 +79,73 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append ``input_ids`` ``[B, n]``; return float32 logits ``[B, n, V]`` (and last hidden states).
 
-        ``attention_mask`` ``[B, len(self) + n]`` covers every slot, old and new;
-        ``logits_to_keep`` > 0 computes logits for that many last positions only.
+        ``attention_mask`` covers every slot, old and new: ``[B, len(self) + n]`` for the dynamic
+        cache, ``[B, capacity]`` for the static one. ``logits_to_keep`` > 0 computes logits for that
+        many last positions only.
         """
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            output_hidden_states=hidden_states,
-            logits_to_keep=logits_to_keep,
-            **{self._cache_arg: self.cache},
-        )
-        hidden = out.hidden_states[-1] if hidden_states else None
-        logits = out.logits if self.vocab_size is None else out.logits[..., : self.vocab_size]
+        if self.encoded is not None:  # positions are slot distances (T5): the decoder keeps slots contiguous
+            encoder_outputs, source_mask = self.encoded
+            out = self.model(
+                encoder_outputs=encoder_outputs, attention_mask=source_mask, decoder_input_ids=input_ids,
+                decoder_attention_mask=attention_mask, use_cache=True, output_hidden_states=hidden_states,
+                **{self._cache_arg: self.cache},
+            )
+            hidden = out.decoder_hidden_states[-1] if hidden_states else None
+        else:
+            prefill = logits_to_keep > 0
+            out = (self.model if prefill else self._step)(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=True,
+                output_hidden_states=hidden_states,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_arg: self.cache},
+            )
+            hidden = out.hidden_states[-1] if hidden_states else None
+        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        logits = logits if self.vocab_size is None else logits[..., : self.vocab_size]
         return logits.float(), hidden
 
-    def rollback(self, n: int) -> None:
-        """Drop the newest ``n`` slots."""
+    @torch.inference_mode()
+    def rollback(self, n: int | torch.Tensor) -> None:
+        """Drop the newest ``n`` slots (a 0-dim tensor stays on the device for the static cache)."""
+        if self.static:
+            for layer in self.cache.layers:
+                layer.cumulative_length.sub_(n)
+            return
+        n = int(n)
         if n > 0:
             self.cache.crop(-n)
+
+    @torch.inference_mode()
+    def compact(self, order: torch.Tensor) -> None:
+        """Keep, for each row ``b``, the slots ``order[b]`` (``[B, L]``) in that order: the cache becomes ``L`` long."""
+        length = order.shape[1]
+        layers = self.cache.self_attention_cache.layers if self.encoded is not None else self.cache.layers
+        for layer in layers:
+            if not layer.is_initialized:
+                continue
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                index = order[:, None, :, None].expand(old.shape[0], old.shape[1], length, old.shape[3])
+                moved = old.gather(2, index)
+                if self.static:
+                    old[:, :, :length].copy_(moved)  # in place: the static address stays
+                else:
+                    setattr(layer, name, moved)
+            if self.static:
+                layer.cumulative_length.fill_(length)
+
+
+def supports_static(model: PreTrainedModel) -> bool:
+    """The static cache rolls back full-attention layers only."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    return "sliding_attention" not in layer_types and not getattr(config, "sliding_window", None)
+
+
+def default_layout(device: torch.device, models: list[PreTrainedModel]) -> str:
+    """Static on CUDA where every model supports it (no host syncs), dynamic otherwise."""
+    static = all(supports_static(m) and not m.config.is_encoder_decoder for m in models)
+    return "static" if device.type == "cuda" and static else "dynamic"

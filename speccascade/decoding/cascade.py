@@ -6,6 +6,11 @@ drafts left to right with probability ``min(1, pi(x) / q~(x))``, draw the token 
 accepted draft from the residual ``norm(max(0, pi - q~))`` (or, when all were accepted, the bonus
 from ``pi_{gamma+1}``), and ``rollback`` both caches to the emitted prefix.
 
+When the bonus token never reads ``q_{gamma+1}`` (exact speculative decoding, lossy SD) and no
+hook asks for it, the drafter skips that step: its cache then lags the target's by one slot, which
+it re-feeds together with the pending token in its next block's first forward (gamma drafter
+forwards per block instead of gamma + 1, as transformers' assisted generation does).
+
 With :class:`~speccascade.deferral.rules.AlwaysDefer` this is exact speculative decoding; with
 :class:`~speccascade.deferral.rules.NeverDefer` it is the drafter's own decoding.
 """
@@ -75,8 +80,10 @@ class SpeculativeCascade(Decoder):
         top_p: float | None = None,
         hook: Hook | None = None,
         hook_hidden_states: bool = False,
+        cache: str | None = None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(pair, temperature, top_k, top_p)
+        super().__init__(pair, temperature, top_k, top_p, cache, compile)
         if block_size < 1:
             raise SpeccascadeError(f"block_size (gamma) must be >= 1, got {block_size}")
         self.rule = rule if rule is not None else AlwaysDefer()
@@ -89,6 +96,11 @@ class SpeculativeCascade(Decoder):
         return {"drafter": self.pair.drafter, "target": self.pair.target}
 
     @property
+    def drafter_lag(self) -> int:
+        """1 when nothing reads ``q_{gamma+1}``: the drafter then skips its last step of each block."""
+        return int(not self.rule.needs_bonus_drafter and self.hook is None)
+
+    @property
     def wants_hidden(self) -> bool:
         """Hidden states are computed only when the hook or the rule reads them."""
         return self.hook_hidden_states or self.rule.needs_hidden
@@ -98,6 +110,7 @@ class SpeculativeCascade(Decoder):
         """One block: draft, verify, accept, emit, rollback."""
         gamma = self.block_size
         active = ~state.done
+        state.reserve(gamma + 1)
         drafts, q = self.draft(state)
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / gamma).clamp_max(1.0)
@@ -115,25 +128,32 @@ class SpeculativeCascade(Decoder):
                            state.n_out.clone(), active, q.hidden, p.hidden)
             )
         state.emit(tokens, n + 1)
-        self.rollback(state, torch.where(active, n + 1, 0), next_token)
+        self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token)
 
     def draft(self, state: DecodeState) -> tuple[torch.Tensor, Dists]:
-        """gamma drafts from ``q~``, and the drafter's distributions at gamma + 1 positions."""
-        gamma, drafter = self.block_size, state.caches["drafter"]
+        """gamma drafts from ``q~``, and the drafter's distributions at gamma + 1 positions.
+
+        A lagging drafter feeds its missing slot with the pending token first and stops after
+        gamma steps; its bonus-position distribution is then a copy of ``q_gamma``, which nothing reads.
+        """
+        gamma, drafter, lag = self.block_size, state.caches["drafter"], state.lag
         window = state.window(gamma + 1)
-        slots = state.mask.shape[1]
-        x, drafts, probs, sampled, hidden = state.pending, [], [], [], []
-        for i in range(gamma + 1):
-            logits, h = drafter.forward(
-                x.unsqueeze(1), (state.pos + i).unsqueeze(1), window[:, : slots + i + 1], self.wants_hidden
-            )
-            q = logits[:, 0].softmax(-1)
-            q_s = self.sampler(logits[:, 0], q)
-            probs.append(q), sampled.append(q_s), hidden.append(h)
+        x = torch.cat([state.last_slots(lag), state.pending.unsqueeze(1)], dim=1)
+        positions = (state.pos.unsqueeze(1) + torch.arange(-lag, 1, device=x.device)).clamp_min(0)
+        drafts, probs, sampled, hidden = [], [], [], []
+        for i in range(gamma + 1 - lag):
+            mask = window if state.static else window[:, : state.length + i + 1]
+            logits, h = drafter.forward(x, positions, mask, self.wants_hidden)
+            q = logits[:, -1].softmax(-1)
+            q_s = self.sampler(logits[:, -1], q)
+            probs.append(q), sampled.append(q_s), hidden.append(h[:, -1:] if h is not None else None)
             if i < gamma:
-                x = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
-                drafts.append(x)
-        state.counts.drafter_forwards += gamma + 1
+                token = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
+                drafts.append(token)
+                x, positions = token.unsqueeze(1), (state.pos + i + 1).unsqueeze(1)
+        state.counts.drafter_forwards += gamma + 1 - lag
+        if lag:
+            probs.append(probs[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         return torch.stack(drafts, 1), Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden)
 
@@ -178,7 +198,7 @@ class SpeculativeCascade(Decoder):
         offsets = torch.arange(gamma, device=n.device)
         examined = offsets <= n.unsqueeze(1)  # accepted drafts and the first rejected one
         counts.add("target_calls", a)
-        counts.add("drafter_calls", a * (gamma + 1))
+        counts.add("drafter_calls", a * (gamma + 1 - state.lag))
         counts.add("drafted", a * gamma)
         counts.add("accepted", a * n)
         counts.add("decided", a * examined.sum(1))
@@ -187,10 +207,13 @@ class SpeculativeCascade(Decoder):
         counts.reached_at += a.unsqueeze(1) * examined
         counts.accepted_at += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
 
-    def rollback(self, state: DecodeState, valid: torch.Tensor, next_token: torch.Tensor) -> None:
-        """Keep each row's pending token and accepted drafts in both caches; mask the rest out."""
-        kept = int(valid.max())
+    def rollback(self, state: DecodeState, drafts: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor) -> None:
+        """Keep each row's pending token and accepted drafts in both caches; mask the rest out.
+
+        Both caches drop the same count (a lagging drafter holds one slot less before and after).
+        """
+        kept = valid.max() if state.static else int(valid.max())
         for cache in state.caches.values():
             cache.rollback(self.block_size + 1 - kept)
-        state.advance(valid, kept)
+        state.advance(torch.cat([state.pending.unsqueeze(1), drafts], dim=1), valid, kept)
         state.pending = torch.where(valid > 0, next_token, state.pending)

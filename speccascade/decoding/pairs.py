@@ -31,9 +31,27 @@ class ModelPair:
     vocab_size: int = field(init=False)
 
     def __post_init__(self) -> None:
+        kinds = {m.config.is_encoder_decoder for m in (self.drafter, self.target)}
+        if len(kinds) > 1:
+            which = lambda m: "encoder-decoder" if m.config.is_encoder_decoder else "decoder-only"  # noqa: E731
+            raise SpeccascadeError(
+                f"a pair must be both decoder-only or both encoder-decoder: drafter {self.drafter_id!r} is "
+                f"{which(self.drafter)}, target {self.target_id!r} is {which(self.target)}"
+            )
         self.vocab_size = check_vocabularies(self)
         self.drafter.eval()
         self.target.eval()
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """T5-style pairs: each model encodes the source; decoding starts from the decoder start token."""
+        return bool(self.target.config.is_encoder_decoder)
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        value = self.target.generation_config.decoder_start_token_id
+        value = self.target.config.decoder_start_token_id if value is None else value
+        return self.pad_token_id if value is None else int(value)
 
     @property
     def device(self) -> torch.device:
@@ -57,6 +75,8 @@ class ModelPair:
 
     @property
     def context_length(self) -> int | None:
+        if self.is_encoder_decoder:
+            return None  # relative positions: no fixed limit on the decoded length
         lengths = [getattr(m.config, "max_position_embeddings", None) for m in (self.drafter, self.target)]
         lengths = [n for n in lengths if n]
         return min(lengths) if lengths else None
@@ -85,6 +105,35 @@ class ModelPair:
         tok.padding_side = "left"
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def teacher_forced(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cont_ids: torch.Tensor,
+        cont_mask: torch.Tensor, hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One forward of ``model`` over prompts and right-aligned continuations ``[B, W]``.
+
+        Returns logits ``[B, W + 1, V]`` at the last W + 1 decoder positions (position i predicts
+        continuation token i), their last hidden states, and the left-padded decoder ids. A
+        decoder-only model reads prompt + continuation; an encoder-decoder model encodes the
+        prompt and reads the decoder start token + continuation.
+        """
+        from .base import left_pad  # noqa: PLC0415 (base imports this module)
+
+        width = cont_ids.shape[1]
+        if self.is_encoder_decoder:
+            start = torch.full_like(cont_ids[:, :1], self.decoder_start_token_id)
+            ids, mask = left_pad(torch.cat([start, cont_ids], 1), torch.cat([torch.ones_like(start), cont_mask], 1))
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, decoder_input_ids=ids,
+                        decoder_attention_mask=mask, output_hidden_states=hidden)
+            states = out.decoder_hidden_states[-1] if hidden else None
+        else:
+            ids, mask = left_pad(torch.cat([prompt_ids, cont_ids], 1), torch.cat([prompt_mask, cont_mask], 1))
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1,
+                        output_hidden_states=hidden)
+            states = out.hidden_states[-1] if hidden else None
+        logits = out.logits[:, -width - 1 :, : self.vocab_size]
+        return logits, None if states is None else states[:, -width - 1 :], ids
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Decode rows of token ids, dropping special tokens."""

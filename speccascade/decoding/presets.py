@@ -2,7 +2,8 @@
 
 A preset names where the target comes from (a GGUF file shipped by a PyPI package, or a hub
 id / local path), and where the drafter comes from (its own hub id, or a subset of the target's
-layers). ``tiny-random`` builds a random Llama-style pair from configs: no files, no network.
+layers). ``tiny-random`` builds a random Llama-style pair from configs, ``tiny-random-t5`` a random
+T5 (encoder-decoder) pair: no files, no network.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from ..errors import SpeccascadeError
 from .pairs import ModelPair, check_same_tokenizer, layer_subset
@@ -41,6 +52,9 @@ class PairSpec:
 
 PRESETS: dict[str, PairSpec] = {
     "tiny-random": PairSpec(target="tiny-random"),
+    "tiny-random-t5": PairSpec(target="tiny-random-t5"),
+    "t5-small-large": PairSpec(target="google-t5/t5-large", drafter="google-t5/t5-small"),
+    "flan-t5-small-large": PairSpec(target="google/flan-t5-large", drafter="google/flan-t5-small"),
     "smollm2-135m": PairSpec(
         target="HuggingFaceTB/SmolLM2-135M-Instruct",
         drafter_layers=tuple(range(12)) + tuple(range(18, 30)),
@@ -109,6 +123,8 @@ def load_pair(
 
     if spec.target == "tiny-random":
         return tiny_random_pair(seed=seed, device=device, dtype=dtype)
+    if spec.target == "tiny-random-t5":
+        return tiny_random_t5_pair(seed=seed, device=device, dtype=dtype)
     target_model, tokenizer, target_id = _load_target(spec, device, dtype, trust_remote_code)
     if spec.drafter is None:
         if spec.drafter_layers is None:
@@ -146,7 +162,9 @@ def _load_target(spec: PairSpec, device, dtype, trust_remote_code: bool):
 def _from_pretrained(source: str, kwargs: dict, device, dtype, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SpeccascadeError(f"cannot load model {source!r}: {reason}") from err
@@ -248,3 +266,27 @@ def tiny_random_pair(
         target.generation_config.eos_token_id = None
     drafter = layer_subset(target, [0])
     return ModelPair(drafter, target, tokenizer, "tiny-random", "tiny-random/layer-0", "tiny-random/2-layer")
+
+
+def tiny_random_t5_pair(
+    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, vocab_size: int | None = None
+) -> ModelPair:
+    """The ``tiny-random-t5`` preset: a random T5 with 2 encoder and 2 decoder layers over the byte-level
+    vocabulary, and a drafter with the same weights but only the first decoder layer.
+
+    ``vocab_size`` gives a tokenizer-less pair with no end-of-sequence token (statistical tests).
+    """
+    tokenizer = byte_tokenizer() if vocab_size is None else None
+    config = T5Config(
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, initializer_factor=2.0, feed_forward_proj="relu",
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    target = T5ForConditionalGeneration(config).eval()
+    drafter = T5ForConditionalGeneration(T5Config(**{**config.to_dict(), "num_decoder_layers": 1})).eval()
+    drafter.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("decoder.block.1.")})
+    target, drafter = target.to(device=device, dtype=dtype), drafter.to(device=device, dtype=dtype)
+    if tokenizer is None:
+        target.generation_config.eos_token_id = drafter.generation_config.eos_token_id = None
+    return ModelPair(drafter, target, tokenizer, "tiny-random-t5", "tiny-random-t5/1-decoder-layer", "tiny-random-t5/2-layer")

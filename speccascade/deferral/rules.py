@@ -52,6 +52,7 @@ class Rule(ABC):
     granularity: ClassVar[str]  # "position" or "token"
     needs_target: ClassVar[bool] = True  # False: decides from q alone (sequential cascade)
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
+    needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``decide`` reads
     EXACT: ClassVar[float | None] = None
@@ -138,6 +139,7 @@ class AlwaysDefer(PositionRule):
 
     name = "always"
     needs_target = False
+    needs_bonus_drafter = False
     knob = None
     features = ("q_top1",)
 
@@ -288,6 +290,7 @@ class LossySD(Rule):
     alpha: float = 0.1
     name = "lossy"
     granularity = "position"
+    needs_bonus_drafter = False
     features = ("q_top1",)
     EXACT = 0.0
 

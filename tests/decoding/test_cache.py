@@ -3,9 +3,10 @@ after rejections leaves each cache equal to a fresh prefill of the emitted prefi
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from speccascade import SpeculativeCascade, rules
+from speccascade import Autoregressive, SpeculativeCascade, rules
 from tests.helpers import row
 
 
@@ -38,27 +39,50 @@ def test_cached_block_probabilities_equal_uncached_recomputation(pair, batch):
         assert checked >= out.stats.new_tokens  # every emitted token's distribution was compared
 
 
-def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("rule", [rules.AlwaysDefer(), rules.OPT(alpha=rules.OPT.EXACT)], ids=["lagging-drafter", "full-drafter"])
+def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch, cache, rule):
     ids, mask = batch
-    dec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4, temperature=1.0)
+    dec = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0, cache=cache)
     state = dec.start(ids, mask, max_new_tokens=40, seed=2)
     for _ in range(5):
         dec.step(state)
-    slots = state.mask.shape[1]
+    slots = int(state.length)
     real = state.mask.sum(1)
     assert bool((real < slots).any()), "some row must hold masked-out (rejected) slots"
-    for name, model in dec.models.items():
-        cache = state.caches[name].cache
-        assert cache.get_seq_length() == slots
+    assert state.lag == dec.drafter_lag == (1 if isinstance(rule, rules.AlwaysDefer) else 0)
+    for name in dec.models:
+        held = slots - (state.lag if name == "drafter" else 0)  # a lagging drafter lacks the last slot
+        layers = state.caches[name].cache.layers
+        assert len(state.caches[name]) == held
         for b in range(ids.shape[0]):
             # the emitted prefix minus the pending token, which no cache holds yet
             n = int(state.n_out[b])
             prefix = torch.cat([row(ids, mask, b), state.out[b : b + 1, : n - 1]], dim=1)
-            fresh = SpeculativeCascade(pair, rules.AlwaysDefer()).start(
+            fresh = Autoregressive(pair, name).start(
                 torch.cat([prefix, state.out[b : b + 1, n - 1 : n]], dim=1), max_new_tokens=1
             ).caches[name].cache
-            keep = state.mask[b].bool()
-            for layer, fresh_layer in zip(cache.layers, fresh.layers):
-                torch.testing.assert_close(layer.keys[b][:, keep], fresh_layer.keys[0], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(layer.values[b][:, keep], fresh_layer.values[0], atol=1e-5, rtol=1e-4)
+            keep = state.mask[b, :held]
+            for layer, fresh_layer in zip(layers, fresh.layers):
+                got_keys, got_values = layer.keys[b][:, :held][:, keep], layer.values[b][:, :held][:, keep]
+                fresh_keys, fresh_values = fresh_layer.keys[0], fresh_layer.values[0]
+                if name == "drafter" and state.lag and bool(state.mask[b, slots - 1]):
+                    fresh_keys, fresh_values = fresh_keys[:, :-1], fresh_values[:, :-1]  # its last token is re-fed later
+                torch.testing.assert_close(got_keys, fresh_keys, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got_values, fresh_values, atol=1e-5, rtol=1e-4)
         assert torch.equal(state.pos, real)  # the pending token's position = tokens already cached
+
+
+def test_static_cache_and_compaction_decode_like_the_dynamic_cache(pair, batch):
+    """The static cache (rollback on the device) and compaction (rejected slots squeezed out)
+    give the dynamic cache's tokens, for lagging and full drafters."""
+    ids, mask = batch
+    for rule in (rules.AlwaysDefer(), rules.OPT(alpha=0.3)):
+        reference = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0).generate(ids, mask, 40, seed=3)
+        static = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0, cache="static")
+        state = static.start(ids, mask, 40, seed=3)
+        while not bool(state.done.all()):
+            static.step(state)
+            state.compact()  # every step: rejected slots never accumulate
+        assert torch.equal(state.finish().sequences, reference.sequences)
+        assert torch.equal(static.generate(ids, mask, 40, seed=3).sequences, reference.sequences)

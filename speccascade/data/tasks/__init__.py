@@ -1,6 +1,6 @@
 """The task registry: where examples come from, how they are prompted, and how a reply is scored.
 
-``get_task(name)`` for ``arithmetic`` (generated), ``gsm8k``, ``summarisation``, ``translation``
+``get_task(name)`` for ``arithmetic`` (generated), ``gsm8k``, ``summarisation`` (XSum), ``cnn-dm``, ``translation``
 and ``qa`` (from the hub, or from a local file with the hub dataset's fields).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 from ...errors import SpeccascadeError
 from .arithmetic import Arithmetic
 from .base import Example, Task
-from .corpora import GSM8K, QA, Summarisation, Translation
+from .corpora import GSM8K, QA, CNNDailyMail, Summarisation, Translation
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, Translation, QA)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, CNNDailyMail, Translation, QA)}
 
 
 def get_task(name: str) -> Task:

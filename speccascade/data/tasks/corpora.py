@@ -62,6 +62,20 @@ class Summarisation(RecordTask):
         return metrics.rouge2(prediction, example.answer)
 
 
+class CNNDailyMail(Summarisation):
+    """Multi-sentence news highlights (CNN/DailyMail 3.0.0, ``abisee/cnn_dailymail``: ``article``,
+    ``highlights``); ROUGE-2 F1."""
+
+    name = "cnn-dm"
+    hub = ("abisee/cnn_dailymail", "3.0.0")
+    fields = ("article", "highlights")
+    instruction = "Summarise the article in a few sentences."
+
+    def make(self, record, example_id):
+        summary = record["highlights"].strip()
+        return Problem(example_id, f"Article: {record['article'].strip()}", summary, summary)
+
+
 class Translation(RecordTask):
     """English to German (``wmt/wmt14`` de-en: ``translation.en``/``translation.de``, or flat
     ``source``/``target``); sentence BLEU / 100."""
