@@ -3,13 +3,14 @@
 On one pair, the same prompts, block size gamma and greedy decoding, it measures tokens per
 second of (a) the target alone with transformers' ``generate``, (b) transformers' assisted
 generation with the same drafter as a standalone model (``num_assistant_tokens = gamma``, constant
-schedule, no confidence early stop), (c) speccascade's target alone and drafter alone, (d) exact
+schedule, no confidence early stop), and for reference with its defaults (up to 20 drafts, stopped
+early where the drafter's confidence falls below 0.4), (c) speccascade's target alone and drafter alone, (d) exact
 speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha, and (f) exact
 speculative decoding at each batch size. Configurations are interleaved over ``repeats`` rounds
 after a warm-up and reported as medians, so machine noise hits them alike.
 
 Derived numbers (algorithms.md section 7): the cost ratio ``c`` = drafter step / target step
-(from the two models decoding alone), per-token acceptance ``a``, the ideal speed-up
+(single cached forwards, timed interleaved), per-token acceptance ``a``, the ideal speed-up
 ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))`` and efficiency = measured / ideal speed-up, and the
 share of decode wall time spent outside the two models' forward passes (one extra timed run per
 speccascade configuration, forward hooks on both models).
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from speccascade.data.tasks import get_task
 from speccascade.decoding import Autoregressive, ModelPair, SpeculativeCascade, load_pair
+from speccascade.decoding.cache import KVCache
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
 
@@ -106,7 +108,8 @@ def bench(
         config.seconds = config.seconds[1:]  # drop the warm-up round
         _profiled(config, pair, ids, mask)
 
-    report = _report(configs, pair, block_size, alpha, prompts, max_new_tokens, repeats, options)
+    steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], block_size, repeats)
+    report = _report(configs, steps, pair, block_size, alpha, prompts, max_new_tokens, repeats, options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -132,20 +135,32 @@ def _configs(pair: ModelPair, sizes: list[int], gamma: int, alpha: float, new: i
             return result.stats.new_tokens, result.stats
         return run
 
-    def hf(**kwargs) -> Callable:
+    def hf(**assistant: object) -> Callable:
+        """transformers' generate; with ``assistant`` settings, assisted generation by the drafter.
+
+        transformers reads the assistant's settings from the assistant model's own generation
+        config (not from ``generate``'s arguments), so they are set there for the call.
+        """
         def run(ids, mask):
-            with torch.inference_mode():
-                sequences = pair.target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                                 pad_token_id=pair.pad_token_id, **kwargs)
+            extra = {"assistant_model": pair.drafter} if assistant else {}
+            saved = {k: getattr(pair.drafter.generation_config, k, None) for k in assistant}
+            pair.drafter.generation_config.update(**assistant)
+            try:
+                with torch.inference_mode():
+                    sequences = pair.target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                                     pad_token_id=pair.pad_token_id, **extra)
+            finally:
+                pair.drafter.generation_config.update(**saved)
             return _count_new(sequences[:, ids.shape[1]:], pair.eos_token_ids, pair.pad_token_id), None
         return run
 
     both = (pair.drafter, pair.target)
-    assisted = dict(assistant_model=pair.drafter, num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
-                    assistant_confidence_threshold=0.0)
+    constant = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    adaptive = dict(num_assistant_tokens=20, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.4)
     configs = [
         Config("target, generate", "transformers", 1, hf(), (pair.target,)),
-        Config("assisted generation", "transformers", 1, hf(**assisted), both),
+        Config("assisted generation", "transformers", 1, hf(**constant), both),
+        Config("assisted generation, adaptive drafts", "transformers", 1, hf(**adaptive), both),
         Config("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
         Config("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
     ]
@@ -261,8 +276,33 @@ def _rss() -> int:
         return 0
 
 
-def _report(configs: list[Config], pair: ModelPair, gamma: int, alpha: float, prompts: int, new: int, repeats: int,
-            options: dict) -> dict:
+def step_times(pair: ModelPair, prompt: torch.Tensor, gamma: int, repeats: int, steps: int = 8) -> dict[str, float]:
+    """Median seconds of one cached forward: a drafter step, a target step, and a target verify of gamma + 1 tokens.
+
+    Timed after the same prompt, interleaved over ``repeats`` rounds (prefill and loop excluded), so
+    ``c`` = drafter step / target step is the ratio of the forward passes themselves.
+    """
+    samples: dict[str, list[float]] = {"drafter": [], "target": [], "verify": []}
+    width = prompt.shape[1]
+    for _ in range(repeats + 1):
+        for name, n in (("drafter", 1), ("target", 1), ("verify", gamma + 1)):
+            cache = KVCache(pair.drafter if name == "drafter" else pair.target, pair.vocab_size)
+            cache.forward(prompt, torch.arange(width, device=pair.device).unsqueeze(0), torch.ones_like(prompt, dtype=torch.bool), logits_to_keep=1)
+            tokens = prompt[:, -1:].expand(1, n)
+            for i in range(steps):
+                start = width + i * n
+                positions = torch.arange(start, start + n, device=pair.device).unsqueeze(0)
+                mask = torch.ones(1, start + n, dtype=torch.bool, device=pair.device)
+                _sync(pair)
+                began = time.perf_counter()
+                cache.forward(tokens, positions, mask)
+                _sync(pair)
+                samples[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values[steps:]) for name, values in samples.items()}  # first round warms up
+
+
+def _report(configs: list[Config], steps: dict[str, float], pair: ModelPair, gamma: int, alpha: float, prompts: int,
+            new: int, repeats: int, options: dict) -> dict:
     rows = []
     for c in configs:
         median = statistics.median(c.seconds)
@@ -280,7 +320,7 @@ def _report(configs: list[Config], pair: ModelPair, gamma: int, alpha: float, pr
     for r in rows:
         r["speedup_vs_target"] = r["tokens_per_s"] / target["tokens_per_s"]
 
-    c = target["tokens_per_s"] / by_name[("drafter alone", 1)]["tokens_per_s"]
+    c = steps["drafter"] / steps["target"]
     sd1 = by_name[("exact speculative decoding", 1)]
     a = sd1.get("acceptance") or 0.0
     ideal = _ideal_speedup(a, gamma, c)
@@ -299,7 +339,8 @@ def _report(configs: list[Config], pair: ModelPair, gamma: int, alpha: float, pr
         "dtype": str(pair.target.dtype).removeprefix("torch."), "block_size": gamma, "alpha": alpha,
         "prompts": prompts, "max_new_tokens": new, "repeats": repeats, "cache": options["cache"] or "default",
         "compile": options["compile"], "torch": torch.__version__, "transformers": transformers.__version__,
-        "cost_ratio_c": c, "acceptance_batch1": a, "ideal_speedup": ideal, "goals": goals, "results": rows,
+        "cost_ratio_c": c, "step_ms": {k: 1000 * v for k, v in steps.items()},
+        "verify_cost": steps["verify"] / steps["target"], "acceptance_batch1": a, "ideal_speedup": ideal, "goals": goals, "results": rows,
     }
 
 
@@ -337,8 +378,9 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"cost ratio c = {report['cost_ratio_c']:.2f}, acceptance a = {report['acceptance_batch1']:.2f}, "
-        f"ideal speed-up {report['ideal_speedup']:.2f}x.",
+        f"cost ratio c = {report['cost_ratio_c']:.2f} (drafter step {report['step_ms']['drafter']:.1f} ms, target step "
+        f"{report['step_ms']['target']:.1f} ms; a verify of gamma + 1 tokens costs {report['verify_cost']:.2f} target "
+        f"steps), acceptance a = {report['acceptance_batch1']:.2f}, ideal speed-up {report['ideal_speedup']:.2f}x.",
         "",
         "| goal | measured | target | met |",
         "|---|---:|---:|---|",

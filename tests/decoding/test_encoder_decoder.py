@@ -112,3 +112,17 @@ def test_mixed_pair_and_static_cache_are_refused(t5):
     ids, mask = t5.encode(["hi"])
     with pytest.raises(SpeccascadeError, match="encoder-decoder models run with the dynamic cache"):
         SpeculativeCascade(t5, rules.AlwaysDefer(), cache="static").generate(ids, mask, 4)
+
+
+def test_local_t5_checkpoints_load_as_an_encoder_decoder_pair(t5, tmp_path):
+    for name in ("drafter", "target"):
+        getattr(t5, name).save_pretrained(tmp_path / name)
+        t5.tokenizer.save_pretrained(tmp_path / name)
+    pair = load_pair(drafter=str(tmp_path / "drafter"), target=str(tmp_path / "target"), device=DEVICE)
+    assert pair.is_encoder_decoder and pair.decoder_start_token_id == 0
+    ids, mask = pair.encode(SOURCES[:2])
+    ours = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3).generate(ids, mask, 8)
+    reference = SpeculativeCascade(t5, rules.AlwaysDefer(), block_size=3).generate(ids, mask, 8)
+    assert torch.equal(ours.sequences, reference.sequences)
+    with pytest.raises(SpeccascadeError, match="cannot find the decoder layer stack"):
+        load_pair(target=str(tmp_path / "target"), drafter_layers=[0])
