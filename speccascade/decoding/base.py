@@ -5,6 +5,11 @@ of ``state.length`` used slots hold a real token of each row; ``state.pos`` is t
 each row's *pending* token, the last emitted token, which no cache holds yet (the next step feeds
 it first). With the static cache ``length`` is a device tensor, so nothing in a step waits for the
 host; with the dynamic one it is an int.
+
+A cache may lag behind the layout by ``state.behind[name]`` slots; its next forward re-feeds
+them first (``catch_up``). That one mechanism does the prefill (every cache starts behind by the
+whole prompt, so the prompt goes into each model's first step), lets the target skip tokens in the
+sequential cascade, and lets the drafter skip the step whose output nothing reads.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import SpeccascadeError
 from .cache import LAYOUTS, KVCache, default_layout
@@ -56,10 +60,9 @@ class DecodeState:
     eos: torch.Tensor  # [E] end-of-sequence token ids (may be empty)
     pad_token_id: int
     started: float = field(default_factory=time.perf_counter)
-    backlog: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (ids, positions) fed to
-    # the drafter but not yet to the target (sequential cascade)
     tokens: torch.Tensor | None = None  # [B, capacity] the token id in each slot
-    lag: int = 0  # slots at the end that the drafter's cache lacks (it re-feeds them next step)
+    positions: torch.Tensor | None = None  # [B, capacity] its position id
+    behind: dict[str, int] = field(default_factory=dict)  # slots at the end each cache still lacks
     bound: int = 0  # host-side upper bound on ``length``, so overflow is checked without a sync
     contiguous: bool = False  # compact after every step (models whose attention reads slot distances)
 
@@ -77,10 +80,14 @@ class DecodeState:
         window = self.mask | ((slot >= self.length) & (slot < self.length + n))
         return window if self.static else window[:, : self.length + n]
 
-    def last_slots(self, n: int) -> torch.Tensor:
-        """Token ids in the last ``n`` used slots, ``[B, n]`` (what a lagging drafter re-feeds)."""
-        index = self.length - n + torch.arange(n, device=self.mask.device)
-        return self.tokens.gather(1, index.expand(self.tokens.shape[0], n))
+    def catch_up(self, name: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids``/``positions`` ``[B, n]`` for cache ``name``, preceded by the slots it lacks; it lacks none after."""
+        k = self.behind.get(name, 0)
+        if k == 0:
+            return ids, positions
+        self.behind[name] = 0
+        index = (self.length - k + torch.arange(k, device=ids.device)).expand(ids.shape[0], k)
+        return torch.cat([self.tokens.gather(1, index), ids], 1), torch.cat([self.positions.gather(1, index), positions], 1)
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more slots, compacting the caches when the buffer would overflow."""
@@ -99,17 +106,18 @@ class DecodeState:
         """
         used = int(self.length)
         order = torch.argsort(self.mask[:, :used].int(), dim=1, stable=True)  # holes first, tokens in order
-        keep = max(int(self.mask[:, :used].sum(1).max()), self.lag)
+        keep = max(int(self.mask[:, :used].sum(1).max()), *self.behind.values())
         self.bound = keep
         if keep == used and bool((self.mask[:, 1:used] >= self.mask[:, : used - 1]).all()):
             return  # every row's tokens already sit together at the right end
         order = order[:, used - keep :]
-        for name, cache in self.caches.items():
-            lag = self.lag if name == "drafter" else 0
-            cache.compact(order[:, : keep - lag].clamp_max(used - lag - 1))
+        for name, cache in self.caches.items():  # a lagging cache re-feeds its last slots of the new order
+            lag = self.behind.get(name, 0)
+            cache.compact(order[:, : keep - lag].clamp(0, max(used - lag - 1, 0)))
         self.mask[:, :keep] = self.mask.gather(1, order)
         self.mask[:, keep:] = False
         self.tokens[:, :keep] = self.tokens.gather(1, order)
+        self.positions[:, :keep] = self.positions.gather(1, order)
         self.length = torch.tensor(keep, device=self.mask.device) if self.static else keep
 
     def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -134,11 +142,14 @@ class DecodeState:
         return count
 
     def advance(self, ids: torch.Tensor, valid: torch.Tensor, slots: int | torch.Tensor) -> None:
-        """Record ``slots`` new cache slots fed with ``ids``; each row's first ``valid[b]`` hold its tokens."""
+        """Record ``slots`` new cache slots fed with ``ids`` (from the pending token's position on);
+        each row's first ``valid[b]`` hold its tokens."""
         slot = torch.arange(self.mask.shape[1], device=valid.device)
         self.mask |= (slot >= self.length) & (slot < self.length + valid.unsqueeze(1))
-        index = self.length + torch.arange(ids.shape[1], device=ids.device)
-        self.tokens.scatter_(1, index.expand_as(ids), ids)
+        offsets = torch.arange(ids.shape[1], device=ids.device)
+        index = (self.length + offsets).expand_as(ids)
+        self.tokens.scatter_(1, index, ids)
+        self.positions.scatter_(1, index, self.pos.unsqueeze(1) + offsets)
         self.length = self.length + slots
         self.pos += valid
         if self.contiguous:
@@ -163,7 +174,6 @@ class Decoder(ABC):
     """
 
     block_size: int = 1
-    drafter_lag: int = 0  # slots the drafter's cache may lag behind the target's between steps
 
     def __init__(
         self,
@@ -231,7 +241,7 @@ class Decoder(ABC):
         max_new_tokens: int = 64,
         seed: int | Sequence[int] = 0,
     ) -> DecodeState:
-        """Check the prompts, prefill every cache with all but each prompt's last token."""
+        """Check the prompts and lay them out; every cache takes its prompt in its first step."""
         started = time.perf_counter()
         device = self.pair.device
         ids, mask = left_pad(input_ids, attention_mask)
@@ -243,29 +253,23 @@ class Decoder(ABC):
             ids = torch.full_like(ids[:, :1], self.pair.decoder_start_token_id)
             mask = torch.ones_like(ids)
         prompt_ids = ids
-        if self.drafter_lag and ids.shape[1] == 1:  # a lagging drafter re-feeds a slot: give it one
-            ids, mask = F.pad(ids, (1, 0), value=self.pair.pad_token_id), F.pad(mask, (1, 0))
         batch, width = ids.shape
-        step = self.block_size + 1
+        steady = self.block_size + 2  # the most tokens a step feeds once caught up
         # compaction (static) reclaims rejected slots; the dynamic buffers hold the worst case
-        capacity = width + (2 * max_new_tokens + 2 * step if self.cache == "static" else step * (max_new_tokens + 1))
+        capacity = width + (2 * max_new_tokens + 2 * steady if self.cache == "static" else steady * (max_new_tokens + 1))
         caches = {
             name: KVCache(model, self.pair.vocab_size, capacity if self.cache == "static" else None, self.compile,
-                          encoded[name])
+                          encoded[name], steady)
             for name, model in self.models.items()
         }
-        context, context_mask = ids[:, :-1], mask[:, :-1].bool()
-        if context.shape[1] > 0:
-            positions = (context_mask.cumsum(1) - 1).clamp_min(0)
-            for cache in caches.values():
-                cache.forward(context, positions, context_mask, logits_to_keep=1)
-        lag = self.drafter_lag if "drafter" in caches else 0
-        if lag:
-            caches["drafter"].rollback(lag)
+        # the prompt but its last token goes into each model's first step (every cache starts behind)
+        context_mask = mask[:, :-1].bool()
         slots = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         slots[:, : width - 1] = context_mask
         tokens = torch.full((batch, capacity), self.pair.pad_token_id, dtype=torch.long, device=device)
-        tokens[:, : width - 1] = context
+        tokens[:, : width - 1] = ids[:, :-1]
+        positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        positions[:, : width - 1] = (context_mask.cumsum(1) - 1).clamp_min(0)
         length = max_new_tokens + self.block_size + 1
         return DecodeState(
             prompt_ids=prompt_ids,
@@ -284,7 +288,8 @@ class Decoder(ABC):
             pad_token_id=self.pair.pad_token_id,
             started=started,
             tokens=tokens,
-            lag=lag,
+            positions=positions,
+            behind={name: width - 1 for name in caches},
             bound=width - 1,
             contiguous=self.pair.is_encoder_decoder,
         )

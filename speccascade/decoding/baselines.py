@@ -34,9 +34,8 @@ class Autoregressive(Decoder):
     def step(self, state: DecodeState) -> None:
         active = ~state.done
         state.reserve(1)
-        logits, _ = state.caches[self.which].forward(
-            state.pending.unsqueeze(1), state.pos.unsqueeze(1), state.window(1)
-        )
+        ids, positions = state.catch_up(self.which, state.pending.unsqueeze(1), state.pos.unsqueeze(1))
+        logits, _ = state.caches[self.which].forward(ids, positions, state.window(1), logits_to_keep=1)
         token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, state.n_out])
         state.counts.add(f"{self.which}_calls", active.long())
         setattr(state.counts, f"{self.which}_forwards", getattr(state.counts, f"{self.which}_forwards") + 1)
@@ -71,9 +70,9 @@ class SequentialCascade(Decoder):
     def step(self, state: DecodeState) -> None:
         active = ~state.done
         state.reserve(1)
-        drafter = state.caches["drafter"]
         window = state.window(1)
-        logits, _ = drafter.forward(state.pending.unsqueeze(1), state.pos.unsqueeze(1), window)
+        ids, positions = state.catch_up("drafter", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
+        logits, _ = state.caches["drafter"].forward(ids, positions, window, logits_to_keep=1)
         q = logits[:, 0].softmax(-1)
         dist = self.sampler(logits[:, 0], q)
         r = self.rule.defer(q.unsqueeze(1), None)[:, 0] & active
@@ -86,7 +85,7 @@ class SequentialCascade(Decoder):
             state.counts.add("target_calls", r.long())
             state.counts.target_forwards += 1
         else:
-            state.backlog.append((state.pending, state.pos.clone()))
+            state.behind["target"] += 1  # the target skips this token; it catches up when next deferred to
         token = sample(dist, state.streams.draft[state.rows, state.n_out])
         state.emit(token.unsqueeze(1), torch.ones_like(token))
         state.advance(state.pending.unsqueeze(1), active.long(), 1)
@@ -94,8 +93,6 @@ class SequentialCascade(Decoder):
 
     def _catch_up(self, state: DecodeState, window: torch.Tensor) -> torch.Tensor:
         """Feed the target every token it has not seen, the pending one last; return ``p~`` there."""
-        ids = torch.stack([t for t, _ in state.backlog] + [state.pending], dim=1)
-        positions = torch.stack([p for _, p in state.backlog] + [state.pos], dim=1)
-        logits, _ = state.caches["target"].forward(ids, positions, window)
-        state.backlog = []
+        ids, positions = state.catch_up("target", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
+        logits, _ = state.caches["target"].forward(ids, positions, window, logits_to_keep=1)
         return self.sampler(logits[:, -1])

@@ -39,6 +39,7 @@ class KVCache:
         capacity: int | None = None,
         compile: bool = False,
         encoded: tuple[object, torch.Tensor] | None = None,
+        steady: int = 8,
     ) -> None:
         self.model = model
         self.encoded = encoded  # (encoder outputs, source mask) of an encoder-decoder model
@@ -61,8 +62,9 @@ class KVCache:
         params = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        # decode steps (a few tokens, fixed shapes) run compiled; the prefill runs eagerly
+        # decode steps (at most ``steady`` tokens, fixed shapes) run compiled; longer inputs (the prompt) eagerly
         self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
+        self.steady = steady
 
     def __len__(self) -> int:
         """Number of slots held (the same for every layer); a host sync for the static cache."""
@@ -80,8 +82,8 @@ class KVCache:
         """Append ``input_ids`` ``[B, n]``; return float32 logits ``[B, n, V]`` (and last hidden states).
 
         ``attention_mask`` covers every slot, old and new: ``[B, len(self) + n]`` for the dynamic
-        cache, ``[B, capacity]`` for the static one. ``logits_to_keep`` > 0 computes logits for that
-        many last positions only.
+        cache, ``[B, capacity]`` for the static one. ``logits_to_keep`` > 0 computes logits (and
+        returns hidden states) for that many last positions only.
         """
         if self.encoded is not None:  # positions are slot distances (T5): the decoder keeps slots contiguous
             encoder_outputs, source_mask = self.encoded
@@ -92,8 +94,7 @@ class KVCache:
             )
             hidden = out.decoder_hidden_states[-1] if hidden_states else None
         else:
-            prefill = logits_to_keep > 0
-            out = (self.model if prefill else self._step)(
+            out = (self._step if input_ids.shape[1] <= self.steady else self.model)(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
@@ -104,6 +105,7 @@ class KVCache:
             )
             hidden = out.hidden_states[-1] if hidden_states else None
         logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        hidden = hidden[:, -logits_to_keep:] if hidden is not None and logits_to_keep else hidden
         logits = logits if self.vocab_size is None else logits[..., : self.vocab_size]
         return logits.float(), hidden
 

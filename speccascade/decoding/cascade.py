@@ -7,9 +7,9 @@ accepted draft from the residual ``norm(max(0, pi - q~))`` (or, when all were ac
 from ``pi_{gamma+1}``), and ``rollback`` both caches to the emitted prefix.
 
 When the bonus token never reads ``q_{gamma+1}`` (exact speculative decoding, lossy SD) and no
-hook asks for it, the drafter skips that step: its cache then lags the target's by one slot, which
-it re-feeds together with the pending token in its next block's first forward (gamma drafter
-forwards per block instead of gamma + 1, as transformers' assisted generation does).
+hook asks for it, the drafter skips that step: its cache then lags one slot behind, which it
+re-feeds with the pending token in its next block's first forward (gamma drafter forwards per
+block instead of gamma + 1, as transformers' assisted generation does).
 
 With :class:`~speccascade.deferral.rules.AlwaysDefer` this is exact speculative decoding; with
 :class:`~speccascade.deferral.rules.NeverDefer` it is the drafter's own decoding.
@@ -108,12 +108,12 @@ class SpeculativeCascade(Decoder):
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         """One block: draft, verify, accept, emit, rollback."""
-        gamma = self.block_size
+        gamma = self.drafts_needed(state)
         active = ~state.done
         state.reserve(gamma + 1)
-        drafts, q = self.draft(state)
+        drafts, q = self.draft(state, gamma)
         p = self.verify(state, drafts)
-        rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / gamma).clamp_max(1.0)
+        rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
         mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
@@ -130,39 +130,50 @@ class SpeculativeCascade(Decoder):
         state.emit(tokens, n + 1)
         self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token)
 
-    def draft(self, state: DecodeState) -> tuple[torch.Tensor, Dists]:
+    def drafts_needed(self, state: DecodeState) -> int:
+        """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
+        are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
+        (sampled tokens would use other random draws), and where shapes may change: dynamic cache,
+        no hook reading blocks."""
+        if state.static or self.hook is not None or not self.sampler.greedy:
+            return self.block_size
+        left = int(torch.where(state.done, 0, state.max_new_tokens - state.n_out).max())
+        return max(1, min(self.block_size, left - 1))
+
+    def draft(self, state: DecodeState, gamma: int) -> tuple[torch.Tensor, Dists]:
         """gamma drafts from ``q~``, and the drafter's distributions at gamma + 1 positions.
 
-        A lagging drafter feeds its missing slot with the pending token first and stops after
-        gamma steps; its bonus-position distribution is then a copy of ``q_gamma``, which nothing reads.
+        Without the last step (``drafter_lag``) the bonus-position distribution is a copy of
+        ``q_gamma``, which nothing reads.
         """
-        gamma, drafter, lag = self.block_size, state.caches["drafter"], state.lag
+        drafter, skip = state.caches["drafter"], self.drafter_lag
         window = state.window(gamma + 1)
-        x = torch.cat([state.last_slots(lag), state.pending.unsqueeze(1)], dim=1)
-        positions = (state.pos.unsqueeze(1) + torch.arange(-lag, 1, device=x.device)).clamp_min(0)
+        x, positions = state.catch_up("drafter", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
         drafts, probs, sampled, hidden = [], [], [], []
-        for i in range(gamma + 1 - lag):
+        for i in range(gamma + 1 - skip):
             mask = window if state.static else window[:, : state.length + i + 1]
-            logits, h = drafter.forward(x, positions, mask, self.wants_hidden)
+            logits, h = drafter.forward(x, positions, mask, self.wants_hidden, logits_to_keep=1)
             q = logits[:, -1].softmax(-1)
             q_s = self.sampler(logits[:, -1], q)
-            probs.append(q), sampled.append(q_s), hidden.append(h[:, -1:] if h is not None else None)
+            probs.append(q), sampled.append(q_s), hidden.append(h)
             if i < gamma:
                 token = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
                 drafts.append(token)
                 x, positions = token.unsqueeze(1), (state.pos + i + 1).unsqueeze(1)
-        state.counts.drafter_forwards += gamma + 1 - lag
-        if lag:
+        state.counts.drafter_forwards += gamma + 1 - skip
+        if skip:
             probs.append(probs[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         return torch.stack(drafts, 1), Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden)
 
     def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
         """One target call over the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
-        gamma = self.block_size
+        gamma = drafts.shape[1]
         ids = torch.cat([state.pending.unsqueeze(1), drafts], dim=1)
         positions = state.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
-        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.wants_hidden)
+        ids, positions = state.catch_up("target", ids, positions)
+        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.wants_hidden,
+                                                        logits_to_keep=gamma + 1)
         state.counts.target_forwards += 1
         p = logits.softmax(-1)
         return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
@@ -171,7 +182,7 @@ class SpeculativeCascade(Decoder):
         self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Accept each draft with ``min(1, accept(x) / q~(x))``; return leading accepts ``n`` and the probabilities."""
-        gamma = self.block_size
+        gamma = drafts.shape[1]
         x = drafts.unsqueeze(-1)
         q_x = q_s[:, :gamma].gather(-1, x).squeeze(-1)
         a_x = accept[:, :gamma].gather(-1, x).squeeze(-1)
@@ -184,7 +195,7 @@ class SpeculativeCascade(Decoder):
     def resample(self, state: DecodeState, n: torch.Tensor, q_s: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
         """The token after the ``n`` accepted drafts: residual ``norm(max(0, pi - q~))`` or bonus ``pi``."""
         rows = state.rows
-        rejected = n < self.block_size
+        rejected = n < q_s.shape[1] - 1
         e_n, q_n = emit[rows, n], q_s[rows, n]
         residual = (e_n - q_n * rejected.unsqueeze(1)).clamp_min(0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, e_n)
@@ -193,27 +204,29 @@ class SpeculativeCascade(Decoder):
         return sample(residual, u)
 
     def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, deferred: torch.Tensor) -> None:
-        gamma, counts = self.block_size, state.counts
+        gamma, counts = deferred.shape[1], state.counts
         a = active.long()
         offsets = torch.arange(gamma, device=n.device)
         examined = offsets <= n.unsqueeze(1)  # accepted drafts and the first rejected one
         counts.add("target_calls", a)
-        counts.add("drafter_calls", a * (gamma + 1 - state.lag))
+        counts.add("drafter_calls", a * (gamma + 1 - self.drafter_lag))
         counts.add("drafted", a * gamma)
         counts.add("accepted", a * n)
         counts.add("decided", a * examined.sum(1))
         counts.add("deferrals", a * (deferred & examined).sum(1))
         counts.add("rejections", a * (n < gamma).long())
-        counts.reached_at += a.unsqueeze(1) * examined
-        counts.accepted_at += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
+        counts.reached_at[:, :gamma] += a.unsqueeze(1) * examined
+        counts.accepted_at[:, :gamma] += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
 
     def rollback(self, state: DecodeState, drafts: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor) -> None:
         """Keep each row's pending token and accepted drafts in both caches; mask the rest out.
 
-        Both caches drop the same count (a lagging drafter holds one slot less before and after).
+        Both caches drop the same count: a drafter that skipped its last step holds one slot less
+        before the rollback and lags one slot behind after it.
         """
         kept = valid.max() if state.static else int(valid.max())
         for cache in state.caches.values():
-            cache.rollback(self.block_size + 1 - kept)
+            cache.rollback(drafts.shape[1] + 1 - kept)
+        state.behind["drafter"] = self.drafter_lag
         state.advance(torch.cat([state.pending.unsqueeze(1), drafts], dim=1), valid, kept)
         state.pending = torch.where(valid > 0, next_token, state.pending)

@@ -3,10 +3,13 @@ after rejections leaves each cache equal to a fresh prefill of the emitted prefi
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from speccascade import Autoregressive, SpeculativeCascade, rules
+from speccascade import SpeculativeCascade, rules
+from speccascade.decoding.cache import KVCache
 from tests.helpers import row
 
 
@@ -50,23 +53,25 @@ def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch, cache, rul
     slots = int(state.length)
     real = state.mask.sum(1)
     assert bool((real < slots).any()), "some row must hold masked-out (rejected) slots"
-    assert state.lag == dec.drafter_lag == (1 if isinstance(rule, rules.AlwaysDefer) else 0)
-    for name in dec.models:
-        held = slots - (state.lag if name == "drafter" else 0)  # a lagging drafter lacks the last slot
+    assert state.behind == {"drafter": dec.drafter_lag, "target": 0}
+    assert dec.drafter_lag == (1 if isinstance(rule, rules.AlwaysDefer) else 0)
+    lag = dec.drafter_lag
+    for name, model in dec.models.items():
+        held = slots - (lag if name == "drafter" else 0)  # a lagging drafter lacks the last slot
         layers = state.caches[name].cache.layers
         assert len(state.caches[name]) == held
         for b in range(ids.shape[0]):
             # the emitted prefix minus the pending token, which no cache holds yet
             n = int(state.n_out[b])
             prefix = torch.cat([row(ids, mask, b), state.out[b : b + 1, : n - 1]], dim=1)
-            fresh = Autoregressive(pair, name).start(
-                torch.cat([prefix, state.out[b : b + 1, n - 1 : n]], dim=1), max_new_tokens=1
-            ).caches[name].cache
+            fresh = KVCache(model)
+            fresh.forward(prefix, torch.arange(prefix.shape[1]).unsqueeze(0), torch.ones_like(prefix), logits_to_keep=1)
+            fresh = fresh.cache
             keep = state.mask[b, :held]
             for layer, fresh_layer in zip(layers, fresh.layers):
                 got_keys, got_values = layer.keys[b][:, :held][:, keep], layer.values[b][:, :held][:, keep]
                 fresh_keys, fresh_values = fresh_layer.keys[0], fresh_layer.values[0]
-                if name == "drafter" and state.lag and bool(state.mask[b, slots - 1]):
+                if name == "drafter" and lag and bool(state.mask[b, slots - 1]):
                     fresh_keys, fresh_values = fresh_keys[:, :-1], fresh_values[:, :-1]  # its last token is re-fed later
                 torch.testing.assert_close(got_keys, fresh_keys, atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(got_values, fresh_values, atol=1e-5, rtol=1e-4)
@@ -86,3 +91,29 @@ def test_static_cache_and_compaction_decode_like_the_dynamic_cache(pair, batch):
             state.compact()  # every step: rejected slots never accumulate
         assert torch.equal(state.finish().sequences, reference.sequences)
         assert torch.equal(static.generate(ids, mask, 40, seed=3).sequences, reference.sequences)
+
+
+def test_lagging_drafter_runs_gamma_drafter_steps_per_block(pair, batch):
+    """Exact speculative decoding skips the drafter step whose q nothing reads; cascades keep it."""
+    ids, mask = batch
+    for rule, per_block in ((rules.AlwaysDefer(), 4), (rules.OPT(alpha=0.3), 5)):
+        out = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0).generate(ids, mask, max_new_tokens=12)
+        assert out.stats.drafter_forwards == per_block * out.stats.target_forwards
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(shutil.which("cc") is None, reason="inductor needs a C compiler")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_static_compiled_path_equals_the_eager_path(device):
+    """The static cache with torch.compile'd decode steps gives the eager dynamic path's tokens."""
+    from speccascade.decoding import tiny_random_pair
+
+    pair = tiny_random_pair(seed=0, device=device)
+    ids, mask = pair.encode(["hello world", "a", "the quick brown fox jumps", "1 + 1 ="], chat=False)
+    for rule in (rules.AlwaysDefer(), rules.OPT(alpha=0.3)):
+        for temperature in (0.0, 1.0):
+            options = dict(block_size=4, temperature=temperature)
+            eager = SpeculativeCascade(pair, rule, cache="dynamic", **options).generate(ids, mask, 24, seed=1)
+            fast = SpeculativeCascade(pair, rule, cache="static", compile=True, **options).generate(ids, mask, 24, seed=1)
+            assert torch.equal(eager.sequences, fast.sequences), (rule, temperature)

@@ -53,9 +53,9 @@ class NoDivisionByQ(SpeculativeCascade):
     """Broken acceptance: accepts with probability pi(x) instead of min(1, pi(x) / q(x))."""
 
     def accept(self, state, drafts, q_s, accept):
-        x = drafts.unsqueeze(-1)
-        accept_prob = accept[:, : self.block_size].gather(-1, x).squeeze(-1)
-        index = state.n_out.unsqueeze(1) + torch.arange(self.block_size, device=drafts.device)
+        x, gamma = drafts.unsqueeze(-1), drafts.shape[1]
+        accept_prob = accept[:, :gamma].gather(-1, x).squeeze(-1)
+        index = state.n_out.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
         accepted = state.streams.accept.gather(1, index) < accept_prob
         return accepted.long().cumprod(1).sum(1), accept_prob
 

@@ -131,3 +131,15 @@ def test_eos_stops_a_row_and_pads_it(pair, batch):
     assert out.new_tokens[0, : first + 1].tolist() == free[0, : first + 1].tolist()
     assert (out.new_tokens[0, first + 1 :] == pair.pad_token_id).all()
     assert out.stats.rows[0]["new_tokens"] == first + 1
+
+
+@pytest.mark.parametrize("rule", [rules.AlwaysDefer(), rules.OPT(alpha=0.3), rules.TokenV3(alpha=0.3)], ids=repr)
+def test_greedy_blocks_cut_to_the_tokens_left_change_nothing(pair, batch, rule):
+    """Greedy decoding drafts only as many tokens as the rows still need; the static cache (fixed
+    blocks) and a hook (which sees whole blocks) decode the same tokens with full blocks."""
+    ids, mask = batch
+    cut = SpeculativeCascade(pair, rule, block_size=4).generate(ids, mask, max_new_tokens=11)
+    full = SpeculativeCascade(pair, rule, block_size=4, cache="static").generate(ids, mask, max_new_tokens=11)
+    hooked = SpeculativeCascade(pair, rule, block_size=4, hook=lambda e: None).generate(ids, mask, max_new_tokens=11)
+    assert torch.equal(cut.sequences, full.sequences) and torch.equal(cut.sequences, hooked.sequences)
+    assert cut.stats.drafted < full.stats.drafted == hooked.stats.drafted
