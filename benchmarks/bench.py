@@ -101,11 +101,13 @@ def bench(
     options = {"cache": cache, "compile": compile}
     configs = _configs(pair, sizes, block_size, alpha, max_new_tokens, options)
 
-    for _ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
+    for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
         for config in configs:
             _timed(config, pair, ids, mask)
+        if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
+            for config in configs:
+                config.seconds, config.peak_mib = [], float("nan")
     for config in configs:
-        config.seconds = config.seconds[1:]  # drop the warm-up round
         _profiled(config, pair, ids, mask)
 
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], block_size, repeats)
