@@ -7,7 +7,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ endif
 
 demo: setup
 	$(VENV)/bin/speccascade demo
+
+# speed against transformers (about 12 minutes on 2 CPU cores; configs/bench/gpu.yaml on a CUDA machine)
+bench: setup
+	$(VENV)/bin/speccascade bench --config configs/bench/$(if $(HAS_GPU),gpu,smollm2-cpu).yaml
 
 test: setup
 	$(PY) -m pytest; status=$$?; \
