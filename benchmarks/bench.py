@@ -59,7 +59,7 @@ class Config:
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0
     stats: object = None
-    peak_mib: float = float("nan")
+    peak_mib: float = 0.0
     forward_share: float = float("nan")
 
 
@@ -106,7 +106,7 @@ def bench(
             _timed(config, pair, ids, mask)
         if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
             for config in configs:
-                config.seconds, config.peak_mib = [], float("nan")
+                config.seconds, config.peak_mib = [], 0.0
     for config in configs:
         _profiled(config, pair, ids, mask)
 
@@ -209,7 +209,7 @@ def _timed(config: Config, pair: ModelPair, ids: torch.Tensor, mask: torch.Tenso
         config.seconds.append(time.perf_counter() - start)
     config.tokens = tokens
     config.stats = _merge(stats) if stats[0] is not None else None
-    config.peak_mib = max(peak(), 0.0) if config.peak_mib != config.peak_mib else max(config.peak_mib, peak())
+    config.peak_mib = max(config.peak_mib, peak())
 
 
 def _merge(stats: list) -> dict:

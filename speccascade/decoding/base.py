@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 
 from ..errors import SpeccascadeError
-from .cache import LAYOUTS, KVCache, default_layout
-from .pairs import ModelPair
+from .cache import KVCache, resolve_layout
+from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
 from .stats import Counters, DecodeStats
 
@@ -186,11 +186,7 @@ class Decoder(ABC):
     ) -> None:
         self.pair = pair
         self.sampler = Sampler(temperature, top_k, top_p)
-        if cache not in (None, *LAYOUTS):
-            raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {cache!r}")
-        self.cache = cache or default_layout(pair.device, [pair.drafter, pair.target])
-        if compile and self.cache != "static":
-            raise SpeccascadeError("compile needs the static cache (cache='static')")
+        self.cache = resolve_layout(cache, compile, pair.device, [pair.drafter, pair.target])
         self.compile = compile
 
     @property
@@ -312,16 +308,3 @@ class Decoder(ABC):
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} (and a block of "
                 f"{self.block_size}) exceeds the models' context of {context} tokens"
             )
-
-
-def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's real tokens to the right end (any padding side in, left padding out)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
-    input_ids = input_ids.long()
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    mask = attention_mask.long()
-    order = torch.argsort(mask, dim=1, stable=True)  # padding first, real tokens in order after it
-    return input_ids.gather(1, order), mask.gather(1, order)

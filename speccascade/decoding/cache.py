@@ -44,18 +44,9 @@ class KVCache:
         self.model = model
         self.encoded = encoded  # (encoder outputs, source mask) of an encoder-decoder model
         self.vocab_size = vocab_size  # logits are cut to the pair's shared vocabulary
-        self.static = capacity is not None
-        if self.static and not supports_static(model):
-            raise SpeccascadeError(
-                f"{type(model).__name__} uses sliding-window attention, which the static cache cannot roll "
-                "back; use cache='dynamic'"
-            )
-        if compile and not self.static:
-            raise SpeccascadeError("compile needs the static cache (cache='static')")
+        self.static = capacity is not None  # the layout is checked once, by resolve_layout
         config = model.config
         if encoded is not None:
-            if self.static:
-                raise SpeccascadeError("encoder-decoder models run with the dynamic cache (cache='dynamic')")
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
             self.cache = StaticCache(config=config, max_cache_len=capacity) if self.static else DynamicCache(config=config)
@@ -140,14 +131,26 @@ class KVCache:
                 layer.cumulative_length.fill_(length)
 
 
-def supports_static(model: PreTrainedModel) -> bool:
+def resolve_layout(layout: str | None, compile: bool, device: torch.device, models: list[PreTrainedModel]) -> str:
+    """The KV cache layout for ``models``: the one asked for, checked, or static on CUDA where every
+    model supports it (no host syncs) and dynamic otherwise."""
+    if layout not in (None, *LAYOUTS):
+        raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    unsupported = next((m for m in models if m.config.is_encoder_decoder or not _rolls_back_statically(m)), None)
+    if layout is None:
+        layout = "static" if device.type == "cuda" and unsupported is None else "dynamic"
+    if layout == "static" and unsupported is not None:
+        name = type(unsupported).__name__
+        if unsupported.config.is_encoder_decoder:
+            raise SpeccascadeError(f"{name}: encoder-decoder models run with the dynamic cache (cache='dynamic')")
+        raise SpeccascadeError(f"{name} uses sliding-window attention, which the static cache cannot roll back; use cache='dynamic'")
+    if compile and layout != "static":
+        raise SpeccascadeError("compile needs the static cache (cache='static')")
+    return layout
+
+
+def _rolls_back_statically(model: PreTrainedModel) -> bool:
     """The static cache rolls back full-attention layers only."""
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None) or []
     return "sliding_attention" not in layer_types and not getattr(config, "sliding_window", None)
-
-
-def default_layout(device: torch.device, models: list[PreTrainedModel]) -> str:
-    """Static on CUDA where every model supports it (no host syncs), dynamic otherwise."""
-    static = all(supports_static(m) and not m.config.is_encoder_decoder for m in models)
-    return "static" if device.type == "cuda" and static else "dynamic"

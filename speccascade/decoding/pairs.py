@@ -117,8 +117,6 @@ class ModelPair:
         decoder-only model reads prompt + continuation; an encoder-decoder model encodes the
         prompt and reads the decoder start token + continuation.
         """
-        from .base import left_pad  # noqa: PLC0415 (base imports this module)
-
         width = cont_ids.shape[1]
         if self.is_encoder_decoder:
             start = torch.full_like(cont_ids[:, :1], self.decoder_start_token_id)
@@ -207,3 +205,16 @@ def layer_subset(target: PreTrainedModel, layers: Sequence[int]) -> PreTrainedMo
             drafter.get_submodule(module_name).register_buffer(attr, target.get_buffer(old_names[name]), persistent=False)
     drafter.generation_config = copy.deepcopy(target.generation_config)
     return drafter.eval()
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end (any padding side in, left padding out)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    mask = attention_mask.long()
+    order = torch.argsort(mask, dim=1, stable=True)  # padding first, real tokens in order after it
+    return input_ids.gather(1, order), mask.gather(1, order)
