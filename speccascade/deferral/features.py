@@ -10,13 +10,15 @@ candidate token ``v`` (the drafted token in traces, every vocabulary entry in th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
 TOP_K = 3  # top-k probabilities logged per model
 
 SPEC_NAME = "speccascade-features"
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # v2 added js, the collision sums and the cross-argmax probabilities
 
 POSITION_FEATURES: tuple[str, ...] = (
     *(f"{m}_top{i}" for m in ("q", "p") for i in range(1, TOP_K + 1)),  # q_top1 = max q
@@ -24,10 +26,15 @@ POSITION_FEATURES: tuple[str, ...] = (
     "q_entropy", "p_entropy",  # nats
     "tv",  # D_TV(p, q)
     "kl_pq", "kl_qp",  # KL(p || q), KL(q || p)
+    "js",  # Jensen-Shannon divergence of p and q (nats, in [0, log 2])
+    "q_sq", "p_sq", "pq_dot",  # sum q^2, sum p^2, sum p q: expected soft losses under y ~ q or y ~ p
+    "p_at_q_argmax", "q_at_p_argmax",  # p(argmax q), q(argmax p)
     "argmax_agree",  # 1 if argmax q == argmax p
     "rel_position",  # (position in block + 1) / block size
 )
-DRAFTER_ONLY_FEATURES: tuple[str, ...] = tuple(f for f in POSITION_FEATURES if f.startswith("q_") or f == "rel_position")
+DRAFTER_ONLY_FEATURES: tuple[str, ...] = (
+    *(f"q_top{i}" for i in range(1, TOP_K + 1)), "q_margin", "q_entropy", "q_sq", "rel_position",
+)
 TOKEN_FEATURES: tuple[str, ...] = (
     "q_tok", "p_tok",  # q(v), p(v)
     "log_ratio",  # log p(v) - log q(v)
@@ -40,11 +47,6 @@ HIDDEN_INPUTS: tuple[str, ...] = ("q_hidden", "p_hidden")  # last-layer hidden s
 def spec() -> dict:
     """The spec as recorded in trace manifests and head checkpoints."""
     return {"name": SPEC_NAME, "version": SPEC_VERSION, "position": list(POSITION_FEATURES), "token": list(TOKEN_FEATURES)}
-
-
-def max_prob(probs: torch.Tensor) -> torch.Tensor:
-    """Largest probability of each distribution, ``[...]``."""
-    return probs.amax(dim=-1)
 
 
 def tv_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -76,24 +78,44 @@ def position_features(
                 out[f"{name}_top{i + 1}"] = top.values[..., i]
             out[f"{name}_margin"] = top.values[..., 0] - top.values[..., 1]
             argmax[name] = top.indices[..., 0]
-        if name not in logs and (f"{name}_entropy" in wanted or {"kl_pq", "kl_qp"} & set(names)):
+        if name not in logs and (f"{name}_entropy" in wanted or {"kl_pq", "kl_qp", "js"} & set(names)):
             logs[name] = probs.clamp_min(EPS).log()
-        if f"{name}_entropy" in wanted:
-            out[f"{name}_entropy"] = -_dot(probs, logs[name])
+        if f"{name}_entropy" in wanted or "js" in names:
+            out[f"{name}_entropy"] = entropy(probs, logs[name])
     if "tv" in names:
         out["tv"] = tv_distance(p, q)
     if {"kl_pq", "kl_qp"} & set(names):
         log_ratio = logs["p"] - logs["q"]
         out["kl_pq"] = _dot(p, log_ratio).clamp_min(0.0)
         out["kl_qp"] = _dot(q, log_ratio).neg().clamp_min(0.0)
-    if "argmax_agree" in names:
+    if "js" in names:
+        out["js"] = js_divergence(p, q, out["p_entropy"], out["q_entropy"])
+    for name, (a, b) in (("q_sq", (q, q)), ("p_sq", (p, p)), ("pq_dot", (p, q))):
+        if name in names:
+            out[name] = _dot(a, b)
+    if {"argmax_agree", "p_at_q_argmax", "q_at_p_argmax"} & set(names):
         q_arg = argmax["q"] if "q" in argmax else q.argmax(-1)
         p_arg = argmax["p"] if "p" in argmax else p.argmax(-1)
         out["argmax_agree"] = (q_arg == p_arg).to(q.dtype)
+        out["p_at_q_argmax"] = p.gather(-1, q_arg.unsqueeze(-1)).squeeze(-1)
+        out["q_at_p_argmax"] = q.gather(-1, p_arg.unsqueeze(-1)).squeeze(-1)
     if "rel_position" in names:
         rel = torch.as_tensor(rel_position, dtype=q.dtype, device=q.device)
         out["rel_position"] = rel.expand(q.shape[:-1])
     return {name: out[name] for name in names}
+
+
+def entropy(probs: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``H = -sum_v probs log probs`` in nats (``0 log 0 = 0``)."""
+    return -_dot(probs, probs.clamp_min(EPS).log() if log_probs is None else log_probs)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, h_p: torch.Tensor | None = None, h_q: torch.Tensor | None = None) -> torch.Tensor:
+    """``JS(p, q) = KL(p || m) / 2 + KL(q || m) / 2 = H(m) - (H(p) + H(q)) / 2`` with ``m = (p + q) / 2``;
+    in nats, in [0, log 2]. ``h_p``, ``h_q``: the entropies, when the caller has them."""
+    h_p = entropy(p) if h_p is None else h_p
+    h_q = entropy(q) if h_q is None else h_q
+    return (entropy((p + q) / 2) - (h_p + h_q) / 2).clamp(0.0, math.log(2))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,10 @@ def test_position_features_by_hand():
         "tv": 0.4,  # sum max(0, q - p) = 0.4 + 0 + 0 + 0
         "kl_qp": 0.5 * math.log(5) + 0.3 * math.log(0.5),
         "kl_pq": 0.1 * math.log(0.2) + 0.6 * math.log(2) + 0.1 * (math.log(0.1) - math.log(F.EPS)),
+        "js": 0.5 * sum(a * math.log(a / ((a + b) / 2)) + b * math.log(b / ((a + b) / 2))
+                        for a, b in zip(Q[0].tolist(), P[0].tolist()) if a > 0) + 0.5 * 0.1 * math.log(2),
+        "q_sq": 0.25 + 0.09 + 0.04, "p_sq": 0.01 + 0.36 + 0.04 + 0.01, "pq_dot": 0.05 + 0.18 + 0.04,
+        "p_at_q_argmax": 0.1, "q_at_p_argmax": 0.3,  # argmax q = 0, argmax p = 1
         "argmax_agree": 0.0,
         "rel_position": 0.4,
     }
@@ -56,6 +60,17 @@ def test_only_requested_features_are_computed():
     assert set(f) == {"q_top1", "q_entropy"}
     assert set(F.DRAFTER_ONLY_FEATURES) <= set(F.POSITION_FEATURES)
     assert all(not n.startswith("p_") and n not in ("tv", "kl_pq", "kl_qp") for n in F.DRAFTER_ONLY_FEATURES)
+    drafter_only = F.position_features(Q, None, names=F.DRAFTER_ONLY_FEATURES)  # computable without p
+    assert set(drafter_only) == set(F.DRAFTER_ONLY_FEATURES)
+
+
+def test_js_divergence_bounds_and_symmetry():
+    torch.manual_seed(1)
+    q, p = torch.rand(5, 9).softmax(-1), torch.rand(5, 9).softmax(-1)
+    torch.testing.assert_close(F.js_divergence(p, q), F.js_divergence(q, p))
+    assert torch.all(F.js_divergence(p, p) < 1e-6)
+    disjoint = F.js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert disjoint.item() == pytest.approx(math.log(2))
 
 
 def test_spec_is_versioned():
