@@ -15,6 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .data.log_traces import log_traces
 from .errors import SpeccascadeError
+from .evaluation.compare import compare
 from .evaluation.demo import demo
 from .evaluation.evaluate import evaluate
 from .evaluation.operating_point import operating_point
@@ -36,7 +37,8 @@ def bench_command() -> Callable:
 
 
 COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
-                                  "operating-point": operating_point, "demo": demo, "bench": bench_command()}
+                                  "compare": compare, "operating-point": operating_point, "demo": demo,
+                                  "bench": bench_command()}
 
 
 def build_parser() -> ArgumentParser:

@@ -3,7 +3,6 @@ fixed rules, export a checkpoint, and log all of it locally and to W&B (offline 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,9 +15,11 @@ from ..deferral import features as F
 from ..deferral import rules
 from ..deferral.heads import HIDDEN_INPUTS, DeferralHead
 from ..errors import SpeccascadeError
+from ..evaluation import offline
+from ..evaluation.compare import log_to_wandb as log_comparison
+from ..evaluation.compare import write as write_comparison
 from ..tracking import resolve_wandb_mode
 from . import calibration as cal
-from . import compare
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target
 
@@ -121,13 +122,14 @@ def train_deferral(
         cal.reliability_diagram(probs, targets, out / "reliability.png")
         trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
     trained.metrics = metrics
-    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")}}
+    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")},
+                                      **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}}
                                      for t, m in zip(traces, data.manifests)]}
-    points = _offline_comparison(trained, data, out, metrics, alpha)
+    comparison = _offline_comparison(trained, data, out, metrics, alpha, seed)
     trained.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if wandb_mode != "disabled":
-        _log_to_wandb(loggers[-1], out, metrics, points)
+        _log_to_wandb(loggers[-1], out, metrics, comparison)
     return trained
 
 
@@ -140,44 +142,36 @@ def _validation_scores(module: DeferralModule, data: TraceDataModule, objective:
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
-def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict, alpha: float) -> list[dict]:
-    """Quality proxy vs deferral rate on the validation rows, learned head against the fixed rules."""
+def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict, alpha: float,
+                        seed: int) -> dict | None:
+    """The held-out comparison (:mod:`speccascade.evaluation.offline`) on the validation examples:
+    the head against every rule family and the oracle, with bootstrap intervals."""
     val = data.val_all
-    inputs = set(head.features) - {"alpha"}
-    if not {"loss_q", "loss_p"} <= set(val.column_names) or not inputs <= set(val.column_names):
-        return []
-    wanted = set(F.ALL_FEATURES) | set(HIDDEN_INPUTS) | {"loss_q", "loss_p"}
-    columns = {c: np.asarray(val[c], dtype=np.float32) for c in val.column_names if c in wanted}
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
-    points = compare.curves(columns, learned)
-    keep_all = float(columns["loss_q"].mean())
-    metrics["offline_area"] = {rule: compare.area(points, rule, keep_all) for rule in dict.fromkeys(p["rule"] for p in points)}
-    (out / "comparison.json").write_text(json.dumps(points, indent=2))
-    with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["rule", "knob", "deferral_rate", "loss"])
-        writer.writeheader()
-        writer.writerows(points)
-    compare.plot(points, out / "comparison.png")
-    return points
+    specs = offline.available(offline.DEFAULT_RULES, val.column_names)
+    wanted = {*offline.LOSS_COLUMNS, *learned.features, *(f for spec in specs for f in rules.parse(spec).features)}
+    if not wanted <= set(val.column_names):
+        return None
+    table = val.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]
+    columns = {c: torch.from_numpy(np.asarray(table[c], dtype=np.float32)) for c in sorted(wanted)}
+    result = offline.compare_columns(columns, np.asarray(table["example_id"]), specs, {"learned": learned}, seed=seed)
+    write_comparison(out, result, "comparison")
+    judged = {label: c for label, c in result["candidates"].items() if c["kind"] != "oracle"}
+    metrics["offline_area"] = {label: c["area"]["estimate"] for label, c in judged.items()}
+    metrics["offline_rate_to_close_0.9"] = {label: c["rate_to_close"]["0.9"]["estimate"] for label, c in judged.items()}
+    return result
 
 
-def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, points: list[dict]) -> None:
-    """Calibration plot, comparison table and chart, and the checkpoint as a `model` artifact."""
+def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, comparison: dict | None) -> None:
+    """Calibration plot, the held-out comparison (table, chart, plot), and the checkpoint as a `model` artifact."""
     import wandb
 
     run = logger.experiment
     run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     if (out / "reliability.png").exists():
         run.log({"reliability": wandb.Image(str(out / "reliability.png"))})
-    if points:
-        table = wandb.Table(columns=["rule", "knob", "deferral_rate", "loss"],
-                            data=[[p["rule"], p["knob"], p["deferral_rate"], p["loss"]] for p in points])
-        rules_seen = list(dict.fromkeys(p["rule"] for p in points))
-        series = [[p["loss"] for p in points if p["rule"] == r] for r in rules_seen]
-        xs = [[p["deferral_rate"] for p in points if p["rule"] == r] for r in rules_seen]
-        run.log({"offline_comparison": table,
-                 "loss_vs_deferral": wandb.plot.line_series(xs=xs, ys=series, keys=rules_seen,
-                                                            title="loss vs deferral rate", xname="deferral rate")})
+    if comparison:
+        log_comparison(comparison, out, "comparison", mode="", project="", run=run)
     artifact = wandb.Artifact(f"deferral-head-{run.id}", type="model", metadata=metrics)
     for name in ("config.json", "model.safetensors", "metrics.json"):
         artifact.add_file(str(out / name))
