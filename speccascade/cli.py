@@ -1,26 +1,39 @@
 """The ``speccascade`` command: one subcommand per pipeline step, each taking ``--config FILE.yaml``.
 
-Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+Options are spelled with dashes (``--block-size``); YAML keys with underscores (``block_size``).
+Every failure ends with exactly one ``error: ...`` line on stderr: bad input (settings, files,
+a busy or foreign output directory) exits 2, an interrupt (Ctrl-C, SIGINT) 130 with
+``error: interrupted``, and an unexpected exception 1, named, with its traceback behind
+``-v/--verbose``. Third-party output is quiet unless ``-v`` (:mod:`speccascade.runtime`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import re
 import sys
+import traceback
+import typing
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+import docstring_parser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from .data.log_traces import log_traces
+from . import __version__, runtime
+from .data.log_traces import LogTracesSettings, log_traces
 from .errors import SpeccascadeError
 from .evaluation.compare import compare
-from .evaluation.demo import demo
-from .evaluation.evaluate import evaluate
+from .evaluation.demo import DemoSettings, demo
+from .evaluation.evaluate import EvaluateSettings, evaluate
 from .evaluation.operating_point import operating_point
-from .training.train import train_deferral
+from .settings import flag, hints
+from .training.train import TrainSettings, train_deferral
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def bench_command() -> Callable:
@@ -36,37 +49,69 @@ def bench_command() -> Callable:
     return importlib.import_module("benchmarks.bench").bench
 
 
-COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
-                                  "compare": compare, "operating-point": operating_point, "demo": demo,
-                                  "bench": bench_command()}
+# name -> (function, its settings class; None: the function's own parameters are the settings)
+COMMANDS: dict[str, tuple[Callable, type | None]] = {
+    "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
+    "evaluate": (evaluate, EvaluateSettings), "compare": (compare, None), "operating-point": (operating_point, None),
+    "demo": (demo, DemoSettings), "bench": (bench_command(), None),
+}
+
+
+def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) -> None:
+    """One option, spelled with dashes; a boolean is a switch (``--resume``, ``--no-resume``)."""
+    kwargs: dict[str, Any] = {"dest": name, "help": help}
+    if default in (dataclasses.MISSING, inspect.Parameter.empty):
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = default
+    if hint is bool:
+        parser.add_argument(flag(name), action=ActionYesNo(no_prefix="no-"), **kwargs)
+    else:
+        parser.add_argument(flag(name), type=hint, **kwargs)
+
+
+def _options(function: Callable, settings: type | None) -> list[tuple[str, Any, Any, str]]:
+    """``(name, type, default, help)`` of each option: a settings class's fields, or a function's parameters."""
+    if settings is not None:
+        types = hints(settings)
+        return [(f.name, types[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(settings)]
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
+    types = typing.get_type_hints(function)
+    return [(n, types.get(n, str), p.default, docs.get(n, "")) for n, p in inspect.signature(function).parameters.items()]
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="speccascade", description="Speculative cascades with learned deferral rules.")
+    parser = ArgumentParser(prog="speccascade", description="Speculative cascades with learned deferral rules.",
+                            exit_on_error=False, print_config="--print-config")
+    parser.add_argument("--version", action="version", version=f"speccascade {__version__}")
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", help="show third-party output and tracebacks (anywhere on the line)")
     subcommands = parser.add_subcommands(dest="command")
-    for name, function in COMMANDS.items():
-        sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0])
-        sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options; flags override it")
-        sub.add_function_arguments(function)
+    for name, (function, settings) in COMMANDS.items():
+        sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0], exit_on_error=False,
+                             print_config="--print-config")
+        sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options (keys with underscores); flags override it")
+        for option in _options(function, settings):
+            _add(sub, *option)
         subcommands.add_subcommand(name, sub, help=sub.description)
     return parser
 
 
-def _underscored(arg: str) -> str:
-    """``--max-new-tokens=5`` -> ``--max_new_tokens=5``: both spellings are accepted."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return name.replace("-", "_").replace("__", "--", 1) + eq + value
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def _normalised(argv: list[str]) -> list[str]:
-    """Dashes or underscores in option names; a bare boolean flag (``--resume``) means true."""
-    args = [_underscored(a) for a in argv]
-    function = COMMANDS.get(args[0]) if args else None
-    flags = {f"--{n}" for n, p in inspect.signature(function).parameters.items() if p.annotation in (bool, "bool")} if function else set()
-    return [f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("--")) else a
-            for i, a in enumerate(args)]
+def _parse_error(err: Exception) -> str:
+    """jsonargparse's message, on one line and in the command line's spelling."""
+    text = str(err)
+    key = re.match(r'Parser key "([\w.]+)":\s*(.*)', text, flags=re.S)
+    if key:
+        detail = key.group(2).strip().splitlines()[0]
+        detail = re.sub(r"<class '(\w+)'>", r"\1", detail).replace("Expected a", "expected")
+        detail = re.sub(r"typing\.Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", ""), detail)
+        text = f"{flag(key.group(1).split('.')[-1])}: {detail}"
+    if re.search(r"(arguments|accept option).*_", text):
+        text += " (options are spelled with dashes, e.g. --block-size)"
+    return _one_line(text)
 
 
 def train_deferral_main(argv: list[str] | None = None) -> int:
@@ -75,17 +120,42 @@ def train_deferral_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    cfg = parser.parse_args(_normalised(sys.argv[1:] if argv is None else argv))
-    options = {k: v for k, v in cfg[cfg.command].as_dict().items() if k != "config"}
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in VERBOSE_FLAGS for a in args)
+    args = [a for a in args if a not in VERBOSE_FLAGS]
+    runtime.configure(verbose)
+    command = next((a for a in args if a in COMMANDS), None)
     try:
-        COMMANDS[cfg.command](**options)
+        cfg = build_parser().parse_args(args)
+    except SystemExit as done:  # --help, --version
+        return int(done.code or 0)
+    except Exception as err:  # jsonargparse's ArgumentError and its kin
+        where = f"speccascade {command} --help" if command else "speccascade --help"
+        print(f"error: {_parse_error(err)}; see `{where}`", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if cfg.command is None:
+        print("error: name a command; see `speccascade --help`", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    options = {k: v for k, v in cfg[cfg.command].as_dict().items() if k not in ("config", "verbose")}
+    return run(cfg.command, options, verbose)
+
+
+def run(command: str, options: dict, verbose: bool = False) -> int:
+    """Run one command; turn every way it can end into an exit code and at most one ``error:`` line."""
+    try:
+        COMMANDS[command][0](**options)
     except SpeccascadeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (run with -v for the traceback)"
+        print(f"error: {type(err).__name__}: {_one_line(err) or 'no message'}{hint}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     return 0
 
 

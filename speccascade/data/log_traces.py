@@ -11,144 +11,124 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..decoding import BlockEvent, ModelPair, SpeculativeCascade, load_pair
+from .. import __version__
+from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
-from ..errors import SpeccascadeError
+from ..outdir import OutputDir
+from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings, as_config,
+                        resolve_groups, setting)
 from . import traces
 from .schema import position_rows, to_numpy
-from .tasks import Example, Task, get_task
+from .tasks import Example, Task
 
 MODES = ("reference", "on-policy")
 HIDDEN = ("none", "drafter", "target", "both")
 
 
-def log_traces(
-    out: Path,
-    models: str | None = "smollm2-135m",
-    drafter: str | None = None,
-    target: str | None = None,
-    task: str = "arithmetic",
-    data_file: str | None = None,
-    split: str = "train",
-    limit: int | None = 64,
-    mode: str = "reference",
-    rule: str = "always",
-    block_size: int = 5,
-    temperature: float = 0.0,
-    max_new_tokens: int = 128,
-    max_reference_tokens: int = 256,
-    few_shot: int = 0,
-    hidden_states: str = "none",
-    topk: int = 8,
-    batch_size: int = 8,
-    shard_examples: int = 32,
-    seed: int = 0,
-    resume: bool = False,
-    devices: int = 1,
-    num_nodes: int = 1,
-    accelerator: str = "auto",
-) -> dict:
+@dataclass(kw_only=True)
+class LogTracesSettings(LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+    """Settings of ``log-traces`` (the shared groups, then its own)."""
+
+    mode: Literal[MODES] = setting("reference", "reference (teacher-forced on the gold continuation) or on-policy (speculative cascade)")
+    rule: str = setting("always", "on-policy deferral rule, name or name:value (always = exact speculative decoding)")
+    max_reference_tokens: int = setting(256, "reference mode: the gold continuation is cut to this many tokens", low=1)
+    hidden_states: Literal[HIDDEN] = setting("none", "also log last-layer hidden states (float16) of none, drafter, target or both")
+    topk: int = setting(8, "also log the top-k token ids and probabilities of both models (0 = off)", low=0)
+    shard_examples: int = setting(32, "examples per shard (the unit of --resume)", low=1)
+    seed: int = setting(0, "sampling seed (example i decodes with seed + i) and task-generator seed", low=0)
+
+    def config(self, rule: rules_module.Rule) -> dict:
+        """What the rows depend on: a directory written with another config is refused."""
+        on_policy = self.mode == "on-policy"
+        config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "mode", "block_size",
+                                  "few_shot", "hidden_states", "topk", "seed"))
+        return config | {"models": self.preset, "rule": rule.spec if on_policy else None,
+                         "temperature": self.temperature if on_policy else None,
+                         "max_new_tokens": self.max_new_tokens if on_policy else None,
+                         "max_reference_tokens": None if on_policy else self.max_reference_tokens}
+
+
+@dataclass
+class _Plan:
+    """Resolved settings: everything checked, nothing loaded or written yet."""
+
+    settings: LogTracesSettings
+    task: Task
+    examples: list[Example]
+    rule: rules_module.Rule
+    config: dict
+    out: OutputDir
+
+
+def log_traces(out, **options) -> dict:
     """Log per-position features and labels of a model pair on a task to sharded parquet traces.
 
-    Args:
-        out: output directory (manifest.json + shards/).
-        models: model-pair preset; --drafter/--target hub ids or paths replace it.
-        drafter: drafter hub id or path (with --target).
-        target: target hub id or path.
-        task: task name (arithmetic, gsm8k, summarisation, translation, qa).
-        data_file: local JSONL/parquet file of the task's records instead of the hub dataset.
-        split: data split.
-        limit: number of examples (all when null).
-        mode: reference (teacher-forced on the gold continuation) or on-policy (speculative cascade).
-        rule: on-policy deferral rule, name or name:value (always = exact speculative decoding).
-        block_size: drafts per block (gamma); also the virtual block of reference mode's position features.
-        temperature: on-policy sampling temperature (0 = greedy).
-        max_new_tokens: on-policy new tokens per example.
-        max_reference_tokens: reference mode: the gold continuation is cut to this many tokens.
-        few_shot: solved examples put in each prompt (tasks that support it).
-        hidden_states: also log last-layer hidden states (float16) of none, drafter, target or both.
-        topk: also log the top-k token ids and probabilities of both models (0 = off).
-        batch_size: examples per forward / decode batch.
-        shard_examples: examples per shard (the unit of --resume).
-        seed: sampling seed (example i decodes with seed + i) and task-generator seed.
-        resume: continue an interrupted run in the same directory.
-        devices: processes per node (Lightning Fabric; CPU runs use gloo).
-        num_nodes: nodes.
-        accelerator: cpu, cuda or auto.
+    ``options`` are the fields of :class:`LogTracesSettings` (the command line's flags); returns the manifest.
     """
-    if mode not in MODES:
-        raise SpeccascadeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if hidden_states not in HIDDEN:
-        raise SpeccascadeError(f"hidden_states must be one of {', '.join(HIDDEN)}, got {hidden_states!r}")
-    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("shard_examples", shard_examples),
-                        ("max_new_tokens", max_new_tokens), ("max_reference_tokens", max_reference_tokens)):
-        if value < 1:
-            raise SpeccascadeError(f"{name} must be >= 1, got {value}")
-    decision_rule = rules_module.parse(rule)
-    the_task = get_task(task)
-    examples = the_task.examples(split, limit=limit, data_file=data_file, seed=seed, few_shot=few_shot)
-    config = {
-        "models": None if (drafter or target) else models, "drafter": drafter, "target": target, "task": task,
-        "data_file": str(data_file) if data_file else None, "split": split, "limit": limit, "mode": mode,
-        "rule": decision_rule.spec if mode == "on-policy" else None, "block_size": block_size,
-        "temperature": temperature if mode == "on-policy" else None,
-        "max_new_tokens": max_new_tokens if mode == "on-policy" else None,
-        "max_reference_tokens": max_reference_tokens if mode == "reference" else None,
-        "few_shot": few_shot, "hidden_states": hidden_states, "topk": topk, "seed": seed,
-    }
-    out = Path(out)
-    fabric = _fabric(accelerator, devices, num_nodes)
-    problem = None
-    if fabric.global_rank == 0:  # one process checks the directory; all stop together if it is unusable
-        try:
-            traces.prepare(out, config, resume)
-        except SpeccascadeError as err:
-            problem = str(err)
-    problem = fabric.broadcast(problem, src=0)
-    if problem:
-        raise SpeccascadeError(problem)
-    pair = load_pair(models if not (drafter or target) else None, drafter=drafter, target=target, device=fabric.device)
-    header = {
-        "config": config,
-        "feature_spec": F.spec(),
-        "drafter": pair.drafter_id,
-        "target": pair.target_id,
-        "tokenizer": pair.tokenizer_fingerprint,
-        "task": task, "split": split, "mode": mode, "temperature": config["temperature"],
-        "block_size": block_size, "seed": seed,
-    }
-    if fabric.global_rank == 0:
-        traces.write_manifest(out, header, complete=False)
-    fabric.barrier()
-    writer = traces.ShardWriter(out, fabric.global_rank)
+    return run(resolve(LogTracesSettings(out=out, **options)))
+
+
+def resolve(settings: LogTracesSettings) -> _Plan:
+    """Check every setting, the task's data and the output directory; load no model, write nothing."""
+    resolve_groups(settings)
+    rule = rules_module.parse(settings.rule)
+    task, examples = settings.examples(settings.seed)
+    config = settings.config(rule)
+    out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",))
+    return _Plan(settings, task, examples, rule, config, out.check())
+
+
+def run(plan: _Plan) -> dict:
+    """Log the rows of every example not yet in a complete shard; (re)write the manifest."""
+    s = plan.settings
+    with plan.out.claim():
+        if plan.out.complete:
+            return traces.read_manifest(s.out)
+        fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
+        pair = s.load_pair(device=fabric.device)
+        header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
+                  "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
+                  "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
+                  "speccascade_version": __version__}
+        if fabric.global_rank == 0:
+            traces.write_manifest(s.out, header, complete=False)
+        fabric.barrier()
+        _log_examples(plan, fabric, _Logger(pair, plan.task, plan.config, plan.rule))
+        fabric.barrier()
+        manifest = traces.write_manifest(s.out, header, complete=True) if fabric.global_rank == 0 else {}
+        fabric.barrier()
+        plan.out.finish()
+    return manifest
+
+
+def _log_examples(plan: _Plan, fabric, logger: "_Logger") -> int:
+    """This process's share of the examples not yet logged, in shards of whole examples; returns the rows written."""
+    s = plan.settings
+    writer = traces.ShardWriter(s.out, fabric.global_rank)
     done = writer.completed()
-    mine = [(i, ex) for i, ex in enumerate(examples) if i % fabric.world_size == fabric.global_rank and ex.id not in done]
-    logger = _Logger(pair, the_task, config, decision_rule)
+    mine = [(i, ex) for i, ex in enumerate(plan.examples) if i % fabric.world_size == fabric.global_rank and ex.id not in done]
     bar = tqdm(total=len(mine), unit="ex", desc=f"log-traces rank {fabric.global_rank}" if fabric.world_size > 1 else "log-traces",
                position=fabric.local_rank, disable=None)
     rows, started = 0, time.perf_counter()
-    for start in range(0, len(mine), shard_examples):
-        chunk = mine[start : start + shard_examples]
+    for start in range(0, len(mine), s.shard_examples):
+        chunk = mine[start : start + s.shard_examples]
         parts = []
-        for b in range(0, len(chunk), batch_size):
-            batch = chunk[b : b + batch_size]
+        for b in range(0, len(chunk), s.batch_size):
+            batch = chunk[b : b + s.batch_size]
             parts.append(logger.rows(batch))
             bar.update(len(batch))
         columns = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
         rows += writer.write(columns, [ex.id for _, ex in chunk])
         bar.set_postfix(rows=rows, rows_per_s=f"{rows / (time.perf_counter() - started):.0f}")
     bar.close()
-    fabric.barrier()
-    manifest = traces.write_manifest(out, header, complete=True) if fabric.global_rank == 0 else {}
-    fabric.barrier()
-    return manifest
+    return rows
 
 
 def _fabric(accelerator: str, devices: int, num_nodes: int):

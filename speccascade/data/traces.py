@@ -19,17 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..deferral import features as F
 from ..errors import SpeccascadeError
+from ..outdir import write_atomic as _write_atomic
 from .schema import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -41,28 +37,37 @@ def _sha256(path: Path) -> str:
 
 
 def read_manifest(directory: str | Path) -> dict:
+    """A trace directory's manifest, checked to be a JSON object that lists its shards."""
     path = Path(directory) / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise SpeccascadeError(f"{directory} holds no traces: {MANIFEST} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SpeccascadeError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise SpeccascadeError(f"{path} is not a trace manifest: a JSON object expected, got a {type(manifest).__name__}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards):
+        raise SpeccascadeError(f"{path} is not a trace manifest: it lists no shards (file, rows, sha256)")
+    return manifest
 
 
-def prepare(directory: Path, config: dict, resume: bool) -> None:
-    """Refuse an output directory that holds other traces; say what to do instead. Writes nothing."""
-    if not directory.exists() or not any(directory.iterdir()):
-        return
-    if not (directory / MANIFEST).exists():
-        raise SpeccascadeError(f"output directory {directory} exists and holds no traces; choose an empty directory")
-    old = read_manifest(directory).get("config", {})
-    changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})" for k in changed)
-        raise SpeccascadeError(f"{directory} was written with a different configuration: {diffs}")
-    if not resume:
-        raise SpeccascadeError(f"{directory} already holds these traces; pass --resume to continue, or choose another directory")
+def check_readable(manifest: dict, directory: str | Path) -> None:
+    """Refuse traces this code would misread: another schema version or another feature spec."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SpeccascadeError(f"traces in {directory} have schema version {version}; this speccascade reads version "
+                               f"{SCHEMA_VERSION} (log them again with log-traces)")
+    spec = manifest.get("feature_spec") if isinstance(manifest.get("feature_spec"), dict) else {}
+    if (spec.get("name"), spec.get("version")) != (F.SPEC_NAME, F.SPEC_VERSION):
+        raise SpeccascadeError(f"traces in {directory} were logged with feature spec {spec.get('name')} v{spec.get('version')}; "
+                               f"this speccascade computes {F.SPEC_NAME} v{F.SPEC_VERSION} (log them again with log-traces)")
+
+
+def pair_of(manifest: dict) -> tuple:
+    """The model pair traces were logged with: (drafter, target, tokenizer fingerprint)."""
+    return manifest.get("drafter"), manifest.get("target"), manifest.get("tokenizer")
 
 
 class ShardWriter:

@@ -8,6 +8,10 @@ section 6). Inputs are normalised inside ``forward`` with the training split's s
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
@@ -91,6 +95,30 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         """Write ``config.json`` + ``model.safetensors`` (no pickle)."""
         self.save_pretrained(directory, config=self.config())
 
+    @classmethod
+    def load(cls, directory: str | Path) -> "DeferralHead":
+        """A head checkpoint, every part checked: a config that is no valid head config, weights that are
+        unreadable (truncated) or do not fit the config are a :class:`SpeccascadeError` naming the problem."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = read_config(directory)
+        try:
+            head = cls(**config)
+        except TypeError as err:
+            raise SpeccascadeError(f"{directory / 'config.json'} is not a deferral head's config: {err}") from None
+        try:
+            state = load_file(directory / "model.safetensors")
+        except Exception as err:
+            raise SpeccascadeError(f"{directory / 'model.safetensors'} is unreadable (truncated or corrupt): "
+                                   f"{' '.join(str(err).split())}") from None
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise SpeccascadeError(f"the weights in {directory} do not fit its config.json: {detail[:300]}") from None
+        return head.eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw score ``[...]`` from features ``[..., F]`` in ``self.features`` order."""
         x = (x - self.mean) / self.std.clamp_min(1e-6)
@@ -119,6 +147,55 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         if method == "isotonic":
             return _interpolate(score, self.calibration["x"], self.calibration["y"])
         return torch.sigmoid(score)
+
+
+def read_config(directory: str | Path) -> dict:
+    """A head's ``config.json``, checked: a JSON object whose features, input statistics, calibration
+    and operating points are consistent (the weights are checked against it by :meth:`DeferralHead.load`)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file() or not (Path(directory) / "model.safetensors").is_file():
+        raise SpeccascadeError(f"{directory} is not a deferral head (config.json and model.safetensors expected)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpeccascadeError(f"{path} is not valid JSON: {err}") from None
+    problem = _config_problem(config) if isinstance(config, dict) else "it is not a JSON object"
+    if problem:
+        raise SpeccascadeError(f"{path} is not a usable head config: {problem}")
+    return config
+
+
+def _numbers(values, finite: bool = True) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or not finite) for v in values)
+
+
+def _config_problem(config: dict) -> str | None:
+    """What makes a head config unusable, or None."""
+    features = config.get("features")
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        return "'features' must be a non-empty list of names"
+    mean, std = config.get("mean"), config.get("std")
+    if mean is not None or std is not None:
+        if not (_numbers(mean) and _numbers(std) and len(mean) == len(std)):
+            return "'mean' and 'std' must be lists of finite numbers of the same length"
+        scalars = sum(f not in HIDDEN_INPUTS for f in features)
+        hidden = len(features) - scalars
+        if (hidden == 0 and len(mean) != scalars) or (hidden and (len(mean) <= scalars or (len(mean) - scalars) % hidden)):
+            return f"its {len(features)} features do not match its {len(mean)} input statistics"
+    calibration = config.get("calibration") or {"method": "none"}
+    method = calibration.get("method") if isinstance(calibration, dict) else None
+    if method == "platt" and not _numbers([calibration.get("a"), calibration.get("b")]):
+        return "Platt calibration needs numeric coefficients 'a' and 'b'"
+    if method == "isotonic" and not (_numbers(calibration.get("x")) and _numbers(calibration.get("y"))
+                                     and len(calibration["x"]) == len(calibration["y"]) >= 1):
+        return "isotonic calibration needs knots 'x' and 'y' of the same length"
+    if method not in ("none", "platt", "isotonic"):
+        return f"unknown calibration {method!r}"
+    points = config.get("operating_points") or {}
+    if not isinstance(points, dict) or not _numbers(list(points.values()), finite=False) or any(v != v for v in points.values()):
+        return "'operating_points' must map deferral rates to numeric thresholds"
+    return None
 
 
 def _interpolate(x: torch.Tensor, xs: list[float], ys: list[float]) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 
@@ -456,19 +455,17 @@ class Learned(Rule):
     @classmethod
     def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":
         """Load a head checkpoint; refuse one whose feature spec this decoder does not provide."""
-        from .heads import DeferralHead
+        from .heads import DeferralHead, read_config
 
         directory = Path(directory)
-        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
-            raise SpeccascadeError(f"{directory} is not a deferral head (config.json and model.safetensors expected)")
-        config = json.loads((directory / "config.json").read_text())
-        spec = config.get("feature_spec") or {}
-        if spec.get("name") != SPEC_NAME or spec.get("version") != SPEC_VERSION:
+        spec = read_config(directory).get("feature_spec") or {}
+        if not isinstance(spec, dict) or spec.get("name") != SPEC_NAME or spec.get("version") != SPEC_VERSION:
+            spec = spec if isinstance(spec, dict) else {}
             raise SpeccascadeError(
                 f"head in {directory} was trained on feature spec {spec.get('name')} v{spec.get('version')}; "
                 f"this decoder provides {SPEC_NAME} v{SPEC_VERSION}"
             )
-        head = DeferralHead.from_pretrained(directory)
+        head = DeferralHead.load(directory)
         head.provenance = {**head.provenance, "path": str(directory)}
         if threshold is None:
             threshold = head.operating_points.get("default", 0.0 if head.objective == "gap" else 0.5)

@@ -2,100 +2,140 @@
 
 Log teacher-forced traces of the SmolLM2 pair on the ``arithmetic`` task's train split, train an
 MLP deferral head on them, then decode a held-out split with the head, every fixed rule and the
-baselines, and print the quality-cost table. Re-running continues from what is already in
-``--out`` (traces resume; the head and evaluation are redone).
+baselines, and print the quality-cost table with 95% intervals. Every setting of the three steps is
+checked before the first starts. Re-running continues from what is already in ``--out``: the traces
+resume, and the head and the evaluation continue when their settings are unchanged and are redone
+otherwise.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ..data.log_traces import log_traces
-from ..training.train import train_deferral
-from .evaluate import evaluate
+from ..data.log_traces import LogTracesSettings
+from ..data.log_traces import resolve as resolve_traces
+from ..data.log_traces import run as log_traces
+from ..outdir import OutputDir
+from ..settings import DecodingSettings, PairSettings, TrackingSettings, resolve_groups, setting
+from ..training.train import TrainSettings
+from ..training.train import resolve as resolve_training
+from ..training.train import run as train
+from .evaluate import DEFAULT_MARGIN, EvaluateSettings
+from .evaluate import resolve as resolve_evaluation
+from .evaluate import run as evaluate
+from .report import interval
 
 
-def demo(
-    out: Path = Path("runs/demo"),
-    models: str = "smollm2-135m",
-    task: str = "arithmetic",
-    train_examples: int = 256,
-    eval_examples: int = 16,
-    rules: str = "always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
-    block_size: int = 5,
-    temperature: float = 0.0,
-    max_new_tokens: int = 48,
-    epochs: int = 30,
-    seed: int = 0,
-    wandb_mode: str | None = None,
-) -> dict:
+@dataclass(kw_only=True)
+class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
+    """Settings of ``demo`` (the shared groups, then its own)."""
+
+    out: Path = setting(Path("runs/demo"), "output directory (traces/, head/, eval/); a rerun continues what is there")
+    models: str | None = setting("smollm2-135m", "model-pair preset (smollm2-135m is embedded: no network needed)")
+    task: str = setting("arithmetic", "task name (arithmetic is generated: no data needed)")
+    train_examples: int = setting(256, "training examples whose traces are logged (train split)", low=1)
+    eval_examples: int = setting(16, "held-out examples decoded per rule and knob (test split)", low=1)
+    rules: str = setting("always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
+                         "rules compared with the learned head (each name:value is one decode of the split)")
+    max_new_tokens: int = setting(48, "new tokens per evaluated example", low=1)
+    epochs: int = setting(30, "training epochs of the head", low=1)
+    margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin of 'reaches the target's quality'", low=0.0)
+    seed: int = setting(0, "seed of data, training and sampling", low=0)
+    overwrite: bool = setting(False, "replace traces in --out that were logged with other settings")
+
+
+@dataclass
+class _Plan:
+    settings: DemoSettings
+    traces: object
+    head: TrainSettings
+
+
+def demo(**options) -> dict:
     """Log traces, train a deferral head and compare it with every fixed rule, end to end.
 
-    Args:
-        out: output directory (traces/, head/, eval/).
-        models: model-pair preset (smollm2-135m is embedded: no network needed).
-        task: task name (arithmetic is generated: no data needed).
-        train_examples: training examples whose traces are logged (train split).
-        eval_examples: held-out examples decoded per rule and knob (test split).
-        rules: rules compared with the learned head (each name:value is one decode of the split).
-        block_size: drafts per block (gamma).
-        temperature: sampling temperature of the evaluation (0 = greedy).
-        max_new_tokens: new tokens per evaluated example.
-        epochs: training epochs of the head.
-        seed: seed of data, training and sampling.
-        wandb_mode: offline, online or disabled (default: online only where credentials exist).
+    ``options`` are the fields of :class:`DemoSettings` (the command line's flags); returns the evaluation's results.
     """
+    return run(resolve(DemoSettings(**options)))
+
+
+def _evaluation(s: DemoSettings, rules: str) -> EvaluateSettings:
+    return EvaluateSettings(out=s.out / "eval", models=s.models, drafter=s.drafter, target=s.target, task=s.task,
+                               split="test", limit=s.eval_examples, rules=rules, block_size=s.block_size,
+                               temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                               seed=s.seed, margin=s.margin, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project,
+                               resume=True, overwrite=True)
+
+
+def resolve(settings: DemoSettings) -> _Plan:
+    """Check all three steps' settings before the first one starts (a bad rule must not cost a trained head)."""
+    s = resolve_groups(settings)
+    traces = resolve_traces(LogTracesSettings(out=s.out / "traces", models=s.models, drafter=s.drafter, target=s.target,
+                                             task=s.task, split="train", limit=s.train_examples, mode="reference",
+                                             block_size=s.block_size, seed=s.seed, resume=True,
+                                             overwrite=s.overwrite))
+    head = TrainSettings(traces=[str(s.out / "traces")], out=s.out / "head", head="mlp", epochs=s.epochs, batch_size=512,
+                            seed=s.seed, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project, resume=True, overwrite=True)
+    resolve_groups(head)
+    OutputDir(head.out, "train-deferral", {}, resume=True, overwrite=True).check()  # its settings are checked once the traces exist
+    resolve_evaluation(_evaluation(s, s.rules))
+    return _Plan(s, traces, head)
+
+
+def run(plan: _Plan) -> dict:
+    s, out = plan.settings, plan.settings.out
     console = Console(width=max(Console().width, 110))
-    out = Path(out)
     started = time.perf_counter()
-    console.rule(f"1/3 log-traces: {models} on {task} (train, {train_examples} examples, teacher-forced)")
-    log_traces(out / "traces", models=models, task=task, split="train", limit=train_examples, mode="reference",
-               block_size=block_size, seed=seed, resume=True)
+    console.rule(f"1/3 log-traces: {s.models} on {s.task} (train, {s.train_examples} examples, teacher-forced)")
+    log_traces(plan.traces)
     console.rule("2/3 train-deferral: MLP head, cost-sensitive classification, Platt calibration")
-    head = train_deferral([str(out / "traces")], out / "head", head="mlp", epochs=epochs, batch_size=512, seed=seed,
-                          wandb_mode=wandb_mode)
+    head = train(resolve_training(plan.head))
     console.print(f"validation AUROC {head.metrics['auroc']:.3f}, ECE {head.metrics['ece']:.3f}")
-    console.rule(f"3/3 evaluate: {eval_examples} held-out examples (test) per rule and knob")
-    result = evaluate(out / "eval", models=models, task=task, split="test", limit=eval_examples,
-                      rules=f"{rules},learned:{out / 'head'}", block_size=block_size, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed, wandb_mode=wandb_mode)
+    console.rule(f"3/3 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
+    result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
     console.print(results_table(result))
     for line in summary_lines(result):
         console.print(line)
     console.print(f"plot: {out / 'eval' / 'quality_vs_cost.png'}   report: {out / 'eval' / 'report.md'}")
-    runs = sorted((out / "eval" / "wandb").glob("*run-*")) if (out / "eval" / "wandb").exists() else []
-    if runs:
-        console.print(f"W&B run: {runs[-1]}  (upload with `wandb sync {runs[-1]}`)")
     console.print(f"demo finished in {result['demo_wall_s'] / 60:.1f} minutes")
     return result
 
 
 def results_table(result: dict) -> Table:
-    table = Table(title=f"quality ({result['settings']['metric']}) against cost, target quality {result['target_quality']:.3f}")
-    for header in ("decoder", "quality", "deferred", "tokens/call", "latency"):
+    s = result["settings"]
+    table = Table(title=f"quality ({s['metric']}) against cost on {s['examples']} examples, target quality "
+                        f"{result['target_quality']:.3f}; [95% intervals], difference paired with the target")
+    for header in ("decoder", "quality", "vs target", "deferred", "tokens/call", "latency"):
         table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
     for p in result["points"]:
-        table.add_row(p["label"], f"{p['quality']:.3f}", f"{p['deferral_rate']:.2f}", f"{p['tokens_per_target_call']:.2f}",
-                      f"{p['relative_latency']:.2f}x")
+        table.add_row(p["label"], interval(p, "quality"), interval(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
+                      f"{p['tokens_per_target_call']:.2f}", f"{p['relative_latency']:.2f}x")
     return table
 
 
 def summary_lines(result: dict) -> list[str]:
-    """Per rule: the deferral rate it needs to reach the target's quality, or the best quality it reaches."""
+    """Per rule: the deferral rate at which it reaches the target's quality (paired non-inferiority within the
+    margin, no guard), or its best quality with intervals."""
     lines = []
-    target = result["target_quality"]
+    margin = result["settings"]["margin"]
     for rule in dict.fromkeys(p["rule"] for p in result["points"]):
         if rule == "target":
             continue
         pts = [p for p in result["points"] if p["rule"] == rule]
-        matching = [p["deferral_rate"] for p in pts if p["quality"] >= target - 1e-9]
-        if matching:
-            lines.append(f"{rule}: reaches the target's quality deferring {min(matching):.2f} of drafts")
+        reaching = [p for p in pts if p["reaches_target"]]
+        if reaching:
+            lowest = min(reaching, key=lambda p: p["deferral_rate"])
+            lines.append(f"{rule}: reaches the target's quality (within {margin:g}) deferring {lowest['deferral_rate']:.2f} "
+                         f"of drafts ({lowest['label']}: difference {interval(lowest, 'difference', sign='+')})")
         else:
-            lines.append(f"{rule}: best quality {max(p['quality'] for p in pts):.3f} (target {target:.3f})")
+            best = max(pts, key=lambda p: p["quality"])
+            guards = f"; {'; '.join(best['guards'])}" if best["guards"] else ""
+            lines.append(f"{rule}: not shown to reach the target's quality; best {best['label']} quality "
+                         f"{interval(best, 'quality')}, difference {interval(best, 'difference', sign='+')}{guards}")
     return lines

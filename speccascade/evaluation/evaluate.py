@@ -1,239 +1,240 @@
 """``speccascade evaluate``: decode a task's evaluation split under every requested rule and knob,
-and compare quality against cost (algorithms.md section 7), in local files and in W&B."""
+and compare quality against cost (algorithms.md section 7) with 95% bootstrap intervals over examples,
+in local files and in W&B.
+
+Each point (rule and knob) keeps per-example records (:mod:`speccascade.evaluation.points`) written
+atomically as soon as it completes; ``--resume`` reuses the completed points of an interrupted (or
+finished) run and writes the same results files.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
+import hashlib
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..data.tasks import Example, get_task
-from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade, load_pair
+from .. import __version__
+from ..data.tasks import Example, Task
+from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
+from ..decoding.stats import COUNTERS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
-from ..tracking import resolve_wandb_mode
+from ..outdir import OutputDir
+from ..settings import (DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings, as_config,
+                        resolve_groups, setting)
+from . import report
+from .points import Point, PointStore, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
+from .uncertainty import LEVEL, RESAMPLES, resample_weights
 
 LEARNED_RATES = ("0.2", "0.4", "0.6", "0.8")  # a learned head's recommended thresholds swept
+BASELINES = ("target", "drafter", "always", "exact", "sequential")
+DEFAULT_MARGIN = 0.02
 
 
-def configurations(spec: str, pair: ModelPair, block_size: int, temperature: float) -> list[tuple[str, str, float | None, Decoder]]:
-    """``(rule, label, knob, decoder)`` for one comma-separated item of ``--rules``."""
-    name, _, value = spec.strip().partition(":")
-    kw = dict(temperature=temperature)
+@dataclass(kw_only=True)
+class EvaluateSettings(TrackingSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+    """Settings of ``evaluate`` (the shared groups, then its own)."""
+
+    split: str = setting("test", "evaluation split")
+    limit: int | None = setting(32, "number of examples (all when null)", low=1)
+    rules: str = setting("always,chow,diff,opt,tokenv3,lossy",
+                         "comma-separated rules: a fixed rule name sweeps its default knob grid, name:value runs one knob, "
+                         "learned:DIR sweeps the head's recommended thresholds (learned:DIR@T one), plus the baselines "
+                         "target, drafter, always (exact speculative decoding) and sequential")
+    margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin in the task metric's units: a point reaches the target's "
+                            "quality when the 95% interval of its paired difference to the target lies above -margin", low=0.0)
+    seed: int = setting(0, "sampling seed (example i uses seed + i), task-generator seed and bootstrap seed", low=0)
+
+    def config(self) -> dict:
+        """What every point depends on; --resume with another config is refused (the rules may change)."""
+        return as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "few_shot", "block_size",
+                                "temperature", "max_new_tokens", "batch_size", "seed")) | {"models": self.preset}
+
+
+@dataclass
+class _Planned:
+    """A point and the rule it decodes with (None for the autoregressive baselines)."""
+
+    point: Point
+    kind: str  # target, drafter, speculative, sequential or cascade
+    rule: R.Rule | None
+
+
+@dataclass
+class _Plan:
+    settings: EvaluateSettings
+    task: Task
+    examples: list[Example]
+    points: list[_Planned]
+    out: OutputDir
+
+
+def evaluate(out, **options) -> dict:
+    """Decode a task's evaluation split under every rule and knob; compare quality against cost with 95% intervals.
+
+    ``options`` are the fields of :class:`EvaluateSettings` (the command line's flags); returns the results.
+    """
+    return run(resolve(EvaluateSettings(out=out, **options)))
+
+
+def resolve(settings: EvaluateSettings) -> _Plan:
+    """Check every setting and rule, read the task's examples and check the output directory; load no
+    model (learned heads are small and load here, to be checked), write nothing."""
+    s = resolve_groups(settings)
+    points = plan_points(s.rules)
+    task, examples = s.examples(s.seed)
+    out = OutputDir(s.out, "evaluate", s.config(), s.resume, s.overwrite, progress=("points/*.json",))
+    return _Plan(s, task, examples, points, out.check())
+
+
+def plan_points(rules: str) -> list[_Planned]:
+    """The points of ``--rules``, the target first; an empty list, a malformed rule or a point asked for
+    twice is an error naming it."""
+    items = [item.strip() for item in rules.split(",")]
+    if not any(items):
+        raise SpeccascadeError("--rules names no rule; give at least one, e.g. always,opt:0.3")
+    if not all(items):
+        raise SpeccascadeError(f"--rules {rules!r} has an empty item (two commas in a row, or a trailing comma)")
+    planned = [p for item in ["target", *[i for i in items if i != "target"]] for p in _points(item)]
+    labels = [p.point.label for p in planned]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise SpeccascadeError(f"--rules asks for {', '.join(twice)} more than once")
+    return planned
+
+
+def _points(item: str) -> list[_Planned]:
+    name, _, value = item.partition(":")
     if name in ("target", "drafter"):
-        return [(name, f"{name} only", None, Autoregressive(pair, name, **kw))]
+        return [_Planned(Point(name, f"{name} only", None, name), name, None)]
     if name in ("always", "exact"):
-        return [("speculative", "speculative decoding", None, SpeculativeCascade(pair, R.AlwaysDefer(), block_size, **kw))]
+        return [_Planned(Point("speculative", "speculative decoding", None, "speculative"), "speculative", None)]
     if name == "sequential":  # Chow in the token-level sequential cascade
         chows = [R.parse(f"chow:{value}")] if value else [R.Chow(alpha=k) for k in R.Chow.SWEEP]
-        return [("sequential", f"sequential {c.spec}", c.alpha, SequentialCascade(pair, c, **kw)) for c in chows]
+        return [_Planned(Point("sequential", f"sequential {c.spec}", c.alpha, f"sequential {c.spec}"), "sequential", c)
+                for c in chows]
+    if name != "learned" and name not in R.FIXED_RULES:
+        raise SpeccascadeError(f"unknown rule {name!r}; known: {', '.join(BASELINES)}, learned:DIR, {', '.join(R.FIXED_RULES)}")
+    rule = R.parse(item)
     if name == "learned":
-        path, _, threshold = value.rpartition("@") if "@" in value else (value, "", "")
-        rule = R.Learned.from_pretrained(path)
-        _check_pair(rule, pair, path)
-        points = rule.head.operating_points
-        knobs = [float(threshold)] if threshold else [points[r] for r in LEARNED_RATES if r in points] or [rule.threshold]
-        return [("learned", f"learned:{Path(path).name}@{k:.3g}", k,
-                 SpeculativeCascade(pair, R.Learned(rule.head, k, rule.alpha), block_size, **kw)) for k in knobs]
-    if name not in R.FIXED_RULES:
-        raise SpeccascadeError(f"unknown rule {name!r}; known: target, drafter, sequential, learned:DIR, {', '.join(R.FIXED_RULES)}")
-    chosen = [R.parse(spec)] if value else [R.from_name(name, k) for k in R.FIXED_RULES[name].SWEEP or (None,)]
-    return [(name, r.spec, getattr(r, r.knob) if r.knob else None, SpeculativeCascade(pair, r, block_size, **kw)) for r in chosen]
+        return _learned_points(rule, value)
+    chosen = [rule] if value else [R.from_name(name, k) for k in rule.SWEEP or (None,)]
+    return [_Planned(Point(name, r.spec, getattr(r, r.knob) if r.knob else None, r.spec), "cascade", r) for r in chosen]
 
 
-def _check_pair(rule: R.Learned, pair: ModelPair, path: str) -> None:
+def _learned_points(rule: R.Learned, value: str) -> list[_Planned]:
+    """A head at the threshold given (``@T``), else at its recommended thresholds; keyed by its weights."""
+    path = value.rpartition("@")[0] if "@" in value else value
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((Path(path) / name).read_bytes())
+    points = rule.head.operating_points
+    knobs = [rule.threshold] if "@" in value else [points[r] for r in LEARNED_RATES if r in points] or [rule.threshold]
+    return [_Planned(Point("learned", f"learned:{Path(path).name}@{k:.3g}", k, f"learned:{digest.hexdigest()[:16]}@{k!r}"),
+                     "cascade", R.Learned(rule.head, k, rule.alpha)) for k in knobs]
+
+
+def _decoder(planned: _Planned, pair: ModelPair, s: EvaluateSettings) -> Decoder:
+    kw = dict(temperature=s.temperature)
+    if planned.kind in ("target", "drafter"):
+        return Autoregressive(pair, planned.kind, **kw)
+    if planned.kind == "sequential":
+        return SequentialCascade(pair, planned.rule, **kw)
+    rule = R.AlwaysDefer() if planned.kind == "speculative" else planned.rule
+    return SpeculativeCascade(pair, rule, s.block_size, **kw)
+
+
+def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
     """Warn (not refuse) when a head was trained on traces of another model pair."""
     for trace in rule.head.provenance.get("traces", []):
         other_tokenizer = trace.get("tokenizer") and trace["tokenizer"] != pair.tokenizer_fingerprint
         other_target = trace.get("target") and trace["target"] != pair.target_id
         if other_tokenizer or other_target:
-            print(f"warning: head {path} was trained on traces of {trace.get('drafter')} -> {trace.get('target')}, "
-                  f"not this pair ({pair.drafter_id} -> {pair.target_id})", file=sys.stderr)
+            print(f"warning: head {rule.head.provenance.get('path')} was trained on traces of {trace.get('drafter')} -> "
+                  f"{trace.get('target')}, not this pair ({pair.drafter_id} -> {pair.target_id})", file=sys.stderr)
             return
 
 
-def run(decoder: Decoder, pair: ModelPair, examples: list[Example], task, batch_size: int, max_new_tokens: int, seed: int) -> dict:
-    """Decode every example; quality is the task metric's mean, costs are totals over batches."""
-    totals = dict(quality=0.0, wall_s=0.0, target_calls=0, drafter_calls=0, new_tokens=0, decided=0,
-                  deferrals=0, rejections=0, target_forwards=0)
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
+def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings) -> tuple[dict, dict]:
+    """Decode every example: per-example records and the point's totals that are no per-example sums."""
+    records, meta = empty_records(), {"wall_s": 0.0, "target_forwards": 0, "drafter_forwards": 0}
+    for start in range(0, len(examples), s.batch_size):
+        batch = examples[start : start + s.batch_size]
         ids, mask = pair.encode([ex.prompt for ex in batch])
-        out = decoder.generate(ids, mask, max_new_tokens=max_new_tokens, seed=[seed + start + i for i in range(len(batch))])
+        out = decoder.generate(ids, mask, max_new_tokens=s.max_new_tokens, seed=[s.seed + start + i for i in range(len(batch))])
         texts = pair.decode(out.new_tokens)
-        totals["quality"] += sum(task.score(text, ex) for text, ex in zip(texts, batch))
-        for key in totals.keys() - {"quality"}:
-            totals[key] += getattr(out.stats, key)
-    n = len(examples)
-    decided = totals["decided"]
-    return {
-        "quality": totals["quality"] / n,
-        # the target alone always "defers", the drafter alone never does
-        "deferral_rate": totals["deferrals"] / decided if decided else float(getattr(decoder, "which", "") == "target"),
-        "rejection_rate": totals["rejections"] / decided if decided else 0.0,
-        "target_calls": totals["target_calls"],
-        "drafter_calls": totals["drafter_calls"],
-        "tokens_per_target_call": totals["new_tokens"] / totals["target_calls"] if totals["target_calls"] else float("inf"),
-        "new_tokens": totals["new_tokens"],
-        "wall_s": totals["wall_s"],
-    }
+        for ex, text, row, tokens in zip(batch, texts, out.stats.rows, out.new_tokens.tolist()):
+            records["example_id"].append(ex.id)
+            records["score"].append(float(task.score(text, ex)))
+            for name in COUNTERS:
+                records[name].append(int(row[name]))
+            records["repetition"].append(repetition(tokens[: row["new_tokens"]]))
+            records["text"].append(text)
+        for key in meta:
+            meta[key] += getattr(out.stats, key)
+    return records, meta
 
 
-def evaluate(
-    out: Path,
-    models: str | None = "smollm2-135m",
-    drafter: str | None = None,
-    target: str | None = None,
-    task: str = "arithmetic",
-    data_file: str | None = None,
-    split: str = "test",
-    limit: int | None = 32,
-    rules: str = "always,chow,diff,opt,tokenv3,lossy",
-    block_size: int = 5,
-    temperature: float = 0.0,
-    max_new_tokens: int = 128,
-    few_shot: int = 0,
-    batch_size: int = 8,
-    seed: int = 0,
-    wandb_mode: str | None = None,
-    wandb_project: str = "speccascade",
-) -> dict:
-    """Decode a task's evaluation split under every rule and knob; compare quality against cost.
-
-    Args:
-        out: output directory (results.json, results.csv, quality_vs_cost.png, report.md).
-        models: model-pair preset; --drafter/--target hub ids or paths replace it.
-        drafter: drafter hub id or path (with --target).
-        target: target hub id or path.
-        task: task name (arithmetic, gsm8k, summarisation, translation, qa).
-        data_file: local JSONL/parquet file of the task's records instead of the hub dataset.
-        split: evaluation split.
-        limit: number of examples (all when null).
-        rules: comma-separated rules: a fixed rule name sweeps its default knob grid, name:value runs
-            one knob, learned:DIR sweeps the head's recommended thresholds (learned:DIR@T one),
-            plus the baselines target, drafter, always (exact speculative decoding) and sequential.
-        block_size: drafts per block (gamma).
-        temperature: sampling temperature (0 = greedy), the same for every decoder.
-        max_new_tokens: new tokens per example.
-        few_shot: solved examples put in each prompt (tasks that support it).
-        batch_size: examples decoded together.
-        seed: sampling seed (example i uses seed + i).
-        wandb_mode: offline, online or disabled (default: online only where credentials exist).
-        wandb_project: W&B project name.
-    """
-    wandb_mode = resolve_wandb_mode(wandb_mode)
-    examples = get_task(task).examples(split, limit=limit, data_file=data_file, seed=seed, few_shot=few_shot)
-    the_task = get_task(task)
-    pair = load_pair(models if not (drafter or target) else None, drafter=drafter, target=target)
-    specs = ["target", *[s for s in rules.split(",") if s.strip() and s.strip() != "target"]]
-    configs = [c for spec in specs for c in configurations(spec, pair, block_size, temperature)]
-    points = []
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    started = time.perf_counter()
-    with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task("evaluate", total=len(configs))
-        for rule, label, knob, decoder in configs:
-            progress.update(bar, description=f"evaluate {label}")
-            points.append({"rule": rule, "label": label, "knob": knob, **run(decoder, pair, examples, the_task, batch_size, max_new_tokens, seed)})
-            progress.advance(bar)
-    target_point = points[0]
-    for p in points:
-        p["relative_latency"] = p["wall_s"] / target_point["wall_s"]
-    by_rule: dict[str, list[dict]] = {}
-    for p in points:
-        by_rule.setdefault(p["rule"], []).append(p)
-    result = {
-        "settings": {"models": models, "drafter": pair.drafter_id, "target": pair.target_id, "task": task, "split": split,
-                     "examples": len(examples), "block_size": block_size, "temperature": temperature,
-                     "max_new_tokens": max_new_tokens, "seed": seed, "metric": the_task.metric},
-        "target_quality": target_point["quality"],
-        "points": points,
-        "summary": {rule: summary(pts, target_point["quality"]) for rule, pts in by_rule.items()},
-        "pareto": {rule: [p["label"] for p in pareto_front(pts)] for rule, pts in by_rule.items()},
-        "wall_s": time.perf_counter() - started,
-    }
-    write_outputs(Path(out), result)
-    if wandb_mode != "disabled":
-        log_to_wandb(result, Path(out), wandb_mode, wandb_project)
+def run(plan: _Plan) -> dict:
+    """Decode the points not yet complete, then summarise, report and log every point."""
+    s, out = plan.settings, Path(plan.settings.out)
+    with plan.out.claim():
+        pair = s.load_pair()
+        for learned in {id(p.rule.head): p.rule for p in plan.points if isinstance(p.rule, R.Learned)}.values():
+            _check_pair(learned, pair)
+        done = _decode_points(plan, pair, PointStore(out))
+        result = results(plan, done, pair)
+        report.write_outputs(out, result)
+        if s.wandb_mode != "disabled":
+            report.log_to_wandb(result, out, s.wandb_mode, s.wandb_project)
+        plan.out.finish()
     return result
 
 
-def log_to_wandb(result: dict, out: Path, mode: str, project: str) -> None:
-    """One run per evaluation: every (rule, knob) point as a table, and quality-cost line charts."""
-    import wandb
-
-    run = wandb.init(project=project, mode=mode, dir=str(out), job_type="evaluate", config=result["settings"])
-    fields = ["rule", "label", "knob", "quality", "deferral_rate", "tokens_per_target_call", "relative_latency", "wall_s"]
-    run.log({"points": wandb.Table(columns=fields, data=[[p[f] for f in fields] for p in result["points"]])})
-    rules_seen = [r for r in dict.fromkeys(p["rule"] for p in result["points"])]
-    for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
-        pts = {r: sorted((p[cost], p["quality"]) for p in result["points"] if p["rule"] == r) for r in rules_seen}
-        run.log({f"quality_vs_{cost}": wandb.plot.line_series(
-            xs=[[x for x, _ in pts[r]] for r in rules_seen], ys=[[y for _, y in pts[r]] for r in rules_seen],
-            keys=rules_seen, title=f"quality vs {cost.replace('_', ' ')}", xname=cost)})
-    run.summary.update({"target_quality": result["target_quality"]})
-    run.log({"quality_vs_cost": wandb.Image(str(out / "quality_vs_cost.png"))})
-    run.finish()
-
-
-def write_outputs(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    fields = ["rule", "label", "knob", "quality", "deferral_rate", "rejection_rate", "target_calls", "drafter_calls",
-              "tokens_per_target_call", "new_tokens", "wall_s", "relative_latency"]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows([{k: p[k] for k in fields} for p in result["points"]])
-    plot(result, out / "quality_vs_cost.png")
-    (out / "report.md").write_text(report(result))
+def _decode_points(plan: _Plan, pair: ModelPair, store: PointStore) -> list[tuple[Point, dict, dict]]:
+    """Every point's records: loaded when an earlier run completed it, else decoded and saved at once."""
+    ids = [ex.id for ex in plan.examples]
+    done = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task("evaluate", total=len(plan.points))
+        for planned in plan.points:
+            progress.update(bar, description=f"evaluate {planned.point.label}")
+            loaded = store.load(planned.point, ids)
+            if loaded is None:
+                loaded = decode(_decoder(planned, pair, plan.settings), pair, plan.examples, plan.task, plan.settings)
+                store.save(planned.point, *loaded)
+            done.append((planned.point, *loaded))
+            progress.advance(bar)
+    return done
 
 
-def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    rules_seen = list(dict.fromkeys(p["rule"] for p in result["points"]))
-    for ax, cost, name in ((axes[0], "deferral_rate", "deferral rate"), (axes[1], "relative_latency", "latency relative to the target")):
-        for rule in rules_seen:
-            pts = sorted((p[cost], p["quality"]) for p in result["points"] if p["rule"] == rule)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if len(pts) > 1 else "s", label=rule)
-        ax.axhline(result["target_quality"], color="grey", linestyle="--", label="target quality")
-        ax.set_xlabel(name)
-        ax.set_ylabel(f"quality ({result['settings']['metric']})")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{result['settings']['task']}: quality against cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def report(result: dict) -> str:
-    s = result["settings"]
-    lines = [
-        f"# speccascade evaluate: {s['task']} ({s['split']}, {s['examples']} examples)",
-        "",
-        f"Drafter `{s['drafter']}`, target `{s['target']}`; gamma {s['block_size']}, temperature {s['temperature']}, "
-        f"max {s['max_new_tokens']} new tokens, seed {s['seed']}. Target quality ({s['metric']}): {result['target_quality']:.3f}.",
-        "",
-        "![quality against cost](quality_vs_cost.png)",
-        "",
-        "| decoder | quality | deferral rate | tokens / target call | latency vs target |",
-        "|---|---|---|---|---|",
-    ]
-    for p in result["points"]:
-        lines.append(f"| {p['label']} | {p['quality']:.3f} | {p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | {p['relative_latency']:.2f}x |")
-    lines += ["", "| rule | lowest latency at target quality | best quality within target latency |", "|---|---|---|"]
-    for rule, v in result["summary"].items():
-        low, best = v["lowest_latency_at_target_quality"], v["best_quality_within_target_latency"]
-        lines.append(f"| {rule} | {'-' if low is None else f'{low:.2f}x'} | {'-' if best is None else f'{best:.3f}'} |")
-    return "\n".join(lines) + "\n"
+def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) -> dict:
+    """Every point's numbers with intervals (one set of bootstrap counts, so all comparisons are paired),
+    per-rule Pareto fronts and summaries."""
+    s = plan.settings
+    weights = resample_weights(len(plan.examples), seed=s.seed)
+    target = done[0][1]
+    points = [summarise(point, records, meta, target, weights, s.margin) | {"records": records_path(point)}
+              for point, records, meta in done]
+    for p in points:
+        p["relative_latency"] = p["wall_s"] / points[0]["wall_s"] if points[0]["wall_s"] else float("nan")
+    by_rule: dict[str, list[dict]] = {}
+    for p in points:
+        by_rule.setdefault(p["rule"], []).append(p)
+    settings = {"models": s.preset, "drafter": pair.drafter_id, "target": pair.target_id, "task": s.task, "split": s.split,
+                "examples": len(plan.examples), "block_size": s.block_size, "temperature": s.temperature,
+                "max_new_tokens": s.max_new_tokens, "seed": s.seed, "metric": plan.task.metric, "margin": s.margin,
+                "level": LEVEL, "resamples": RESAMPLES, "speccascade_version": __version__}
+    return {
+        "settings": settings,
+        "target_quality": points[0]["quality"],
+        "points": points,
+        "summary": {rule: summary(pts, points[0]["quality"]) for rule, pts in by_rule.items()},
+        "pareto": {rule: [p["label"] for p in pareto_front(pts)] for rule, pts in by_rule.items()},
+        "wall_s": sum(p["wall_s"] for p in points),
+    }

@@ -75,6 +75,8 @@ def operating_point(
     """
     if (target_deferral_rate is None) == (target_loss is None):
         raise SpeccascadeError("give exactly one of --target-deferral-rate and --target-loss")
+    if target_loss is not None and not math.isfinite(target_loss):
+        raise SpeccascadeError(f"--target-loss must be a finite number, got {target_loss}")
     chosen = _rule(rule)
     table = load_traces(traces).with_format("torch")[:]
     columns = {c: v for c, v in table.items() if c in F.ALL_FEATURES + F.HIDDEN_INPUTS + ("loss_q", "loss_p")}

@@ -19,8 +19,9 @@ def pareto_front(points: list[dict], quality: str = "quality", cost: str = "rela
 def summary(points: list[dict], target_quality: float, target_latency: float = 1.0,
             quality: str = "quality", cost: str = "relative_latency") -> dict:
     """The lowest cost that matches the target's quality, and the best quality within the target's cost
-    (None where no point qualifies)."""
-    matching = [p[cost] for p in points if p[quality] >= target_quality - 1e-9]
+    (None where no point qualifies). A point matches by its ``reaches_target`` decision where it has one
+    (``evaluate``: paired non-inferiority and no guard), else when its quality is at least the target's."""
+    matching = [p[cost] for p in points if p.get("reaches_target", p[quality] >= target_quality - 1e-9)]
     within = [p[quality] for p in points if p[cost] <= target_latency + 1e-9]
     return {
         "lowest_latency_at_target_quality": min(matching) if matching else None,

@@ -1,24 +1,41 @@
 """``train-deferral``: fit a deferral head on traces, calibrate it, compare it offline with the
-fixed rules, export a checkpoint, and log all of it locally and to W&B (offline by default)."""
+fixed rules, export a checkpoint, and log all of it locally and to W&B (offline by default).
+
+Training saves ``checkpoints/last.ckpt`` after every epoch (atomically), so a run stopped by
+SIGINT or SIGKILL continues with ``--resume`` from its last finished epoch; the checkpoint is
+removed once the head is exported. A head that learned nothing usable (no optimisation step,
+non-finite or constant scores) is an error, not an artefact.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from .. import __version__
+from ..data import traces as trace_dirs
 from ..deferral import features as F
 from ..deferral import rules
-from ..deferral.heads import HIDDEN_INPUTS, DeferralHead
+from ..deferral.heads import HIDDEN_INPUTS, OBJECTIVES, DeferralHead
 from ..errors import SpeccascadeError
 from ..evaluation import offline
 from ..evaluation.compare import log_to_wandb as log_comparison
 from ..evaluation.compare import write as write_comparison
-from ..tracking import resolve_wandb_mode
+from ..outdir import OutputDir, launched_child
+from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
+from ..tracking import run_path, start_run
 from . import calibration as cal
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target
@@ -30,107 +47,214 @@ HEADS = {  # head name -> (kind, default features)
     "hidden-mlp": ("mlp", F.POSITION_FEATURES + HIDDEN_INPUTS),
 }
 DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
-def train_deferral(
-    traces: list[str] | str,
-    out: Path,
-    head: str = "mlp",
-    objective: str = "classification",
-    features: list[str] | None = None,
-    alpha: float = 0.0,
-    alpha_range: tuple[float, float] | None = None,
-    hidden: int = 64,
-    depth: int = 2,
-    epochs: int = 10,
-    batch_size: int = 4096,
-    lr: float = 3e-3,
-    val_fraction: float = 0.2,
-    calibration: str = "platt",
-    seed: int = 0,
-    devices: int = 1,
-    strategy: str = "auto",
-    accelerator: str = "cpu",
-    wandb_mode: str | None = None,
-    wandb_project: str = "speccascade",
-) -> DeferralHead:
+@dataclass(kw_only=True)
+class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
+    """Settings of ``train-deferral`` (the shared groups, then its own)."""
+
+    traces: list[str] | str = setting(help="trace directories written by log-traces (a list, or comma-separated)")
+    head: Literal[tuple(HEADS)] = setting("mlp", "logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp "
+                                          "(position features plus both models' last hidden states; needs traces logged with --hidden-states both)")
+    objective: Literal[OBJECTIVES] = setting("classification", "gap (regression; a learned OPT), classification "
+                                             "(cost-sensitive BCE on 1[gap > 0]) or relaxed")
+    features: list[str] | None = setting(None, "feature names (default: every position feature; token-mlp adds the token features)")
+    alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
+    alpha_range: tuple[float, float] | None = setting(None, "relaxed objective only: train one head conditioned on alpha drawn "
+                                                      "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
+    hidden: int = setting(64, "hidden width of the MLP", low=1)
+    depth: int = setting(2, "hidden layers of the MLP", low=1)
+    epochs: int = setting(10, "passes over the training rows", low=1)
+    batch_size: int = setting(4096, "rows per step", low=1)
+    lr: float = setting(3e-3, "AdamW learning rate", above=0.0)
+    val_fraction: float = setting(0.2, "fraction of examples (not rows) held out for validation and calibration", above=0.0, below=1.0)
+    calibration: Literal[cal.METHODS] = setting("platt", "platt, isotonic or none (gap heads are not calibrated)")
+    seed: int = setting(0, "seed of the split, the initialisation and the shuffling", low=0)
+    strategy: str = setting("auto", "Lightning strategy (auto, ddp, ...)")
+    accelerator: Literal[ACCELERATORS] = setting("cpu", "cpu, cuda (gpu), mps or auto (the heads are small: cpu is the default)")
+    mix_pairs: bool = setting(False, "allow traces of different model pairs in one training run")
+
+    def config(self, manifests: list[dict]) -> dict:
+        """What the head depends on: a directory written with another config is refused."""
+        return as_config(self, ("traces", "head", "objective", "features", "alpha", "alpha_range", "hidden", "depth", "epochs",
+                                "batch_size", "lr", "val_fraction", "calibration", "seed", "mix_pairs")) | {
+            "trace_fingerprints": [m.get("fingerprint") for m in manifests]}
+
+
+@dataclass
+class _Plan:
+    """Resolved settings: everything checked, nothing loaded or written yet."""
+
+    settings: TrainSettings
+    kind: str
+    features: list[str]
+    manifests: list[dict]
+    out: OutputDir
+
+
+def train_deferral(traces: list[str] | str, out, **options) -> DeferralHead:
     """Train a deferral head on trace directories and export it (config.json + model.safetensors).
 
-    Args:
-        traces: trace directories written by log-traces (a list, or one string, comma-separated).
-        out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
-        head: logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp (position features
-            plus both models' last hidden states; needs traces logged with --hidden-states both).
-        objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
-        features: feature names (default: every position feature; token-mlp adds the token features).
-        alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
-        alpha_range: relaxed objective only: train one head conditioned on alpha drawn from [low, high]
-            (pass ``Learned(..., alpha=...)`` when decoding).
-        hidden: hidden width of the MLP.
-        depth: hidden layers of the MLP.
-        epochs: passes over the training rows.
-        batch_size: rows per step.
-        lr: AdamW learning rate.
-        val_fraction: fraction of examples (not rows) held out for validation and calibration.
-        calibration: platt, isotonic or none (gap heads are not calibrated).
-        seed: seed of the split, the initialisation and the shuffling.
-        devices: training processes (Lightning; e.g. 2 with strategy ddp).
-        strategy: Lightning strategy (auto, ddp, ...).
-        accelerator: cpu, gpu or auto (the heads are small: cpu is the default).
-        wandb_mode: offline, online or disabled (default: online only where credentials exist).
-        wandb_project: W&B project name.
+    ``options`` are the fields of :class:`TrainSettings` (the command line's flags); returns the head.
     """
-    if alpha_range is not None and objective != "relaxed":
-        raise SpeccascadeError("alpha_range conditions a head on alpha; it needs objective 'relaxed'")
-    if isinstance(traces, str):
-        traces = [t for t in traces.split(",") if t]
-    if head not in HEADS:
-        raise SpeccascadeError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if calibration not in cal.METHODS:
-        raise SpeccascadeError(f"unknown calibration {calibration!r}; choose one of {', '.join(cal.METHODS)}")
-    wandb_mode = resolve_wandb_mode(wandb_mode)
-    kind, default_features = HEADS[head]
-    features = list(features or default_features)
-    out = Path(out)
-    pl.seed_everything(seed, workers=True, verbose=False)
-    data = TraceDataModule([str(t) for t in traces], features, objective, val_fraction, batch_size, seed)
-    data.setup()
-    module = DeferralModule(features, data.mean, data.std, kind, hidden, depth, objective, alpha, lr,
-                            alpha_range=tuple(alpha_range) if alpha_range is not None else None)
-    loggers = [CSVLogger(out, name="logs")]
-    if wandb_mode != "disabled":
-        loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="train-deferral"))
-    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, enable_checkpointing=False, deterministic=True,
-                         enable_model_summary=False, default_root_dir=str(out), devices=devices,
-                         strategy=strategy, accelerator=accelerator)
-    trainer.fit(module, datamodule=data)
-    if not trainer.is_global_zero:
-        return module.head
+    return run(resolve(TrainSettings(traces=traces, out=out, **options)))
 
+
+def resolve(settings: TrainSettings) -> _Plan:
+    """Check every setting, the traces' manifests (complete, readable by this code, one pair) and the
+    output directory; load no rows, write nothing."""
+    s = resolve_groups(settings)
+    s.traces = [t.strip() for t in (s.traces.split(",") if isinstance(s.traces, str) else s.traces) if t.strip()]
+    if not s.traces or len(set(s.traces)) != len(s.traces):
+        raise SpeccascadeError("--traces must name one or more distinct trace directories")
+    if s.alpha_range is not None and (s.objective != "relaxed" or s.alpha_range[0] > s.alpha_range[1]):
+        raise SpeccascadeError("--alpha-range [low, high] conditions a head on alpha; it needs objective 'relaxed' and low <= high")
+    if s.strategy != "auto" and s.strategy not in pl.strategies.StrategyRegistry.available_strategies():
+        raise SpeccascadeError(f"unknown strategy {s.strategy!r}; choose auto, ddp or another Lightning strategy")
+    kind, default_features = HEADS[s.head]
+    features = list(s.features or default_features)
+    unknown = sorted(set(features) - set(F.ALL_FEATURES + HIDDEN_INPUTS))
+    if unknown or len(set(features)) != len(features):
+        raise SpeccascadeError(f"--features must be distinct names of the feature spec; unknown: {unknown}")
+    manifests = [_trainable(t) for t in s.traces]
+    pairs = {trace_dirs.pair_of(m) for m in manifests}
+    if len(pairs) > 1 and not s.mix_pairs:
+        names = "; ".join(f"{t}: {m.get('drafter')} -> {m.get('target')}" for t, m in zip(s.traces, manifests))
+        raise SpeccascadeError(f"the traces come from different model pairs ({names}); pass --mix-pairs to train on them together")
+    out = OutputDir(s.out, "train-deferral", s.config(manifests), s.resume, s.overwrite, progress=(str(CHECKPOINT),))
+    return _Plan(s, kind, features, manifests, out.check())
+
+
+def _trainable(directory: str) -> dict:
+    manifest = trace_dirs.read_manifest(directory)
+    if not manifest.get("complete"):
+        raise SpeccascadeError(f"traces in {directory} are incomplete; finish them with log-traces --resume")
+    if not manifest.get("rows"):
+        raise SpeccascadeError(f"traces in {directory} have no rows")
+    trace_dirs.check_readable(manifest, directory)
+    return manifest
+
+
+def run(plan: _Plan) -> DeferralHead:
+    """Train (or continue training), check the head is usable, export it."""
+    s, out = plan.settings, Path(plan.settings.out)
+    with plan.out.claim():
+        if plan.out.complete:
+            print(f"train-deferral: {out} holds a finished head of these settings; nothing to do")
+            return DeferralHead.load(out)
+        pl.seed_everything(s.seed, workers=True, verbose=False)
+        data = TraceDataModule(s.traces, plan.features, s.objective, s.val_fraction, s.batch_size, s.seed)
+        data.setup()
+        module = DeferralModule(plan.features, data.mean, data.std, plan.kind, s.hidden, s.depth, s.objective, s.alpha, s.lr,
+                                alpha_range=tuple(s.alpha_range) if s.alpha_range is not None else None)
+        trainer, wandb_run = _fit(s, out, module, data, plan.out.config)
+        if not trainer.is_global_zero:
+            return module.head
+        head = _export(plan, module, data, trainer, wandb_run)
+        plan.out.finish()
+    return head
+
+
+def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataModule, config: dict):
+    """``trainer.fit`` from the last checkpoint when resuming; a SIGINT is a KeyboardInterrupt (exit 130)."""
+    resume_from = out / CHECKPOINT if (out / CHECKPOINT).is_file() else None
+    earlier = _earlier_metrics(out, resume_from)
+    loggers = [CSVLogger(out, name="logs", version=0)]
+    wandb_run = None
+    if s.wandb_mode != "disabled" and not launched_child():
+        wandb_run = start_run(out, s.wandb_project, s.wandb_mode, "train-deferral", config)
+        loggers.append(WandbLogger(experiment=wandb_run))
+    for step, metrics in earlier:  # the curves of the epochs before the checkpoint, kept in logs/version_0
+        loggers[0].log_metrics(metrics, step)
+    steps = -(-len(data.train_rows) // s.batch_size)
+    trainer = pl.Trainer(max_epochs=s.epochs, logger=loggers, deterministic=True, enable_model_summary=False,
+                         callbacks=[ModelCheckpoint(dirpath=out / CHECKPOINT.parent, save_last=True, save_top_k=0)],
+                         plugins=[_AtomicCheckpointIO()], default_root_dir=str(out), devices=s.devices,
+                         num_nodes=s.num_nodes, strategy=s.strategy, accelerator=s.accelerator,
+                         log_every_n_steps=max(1, min(50, steps)))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    except SystemExit:  # Lightning ends an interrupted fit with exit(1)
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return trainer, wandb_run
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name and renamed: a kill never leaves half a checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def _earlier_metrics(out: Path, checkpoint: Path | None) -> list[tuple[int, dict]]:
+    """The logged metrics of the steps a checkpoint holds; the rest of the old log is removed."""
+    log_dir = out / "logs" / "version_0"
+    rows = []
+    if checkpoint is not None and (log_dir / "metrics.csv").is_file():
+        try:
+            step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+        except Exception as err:
+            raise SpeccascadeError(f"checkpoint {checkpoint} is unreadable ({type(err).__name__}); pass --overwrite to start again") from None
+        with (log_dir / "metrics.csv").open(newline="") as f:
+            rows = [(int(r.pop("step")), {k: float(v) for k, v in r.items() if v != ""}) for r in csv.DictReader(f)]
+        rows = [(s, m) for s, m in rows if s < step]
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return rows
+
+
+def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer: pl.Trainer, wandb_run) -> DeferralHead:
+    """Refuse a degenerate head; calibrate it, pick its operating points, compare it offline, save everything."""
+    s, out = plan.settings, Path(plan.settings.out)
     trained = module.head.eval()
-    logits, targets = _validation_scores(module, data, objective, alpha)
+    logits, targets = _validation_scores(module, data, s.objective, s.alpha)
+    _refuse_degenerate(out, trainer.global_step, logits, s.lr)
     metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
-    out.mkdir(parents=True, exist_ok=True)
-    if objective == "gap":
+    if s.objective == "gap":
         metrics["auroc"] = cal.auroc(targets, logits)
         trained.operating_points = {"default": 0.0}
     else:
         metrics["uncalibrated"] = cal.report(trained.probability(torch.from_numpy(logits)).numpy(), targets, logits)
-        trained.calibration = cal.fit(calibration, logits, targets)
+        trained.calibration = cal.fit(s.calibration, logits, targets)
         probs = trained.probability(torch.from_numpy(logits)).numpy()
+        _refuse_degenerate(out, trainer.global_step, probs, s.lr, what="calibrated probabilities")
         metrics |= cal.report(probs, targets, logits)
         cal.reliability_diagram(probs, targets, out / "reliability.png")
         trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
     trained.metrics = metrics
-    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")},
-                                      **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}}
-                                     for t, m in zip(traces, data.manifests)]}
-    comparison = _offline_comparison(trained, data, out, metrics, alpha, seed)
+    trained.provenance = {"speccascade_version": __version__, "traces": [
+        {"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer", "schema_version")},
+         "feature_spec": (m.get("feature_spec") or {}).get("version"),
+         **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}} for t, m in zip(s.traces, plan.manifests)]}
+    comparison = _offline_comparison(trained, data, out, metrics, s.alpha, s.seed)
     trained.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if wandb_mode != "disabled":
-        _log_to_wandb(loggers[-1], out, metrics, comparison)
+    shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
+    if wandb_run is not None:
+        print(f"W&B run: {run_path(wandb_run)}")
+        _log_to_wandb(wandb_run, out, metrics, comparison)
+    print(f"train-deferral: head written to {out} (validation AUROC {metrics['auroc']:.3f})")
     return trained
+
+
+def _refuse_degenerate(out: Path, steps: int, scores: np.ndarray, lr: float, what: str = "scores") -> None:
+    """A head trained for no step, or whose validation scores are non-finite or all equal, is not exported."""
+    problem = None
+    if steps == 0:
+        problem = "training took no optimisation step"
+    elif not np.isfinite(scores).all():
+        problem = f"the head's validation {what} are not finite (training diverged; try a --lr below {lr:g})"
+    elif np.ptp(scores) <= 1e-7 * max(1.0, float(np.abs(scores).max())):
+        problem = f"the head gives every validation row the same {what[:-1] if what.endswith('s') else what}, so it ranks nothing"
+    if problem:
+        shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
+        raise SpeccascadeError(f"{problem}; no head exported")
 
 
 def _validation_scores(module: DeferralModule, data: TraceDataModule, objective: str, alpha: float):
@@ -162,11 +286,10 @@ def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, me
     return result
 
 
-def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, comparison: dict | None) -> None:
+def _log_to_wandb(run, out: Path, metrics: dict, comparison: dict | None) -> None:
     """Calibration plot, the held-out comparison (table, chart, plot), and the checkpoint as a `model` artifact."""
     import wandb
 
-    run = logger.experiment
     run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     if (out / "reliability.png").exists():
         run.log({"reliability": wandb.Image(str(out / "reliability.png"))})

@@ -13,6 +13,7 @@ import pytest
 from speccascade.cli import main
 from speccascade.data import traces
 from speccascade.data.log_traces import log_traces
+from speccascade.deferral import features as F
 from speccascade.errors import SpeccascadeError
 from speccascade.training import train_deferral
 from tests.training.test_train import planted_traces
@@ -80,7 +81,7 @@ def test_bad_input(tiny_traces, tmp_path, capsys):
     for path in (nan / "shards").glob("*"):
         path.unlink()
     traces.ShardWriter(nan, 0).write({c: table[c].to_numpy() for c in table.columns}, sorted(set(table["example_id"])))
-    traces.write_manifest(nan, {"config": {}}, complete=True)
+    traces.write_manifest(nan, {"config": {}, "feature_spec": F.spec()}, complete=True)
     train_deferral([str(nan)], tmp_path / "o4", epochs=1, wandb_mode="disabled")
     assert "dropped 8 rows with NaN or infinite values" in capsys.readouterr().out
 

@@ -1,0 +1,130 @@
+"""The points of an evaluation (one decoding of the split per rule and knob), their per-example
+records, and what is concluded from them with uncertainty.
+
+A point's records are one row per example: its id, the task's score, new tokens, the decoder's
+counters (target and drafter calls, drafts, deferrals, ...), a repetition rate and the reply.
+:class:`PointStore` keeps them as ``points/<label>-<key>.parquet`` beside results.json, written
+under a temporary name and renamed, then committed by a sidecar ``.json`` (the point's summary
+numbers), so a killed evaluation leaves only whole points and ``evaluate --resume`` skips them.
+
+:func:`summarise` turns records into a point's numbers: quality with its 95% bootstrap interval
+over examples, the *paired* difference to the target (both resampled with the same example
+counts), the decision "reaches the target's quality" (paired non-inferiority within a margin,
+:func:`speccascade.evaluation.uncertainty.non_inferior`), and two guards: mean output length
+relative to the target's (length inflation) and the share of looping replies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..decoding.stats import COUNTERS
+from ..outdir import write_atomic
+from .uncertainty import mean_interval, non_inferior, ratio_interval
+
+POINTS = "points"
+REPETITION_N = 4  # repetition = share of a reply's token 4-grams that already occurred earlier in it
+LOOPING = 0.5  # a reply loops when at least half its 4-grams are repeats
+LENGTH_TOLERANCE = 0.1  # length inflation: replies significantly more than 10% longer than the target's
+
+
+@dataclass(frozen=True)
+class Point:
+    """One decoding of the split: ``rule`` family, ``label`` shown in tables, ``knob``; ``key`` identifies
+    what is decoded (a learned head's label includes its weights' fingerprint)."""
+
+    rule: str
+    label: str
+    knob: float | None
+    key: str
+
+    @property
+    def stem(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.@=+-]+", "_", self.label)[:60]
+        return f"{slug}-{hashlib.sha256(self.key.encode()).hexdigest()[:10]}"
+
+
+def repetition(tokens: list[int], n: int = REPETITION_N) -> float:
+    """Share of the reply's token n-grams that already occurred earlier in it (0 for replies shorter than n + 1)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+class PointStore:
+    """Completed points of one evaluation directory: save atomically, load back (for --resume)."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = Path(out) / POINTS
+
+    def save(self, point: Point, records: dict[str, list], meta: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{point.stem}.parquet"
+        tmp = path.with_name(f".tmp-{path.name}")
+        pq.write_table(pa.table(records), tmp)
+        os.replace(tmp, path)
+        sidecar = {"key": point.key, "label": point.label, "examples": len(records["example_id"]), **meta}
+        write_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
+
+    def load(self, point: Point, example_ids: list[str]) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The point's records and meta when it completed for exactly these examples, else None."""
+        path = self.dir / f"{point.stem}.parquet"
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            records = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
+        except (OSError, ValueError, pa.ArrowException):
+            return None
+        if meta.get("key") != point.key or records.get("example_id", np.array([])).tolist() != example_ids:
+            return None
+        return records, meta
+
+
+def records_path(point: Point) -> str:
+    """Where a point's records are, relative to the evaluation directory."""
+    return f"{POINTS}/{point.stem}.parquet"
+
+
+def empty_records() -> dict[str, list]:
+    return {"example_id": [], "score": [], **{name: [] for name in COUNTERS}, "repetition": [], "text": []}
+
+
+def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np.ndarray, margin: float) -> dict:
+    """A point's numbers from its records and the target's (same examples, same bootstrap counts)."""
+    r = {k: np.asarray(v, dtype=float) for k, v in records.items() if k not in ("example_id", "text")}
+    t = {k: np.asarray(v, dtype=float) for k, v in target.items() if k not in ("example_id", "text")}
+    decided, target_calls, new = r["decided"].sum(), r["target_calls"].sum(), r["new_tokens"].sum()
+    quality = mean_interval(r["score"], weights)
+    reaches, difference = non_inferior(r["score"], t["score"], margin, weights)
+    length = ratio_interval(r["new_tokens"], t["new_tokens"], weights) if t["new_tokens"].sum() else None
+    looping, target_looping = r["repetition"] >= LOOPING, t["repetition"] >= LOOPING
+    more_looping = mean_interval(looping.astype(float) - target_looping.astype(float), weights)
+    guards = []
+    if length is not None and length.low > 1 + LENGTH_TOLERANCE:
+        guards.append(f"replies {length.estimate:.2f}x as long as the target's")
+    if more_looping.low > 0:
+        guards.append(f"loops in {looping.mean():.0%} of replies (target {target_looping.mean():.0%})")
+    return {
+        "rule": point.rule, "label": point.label, "knob": point.knob,
+        "quality": quality.estimate, "quality_low": quality.low, "quality_high": quality.high,
+        "difference": difference.estimate, "difference_low": difference.low, "difference_high": difference.high,
+        "non_inferior": reaches, "guards": guards, "reaches_target": reaches and not guards,
+        # the target alone always "defers", the drafter alone never does
+        "deferral_rate": float(r["deferrals"].sum() / decided) if decided else float(point.rule == "target"),
+        "rejection_rate": float(r["rejections"].sum() / decided) if decided else 0.0,
+        "target_calls": int(target_calls), "drafter_calls": int(r["drafter_calls"].sum()),
+        "tokens_per_target_call": float(new / target_calls) if target_calls else float("inf"),
+        "new_tokens": int(new), "wall_s": float(meta["wall_s"]),
+        "length_ratio": length.estimate if length else float("nan"),
+        "length_ratio_low": length.low if length else float("nan"), "length_ratio_high": length.high if length else float("nan"),
+        "repetition": float(r["repetition"].mean()), "looping_rate": float(looping.mean()),
+    }

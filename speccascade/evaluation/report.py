@@ -1,0 +1,123 @@
+"""What ``evaluate`` writes: results.json/.csv, the quality-cost plot with 95% error bars, report.md, and
+one offline-first W&B run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from ..outdir import write_atomic
+from ..tracking import run_path, start_run
+from .points import LENGTH_TOLERANCE, LOOPING
+
+FIELDS = ["rule", "label", "knob", "quality", "quality_low", "quality_high", "difference", "difference_low",
+          "difference_high", "non_inferior", "reaches_target", "deferral_rate", "rejection_rate", "target_calls",
+          "drafter_calls", "tokens_per_target_call", "new_tokens", "wall_s", "relative_latency", "length_ratio",
+          "length_ratio_low", "length_ratio_high", "repetition", "looping_rate", "guards", "records"]
+
+
+def _json_ready(value):
+    """Strict JSON: a NaN or infinity (no interval, no target call) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    write_atomic(out / "results.json", json.dumps(_json_ready(result), indent=2, allow_nan=False).encode())
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows([{k: "; ".join(p[k]) if k == "guards" else p[k] for k in FIELDS} for p in result["points"]])
+    plot(result, out / "quality_vs_cost.png")
+    (out / "report.md").write_text(markdown(result))
+
+
+def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
+    """``0.500 [0.250, 0.750]``; ``-`` without an estimate."""
+    if p[name] is None or p[name] != p[name]:
+        return "-"
+    low, high = p[f"{name}_low"], p[f"{name}_high"]
+    return f"{p[name]:{sign}{spec}} [{low:{sign}{spec}}, {high:{sign}{spec}}]"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Quality against deferral rate and relative latency, each point with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    rules_seen = list(dict.fromkeys(p["rule"] for p in result["points"]))
+    for ax, cost, name in ((axes[0], "deferral_rate", "deferral rate"), (axes[1], "relative_latency", "latency relative to the target")):
+        for rule in rules_seen:
+            pts = sorted((p for p in result["points"] if p["rule"] == rule), key=lambda p: p[cost])
+            ys = [p["quality"] for p in pts]
+            errors = [[y - p["quality_low"] for y, p in zip(ys, pts)], [p["quality_high"] - y for y, p in zip(ys, pts)]]
+            ax.errorbar([p[cost] for p in pts], ys, yerr=errors, fmt="o-" if len(pts) > 1 else "s", capsize=3, label=rule)
+        ax.axhline(result["target_quality"], color="grey", linestyle="--", label="target quality")
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"quality ({result['settings']['metric']}), 95% intervals")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{result['settings']['task']}: quality against cost ({result['settings']['examples']} examples)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# speccascade evaluate: {s['task']} ({s['split']}, {s['examples']} examples)",
+        "",
+        f"Drafter `{s['drafter']}`, target `{s['target']}`; gamma {s['block_size']}, temperature {s['temperature']}, "
+        f"max {s['max_new_tokens']} new tokens, seed {s['seed']}. Target quality ({s['metric']}): {result['target_quality']:.3f}.",
+        "",
+        f"Intervals are 95% percentile-bootstrap intervals over the examples ({s['resamples']} resamples, the same for every "
+        f"point, so differences are paired). A point *reaches the target's quality* when the interval of its paired "
+        f"difference to the target lies above -{s['margin']:g} (non-inferiority margin) and no guard fires: replies "
+        f"significantly more than {LENGTH_TOLERANCE:.0%} longer than the target's, or significantly more looping replies "
+        f"(at least {LOOPING:.0%} of a reply's 4-grams repeated). Per-example records: `points/*.parquet`.",
+        "",
+        "![quality against cost](quality_vs_cost.png)",
+        "",
+        "| decoder | quality | difference to target | reaches target | deferral rate | tokens / target call | latency vs target | length vs target | looping |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        reached = "yes" if p["reaches_target"] else ("no: " + "; ".join(p["guards"]) if p["guards"] else "no")
+        lines.append(f"| {p['label']} | {interval(p, 'quality')} | {interval(p, 'difference', sign='+')} | {reached} | "
+                     f"{p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | {p['relative_latency']:.2f}x | "
+                     f"{interval(p, 'length_ratio', '.2f')} | {p['looping_rate']:.0%} |")
+    lines += ["", "| rule | lowest latency at target quality | best quality within target latency |", "|---|---|---|"]
+    for rule, v in result["summary"].items():
+        low, best = v["lowest_latency_at_target_quality"], v["best_quality_within_target_latency"]
+        lines.append(f"| {rule} | {'-' if low is None else f'{low:.2f}x'} | {'-' if best is None else f'{best:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(result: dict, out: Path, mode: str, project: str) -> None:
+    """One run per evaluation: every point (with its intervals) as a table, quality-cost line charts, the plot."""
+    import wandb
+
+    run = start_run(out, project, mode, "evaluate", result["settings"])
+    fields = [f for f in FIELDS if f not in ("guards", "records")]
+    run.log({"points": wandb.Table(columns=fields, data=[[_json_ready(p[f]) for f in fields] for p in result["points"]])})
+    rules_seen = list(dict.fromkeys(p["rule"] for p in result["points"]))
+    for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
+        pts = {r: sorted((p[cost], p["quality"]) for p in result["points"] if p["rule"] == r) for r in rules_seen}
+        run.log({f"quality_vs_{cost}": wandb.plot.line_series(
+            xs=[[x for x, _ in pts[r]] for r in rules_seen], ys=[[y for _, y in pts[r]] for r in rules_seen],
+            keys=rules_seen, title=f"quality vs {cost.replace('_', ' ')}", xname=cost)})
+    run.summary.update({"target_quality": result["target_quality"]})
+    run.log({"quality_vs_cost": wandb.Image(str(out / "quality_vs_cost.png"))})
+    print(f"W&B run: {run_path(run)}")
+    run.finish()

@@ -1,0 +1,246 @@
+"""One writer per output directory, and a record of what wrote it.
+
+Every command that writes under ``--out`` (log-traces, train-deferral, evaluate, finetune) goes
+through :class:`OutputDir`:
+
+- :meth:`OutputDir.check` (while settings are resolved, before anything is written) refuses a
+  path that is a file or cannot be written, a directory another command wrote, one written with
+  other settings (naming them), and an earlier run of the same settings unless ``--resume``
+  (continue it) or ``--overwrite`` (replace it) is given;
+- :meth:`OutputDir.claim` takes the directory's lock file ``.speccascade.lock`` (an exclusive
+  ``flock``, released by the kernel whatever ends the process; the file records the owner's pid,
+  host and start time), writes the marker ``.speccascade.json`` (command, settings, version, whether
+  the run completed), and, when the run fails, removes a directory it created that holds no
+  completed work.
+
+A lock whose owner has died (``kill -9``, a crash) is stale: the next run reports it and takes it
+over. Processes started by a launcher for ranks other than 0 (Lightning's DDP) neither check
+nor lock: rank 0 does both for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import SpeccascadeError
+from .settings import changed
+
+MARKER = ".speccascade.json"
+LOCK = ".speccascade.lock"
+
+
+def launched_child() -> bool:
+    """Whether this process is a non-zero rank started by a launcher (it shares rank 0's directory)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _writable_parent(path: Path) -> Path:
+    """The nearest existing ancestor of ``path``, checked to be a writable directory."""
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpeccascadeError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpeccascadeError(f"--out {path}: {parent} is not writable")
+    return parent
+
+
+class OutputDir:
+    """The output directory of one run of ``command`` with settings ``config`` (JSON values).
+
+    ``progress`` are glob patterns of files that hold completed work (shards, points, checkpoints):
+    a failed run that created the directory removes it unless one of them exists.
+    """
+
+    def __init__(self, path: str | Path, command: str, config: dict, resume: bool = False, overwrite: bool = False,
+                 progress: tuple[str, ...] = ()) -> None:
+        self.path, self.command, self.config = Path(path), command, config
+        self.resume, self.overwrite, self.progress = resume, overwrite, progress
+        self.previous: dict | None = None  # the marker of an earlier run of these settings
+        self._checked = False
+
+    # -- before anything is written ----------------------------------------------------------
+    def check(self) -> "OutputDir":
+        """Refuse an unusable directory (see the module docstring); writes nothing."""
+        self._checked = True
+        if launched_child():
+            return self
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise SpeccascadeError(f"--out {path} is a file; choose a directory")
+        if not path.exists() or not any(path.iterdir()):
+            _writable_parent(path)
+            return self
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SpeccascadeError(f"--out {path} is not writable")
+        marker = read_marker(path)
+        if marker is None:
+            raise SpeccascadeError(f"--out {path} is not empty and was not written by speccascade {self.command}; "
+                                   "choose a new or empty directory")
+        if marker.get("command") != self.command:
+            raise SpeccascadeError(f"--out {path} holds the output of `speccascade {marker.get('command')}`, not of "
+                                   f"{self.command}; choose another directory")
+        difference = changed(marker.get("config", {}), self.config)
+        if difference and not self.overwrite:
+            raise SpeccascadeError(f"{path} was written with a different configuration: {difference}; choose another "
+                                   "directory, or pass --overwrite to replace it")
+        if not difference and self.resume:
+            self.previous = marker
+        elif not self.overwrite:
+            state = "a finished run" if marker.get("complete") else "an interrupted run"
+            raise SpeccascadeError(f"{path} already holds {state} of these settings; pass --resume to continue, "
+                                   "--overwrite to start again, or choose another directory")
+        return self
+
+    @property
+    def complete(self) -> bool:
+        """Whether the earlier run being resumed had finished."""
+        return bool(self.previous and self.previous.get("complete"))
+
+    # -- while the run writes ----------------------------------------------------------------
+    @contextmanager
+    def claim(self) -> Iterator["OutputDir"]:
+        """Hold the lock while the body runs; mark the run complete with :meth:`finish`."""
+        if launched_child():
+            yield self
+            return
+        if not self._checked:
+            self.check()
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = _lock(self.path, self.command)
+        fresh = created or self.previous is None  # nothing of an earlier run is kept
+        try:
+            if self.previous is None:
+                _clear(self.path)  # empty already, or the earlier run --overwrite replaces
+            self._write_marker(complete=self.complete)
+            yield self
+        except BaseException:
+            if fresh and not self._has_progress():
+                _clear(self.path)
+                if created:
+                    shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        finally:
+            _unlock(self.path, handle)
+
+    def finish(self) -> None:
+        """Record that the run completed."""
+        if not launched_child():
+            self._write_marker(complete=True)
+
+    def _has_progress(self) -> bool:
+        return any(any(self.path.glob(pattern)) for pattern in self.progress)
+
+    def _write_marker(self, complete: bool) -> None:
+        marker = {"command": self.command, "config": self.config, "speccascade_version": _version(),
+                  "complete": complete, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_atomic(self.path / MARKER, json.dumps(marker, indent=2).encode())
+
+
+def read_marker(path: Path) -> dict | None:
+    """The marker of a directory, or None when it has none (or an unreadable one)."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a part (rename is atomic)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _clear(path: Path) -> None:
+    """Empty a directory before an --overwrite run (its lock file stays: this run holds it)."""
+    for child in path.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(text: str) -> dict:
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _describe(owner: dict) -> str:
+    return (f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} "
+            f"(speccascade {owner.get('command', '?')}, since {owner.get('started', '?')})")
+
+
+def _lock(directory: Path, command: str) -> int:
+    """Take the directory's lock or refuse, naming the owner; report and take over a stale lock."""
+    path = directory / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            owner = _owner(path.read_text() if path.exists() else "")
+            raise SpeccascadeError(f"{directory} is being written by {_describe(owner)}; wait for it to finish, "
+                                   "or choose another --out") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the previous owner removed the file between our open and flock: try again
+            break
+        os.close(fd)
+    previous = _owner(os.pread(fd, 1 << 16, 0).decode(errors="replace"))
+    if previous:
+        dead = previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int) and not _alive(previous["pid"])
+        print(f"{directory}: taking over a stale lock of {_describe(previous)}, which ended without releasing it"
+              f"{' (that process no longer exists)' if dead else ''}", file=sys.stderr)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    return fd
+
+
+def _unlock(directory: Path, fd: int) -> None:
+    """Remove the lock file, then release it (a process that opened it meanwhile notices and retries)."""
+    try:
+        (directory / LOCK).unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -1,0 +1,236 @@
+"""Settings shared by the commands, in groups (pair, task, decoding, launch, tracking, output).
+
+Each command's settings class inherits the groups it needs and adds its own fields, so a setting
+is defined once, with its help text and its checks, and the command line stays flat
+(``--block-size``, YAML key ``block_size``). :func:`check` validates every field (type, choices,
+range, finiteness) where settings are resolved: before any model loads or any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+
+from .errors import SpeccascadeError
+
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
+            above: float | None = None, below: float | None = None, finite: bool = True) -> Any:
+    """A settings field: its default, its help text (``--help``) and its range (``low``/``high``
+    inclusive, ``above``/``below`` exclusive); numbers must be finite unless ``finite=False``."""
+    checks = {"low": low, "high": high, "above": above, "below": below, "finite": finite}
+    return field(default=default, metadata={"help": help, **checks})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``block_size`` -> ``--block-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """Each field's resolved type."""
+    return typing.get_type_hints(cls)
+
+
+def check(settings: Any) -> Any:
+    """Validate and normalise every field of a settings dataclass in place (ints given for floats
+    become floats, strings given for paths become paths); return it. Errors name the flag."""
+    types_ = hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value = _conform(getattr(settings, f.name), types_[f.name], f.name)
+        _check_range(f, value)
+        object.__setattr__(settings, f.name, value)
+    return settings
+
+
+def _conform(value: Any, hint: Any, name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _conform(value, option, name)
+            except SpeccascadeError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise SpeccascadeError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        inner = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else None
+        if origin is tuple and inner is None and len(args) != len(value):
+            raise SpeccascadeError(f"{flag(name)} needs {len(args)} values, got {len(value)}")
+        items = [_conform(v, inner or args[i], name) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is Path and isinstance(value, (str, Path)):
+        return Path(value)
+    if hint is Any or (isinstance(hint, type) and hint not in (bool, int, float, str, Path) and isinstance(value, hint)):
+        return value
+    kind = getattr(hint, "__name__", str(hint))
+    raise SpeccascadeError(f"{flag(name)} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}")
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _numbers(item)]
+    return []
+
+
+def _check_range(f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    for number in _numbers(value):
+        if m.get("finite", True) and not math.isfinite(number):
+            raise SpeccascadeError(f"{flag(f.name)} must be a finite number, got {number}")
+        for key, fails, words in (("low", lambda x, b: x < b, ">="), ("high", lambda x, b: x > b, "<="),
+                                  ("above", lambda x, b: x <= b, ">"), ("below", lambda x, b: x >= b, "<")):
+            bound = m.get(key)
+            if bound is not None and (number != number or fails(number, bound)):
+                raise SpeccascadeError(f"{flag(f.name)} must be {words} {bound:g}, got {number:g}")
+
+
+def changed(old: dict, new: dict) -> str:
+    """``limit=6 (now 5), task='gsm8k' (now 'qa')``: the settings that differ between two configurations."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys)
+
+
+@dataclass(kw_only=True)
+class OutputSettings:
+    """Where a command writes, and what it does with an earlier run's output there."""
+
+    out: Path = setting(help="output directory")
+    resume: bool = setting(False, "continue an interrupted (or finished) run in --out with the same settings")
+    overwrite: bool = setting(False, "replace an earlier run of this command in --out (other commands' output is never replaced)")
+
+
+@dataclass(kw_only=True)
+class PairSettings:
+    """The drafter and target."""
+
+    models: str | None = setting("smollm2-135m", "model-pair preset; --drafter/--target hub ids or paths replace it")
+    drafter: str | None = setting(None, "drafter hub id or path (with --target)")
+    target: str | None = setting(None, "target hub id or path")
+
+    def check_pair(self) -> None:
+        from .decoding import PRESETS
+
+        if self.drafter and not self.target:
+            raise SpeccascadeError("--drafter needs --target (the drafter alone is no pair)")
+        if not (self.drafter or self.target):
+            if self.models is None:
+                raise SpeccascadeError("name a model pair: --models PRESET, or --drafter and --target")
+            if self.models not in PRESETS:
+                raise SpeccascadeError(f"unknown preset {self.models!r}; known: {', '.join(PRESETS)}")
+
+    @property
+    def preset(self) -> str | None:
+        """The preset in use (None when --drafter/--target replace it)."""
+        return None if (self.drafter or self.target) else self.models
+
+    def load_pair(self, device: str | torch.device | None = None):
+        from .decoding import load_pair
+
+        return load_pair(self.preset, drafter=self.drafter, target=self.target, device=device)
+
+
+@dataclass(kw_only=True)
+class TaskSettings:
+    """Which examples of which task."""
+
+    task: str = setting("arithmetic", "task name (arithmetic, gsm8k, summarisation, cnn-dm, translation, qa)")
+    data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
+    split: str = setting("train", "data split")
+    limit: int | None = setting(64, "number of examples (all when null)", low=1)
+    few_shot: int = setting(0, "solved examples put in each prompt (tasks that support it)", low=0)
+
+    def examples(self, seed: int):
+        """The task and its examples (reads the data: a missing or malformed file is an error here)."""
+        from .data.tasks import get_task
+
+        task = get_task(self.task)
+        if self.data_file is not None and not Path(self.data_file).is_file():
+            raise SpeccascadeError(f"data file {self.data_file} not found")
+        return task, task.examples(self.split, limit=self.limit, data_file=self.data_file, seed=seed, few_shot=self.few_shot)
+
+
+@dataclass(kw_only=True)
+class DecodingSettings:
+    """How examples are decoded."""
+
+    block_size: int = setting(5, "drafts per block (gamma)", low=1)
+    temperature: float = setting(0.0, "sampling temperature (0 = greedy)", low=0.0)
+    max_new_tokens: int = setting(128, "new tokens per example", low=1)
+    batch_size: int = setting(8, "examples decoded together", low=1)
+
+
+@dataclass(kw_only=True)
+class LaunchSettings:
+    """Processes and devices (Lightning)."""
+
+    devices: int = setting(1, "processes per node (one per device)", low=1)
+    num_nodes: int = setting(1, "nodes", low=1)
+    accelerator: Literal[ACCELERATORS] = setting("auto", "cpu, cuda (gpu), mps or auto")
+
+    def check_launch(self) -> None:
+        if self.accelerator in ("cuda", "gpu"):
+            if not torch.cuda.is_available():
+                raise SpeccascadeError(f"--accelerator {self.accelerator} needs a CUDA GPU, and none is visible")
+            if self.devices > torch.cuda.device_count():
+                raise SpeccascadeError(f"--devices {self.devices}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+        if self.accelerator == "mps" and not torch.backends.mps.is_available():
+            raise SpeccascadeError("--accelerator mps needs Apple's Metal backend, which is not available here")
+
+
+@dataclass(kw_only=True)
+class TrackingSettings:
+    """Weights & Biases (offline first: nothing waits on the network)."""
+
+    wandb_mode: Literal[WANDB_MODES] | None = setting(None, "offline, online or disabled (default: online only where W&B credentials exist)")
+    wandb_project: str = setting("speccascade", "W&B project name")
+
+    def check_tracking(self) -> None:
+        from .tracking import resolve_wandb_mode
+
+        if not self.wandb_project.strip():
+            raise SpeccascadeError("--wandb-project must not be empty")
+        self.wandb_mode = resolve_wandb_mode(self.wandb_mode)
+
+
+def resolve_groups(settings: Any) -> Any:
+    """:func:`check` every field, then each group's own checks (pair, launch, tracking)."""
+    check(settings)
+    for group, method in ((PairSettings, "check_pair"), (LaunchSettings, "check_launch"), (TrackingSettings, "check_tracking")):
+        if isinstance(settings, group):
+            getattr(settings, method)()
+    return settings
+
+
+def as_config(settings: Any, keys: tuple[str, ...]) -> dict:
+    """The named settings as JSON-ready values (what an output directory's marker records)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in ((k, getattr(settings, k)) for k in keys)}
