@@ -106,8 +106,9 @@ def _parse_error(err: Exception) -> str:
     key = re.match(r'Parser key "([\w.]+)":\s*(.*)', text, flags=re.S)
     if key:
         detail = key.group(2).strip().splitlines()[0]
-        detail = re.sub(r"<class '(\w+)'>", r"\1", detail).replace("Expected a", "expected")
+        detail = re.sub(r"<class '(\w+)'>", r"\1", detail)
         detail = re.sub(r"typing\.Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", ""), detail)
+        detail = re.sub(r"^Expected an? (.*?)\. Got value: (.*)$", r"expected \1, got \2", detail)
         text = f"{flag(key.group(1).split('.')[-1])}: {detail}"
     if re.search(r"(arguments|accept option).*_", text):
         text += " (options are spelled with dashes, e.g. --block-size)"

@@ -124,7 +124,10 @@ class OutputDir:
         if not self._checked:
             self.check()
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SpeccascadeError(f"cannot create --out {self.path}: {err.strerror}") from None
         handle = _lock(self.path, self.command)
         fresh = created or self.previous is None  # nothing of an earlier run is kept
         try:

@@ -47,6 +47,7 @@ def configure(verbose: bool) -> None:
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def quiet() -> bool:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from speccascade.cli import main
+from speccascade.decoding.stats import COUNTERS
 from speccascade.data.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
+from speccascade.evaluation.points import Point, repetition, summarise
 from speccascade.evaluation.summary import pareto_front, summary
+from speccascade.evaluation.uncertainty import resample_weights
 from speccascade.training import train_deferral
 
 GAMMA = 3
@@ -79,3 +83,51 @@ def _empty(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     return path
+
+
+def test_points_keep_per_example_records_and_intervals(tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate(out, models="tiny-random", limit=5, rules="always,never", block_size=GAMMA, max_new_tokens=10,
+                      batch_size=2, wandb_mode="disabled")
+    points = {p["label"]: p for p in result["points"]}
+    for p in result["points"]:
+        records = pq.read_table(out / p["records"]).to_pydict()
+        assert len(records["example_id"]) == 5 and sum(records["new_tokens"]) == p["new_tokens"]
+        assert sum(records["score"]) / 5 == pytest.approx(p["quality"])
+        assert p["quality_low"] <= p["quality"] <= p["quality_high"]
+        assert p["difference_low"] <= p["difference"] <= p["difference_high"]
+    exact = points["speculative decoding"]  # greedy speculative decoding is the target, example by example
+    assert (exact["difference"], exact["difference_low"], exact["difference_high"]) == (0.0, 0.0, 0.0)
+    assert exact["reaches_target"] and exact["length_ratio"] == 1.0 and exact["guards"] == []
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["margin"] == 0.02 and saved["points"][1]["quality_high"] == exact["quality_high"]
+    assert "difference to target" in (out / "report.md").read_text() and "0.000 [" in (out / "report.md").read_text()
+
+
+def _records(scores, lengths, repetitions):
+    n = len(scores)
+    return {"example_id": [f"e{i}" for i in range(n)], "score": scores, "new_tokens": lengths, "repetition": repetitions,
+            "text": [""] * n, **{name: [1] * n for name in COUNTERS if name != "new_tokens"}}
+
+
+def test_non_inferiority_and_guards_decide_reaching_the_target():
+    weights = resample_weights(40, seed=0)
+    target = _records([1.0] * 20 + [0.0] * 20, [20] * 40, [0.0] * 40)
+    point = Point("opt", "opt:0.3", 0.3, "opt:0.3")
+    same = summarise(point, target, {"wall_s": 1.0}, target, weights, margin=0.02)
+    assert same["reaches_target"] and same["difference"] == 0.0
+    worse = summarise(point, _records([1.0] * 14 + [0.0] * 26, [20] * 40, [0.0] * 40), {"wall_s": 1.0}, target, weights, 0.02)
+    assert worse["difference"] == pytest.approx(-0.15) and worse["difference_high"] < 0 and not worse["reaches_target"]
+    lenient = summarise(point, _records([1.0] * 19 + [0.0] * 21, [20] * 40, [0.0] * 40), {"wall_s": 1.0}, target, weights, 0.2)
+    assert lenient["non_inferior"] and lenient["reaches_target"]  # one example worse, within a wide margin
+    long = summarise(point, _records([1.0] * 20 + [0.0] * 20, [40] * 40, [0.0] * 40), {"wall_s": 1.0}, target, weights, 0.02)
+    assert long["length_ratio"] == 2.0 and long["non_inferior"] and not long["reaches_target"] and "as long" in long["guards"][0]
+    loops = summarise(point, _records([1.0] * 20 + [0.0] * 20, [20] * 40, [0.9] * 20 + [0.0] * 20), {"wall_s": 1.0},
+                      target, weights, 0.02)
+    assert loops["looping_rate"] == 0.5 and not loops["reaches_target"] and "loops in 50%" in loops["guards"][0]
+
+
+def test_repetition_rate_of_a_reply():
+    assert repetition([1, 2, 3, 4, 5, 6, 7]) == 0.0
+    assert repetition([7] * 12) == pytest.approx(1 - 1 / 9)  # nine 4-grams, all the same
+    assert repetition([1, 2, 3]) == 0.0

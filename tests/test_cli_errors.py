@@ -1,0 +1,259 @@
+"""Bad input through the command line: exit code, exactly one ``error:`` line, no traceback, nothing left behind.
+
+The table runs in-process through ``cli.main`` (every case fails while settings are resolved, before any
+model loads); a few cases, the unexpected-exception path and ``--version`` run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speccascade import __version__
+from speccascade.cli import main
+from speccascade.data import traces
+from speccascade.deferral import features as F
+from speccascade.deferral.heads import DeferralHead
+from speccascade.errors import SpeccascadeError
+from speccascade.outdir import OutputDir
+from tests.training.test_train import planted_traces
+
+TINY = ["--models", "tiny-random", "--wandb-mode", "disabled"]
+
+
+def _manifest(directory: Path, **changes) -> Path:
+    path = directory / traces.MANIFEST
+    manifest = json.loads(path.read_text()) | changes
+    path.write_text(json.dumps(manifest))
+    return directory
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for path in src.rglob("*"):
+        if path.is_file():
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return dst
+
+
+def _head(directory: Path, **config_changes) -> Path:
+    DeferralHead(list(F.POSITION_FEATURES), hidden=8, depth=1, calibration={"method": "platt", "a": 1.0, "b": 0.0},
+                 operating_points={"0.2": 0.7, "0.4": 0.6, "default": 0.5}).save(directory)
+    if config_changes:
+        config = json.loads((directory / "config.json").read_text()) | config_changes
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """Good and broken trace directories and heads, and output directories of each command."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = planted_traces(root / "good", examples=40, rows=5)
+    paths = {"good": good, "file": root / "a-file.txt", "head": _head(root / "head")}
+    paths["file"].write_text("not a directory")
+    paths["schema"] = _manifest(_copy(good, root / "schema"), schema_version=99)
+    paths["spec"] = _manifest(_copy(good, root / "spec"), feature_spec={"name": F.SPEC_NAME, "version": 1})
+    paths["other-pair"] = _manifest(_copy(good, root / "other-pair"), drafter="a/small", target="a/large")
+    paths["incomplete"] = _manifest(_copy(good, root / "incomplete"), complete=False)
+    paths["list"] = _copy(good, root / "list")
+    (paths["list"] / traces.MANIFEST).write_text("[1, 2]")
+    paths["no-shards"] = _copy(good, root / "no-shards")
+    (paths["no-shards"] / traces.MANIFEST).write_text(json.dumps({"schema_version": 1, "complete": True}))
+    paths["invalid-json"] = _head(root / "invalid-json")
+    (paths["invalid-json"] / "config.json").write_text('{"features": [')
+    paths["operating-points"] = _head(root / "operating-points", operating_points={"0.2": "high"})
+    paths["platt"] = _head(root / "platt", calibration={"method": "platt"})
+    paths["features"] = _head(root / "features", features=list(F.POSITION_FEATURES[:-1]))
+    paths["weights"] = _head(root / "weights", mean=[0.0] * 3, std=[1.0] * 3, features=list(F.POSITION_FEATURES[:3]))
+    paths["truncated"] = _head(root / "truncated")
+    weights = paths["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    paths["pickle"] = root / "pickle"
+    paths["pickle"].mkdir()
+    (paths["pickle"] / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    with OutputDir(root / "evaluation", "evaluate", {"limit": 2}).claim() as claimed:
+        claimed.finish()
+    paths["evaluation"] = root / "evaluation"
+    return paths
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
+    """(argv, a part of the error message) for every defect of issue 14 that needs no model."""
+    ev = ["evaluate", *TINY, "--out", str(out), "--limit", "2"]
+    tr = ["train-deferral", "--traces", str(p["good"]), "--out", str(out), "--wandb-mode", "disabled"]
+    lt = ["log-traces", "--models", "tiny-random", "--out", str(out), "--limit", "2"]
+    return [
+        ([*ev, "--rules", "opt:abc"], "'abc' is not a number"),
+        ([*ev, "--rules", f"learned:{p['head']}@notanumber"], "'notanumber' is not a number"),
+        ([*ev, "--rules", "chow:nan"], "not NaN"),
+        ([*ev, "--rules", ""], "names no rule"),
+        ([*ev, "--rules", ",,,"], "names no rule"),
+        ([*ev, "--rules", "opt,opt:0.5"], "opt:0.5 more than once"),
+        ([*ev, "--rules", "always,,opt"], "empty item"),
+        ([*ev, "--rules", "bogus"], "unknown rule 'bogus'"),
+        ([*ev, "--rules", "kl:0.1:tau=2"], "tau in [0, 1]"),
+        ([*ev, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([*ev, "--limit", "-1"], "--limit must be >= 1"),
+        ([*ev, "--temperature", "-1"], "--temperature must be >= 0"),
+        ([*ev, "--temperature", "1e999"], "--temperature must be a finite number"),
+        ([*ev, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        ([*ev, "--block-size", "0"], "--block-size must be >= 1"),
+        ([*ev, "--margin", "-0.1"], "--margin must be >= 0"),
+        ([*ev, "--seed", "-1"], "--seed must be >= 0"),
+        (["evaluate", "--models", "nope", "--out", str(out)], "unknown preset 'nope'"),
+        (["evaluate", "--drafter", "x/y", "--out", str(out)], "--drafter needs --target"),
+        ([*ev, "--task", "gsm8k", "--data-file", str(p["good"] / "missing.jsonl")], "not found"),
+        ([*ev, "--wandb-project", " "], "--wandb-project must not be empty"),
+        (["evaluate", *TINY, "--out", str(p["file"])], "is a file"),
+        (["evaluate", *TINY, "--out", str(p["file"] / "sub")], "is a file, not a directory"),
+        (["evaluate", *TINY, "--out", str(p["good"])], "was not written by speccascade evaluate"),
+        (["evaluate", *TINY, "--out", str(p["evaluation"]), "--limit", "3"], "limit=2 (now 3)"),
+        (["evaluate", *TINY, "--out", "/proc/speccascade-test", "--rules", "never", "--limit", "1"], "cannot create --out"),
+        ([*ev, "--rules", f"learned:{p['invalid-json']}"], "config.json is not valid JSON"),
+        ([*ev, "--rules", f"learned:{p['operating-points']}"], "'operating_points' must map deferral rates to numeric"),
+        ([*ev, "--rules", f"learned:{p['platt']}"], "Platt calibration needs numeric coefficients"),
+        ([*ev, "--rules", f"learned:{p['features']}"], "features do not match its"),
+        ([*ev, "--rules", f"learned:{p['weights']}"], "do not fit its config.json"),
+        ([*ev, "--rules", f"learned:{p['truncated']}"], "model.safetensors is unreadable (truncated or corrupt)"),
+        ([*ev, "--rules", f"learned:{p['pickle']}"], "is not a deferral head"),
+        ([*tr, "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([*tr, "--devices", "0"], "--devices must be >= 1"),
+        ([*tr, "--accelerator", "cuda"] if not _cuda() else [*tr, "--devices", "999", "--accelerator", "cuda"], "CUDA GPU"),
+        ([*tr, "--lr", "-1"], "--lr must be > 0"),
+        ([*tr, "--lr", "0"], "--lr must be > 0"),
+        ([*tr, "--epochs", "0"], "--epochs must be >= 1"),
+        ([*tr, "--hidden", "0"], "--hidden must be >= 1"),
+        ([*tr, "--objective", "relaxed", "--alpha", "-5"], "--alpha must be >= 0"),
+        ([*tr, "--objective", "relaxed", "--alpha-range", "[2, 0]"], "low <= high"),
+        ([*tr, "--alpha-range", "[0, 1]"], "needs objective 'relaxed'"),
+        ([*tr, "--val-fraction", "1"], "--val-fraction must be < 1"),
+        ([*tr, "--features", "[q_top1, nope]"], "unknown: ['nope']"),
+        ([*tr, "--strategy", "bogus"], "unknown strategy 'bogus'"),
+        ([*tr, "--traces", ","], "must name one or more distinct trace directories"),
+        ([*tr, "--traces", f"{p['good']},{p['other-pair']}"], "pass --mix-pairs"),
+        ([*tr, "--traces", str(p["schema"])], "schema version 99"),
+        ([*tr, "--traces", str(p["spec"])], f"feature spec {F.SPEC_NAME} v1"),
+        ([*tr, "--traces", str(p["list"])], "a JSON object expected, got a list"),
+        ([*tr, "--traces", str(p["no-shards"])], "it lists no shards"),
+        ([*tr, "--traces", str(p["incomplete"])], "are incomplete"),
+        ([*tr, "--out", str(p["evaluation"])], "holds the output of `speccascade evaluate`"),
+        ([*tr, "--out", str(p["file"])], "is a file"),
+        ([*lt, "--mode", "on-policy", "--temperature", "-1"], "--temperature must be >= 0"),
+        ([*lt, "--topk", "-3"], "--topk must be >= 0"),
+        ([*lt, "--task", "nope"], "unknown task 'nope'"),
+        ([*lt, "--devices", "0"], "--devices must be >= 1"),
+        ([*lt, "--rule", "opt:x"], "'x' is not a number"),
+        ([*lt, "--out", str(p["head"])], "was not written by speccascade log-traces"),
+        (["demo", *TINY, "--out", str(out), "--rules", "bogus"], "unknown rule 'bogus'"),
+        (["demo", *TINY, "--out", str(out), "--eval-examples", "-1"], "--eval-examples must be >= 1"),
+        (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-deferral-rate", "1.5"], "in [0, 1]"),
+        (["operating-point", "--traces", str(p["list"]), "--rule", "opt", "--target-deferral-rate", "0.5"], "JSON object"),
+        # parser errors: one line and a pointer to --help
+        ([*ev, "--block-size", "abc"], "--block-size: expected int, got abc; see `speccascade evaluate --help`"),
+        ([*ev, "--wandb-mode", "bogus"], "--wandb-mode"),
+        ([*tr, "--accelerator", "bogus"], "--accelerator: expected one of auto, cpu, cuda, gpu, mps"),
+        ([*lt, "--mode", "offline"], "--mode: expected one of reference, on-policy"),
+        ([*ev, "--block_size", "3"], "options are spelled with dashes"),
+        (["evaluatex"], "see `speccascade --help`"),
+    ]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_bad_input_table(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = _tree(inputs["good"].parent)
+    for argv, message in _cases(inputs, out):
+        code = main(argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, (argv, err)
+        assert len(errors) == 1 and message in errors[0], (argv, err)
+        assert "Traceback" not in err, argv
+        assert not out.exists() and _tree(inputs["good"].parent) == before, f"{argv} left files behind"
+
+
+def test_an_unexpected_exception_is_one_named_line_with_the_traceback_behind_verbose(monkeypatch, tmp_path, capsys):
+    def broken(**_):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setitem(__import__("speccascade.cli", fromlist=["COMMANDS"]).COMMANDS, "operating-point",
+                        (broken, None))
+    from speccascade import cli
+
+    assert cli.run("operating-point", {}) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: RuntimeError: disk on fire second line (run with -v for the traceback)"
+    assert cli.run("operating-point", {}, verbose=True) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "error: RuntimeError: disk on fire second line"
+
+
+def test_degenerate_heads_are_not_exported(tmp_path, capsys):
+    """Constant inputs give a constant score; a huge learning rate gives non-finite ones: neither is a head."""
+    constant = planted_traces(tmp_path / "constant", examples=40, rows=5)
+    table = traces.load_traces(constant).to_pandas()
+    for name in F.POSITION_FEATURES:
+        table[name] = 0.5
+    for path in (constant / "shards").glob("*"):
+        path.unlink()
+    traces.ShardWriter(constant, 0).write({c: table[c].to_numpy() for c in table.columns}, sorted(set(table["example_id"])))
+    traces.write_manifest(constant, {"config": {}, "feature_spec": F.spec()}, complete=True)
+    for traces_dir, extra, message in ((constant, [], "same score"),
+                                       (planted_traces(tmp_path / "planted", examples=40, rows=5), ["--lr", "1e30"], "not finite")):
+        out = tmp_path / f"head-{traces_dir.name}"
+        capsys.readouterr()
+        code = main(["train-deferral", "--traces", str(traces_dir), "--out", str(out), "--epochs", "2", "--batch-size", "64",
+                     "--wandb-mode", "disabled", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().startswith("error: ") and message in err and "no head exported" in err
+        assert not out.exists()  # no checkpoint, no plot, no config: nothing left behind
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "speccascade.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[1])
+
+
+def test_real_command_line(inputs, tmp_path):
+    out = tmp_path / "out"
+    for args, code, message in (
+        (["evaluate", *TINY, "--out", str(out), "--rules", "opt:abc"], 2, "'abc' is not a number"),
+        (["evaluate", *TINY, "--out", str(out), "--rules", f"learned:{inputs['truncated']}"], 2, "is unreadable"),
+        (["train-deferral", "--traces", str(inputs["good"]), "--out", str(out), "--block-size", "abc"], 2,
+         "see `speccascade train-deferral --help`"),
+    ):
+        proc = _cli(*args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == code and len(errors) == 1 and message in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout and "usage:" not in proc.stderr
+        assert not out.exists()
+    version = _cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"speccascade {__version__}"
+
+
+def test_python_api_checks_the_same_settings(tmp_path):
+    from speccascade.evaluation.evaluate import evaluate
+
+    with pytest.raises(SpeccascadeError, match="--batch-size must be >= 1"):
+        evaluate(tmp_path / "x", models="tiny-random", batch_size=0)
+    with pytest.raises(SpeccascadeError, match="--limit must be an int"):
+        evaluate(tmp_path / "x", models="tiny-random", limit="ten")
+    assert not (tmp_path / "x").exists()

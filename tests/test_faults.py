@@ -1,0 +1,125 @@
+"""Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; SIGINT during
+training, then --resume; a second writer refused while the first holds the directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from speccascade.cli import main
+from speccascade.data.log_traces import log_traces
+from speccascade.evaluation.evaluate import evaluate
+from speccascade.outdir import LOCK
+from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
+from tests.training.test_train import planted_traces
+
+ROOT = Path(__file__).parents[1]
+EVALUATE = dict(models="tiny-random", limit=4, max_new_tokens=8, block_size=3, rules="always,never,opt,chow:0.3",
+                wandb_mode="disabled")
+TIMING = ("wall_s", "relative_latency")
+
+
+def _start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "speccascade.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until ``path`` exists (True) or the process ends (False)."""
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return path.exists()
+
+
+def _flags(options: dict) -> list[str]:
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_log_traces_killed_at_random_points_resumes_to_the_uninterrupted_rows(tmp_path, capsys):
+    full = tmp_path / "full"
+    log_traces(full, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
+    killed, rng, kills = tmp_path / "killed", random.Random(14), 0
+    for attempt in range(3):
+        proc = _start("log-traces", *cli_args(killed, 24, ["--resume"]))
+        if _wait_for(killed / LOCK, proc) and attempt == 0:  # a second writer while the first holds the lock
+            assert main(["log-traces", *cli_args(killed, 24, ["--resume"])]) == 2
+            assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
+        time.sleep(rng.uniform(0.0, 2.0))
+        kills += proc.poll() is None
+        proc.kill()
+        proc.wait()
+    assert kills >= 2, "the runs finished before they were killed; make them longer"
+    final = _start("log-traces", *cli_args(killed, 24, ["--resume"]))
+    output = final.communicate(timeout=300)[0]
+    assert final.returncode == 0, output
+    assert "taking over a stale lock of pid" in output  # reported, then taken over
+    assert not (killed / LOCK).exists()
+    assert_same_rows(full, killed)
+
+
+def test_evaluate_killed_at_random_points_resumes_to_the_same_results(tmp_path, capsys):
+    full = evaluate(tmp_path / "full", **EVALUATE)
+    killed, rng, kills = tmp_path / "killed", random.Random(11), 0
+    args = ["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]
+    for attempt in range(3):
+        proc = _start(*args)
+        if _wait_for(killed / LOCK, proc) and attempt == 0:  # a second writer while the first holds the lock
+            assert main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]) == 2
+            assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
+        time.sleep(rng.uniform(0.0, 2.0))
+        kills += proc.poll() is None
+        proc.kill()
+        proc.wait()
+        sidecars = list((killed / "points").glob("*.json")) if (killed / "points").exists() else []
+        assert all(s.with_suffix(".parquet").exists() for s in sidecars)  # a point counts only when whole
+    assert kills >= 2, "the runs finished before they were killed; make them longer"
+    final = _start(*args)
+    output = final.communicate(timeout=300)[0]
+    assert final.returncode == 0, output
+    resumed = json.loads((killed / "results.json").read_text())
+    expected = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert [_untimed(p) for p in resumed["points"]] == [_untimed(p) for p in expected["points"]]
+    assert resumed["target_quality"] == full["target_quality"] and resumed["settings"] == expected["settings"]
+    # every record file has its sidecar, no temporary file is left, and a rerun decodes nothing new
+    parquet = sorted((killed / "points").glob("*.parquet"))
+    assert len(parquet) == len(expected["points"]) and all(p.with_suffix(".json").exists() for p in parquet)
+    before = (killed / "results.json").read_bytes()
+    assert main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]) == 0
+    assert (killed / "results.json").read_bytes() == before
+
+
+def _untimed(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k not in TIMING}
+
+
+def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path):
+    traces = planted_traces(tmp_path / "traces", examples=200, rows=20)
+    out = tmp_path / "head"
+    args = ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "12", "--batch-size", "32",
+            "--wandb-mode", "disabled"]
+    proc = _start(*args)
+    assert _wait_for(out / "checkpoints" / "last.ckpt", proc), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"]
+    assert "Traceback" not in output and not (out / "model.safetensors").exists()
+    refused = _start(*args)  # the half-written directory is refused without --resume
+    assert refused.wait(timeout=120) == 2 and "holds an interrupted run" in refused.stdout.read()
+    resumed = _start(*args, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+    assert os.listdir(out / "logs") == ["version_0"]  # one training curve, continued
+    with (out / "logs" / "version_0" / "metrics.csv").open() as f:
+        epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert epochs == list(range(12))  # every epoch validated exactly once across the two runs
