@@ -13,15 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from speccascade.cli import main
+from speccascade.data import traces
 from speccascade.data.log_traces import log_traces
+from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.outdir import LOCK
 from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
 from tests.training.test_train import planted_traces
 
 ROOT = Path(__file__).parents[1]
-EVALUATE = dict(models="tiny-random", limit=4, max_new_tokens=8, block_size=3, rules="always,never,opt,chow:0.3",
+EVALUATE = dict(models="tiny-random", limit=4, max_new_tokens=8, block_size=3, rules="always,never,opt,chow",
                 wandb_mode="disabled")
 TIMING = ("wall_s", "relative_latency")
 
@@ -40,6 +44,19 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
     return path.exists()
 
 
+def _wait_for_owner(directory: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until ``proc`` holds the directory's lock (True) or ends (False)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if json.loads((directory / LOCK).read_text()).get("pid") == proc.pid:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return False
+
+
 def _flags(options: dict) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
@@ -47,41 +64,48 @@ def _flags(options: dict) -> list[str]:
 def test_log_traces_killed_at_random_points_resumes_to_the_uninterrupted_rows(tmp_path, capsys):
     full = tmp_path / "full"
     log_traces(full, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
-    killed, rng, kills = tmp_path / "killed", random.Random(14), 0
-    for attempt in range(3):
-        proc = _start("log-traces", *cli_args(killed, 24, ["--resume"]))
-        if _wait_for(killed / LOCK, proc) and attempt == 0:  # a second writer while the first holds the lock
-            assert main(["log-traces", *cli_args(killed, 24, ["--resume"])]) == 2
-            assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
-        time.sleep(rng.uniform(0.0, 2.0))
-        kills += proc.poll() is None
-        proc.kill()
-        proc.wait()
-    assert kills >= 2, "the runs finished before they were killed; make them longer"
+    killed = tmp_path / "killed"
+    proc = _start("log-traces", *cli_args(killed, 24))
+    assert _wait_for_owner(killed, proc)
+    assert main(["log-traces", *cli_args(killed, 24, ["--resume"])]) == 2  # a second writer is refused
+    assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
+    _wait_for(killed / "shards" / "r000-00000.json", proc)  # killed after its first shard
+    proc.kill()
+    proc.wait()
+    assert not traces.read_manifest(killed)["complete"], "the run finished before it was killed; make it longer"
+    with pytest.raises(SpeccascadeError, match="pass --resume"):
+        log_traces(killed, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
+    again = _start("log-traces", *cli_args(killed, 24, ["--resume"]))  # killed at a random moment of the resumed run
+    _wait_for_owner(killed, again)
+    time.sleep(random.Random(14).uniform(0.0, 1.5))
+    again.kill()
+    output = again.communicate()[0]
     final = _start("log-traces", *cli_args(killed, 24, ["--resume"]))
-    output = final.communicate(timeout=300)[0]
+    output += final.communicate(timeout=300)[0]
     assert final.returncode == 0, output
     assert "taking over a stale lock of pid" in output  # reported, then taken over
-    assert not (killed / LOCK).exists()
+    assert traces.read_manifest(killed)["complete"] and not (killed / LOCK).exists()
     assert_same_rows(full, killed)
 
 
 def test_evaluate_killed_at_random_points_resumes_to_the_same_results(tmp_path, capsys):
     full = evaluate(tmp_path / "full", **EVALUATE)
-    killed, rng, kills = tmp_path / "killed", random.Random(11), 0
+    killed, rng, done = tmp_path / "killed", random.Random(11), 0
     args = ["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]
-    for attempt in range(3):
+    for attempt in range(2):  # killed once a random number of further points is complete, plus a random moment
         proc = _start(*args)
-        if _wait_for(killed / LOCK, proc) and attempt == 0:  # a second writer while the first holds the lock
+        if _wait_for_owner(killed, proc) and attempt == 0:  # a second writer while the first holds the lock
             assert main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]) == 2
             assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
-        time.sleep(rng.uniform(0.0, 2.0))
-        kills += proc.poll() is None
+        done += rng.randint(1, 3)
+        while len(list(killed.glob("points/*.json"))) < done and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        assert proc.poll() is None, "the run finished before it was killed; make it longer"
         proc.kill()
         proc.wait()
-        sidecars = list((killed / "points").glob("*.json")) if (killed / "points").exists() else []
+        sidecars = list(killed.glob("points/*.json"))
         assert all(s.with_suffix(".parquet").exists() for s in sidecars)  # a point counts only when whole
-    assert kills >= 2, "the runs finished before they were killed; make them longer"
     final = _start(*args)
     output = final.communicate(timeout=300)[0]
     assert final.returncode == 0, output
@@ -101,7 +125,7 @@ def _untimed(point: dict) -> dict:
     return {k: v for k, v in point.items() if k not in TIMING}
 
 
-def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path):
+def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, capsys):
     traces = planted_traces(tmp_path / "traces", examples=200, rows=20)
     out = tmp_path / "head"
     args = ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "12", "--batch-size", "32",
@@ -113,8 +137,8 @@ def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path):
     assert proc.returncode == 130, output
     assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"]
     assert "Traceback" not in output and not (out / "model.safetensors").exists()
-    refused = _start(*args)  # the half-written directory is refused without --resume
-    assert refused.wait(timeout=120) == 2 and "holds an interrupted run" in refused.stdout.read()
+    assert main(args) == 2  # the half-written directory is refused without --resume
+    assert "holds an interrupted run" in capsys.readouterr().err
     resumed = _start(*args, "--resume")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output

@@ -47,6 +47,18 @@ def test_evaluate_end_to_end(tmp_path, head):
     assert learned_rates == sorted(learned_rates)  # lower thresholds defer more
     assert json.loads((out / "results.json").read_text())["target_quality"] == result["target_quality"]
     assert "| speculative decoding |" in (out / "report.md").read_text()
+    # per-example records and 95% intervals of every point
+    for p in result["points"]:
+        records = pq.read_table(out / p["records"]).to_pydict()
+        assert len(records["example_id"]) == 6 and sum(records["new_tokens"]) == p["new_tokens"]
+        assert sum(records["score"]) / 6 == pytest.approx(p["quality"])
+        assert p["quality_low"] <= p["quality"] <= p["quality_high"]
+        assert p["difference_low"] <= p["difference"] <= p["difference_high"]
+    exact = points["speculative decoding"]  # greedy speculative decoding is the target, example by example
+    assert (exact["difference"], exact["difference_low"], exact["difference_high"]) == (0.0, 0.0, 0.0)
+    assert exact["reaches_target"] and exact["length_ratio"] == 1.0 and exact["guards"] == []
+    assert json.loads((out / "results.json").read_text())["settings"]["margin"] == 0.02
+    assert "difference to target" in (out / "report.md").read_text()
 
 
 def test_pareto_front_and_summary_on_hand_made_points():
@@ -83,25 +95,6 @@ def _empty(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     return path
-
-
-def test_points_keep_per_example_records_and_intervals(tmp_path):
-    out = tmp_path / "eval"
-    result = evaluate(out, models="tiny-random", limit=5, rules="always,never", block_size=GAMMA, max_new_tokens=10,
-                      batch_size=2, wandb_mode="disabled")
-    points = {p["label"]: p for p in result["points"]}
-    for p in result["points"]:
-        records = pq.read_table(out / p["records"]).to_pydict()
-        assert len(records["example_id"]) == 5 and sum(records["new_tokens"]) == p["new_tokens"]
-        assert sum(records["score"]) / 5 == pytest.approx(p["quality"])
-        assert p["quality_low"] <= p["quality"] <= p["quality_high"]
-        assert p["difference_low"] <= p["difference"] <= p["difference_high"]
-    exact = points["speculative decoding"]  # greedy speculative decoding is the target, example by example
-    assert (exact["difference"], exact["difference_low"], exact["difference_high"]) == (0.0, 0.0, 0.0)
-    assert exact["reaches_target"] and exact["length_ratio"] == 1.0 and exact["guards"] == []
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["settings"]["margin"] == 0.02 and saved["points"][1]["quality_high"] == exact["quality_high"]
-    assert "difference to target" in (out / "report.md").read_text() and "0.000 [" in (out / "report.md").read_text()
 
 
 def _records(scores, lengths, repetitions):
