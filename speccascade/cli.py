@@ -112,7 +112,7 @@ def _parse_error(err: Exception) -> str:
         text = f"{flag(key.group(1).split('.')[-1])}: {detail}"
     if re.search(r"(arguments|accept option).*_", text):
         text += " (options are spelled with dashes, e.g. --block-size)"
-    return _one_line(text)
+    return _one_line(text).rstrip(".")
 
 
 def train_deferral_main(argv: list[str] | None = None) -> int:

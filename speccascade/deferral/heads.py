@@ -165,7 +165,7 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
-def _numbers(values, finite: bool = True) -> bool:
+def _all_numbers(values, finite: bool = True) -> bool:
     return isinstance(values, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or not finite) for v in values)
 
@@ -177,7 +177,7 @@ def _config_problem(config: dict) -> str | None:
         return "'features' must be a non-empty list of names"
     mean, std = config.get("mean"), config.get("std")
     if mean is not None or std is not None:
-        if not (_numbers(mean) and _numbers(std) and len(mean) == len(std)):
+        if not (_all_numbers(mean) and _all_numbers(std) and len(mean) == len(std)):
             return "'mean' and 'std' must be lists of finite numbers of the same length"
         scalars = sum(f not in HIDDEN_INPUTS for f in features)
         hidden = len(features) - scalars
@@ -185,15 +185,15 @@ def _config_problem(config: dict) -> str | None:
             return f"its {len(features)} features do not match its {len(mean)} input statistics"
     calibration = config.get("calibration") or {"method": "none"}
     method = calibration.get("method") if isinstance(calibration, dict) else None
-    if method == "platt" and not _numbers([calibration.get("a"), calibration.get("b")]):
+    if method == "platt" and not _all_numbers([calibration.get("a"), calibration.get("b")]):
         return "Platt calibration needs numeric coefficients 'a' and 'b'"
-    if method == "isotonic" and not (_numbers(calibration.get("x")) and _numbers(calibration.get("y"))
+    if method == "isotonic" and not (_all_numbers(calibration.get("x")) and _all_numbers(calibration.get("y"))
                                      and len(calibration["x"]) == len(calibration["y"]) >= 1):
         return "isotonic calibration needs knots 'x' and 'y' of the same length"
     if method not in ("none", "platt", "isotonic"):
         return f"unknown calibration {method!r}"
     points = config.get("operating_points") or {}
-    if not isinstance(points, dict) or not _numbers(list(points.values()), finite=False) or any(v != v for v in points.values()):
+    if not isinstance(points, dict) or not _all_numbers(list(points.values()), finite=False) or any(v != v for v in points.values()):
         return "'operating_points' must map deferral rates to numeric thresholds"
     return None
 

@@ -458,9 +458,9 @@ class Learned(Rule):
         from .heads import DeferralHead, read_config
 
         directory = Path(directory)
-        spec = read_config(directory).get("feature_spec") or {}
-        if not isinstance(spec, dict) or spec.get("name") != SPEC_NAME or spec.get("version") != SPEC_VERSION:
-            spec = spec if isinstance(spec, dict) else {}
+        spec = read_config(directory).get("feature_spec")
+        spec = spec if isinstance(spec, dict) else {}
+        if spec.get("name") != SPEC_NAME or spec.get("version") != SPEC_VERSION:
             raise SpeccascadeError(
                 f"head in {directory} was trained on feature spec {spec.get('name')} v{spec.get('version')}; "
                 f"this decoder provides {SPEC_NAME} v{SPEC_VERSION}"
