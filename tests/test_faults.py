@@ -63,24 +63,24 @@ def _flags(options: dict) -> list[str]:
 
 def test_log_traces_killed_at_random_points_resumes_to_the_uninterrupted_rows(tmp_path, capsys):
     full = tmp_path / "full"
-    log_traces(full, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
+    log_traces(full, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 16}))
     killed = tmp_path / "killed"
-    proc = _start("log-traces", *cli_args(killed, 24))
+    proc = _start("log-traces", *cli_args(killed, 16))
     assert _wait_for_owner(killed, proc)
-    assert main(["log-traces", *cli_args(killed, 24, ["--resume"])]) == 2  # a second writer is refused
+    assert main(["log-traces", *cli_args(killed, 16, ["--resume"])]) == 2  # a second writer is refused
     assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
     _wait_for(killed / "shards" / "r000-00000.json", proc)  # killed after its first shard
     proc.kill()
     proc.wait()
     assert not traces.read_manifest(killed)["complete"], "the run finished before it was killed; make it longer"
     with pytest.raises(SpeccascadeError, match="pass --resume"):
-        log_traces(killed, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 24}))
-    again = _start("log-traces", *cli_args(killed, 24, ["--resume"]))  # killed at a random moment of the resumed run
+        log_traces(killed, mode="on-policy", temperature=1.0, max_new_tokens=24, **(TINY | {"limit": 16}))
+    again = _start("log-traces", *cli_args(killed, 16, ["--resume"]))  # killed at a random moment of the resumed run
     _wait_for_owner(killed, again)
     time.sleep(random.Random(14).uniform(0.0, 1.5))
     again.kill()
     output = again.communicate()[0]
-    final = _start("log-traces", *cli_args(killed, 24, ["--resume"]))
+    final = _start("log-traces", *cli_args(killed, 16, ["--resume"]))
     output += final.communicate(timeout=300)[0]
     assert final.returncode == 0, output
     assert "taking over a stale lock of pid" in output  # reported, then taken over
