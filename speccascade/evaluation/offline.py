@@ -142,7 +142,7 @@ def judge(cand: Candidate, example: np.ndarray, loss_q: np.ndarray, loss_p: np.n
 
 def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, rules: str | list[str] = DEFAULT_RULES,
                     heads: dict[str, R.Learned] | None = None, resamples: int = 1000, seed: int = 0,
-                    level: float = LEVEL) -> dict:
+                    level: float = LEVEL, oracle: bool = True) -> dict:
     """Judge every rule family, head and the oracle on trace ``columns`` (one row per position).
 
     Returns a JSON-ready dict: per candidate its curve (knob, rate, loss), its budget curve with
@@ -157,7 +157,7 @@ def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, r
     n_examples = int(example.max()) + 1
     weights = resample_weights(n_examples, resamples, seed)
     loss_q, loss_p = (columns[c].double().numpy() for c in LOSS_COLUMNS)
-    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads)]
+    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads, oracle)]
     rows = np.bincount(example, minlength=n_examples).astype(float)
     result = {
         "examples": n_examples, "rows": int(len(example)), "resamples": resamples, "level": level, "seed": seed,
