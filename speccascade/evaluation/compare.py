@@ -195,7 +195,9 @@ def markdown(result: dict, image: str) -> str:
     lines = [f"# Held-out offline comparison: {t.get('task', '')} {t.get('split', '')}".rstrip(), "",
              f"{result['examples']} examples, {result['rows']} positions; 95% intervals from {result['resamples']} "
              "bootstrap resamples of the examples. Loss of the emitted choice: keep every draft "
-             f"{_fmt(result['loss_keep_all'], '.4f')}, defer every draft {_fmt(result['loss_defer_all'], '.4f')}.", "",
+             f"{_fmt(result['loss_keep_all'], '.4f')}, defer every draft {_fmt(result['loss_defer_all'], '.4f')}."
+             + ("" if result["gap"]["low"] > 0 else " The drafter is not significantly worse than the target here: "
+                "the rates that close its gap mean little."), "",
              f"![comparison]({image})", "",
              "| candidate | kind | " + " | ".join(f"rate to close {f:.0%}" for f in GAP_FRACTIONS) + " | area |",
              "|---|---|" + "---|" * (len(GAP_FRACTIONS) + 1)]

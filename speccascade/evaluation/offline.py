@@ -159,12 +159,13 @@ def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, r
     loss_q, loss_p = (columns[c].double().numpy() for c in LOSS_COLUMNS)
     judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads, oracle)]
     rows = np.bincount(example, minlength=n_examples).astype(float)
+    sums = {name: _sums(example, values, n_examples) for name, values in
+            (("keep_all", loss_q), ("defer_all", loss_p), ("gap", loss_q - loss_p))}
     result = {
         "examples": n_examples, "rows": int(len(example)), "resamples": resamples, "level": level, "seed": seed,
-        "loss_keep_all": percentile_interval(ratio(_sums(example, loss_q, n_examples), rows),
-                                             ratio(_sums(example, loss_q, n_examples), rows, weights), level).as_dict(),
-        "loss_defer_all": percentile_interval(ratio(_sums(example, loss_p, n_examples), rows),
-                                              ratio(_sums(example, loss_p, n_examples), rows, weights), level).as_dict(),
+        **{f"loss_{name}": percentile_interval(ratio(sums[name], rows), ratio(sums[name], rows, weights), level).as_dict()
+           for name in ("keep_all", "defer_all")},
+        "gap": percentile_interval(ratio(sums["gap"], rows), ratio(sums["gap"], rows, weights), level).as_dict(),
         "rates": RATES.tolist(),
         "candidates": {j.candidate.label: _summary(j, level) for j in judged},
     }
