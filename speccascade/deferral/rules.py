@@ -399,9 +399,9 @@ class LossySD(Rule):
 class Learned(Rule):
     """A learned deferral head as a rule (algorithms.md section 5), position- or token-level.
 
-    Heads trained for gap regression defer iff the predicted gap exceeds ``threshold * D_TV``
-    (a learned OPT); classification and relaxed heads defer iff their calibrated probability
-    exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
+    Heads trained for gap regression defer iff the predicted gap ``loss_q - loss_p`` exceeds
+    ``threshold`` (a learned Diff: the expected gain of a deferral); classification and relaxed heads
+    defer iff their calibrated probability exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
     Token-level heads are evaluated over the whole vocabulary.
     """
 
@@ -418,7 +418,7 @@ class Learned(Rule):
     def __post_init__(self) -> None:
         self.head.eval()
         inputs = tuple(name for name in self.head.features if name != "alpha")
-        self.features = inputs + (("tv",) if self.head.objective == "gap" else ())
+        self.features = inputs
 
     @property
     def granularity(self) -> str:
@@ -434,16 +434,14 @@ class Learned(Rule):
 
     @torch.no_grad()
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the threshold is compared with: the calibrated probability, or predicted gap / D_TV."""
+        """What the threshold is compared with: the calibrated probability, or the predicted gap."""
         some = next(iter(f.values()))
         if self.head.mean.device != some.device:  # heads load on the CPU; follow the decoder's device
             self.head.to(some.device)
         if "alpha" in self.head.features:
             f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
         score = self.head(self.head.inputs(f))
-        if self.head.objective == "gap":
-            return score / f["tv"].clamp_min(EPS)
-        return self.head.probability(score)
+        return score if self.head.objective == "gap" else self.head.probability(score)
 
     @property
     def needs_hidden(self) -> bool:

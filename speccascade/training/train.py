@@ -61,7 +61,7 @@ def train_deferral(
         out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
         head: logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp (position features
             plus both models' last hidden states; needs traces logged with --hidden-states both).
-        objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
+        objective: gap (regression of loss_q - loss_p; defer where the predicted gain is largest), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
         alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
         alpha_range: relaxed objective only: train one head conditioned on alpha drawn from [low, high]
@@ -111,16 +111,17 @@ def train_deferral(
     logits, targets = _validation_scores(module, data, objective, alpha)
     metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
     out.mkdir(parents=True, exist_ok=True)
-    if objective == "gap":
+    if objective == "gap":  # the score is the predicted gap itself: defer where a gain is expected
         metrics["auroc"] = cal.auroc(targets, logits)
-        trained.operating_points = {"default": 0.0}
+        values, default = logits, 0.0
     else:
         metrics["uncalibrated"] = cal.report(trained.probability(torch.from_numpy(logits)).numpy(), targets, logits)
         trained.calibration = cal.fit(calibration, logits, targets)
-        probs = trained.probability(torch.from_numpy(logits)).numpy()
-        metrics |= cal.report(probs, targets, logits)
-        cal.reliability_diagram(probs, targets, out / "reliability.png")
-        trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
+        values, default = trained.probability(torch.from_numpy(logits)).numpy(), 0.5
+        metrics |= cal.report(values, targets, logits)
+        cal.reliability_diagram(values, targets, out / "reliability.png")
+    # thresholds that defer each rate of the validation positions
+    trained.operating_points = {f"{r:g}": float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES} | {"default": default}
     trained.metrics = metrics
     trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")},
                                       **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}}
