@@ -298,6 +298,23 @@ class Entropy(PositionRule):
 
 
 @dataclass
+class Gain(PositionRule):
+    """Defer iff the expected gain of deferring, judged by the target, exceeds ``alpha``:
+    ``sum_v p(v) (p(v) - q(v)) = E_{y ~ p}[(1 - q(y)) - (1 - p(y))] > alpha``. The plug-in rule for
+    the soft loss ``1 - q(y)``, as OPT is the plug-in rule for the 0-1 loss of the argmax."""
+
+    alpha: float = 0.1
+    name = "gain"
+    features = ("p_sq", "pq_dot")
+    EXACT = -1.1  # the gain lies in [-1, 1]
+    DRAFTER_ONLY = 1.0
+    SWEEP = (0.0, 0.05, 0.1, 0.2)
+
+    def score(self, f):
+        return f["p_sq"] - f["pq_dot"]
+
+
+@dataclass
 class TokenV1(TokenRule):
     """Defer token ``v`` iff ``q(v) < max p - alpha``."""
 
@@ -475,7 +492,7 @@ class Learned(Rule):
 
 FIXED_RULES: dict[str, type[Rule]] = {
     cls.name: cls
-    for cls in (Chow, Diff, OPT, BiLD, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
+    for cls in (Chow, Diff, OPT, BiLD, Gain, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
                 NeverDefer)
 }
 SPELLING = "name, name:KNOB, name:KNOB:PARAM=VALUE or learned:DIR[@THRESHOLD]"

@@ -28,7 +28,7 @@ QUANTILES = np.linspace(0.0, 1.0, 201)  # knobs at these deferral rates of all p
 RATES = np.linspace(0.0, 1.0, 101)  # where budget curves are read: best loss deferring at most rho
 GAP_FRACTIONS = (0.5, 0.75, 0.9)  # report the deferral rate that closes these fractions of the gap
 BAND = (0.05, 0.95)  # heads are compared with rules at every rate of RATES within this band
-DEFAULT_RULES = ("chow,diff,opt,bild,kl:tau=0.5,kl:tau=0.8,kl:tau=0.9,kl:tau=0.95,kl:tau=1,js,entropy,"
+DEFAULT_RULES = ("chow,diff,opt,bild,gain,kl:tau=0.5,kl:tau=0.8,kl:tau=0.9,kl:tau=0.95,kl:tau=1,js,entropy,"
                  "tokenv1,tokenv2,tokenv3,topk")
 LOSS_COLUMNS = ("loss_q", "loss_p")
 
