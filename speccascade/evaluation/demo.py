@@ -59,10 +59,10 @@ def demo(
     console.rule(f"1/4 log-traces: {models} on {task} (train, {train_examples} examples, teacher-forced)")
     log_traces(out / "traces", models=models, task=task, split="train", limit=train_examples, mode="reference",
                block_size=block_size, seed=seed, resume=True)
-    console.rule("2/4 train-deferral: MLP head, cost-sensitive classification, Platt calibration")
+    console.rule("2/4 train-deferral: MLP head, gap regression, early stopping on validation")
     head = train_deferral([str(out / "traces")], out / "head", head="mlp", epochs=epochs, batch_size=512, seed=seed,
                           wandb_mode=wandb_mode)
-    console.print(f"validation AUROC {head.metrics['auroc']:.3f}, ECE {head.metrics['ece']:.3f}")
+    console.print(f"validation AUROC {head.metrics['auroc']:.3f}" + (f", ECE {head.metrics['ece']:.3f}" if "ece" in head.metrics else ""))
     console.rule(f"3/4 compare offline: the head against every rule on {compare_examples} held-out examples (test), 95% CIs")
     log_traces(out / "held-out-traces", models=models, task=task, split="test", limit=compare_examples,
                mode="reference", block_size=block_size, seed=seed, resume=True)

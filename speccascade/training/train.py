@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from ..deferral import features as F
@@ -36,14 +37,15 @@ def train_deferral(
     traces: list[str] | str,
     out: Path,
     head: str = "mlp",
-    objective: str = "classification",
+    objective: str = "gap",
     features: list[str] | None = None,
     alpha: float = 0.0,
     alpha_range: tuple[float, float] | None = None,
     hidden: int = 64,
     depth: int = 2,
-    epochs: int = 10,
-    batch_size: int = 4096,
+    epochs: int = 30,
+    patience: int | None = 3,
+    batch_size: int = 1024,
     lr: float = 3e-3,
     val_fraction: float = 0.2,
     calibration: str = "platt",
@@ -61,14 +63,17 @@ def train_deferral(
         out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
         head: logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp (position features
             plus both models' last hidden states; needs traces logged with --hidden-states both).
-        objective: gap (regression of loss_q - loss_p; defer where the predicted gain is largest), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
+        objective: gap (regression of loss_q - loss_p: defer where the predicted gain is largest; the default, and the
+            best on held-out traces), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
         alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
         alpha_range: relaxed objective only: train one head conditioned on alpha drawn from [low, high]
             (pass ``Learned(..., alpha=...)`` when decoding).
         hidden: hidden width of the MLP.
         depth: hidden layers of the MLP.
-        epochs: passes over the training rows.
+        epochs: the most passes over the training rows.
+        patience: stop when the validation loss has not improved for this many epochs, and keep the best
+            epoch's weights (null: train every epoch and keep the last).
         batch_size: rows per step.
         lr: AdamW learning rate.
         val_fraction: fraction of examples (not rows) held out for validation and calibration.
@@ -100,12 +105,15 @@ def train_deferral(
     loggers = [CSVLogger(out, name="logs")]
     if wandb_mode != "disabled":
         loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="train-deferral"))
-    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, enable_checkpointing=False, deterministic=True,
-                         enable_model_summary=False, default_root_dir=str(out), devices=devices,
+    best = KeepBest()
+    callbacks = [EarlyStopping(monitor="val_loss", patience=patience), best] if patience else []
+    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
+                         deterministic=True, enable_model_summary=False, default_root_dir=str(out), devices=devices,
                          strategy=strategy, accelerator=accelerator)
     trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:
         return module.head
+    best.restore(module)
 
     trained = module.head.eval()
     logits, targets = _validation_scores(module, data, objective, alpha)
@@ -132,6 +140,22 @@ def train_deferral(
     if wandb_mode != "disabled":
         _log_to_wandb(loggers[-1], out, metrics, comparison)
     return trained
+
+
+class KeepBest(pl.Callback):
+    """Keeps the head's weights from the epoch with the lowest validation loss (in memory: no pickle on disk)."""
+
+    def __init__(self) -> None:
+        self.loss, self.state = float("inf"), None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: DeferralModule) -> None:
+        loss = trainer.callback_metrics.get("val_loss")
+        if not trainer.sanity_checking and loss is not None and float(loss) < self.loss:
+            self.loss, self.state = float(loss), {k: v.detach().clone() for k, v in module.head.state_dict().items()}
+
+    def restore(self, module: DeferralModule) -> None:
+        if self.state is not None:
+            module.head.load_state_dict(self.state)
 
 
 def _validation_scores(module: DeferralModule, data: TraceDataModule, objective: str, alpha: float):
