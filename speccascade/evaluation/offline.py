@@ -52,8 +52,10 @@ class Curve:
 
 
 def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAULT_RULES,
-               heads: dict[str, R.Learned] | None = None, oracle: bool = True) -> list[Candidate]:
-    """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head and the oracle."""
+               heads: dict[str, R.Learned] | None = None, oracle: bool = True,
+               scores: dict[str, np.ndarray] | None = None) -> list[Candidate]:
+    """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head, each precomputed
+    score (a model outside the package, judged like a head) and the oracle."""
     specs = [s.strip() for s in (rules.split(",") if isinstance(rules, str) else rules) if s.strip()]
     out = []
     for spec in specs:
@@ -63,6 +65,8 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
         out.append(Candidate(_family(rule), "rule", _numpy(rule.score(columns))))
     for label, head in (heads or {}).items():
         out.append(Candidate(label, "head", _numpy(head.score(columns))))
+    for label, score in (scores or {}).items():
+        out.append(Candidate(label, "head", np.asarray(score, dtype=np.float64)))
     if oracle:
         out.append(Candidate("oracle", "oracle", (columns["loss_q"] - columns["loss_p"]).double().numpy()))
     return out
@@ -142,7 +146,7 @@ def judge(cand: Candidate, example: np.ndarray, loss_q: np.ndarray, loss_p: np.n
 
 def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, rules: str | list[str] = DEFAULT_RULES,
                     heads: dict[str, R.Learned] | None = None, resamples: int = 1000, seed: int = 0,
-                    level: float = LEVEL, oracle: bool = True) -> dict:
+                    level: float = LEVEL, oracle: bool = True, scores: dict[str, np.ndarray] | None = None) -> dict:
     """Judge every rule family, head and the oracle on trace ``columns`` (one row per position).
 
     Returns a JSON-ready dict: per candidate its curve (knob, rate, loss), its budget curve with
@@ -157,7 +161,7 @@ def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, r
     n_examples = int(example.max()) + 1
     weights = resample_weights(n_examples, resamples, seed)
     loss_q, loss_p = (columns[c].double().numpy() for c in LOSS_COLUMNS)
-    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads, oracle)]
+    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads, oracle, scores)]
     rows = np.bincount(example, minlength=n_examples).astype(float)
     sums = {name: _sums(example, values, n_examples) for name, values in
             (("keep_all", loss_q), ("defer_all", loss_p), ("gap", loss_q - loss_p))}
