@@ -1,5 +1,5 @@
 """Baselines with the speculative cascade's interface: autoregressive decoding of one model, and
-the token-level sequential cascade of algorithms.md section 2."""
+the token-level sequential cascade of docs/algorithms.md section 2."""
 
 from __future__ import annotations
 

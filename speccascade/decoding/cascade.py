@@ -1,4 +1,4 @@
-"""The speculative-cascade decoder (algorithms.md section 3).
+"""The speculative-cascade decoder (docs/algorithms.md section 3).
 
 One block step: ``draft`` gamma tokens from ``q~`` (plus one drafter step over the last draft, so
 ``q_{gamma+1}`` exists for the bonus position), ``verify`` them with one target call, ``accept``
