@@ -169,6 +169,10 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _fmt(d: dict, spec: str = ".3f") -> str:
     return "-" if np.isnan(d["estimate"]) else f"{interval(d):{spec}}"
 
@@ -185,8 +189,9 @@ def table(result: dict) -> str:
         if "against_rules" in c:
             a = c["against_rules"]
             lines.append(f"{label}: {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than {a['best_rule']} to close 90% "
-                         f"of the gap; never significantly worse than any rule from {offline.BAND[0]:.0%} to "
-                         f"{offline.BAND[1]:.0%}: {'yes' if a['never_worse_than_every_rule'] else 'no'}")
+                         f"of the gap; from {offline.BAND[0]:.0%} to {offline.BAND[1]:.0%} deferred, at or below every "
+                         f"rule's curve within its interval: {_yes(a['within_intervals_of_every_rule'])}, never "
+                         f"significantly worse than any rule (paired): {_yes(a['never_worse_than_every_rule'])}")
     return "\n".join(lines)
 
 
@@ -207,12 +212,16 @@ def markdown(result: dict, image: str) -> str:
     for label, c in result["candidates"].items():
         if "against_rules" in c:
             a = c["against_rules"]
+            above = [r for r, v in a["rules"].items() if not v["within_intervals"]]
             worse = [r for r, v in a["rules"].items() if not v["never_worse"]]
+            band = f"between deferral rates {offline.BAND[0]} and {offline.BAND[1]}"
             lines += ["", f"**{label}** needs {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than the best rule "
                       f"({a['best_rule']}) to close 90% of the gap. "
-                      + ("It is nowhere significantly worse than any rule between deferral rates "
-                         f"{offline.BAND[0]} and {offline.BAND[1]}." if not worse else
-                         f"It is significantly worse than {', '.join(worse)} somewhere between {offline.BAND[0]} and {offline.BAND[1]}.")]
+                      + (f"Its curve is at or below every rule's curve (within that rule's 95% interval) {band}"
+                         if not above else f"Its curve rises above the interval of {', '.join(above)} somewhere {band}")
+                      + ("; no paired difference to a rule is significantly positive there." if not worse else
+                         f"; paired differences to {', '.join(worse)} are significantly positive somewhere there "
+                         f"(at most {max(a['rules'][r]['largest_difference'] for r in worse):.4f} in mean loss).")]
     return "\n".join(lines) + "\n"
 
 

@@ -212,14 +212,17 @@ def _against(head: Judged, best: Judged, rules: list[Judged], level: float) -> d
     for rule in rules:
         diff = head.budget_resampled[:, inside] - rule.budget_resampled[:, inside]  # < 0: the head is better
         low, high = (np.nanpercentile(diff, q, axis=0) for q in ((1 - level) / 2 * 100, (1 + level) / 2 * 100))
+        rule_high = np.nanpercentile(rule.budget_resampled[:, inside], (1 + level) / 2 * 100, axis=0)
         per_rule[rule.candidate.label] = {
-            "never_worse": bool(np.all(low <= 0)),  # nowhere significantly above the rule
-            "better_everywhere": bool(np.all(high < 0)),  # significantly below the rule at every rate
+            "within_intervals": bool(np.all(head.budget[inside] <= rule_high)),  # never above the rule's band
+            "never_worse": bool(np.all(low <= 0)),  # paired: nowhere significantly above the rule
+            "better_everywhere": bool(np.all(high < 0)),  # paired: significantly below the rule at every rate
             "largest_difference": float(np.max(head.budget[inside] - rule.budget[inside])),
         }
     return {
         "best_rule": best.candidate.label,
         "reduction_at_0.9": percentile_interval(ratio_all[0], ratio_all[1:], level).as_dict(),
+        "within_intervals_of_every_rule": all(v["within_intervals"] for v in per_rule.values()),
         "never_worse_than_every_rule": all(v["never_worse"] for v in per_rule.values()),
         "rules": per_rule,
     }
