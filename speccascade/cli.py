@@ -18,6 +18,7 @@ from .errors import SpeccascadeError
 from .evaluation.demo import demo
 from .evaluation.evaluate import evaluate
 from .evaluation.operating_point import operating_point
+from .finetune import finetune
 from .training.train import train_deferral
 
 
@@ -36,7 +37,8 @@ def bench_command() -> Callable:
 
 
 COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
-                                  "operating-point": operating_point, "demo": demo, "bench": bench_command()}
+                                  "operating-point": operating_point, "demo": demo, "bench": bench_command(),
+                                  "finetune": finetune}
 
 
 def build_parser() -> ArgumentParser:
