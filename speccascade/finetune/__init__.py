@@ -1,5 +1,5 @@
 """Supervised fine-tuning of task-specialised pairs: ``speccascade finetune`` and the presets built with it."""
 
-from .finetune import finetune
+from .train import finetune
 
 __all__ = ["finetune"]

@@ -97,7 +97,7 @@ def build(name: str, overrides: dict | None = None) -> tuple[Path, Path]:
 
 
 def _run(name: str, planned: dict[str, tuple[Path, dict]]) -> None:
-    from .finetune import finetune
+    from .train import finetune
 
     minutes = BUILD_MINUTES.get(name)
     target = planned["target"][1]
