@@ -59,7 +59,8 @@ def heldout_report(pair: ModelPair, task: str, split: str, limit: int, max_new_t
     weights = resample_weights(len(examples), seed=seed)
 
     def scored(which: str) -> tuple[np.ndarray, list[str], list[list[int]]]:
-        replies = greedy_replies(pair, which, prompts, max_new_tokens, batch_size, f"held-out {split} ({which})")
+        who = "teacher" if which == "target" else "model"
+        replies = greedy_replies(pair, which, prompts, max_new_tokens, batch_size, f"held-out {split} ({who})")
         texts = pair.tokenizer.batch_decode(replies, skip_special_tokens=True)
         return np.array([the_task.score(t, ex) for t, ex in zip(texts, examples)]), texts, replies
 

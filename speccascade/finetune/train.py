@@ -224,6 +224,10 @@ def finetune(
                                 data_file, seed, teacher=bool(teacher))
         (out / "heldout.json").write_text(json.dumps(report, indent=2))
         provenance["heldout"] = {k: v for k, v in report.items() if k != "records"}
+    if wandb_mode != "disabled":  # the held-out numbers join the run, which is closed so that the next one is new
+        run = loggers[-1].experiment
+        run.summary.update({"heldout_" + k: v for k, v in _flat(provenance.get("heldout", {})).items()})
+        run.finish()
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / SETTINGS).unlink(missing_ok=True)
@@ -246,3 +250,14 @@ def summary_line(provenance: dict) -> str:
                  f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]; greedy agreement with the teacher "
                  f"{a['estimate']:.3f} [{a['low']:.3f}, {a['high']:.3f}]")
     return line
+
+
+def _flat(held: dict) -> dict[str, float]:
+    """``{"quality": {"estimate": .., "low": ..}}`` -> ``{"quality": .., "quality_low": ..}`` (numbers only)."""
+    out = {}
+    for key, value in held.items():
+        if isinstance(value, dict):
+            out |= {key if k == "estimate" else f"{key}_{k}": v for k, v in value.items()}
+        elif isinstance(value, (int, float)):
+            out[key] = value
+    return out

@@ -149,3 +149,11 @@ def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "file"), "--wandb-mode", "disabled"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_each_fine_tune_is_its_own_offline_wandb_run(tmp_path, planted):
+    for name in ("a", "b"):
+        finetune(tmp_path / name, base="tiny-random", task="translation", data_file=str(planted), steps=2, batch_size=4,
+                 eval_split="train", eval_examples=4, max_new_tokens=4, wandb_mode="offline")
+    runs = [next((tmp_path / name / "wandb").glob("offline-run-*")).name for name in ("a", "b")]
+    assert runs[0] != runs[1]  # the second run is not appended to the first
