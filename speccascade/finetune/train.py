@@ -121,6 +121,7 @@ def finetune(
     eval_examples: int = 256,
     eval_batch_size: int = 16,
     max_new_tokens: int = 96,
+    eval_seed: int = 0,
     seed: int = 0,
     accelerator: str = "auto",
     wandb_mode: str | None = None,
@@ -160,7 +161,9 @@ def finetune(
         eval_examples: held-out examples (0 skips the evaluation).
         eval_batch_size: examples decoded together in the evaluation.
         max_new_tokens: new tokens per held-out example.
-        seed: seed of the data order and the initialisation.
+        eval_seed: seed of the held-out examples (0: the ones `speccascade evaluate` decodes by default),
+            independent of the training seed.
+        seed: seed of the training examples (generated tasks), their order and the initialisation.
         accelerator: cpu, gpu or auto.
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
         wandb_project: W&B project name.
@@ -221,7 +224,7 @@ def finetune(
         reference = load_model(teacher, device=model.device)[0] if teacher else model
         heldout_pair = ModelPair(model, reference, tokenizer, "finetune", str(out), teacher or str(out))
         report = heldout_report(heldout_pair, task, eval_split, eval_examples, max_new_tokens, eval_batch_size,
-                                data_file, seed, teacher=bool(teacher))
+                                data_file, eval_seed, teacher=bool(teacher))
         (out / "heldout.json").write_text(json.dumps(report, indent=2))
         provenance["heldout"] = {k: v for k, v in report.items() if k != "records"}
     if wandb_mode != "disabled":  # the held-out numbers join the run, which is closed so that the next one is new
