@@ -145,6 +145,10 @@ class FinetuneDataModule(pl.LightningDataModule):
         if self.dataset is None:
             examples = get_task(self.task).examples("train", limit=self.n_examples, data_file=self.data_file, seed=self.seed)
             encoded = encode_examples(self.pair, examples)
+            longest = max(len(ex) for ex in encoded)
+            if longest > self.pack_length:  # refused before training starts, not at the step that meets it
+                raise SpeccascadeError(f"the longest training example has {longest} tokens, more than "
+                                       f"pack_length={self.pack_length}; raise pack_length")
             self.dataset = StepBatches(encoded, self.steps, self.batch_size, self.pack_length, self.pair.pad_token_id, self.seed)
 
     def train_dataloader(self) -> DataLoader:

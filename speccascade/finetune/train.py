@@ -89,8 +89,6 @@ def _prepare_out(out: Path, settings: dict) -> dict | None:
             raise SpeccascadeError(f"{out} holds an unfinished fine-tune with other settings; choose another --out or delete it")
     elif out.exists() and any(out.iterdir()):
         raise SpeccascadeError(f"{out} exists and is not a fine-tune directory; choose an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2))
     return None
 
 
@@ -189,6 +187,8 @@ def finetune(
     data = FinetuneDataModule(pair, task, steps, batch_size, examples, pack_length, data_file, seed)
     data.setup()
 
+    out.mkdir(parents=True, exist_ok=True)  # only once the model and data are ready: bad input leaves nothing behind
+    (out / SETTINGS).write_text(json.dumps(settings, indent=2))
     loggers = [CSVLogger(out, name="logs")]
     if wandb_mode != "disabled":
         loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="finetune",

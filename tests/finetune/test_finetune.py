@@ -137,12 +137,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     (["--distill-weight", "0.5"], "needs a teacher"),
     (["--precision", "fp8"], "precision must be one of"),
     (["--base", "/nonexistent/model"], "cannot load model"),
+    (["--pack-length", "16"], "raise pack_length"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "out"), "--steps", "2",
                  "--eval-examples", "0", "--wandb-mode", "disabled", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
