@@ -5,40 +5,25 @@ Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
-from pathlib import Path
 from typing import Callable
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from .bench import bench
 from .data.log_traces import log_traces
 from .errors import SpeccascadeError
+from .evaluation.compare import compare
 from .evaluation.demo import demo
 from .evaluation.evaluate import evaluate
 from .evaluation.operating_point import operating_point
 from .finetune import finetune
 from .training.train import train_deferral
 
-
-
-def bench_command() -> Callable:
-    """``benchmarks/bench.py``'s ``bench`` from the source checkout (benchmarks are not installed with the package)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "bench.py").is_file():
-        def bench() -> None:
-            """Measure decode speed against the peers (needs a source checkout)."""
-            raise SpeccascadeError(f"speccascade bench runs from a source checkout: {root / 'benchmarks'} not found")
-        return bench
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.bench").bench
-
-
 COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
-                                  "operating-point": operating_point, "demo": demo, "bench": bench_command(),
-                                  "finetune": finetune}
+                                  "compare": compare, "operating-point": operating_point, "demo": demo,
+                                  "bench": bench, "finetune": finetune}
 
 
 def build_parser() -> ArgumentParser:

@@ -141,7 +141,7 @@ def load_pair(
         drafter_model = layer_subset(target_model, spec.drafter_layers)
         drafter_id = f"{target_id} layers {_ranges(spec.drafter_layers)}"
     else:
-        drafter_model, drafter_tokenizer = _from_pretrained(spec.drafter, {}, device, dtype, trust_remote_code)
+        drafter_model, drafter_tokenizer = _from_pretrained(spec.drafter, device, dtype, trust_remote_code)
         check_same_tokenizer(drafter_tokenizer, tokenizer, spec.drafter, target_id)
         drafter_id = spec.drafter
     return ModelPair(drafter_model, target_model, tokenizer, name, drafter_id, target_id)
@@ -185,18 +185,18 @@ def _load_target(spec: PairSpec, device, dtype, trust_remote_code: bool):
     gguf = _find_gguf(spec.gguf_package) if spec.gguf_package else None
     if gguf is not None:
         path = _dequantised(gguf)
-        model, tokenizer = _from_pretrained(str(path), {}, device, dtype, trust_remote_code)
+        model, tokenizer = _from_pretrained(str(path), device, dtype, trust_remote_code)
         return model, tokenizer, f"{spec.target} (GGUF {gguf.name})"
-    model, tokenizer = _from_pretrained(spec.target, {}, device, dtype, trust_remote_code)
+    model, tokenizer = _from_pretrained(spec.target, device, dtype, trust_remote_code)
     return model, tokenizer, spec.target
 
 
-def _from_pretrained(source: str, kwargs: dict, device, dtype, trust_remote_code: bool):
+def _from_pretrained(source: str, device, dtype, trust_remote_code: bool):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SpeccascadeError(f"cannot load model {source!r}: {reason}") from err

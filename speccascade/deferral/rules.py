@@ -9,13 +9,15 @@ A rule turns one block into a :class:`Mix`: the decoder accepts a draft ``x`` wi
 ``min(1, accept(x) / q~(x))``, draws a rejected position's token from ``norm(max(0, emit - q~))``
 and the bonus token from ``emit``. For the cascaded rules ``accept = emit = pi``.
 
-Each rule class names its knob (``alpha``, or ``k`` for :class:`TopK`) and, in ``EXACT`` and
-``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding and one at which it
-accepts every draft.
+Each rule class names its knob (``alpha``, or ``k`` for :class:`TopK`) and owns its knob
+metadata: ``EXACT`` and ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding
+and one at which it accepts every draft, and ``SWEEP``, the knobs a decoding sweep tries by default.
 
-A rule's formula is written once, in ``decide``, over named features of
-:mod:`speccascade.deferral.features`: the decoder feeds it features of live distributions, and
-offline comparisons feed it the same columns read from traces.
+A rule with a knob is a *score* compared with it: it defers iff ``score(features) > knob``
+(:class:`TopK`: ``p_rank > k - 1/2``). The formula is written once, in ``score``, over named
+features of :mod:`speccascade.deferral.features`: the decoder feeds it features of live
+distributions, offline comparisons feed it the same columns read from traces, and since the
+deferral rate falls as the knob grows, the knob for a deferral budget is a quantile of the score.
 """
 
 from __future__ import annotations
@@ -54,18 +56,36 @@ class Rule(ABC):
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
     knob: ClassVar[str | None] = "alpha"
-    features: ClassVar[tuple[str, ...]] = ()  # the features ``decide`` reads
+    features: ClassVar[tuple[str, ...]] = ()  # the features ``score``/``decide`` read
     EXACT: ClassVar[float | None] = None
     DRAFTER_ONLY: ClassVar[float | None] = None
+    SWEEP: ClassVar[tuple[float, ...]] = ()  # knobs a decoding sweep tries by default
 
     @property
     def spec(self) -> str:
-        """The command-line spelling (``opt:0.3``) that :func:`parse` reads back."""
-        return self.name if self.knob is None else f"{self.name}:{getattr(self, self.knob):g}"
+        """The command-line spelling (``opt:0.3``, ``kl:0.2:tau=0.9``) that :func:`parse` reads back."""
+        if self.knob is None:
+            return self.name
+        extra = "".join(f":{k}={getattr(self, k):g}" for k in self.params())
+        return f"{self.name}:{getattr(self, self.knob):g}{extra}"
 
-    @abstractmethod
+    @classmethod
+    def params(cls) -> tuple[str, ...]:
+        """Settings besides the knob (``tau`` of :class:`KLJudge`), spelled ``name=value`` after it."""
+        return tuple(k for k in getattr(cls, "__dataclass_fields__", {}) if k != cls.knob)
+
+    @property
+    def cut(self) -> float:
+        """The value ``score`` must exceed for a deferral (the knob itself, for most rules)."""
+        return getattr(self, self.knob)
+
+    def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The quantity compared with the knob; larger means defer sooner."""
+        raise SpeccascadeError(f"rule {self.name!r} has no knob, so no score")
+
     def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``r`` (bool) from named features; position rules per position, token rules per token."""
+        return self.score(f) > self.cut
 
     @abstractmethod
     def mix(
@@ -170,9 +190,10 @@ class Chow(PositionRule):
     features = ("q_top1",)
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (0.2, 0.4, 0.6, 0.8)
 
-    def decide(self, f):
-        return f["q_top1"] < 1 - self.alpha
+    def score(self, f):
+        return 1 - f["q_top1"]
 
 
 @dataclass
@@ -184,9 +205,10 @@ class Diff(PositionRule):
     features = ("q_top1", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (-0.1, 0.0, 0.1, 0.3)
 
-    def decide(self, f):
-        return f["q_top1"] < f["p_top1"] - self.alpha
+    def score(self, f):
+        return f["p_top1"] - f["q_top1"]
 
 
 @dataclass
@@ -198,10 +220,11 @@ class OPT(PositionRule):
     features = ("q_top1", "p_top1", "tv")
     EXACT = float("-inf")
     DRAFTER_ONLY = float("inf")
+    SWEEP = (-1.0, 0.0, 0.5, 2.0)
 
-    def decide(self, f):
-        # alpha = -inf or +inf with tv = 0 gives nan, and nan compares False: q = p there anyway
-        return f["q_top1"] < f["p_top1"] - self.alpha * f["tv"]
+    def score(self, f):
+        # tv = 0 means q = p: 0 / 0 is nan, which never exceeds a knob (deferring changes nothing there)
+        return (f["p_top1"] - f["q_top1"]) / f["tv"]
 
 
 @dataclass
@@ -213,9 +236,82 @@ class BiLD(PositionRule):
     features = ("tv",)
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (0.2, 0.4, 0.6, 0.8)
 
-    def decide(self, f):
-        return f["tv"] > self.alpha
+    def score(self, f):
+        return f["tv"]
+
+
+@dataclass
+class KLJudge(PositionRule):
+    """Defer iff ``KL(p || q) > alpha``, or strictly (exact speculative decoding) where the target is
+    sure: ``max p > tau``. The training-free judge of "Revisiting Judge Decoding" (2026): a
+    divergence threshold, with the target's own confidence as a guard."""
+
+    alpha: float = 0.5
+    tau: float = 0.9
+    name = "kl"
+    features = ("kl_pq", "p_top1")
+    EXACT = -0.1
+    DRAFTER_ONLY = float("inf")  # inf exceeds no score, strict positions' included
+    SWEEP = (0.1, 0.3, 1.0, 3.0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:
+            raise SpeccascadeError(f"kl needs tau in [0, 1], got {self.tau}")
+
+    def score(self, f):
+        # strict positions score +inf: deferred at every knob but alpha = +inf, which keeps every draft
+        return torch.where(f["p_top1"] > self.tau, torch.inf, f["kl_pq"])
+
+
+@dataclass
+class JS(PositionRule):
+    """Defer iff the Jensen-Shannon divergence ``JS(p, q) > alpha`` (in nats; Fuzzy speculative decoding)."""
+
+    alpha: float = 0.1
+    name = "js"
+    features = ("js",)
+    EXACT = -0.1
+    DRAFTER_ONLY = 1.0  # JS <= log 2
+    SWEEP = (0.02, 0.05, 0.1, 0.2)
+
+    def score(self, f):
+        return f["js"]
+
+
+@dataclass
+class Entropy(PositionRule):
+    """Defer iff the drafter's entropy ``H(q) > alpha`` (nats): an entropy gate, which needs no ``p``
+    and so also runs in the sequential cascade."""
+
+    alpha: float = 1.0
+    name = "entropy"
+    needs_target = False
+    features = ("q_entropy",)
+    EXACT = -0.1
+    DRAFTER_ONLY = float("inf")
+    SWEEP = (0.5, 1.0, 2.0, 3.0)
+
+    def score(self, f):
+        return f["q_entropy"]
+
+
+@dataclass
+class Gain(PositionRule):
+    """Defer iff the expected gain of deferring, judged by the target, exceeds ``alpha``:
+    ``sum_v p(v) (p(v) - q(v)) = E_{y ~ p}[(1 - q(y)) - (1 - p(y))] > alpha``. The plug-in rule for
+    the soft loss ``1 - q(y)``, as OPT is the plug-in rule for the 0-1 loss of the argmax."""
+
+    alpha: float = 0.1
+    name = "gain"
+    features = ("p_sq", "pq_dot")
+    EXACT = -1.1  # the gain lies in [-1, 1]
+    DRAFTER_ONLY = 1.0
+    SWEEP = (0.0, 0.05, 0.1, 0.2)
+
+    def score(self, f):
+        return f["p_sq"] - f["pq_dot"]
 
 
 @dataclass
@@ -227,9 +323,10 @@ class TokenV1(TokenRule):
     features = ("q_tok", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (-0.1, 0.0, 0.1, 0.3)
 
-    def decide(self, f):
-        return f["q_tok"] < f["p_top1"] - self.alpha
+    def score(self, f):
+        return f["p_top1"] - f["q_tok"]
 
 
 @dataclass
@@ -241,9 +338,10 @@ class TokenV2(TokenRule):
     features = ("p_tok", "p_top1")
     EXACT = -1.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (0.0, 0.1, 0.3, 0.6)
 
-    def decide(self, f):
-        return f["p_tok"] < f["p_top1"] - self.alpha
+    def score(self, f):
+        return f["p_top1"] - f["p_tok"]
 
 
 @dataclass
@@ -255,9 +353,10 @@ class TokenV3(TokenRule):
     features = ("p_tok", "p_top1")
     EXACT = -0.1
     DRAFTER_ONLY = 1.0
+    SWEEP = (0.2, 0.5, 0.8, 0.95)
 
-    def decide(self, f):
-        return f["p_tok"] < (1 - self.alpha) * f["p_top1"]
+    def score(self, f):
+        return 1 - f["p_tok"] / f["p_top1"]
 
 
 @dataclass
@@ -270,13 +369,18 @@ class TopK(TokenRule):
     features = ("p_rank",)
     EXACT = 0
     DRAFTER_ONLY = None  # k = V; depends on the vocabulary
+    SWEEP = (1, 3, 10, 50)
 
     def __post_init__(self) -> None:
         if self.k < 0:
             raise SpeccascadeError(f"TopK needs k >= 0, got {self.k}")
 
-    def decide(self, f):
-        return f["p_rank"] >= self.k  # at least k tokens strictly more likely than v
+    @property
+    def cut(self) -> float:
+        return self.k - 0.5  # p_rank is a whole number: p_rank > k - 1/2 iff p_rank >= k
+
+    def score(self, f):
+        return f["p_rank"]  # tokens strictly more likely than v
 
 
 @dataclass
@@ -293,6 +397,7 @@ class LossySD(Rule):
     needs_bonus_drafter = False
     features = ("q_top1",)
     EXACT = 0.0
+    SWEEP = (0.1, 0.3, 0.5, 0.8)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -311,9 +416,9 @@ class LossySD(Rule):
 class Learned(Rule):
     """A learned deferral head as a rule (algorithms.md section 5), position- or token-level.
 
-    Heads trained for gap regression defer iff the predicted gap exceeds ``threshold * D_TV``
-    (a learned OPT); classification and relaxed heads defer iff their calibrated probability
-    exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
+    Heads trained for gap regression defer iff the predicted gap ``loss_q - loss_p`` exceeds
+    ``threshold`` (a learned Diff: the expected gain of a deferral); classification and relaxed heads
+    defer iff their calibrated probability exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
     Token-level heads are evaluated over the whole vocabulary.
     """
 
@@ -330,7 +435,7 @@ class Learned(Rule):
     def __post_init__(self) -> None:
         self.head.eval()
         inputs = tuple(name for name in self.head.features if name != "alpha")
-        self.features = inputs + (("tv",) if self.head.objective == "gap" else ())
+        self.features = inputs
 
     @property
     def granularity(self) -> str:
@@ -345,20 +450,15 @@ class Learned(Rule):
         return f"learned:{self.head.provenance.get('path', '?')}@{self.threshold:g}"
 
     @torch.no_grad()
-    def value(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the threshold is compared with: the calibrated probability, or predicted gap / D_TV."""
+    def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the threshold is compared with: the calibrated probability, or the predicted gap."""
         some = next(iter(f.values()))
         if self.head.mean.device != some.device:  # heads load on the CPU; follow the decoder's device
             self.head.to(some.device)
         if "alpha" in self.head.features:
             f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
         score = self.head(self.head.inputs(f))
-        if self.head.objective == "gap":
-            return score / f["tv"].clamp_min(EPS)
-        return self.head.probability(score)
-
-    def decide(self, f):
-        return self.value(f) > self.threshold
+        return score if self.head.objective == "gap" else self.head.probability(score)
 
     @property
     def needs_hidden(self) -> bool:
@@ -392,31 +492,64 @@ class Learned(Rule):
 
 FIXED_RULES: dict[str, type[Rule]] = {
     cls.name: cls
-    for cls in (Chow, Diff, OPT, BiLD, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer, NeverDefer)
+    for cls in (Chow, Diff, OPT, BiLD, Gain, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
+                NeverDefer)
 }
+SPELLING = "name, name:KNOB, name:KNOB:PARAM=VALUE or learned:DIR[@THRESHOLD]"
 
 
-def from_name(name: str, value: float | None = None) -> Rule:
+def from_name(name: str, value: float | None = None, **params: float) -> Rule:
     """Build a fixed rule by its name (``opt``, ``tokenv3``, ...) with its knob set to ``value``."""
     cls = FIXED_RULES.get(name.lower())
     if cls is None:
-        raise SpeccascadeError(f"unknown rule {name!r}; known: {', '.join(FIXED_RULES)}")
-    if value is None or cls.knob is None:
-        return cls()
-    return cls(**{cls.knob: int(value) if cls.knob == "k" else float(value)})
+        raise SpeccascadeError(f"unknown rule {name!r}; known: {', '.join(FIXED_RULES)}, learned:DIR")
+    unknown = sorted(set(params) - set(cls.params()))
+    if unknown:
+        known = ", ".join(cls.params()) or "none"
+        raise SpeccascadeError(f"rule {cls.name!r} has no setting {unknown[0]!r} (settings: {known})")
+    if value is None:
+        return cls(**params)
+    if cls.knob is None:
+        raise SpeccascadeError(f"rule {cls.name!r} has no knob; write it as {cls.name!r}")
+    if cls.knob == "k" and float(value) != int(value):
+        raise SpeccascadeError(f"rule {cls.name!r} needs a whole number k, got {value:g}")
+    return cls(**{cls.knob: int(value) if cls.knob == "k" else float(value)}, **params)
+
+
+def _number(spec: str, text: str) -> float:
+    """A knob, threshold or setting: a number, not NaN (infinities are the exact / drafter-only limits)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpeccascadeError(f"rule {spec!r}: {text!r} is not a number") from None
+    if value != value:
+        raise SpeccascadeError(f"rule {spec!r}: the knob must be a number, not NaN")
+    return value
 
 
 def parse(spec: str) -> Rule:
-    """A rule from its command-line spelling: ``name`` or ``name:value`` (``opt:0.3``, ``topk:5``)."""
-    name, _, value = spec.partition(":")
-    if name == "learned":  # learned:DIR or learned:DIR@THRESHOLD
-        path, _, threshold = value.rpartition("@") if "@" in value else (value, "", "")
-        return Learned.from_pretrained(path, float(threshold) if threshold else None)
-    if not value:
+    """The one parser of a rule's command-line spelling: ``name``, ``name:KNOB`` (``opt:0.3``, ``topk:5``),
+    ``name:KNOB:PARAM=VALUE`` (``kl:0.2:tau=0.9``), ``name:PARAM=VALUE`` (the default knob) or
+    ``learned:DIR[@THRESHOLD]``. Anything else is a
+    :class:`SpeccascadeError` that names the problem."""
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    if not name:
+        raise SpeccascadeError(f"empty rule {spec!r}; write {SPELLING}")
+    if name == "learned":
+        path, _, threshold = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        if not path:
+            raise SpeccascadeError(f"rule {spec!r} names no head directory; write learned:DIR[@THRESHOLD]")
+        return Learned.from_pretrained(path, _number(text, threshold) if threshold else None)
+    if not rest:
         return from_name(name)
-    try:
-        return from_name(name, float(value))
-    except ValueError as err:
-        if isinstance(err, SpeccascadeError):
-            raise
-        raise SpeccascadeError(f"rule {spec!r}: {value!r} is not a number") from err
+    knob, *settings = rest.split(":")
+    if "=" in knob:  # no knob, only settings: kl:tau=0.8 (a family whose knob a sweep sets)
+        knob, settings = None, [knob, *settings]
+    params = {}
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        if not eq or not key:
+            raise SpeccascadeError(f"rule {spec!r}: {setting!r} is not PARAM=VALUE; write {SPELLING}")
+        params[key] = _number(text, value)
+    return from_name(name, None if knob is None else _number(text, knob), **params)

@@ -1,7 +1,9 @@
-"""Rule comparison on real decoding: evaluate, Pareto fronts and summaries, the operating-point picker, the demo."""
+"""Rule comparison: on real decoding (evaluate, Pareto fronts and summaries), offline on held-out traces with
+bootstrap intervals (compare), the operating-point picker, the demo."""
 
+from .compare import compare
 from .evaluate import evaluate
 from .operating_point import operating_point
 from .summary import pareto_front, summary
 
-__all__ = ["evaluate", "operating_point", "pareto_front", "summary"]
+__all__ = ["compare", "evaluate", "operating_point", "pareto_front", "summary"]

@@ -18,19 +18,6 @@ from ..errors import SpeccascadeError
 from ..tracking import resolve_wandb_mode
 from .summary import pareto_front, summary
 
-# a few knob values per rule: each point is a full decode of the split
-GRIDS: dict[str, tuple[float, ...]] = {
-    "chow": (0.2, 0.4, 0.6, 0.8),
-    "diff": (-0.1, 0.0, 0.1, 0.3),
-    "opt": (-1.0, 0.0, 0.5, 2.0),
-    "bild": (0.2, 0.4, 0.6, 0.8),
-    "tokenv1": (-0.1, 0.0, 0.1, 0.3),
-    "tokenv2": (0.0, 0.1, 0.3, 0.6),
-    "tokenv3": (0.2, 0.5, 0.8, 0.95),
-    "topk": (1, 3, 10, 50),
-    "lossy": (0.1, 0.3, 0.5, 0.8),
-    "sequential": (0.2, 0.4, 0.6, 0.8),  # Chow in the token-level sequential cascade
-}
 LEARNED_RATES = ("0.2", "0.4", "0.6", "0.8")  # a learned head's recommended thresholds swept
 
 
@@ -42,9 +29,9 @@ def configurations(spec: str, pair: ModelPair, block_size: int, temperature: flo
         return [(name, f"{name} only", None, Autoregressive(pair, name, **kw))]
     if name in ("always", "exact"):
         return [("speculative", "speculative decoding", None, SpeculativeCascade(pair, R.AlwaysDefer(), block_size, **kw))]
-    if name == "sequential":
-        knobs = [float(value)] if value else GRIDS["sequential"]
-        return [("sequential", f"sequential chow:{k:g}", k, SequentialCascade(pair, R.Chow(alpha=k), **kw)) for k in knobs]
+    if name == "sequential":  # Chow in the token-level sequential cascade
+        chows = [R.parse(f"chow:{value}")] if value else [R.Chow(alpha=k) for k in R.Chow.SWEEP]
+        return [("sequential", f"sequential {c.spec}", c.alpha, SequentialCascade(pair, c, **kw)) for c in chows]
     if name == "learned":
         path, _, threshold = value.rpartition("@") if "@" in value else (value, "", "")
         rule = R.Learned.from_pretrained(path)
@@ -55,8 +42,8 @@ def configurations(spec: str, pair: ModelPair, block_size: int, temperature: flo
                  SpeculativeCascade(pair, R.Learned(rule.head, k, rule.alpha), block_size, **kw)) for k in knobs]
     if name not in R.FIXED_RULES:
         raise SpeccascadeError(f"unknown rule {name!r}; known: target, drafter, sequential, learned:DIR, {', '.join(R.FIXED_RULES)}")
-    knobs = [float(value)] if value else GRIDS.get(name, (None,))
-    return [(name, R.from_name(name, k).spec, k, SpeculativeCascade(pair, R.from_name(name, k), block_size, **kw)) for k in knobs]
+    chosen = [R.parse(spec)] if value else [R.from_name(name, k) for k in R.FIXED_RULES[name].SWEEP or (None,)]
+    return [(name, r.spec, getattr(r, r.knob) if r.knob else None, SpeculativeCascade(pair, r, block_size, **kw)) for r in chosen]
 
 
 def _check_pair(rule: R.Learned, pair: ModelPair, path: str) -> None:

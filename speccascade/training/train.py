@@ -3,22 +3,24 @@ fixed rules, export a checkpoint, and log all of it locally and to W&B (offline 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from ..deferral import features as F
 from ..deferral import rules
 from ..deferral.heads import HIDDEN_INPUTS, DeferralHead
 from ..errors import SpeccascadeError
+from ..evaluation import offline
+from ..evaluation.compare import log_to_wandb as log_comparison
+from ..evaluation.compare import write as write_comparison
 from ..tracking import resolve_wandb_mode
 from . import calibration as cal
-from . import compare
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target
 
@@ -35,14 +37,15 @@ def train_deferral(
     traces: list[str] | str,
     out: Path,
     head: str = "mlp",
-    objective: str = "classification",
+    objective: str = "gap",
     features: list[str] | None = None,
     alpha: float = 0.0,
     alpha_range: tuple[float, float] | None = None,
     hidden: int = 64,
     depth: int = 2,
-    epochs: int = 10,
-    batch_size: int = 4096,
+    epochs: int = 30,
+    patience: int | None = 3,
+    batch_size: int = 1024,
     lr: float = 3e-3,
     val_fraction: float = 0.2,
     calibration: str = "platt",
@@ -60,14 +63,17 @@ def train_deferral(
         out: output directory: the head checkpoint, metrics.json, plots, comparison and training curves.
         head: logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp (position features
             plus both models' last hidden states; needs traces logged with --hidden-states both).
-        objective: gap (regression; a learned OPT), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
+        objective: gap (regression of loss_q - loss_p: defer where the predicted gain is largest; the default, and the
+            best on held-out traces), classification (cost-sensitive BCE on 1[gap > 0]) or relaxed.
         features: feature names (default: every position feature; token-mlp adds the token features).
         alpha: the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned).
         alpha_range: relaxed objective only: train one head conditioned on alpha drawn from [low, high]
             (pass ``Learned(..., alpha=...)`` when decoding).
         hidden: hidden width of the MLP.
         depth: hidden layers of the MLP.
-        epochs: passes over the training rows.
+        epochs: the most passes over the training rows.
+        patience: stop when the validation loss has not improved for this many epochs, and keep the best
+            epoch's weights (null: train every epoch and keep the last).
         batch_size: rows per step.
         lr: AdamW learning rate.
         val_fraction: fraction of examples (not rows) held out for validation and calibration.
@@ -99,36 +105,57 @@ def train_deferral(
     loggers = [CSVLogger(out, name="logs")]
     if wandb_mode != "disabled":
         loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="train-deferral"))
-    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, enable_checkpointing=False, deterministic=True,
-                         enable_model_summary=False, default_root_dir=str(out), devices=devices,
+    best = KeepBest()
+    callbacks = [EarlyStopping(monitor="val_loss", patience=patience), best] if patience else []
+    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, callbacks=callbacks, enable_checkpointing=False,
+                         deterministic=True, enable_model_summary=False, default_root_dir=str(out), devices=devices,
                          strategy=strategy, accelerator=accelerator)
     trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:
         return module.head
+    best.restore(module)
 
     trained = module.head.eval()
     logits, targets = _validation_scores(module, data, objective, alpha)
     metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
     out.mkdir(parents=True, exist_ok=True)
-    if objective == "gap":
+    if objective == "gap":  # the score is the predicted gap itself: defer where a gain is expected
         metrics["auroc"] = cal.auroc(targets, logits)
-        trained.operating_points = {"default": 0.0}
+        values, default = logits, 0.0
     else:
         metrics["uncalibrated"] = cal.report(trained.probability(torch.from_numpy(logits)).numpy(), targets, logits)
         trained.calibration = cal.fit(calibration, logits, targets)
-        probs = trained.probability(torch.from_numpy(logits)).numpy()
-        metrics |= cal.report(probs, targets, logits)
-        cal.reliability_diagram(probs, targets, out / "reliability.png")
-        trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
+        values, default = trained.probability(torch.from_numpy(logits)).numpy(), 0.5
+        metrics |= cal.report(values, targets, logits)
+        cal.reliability_diagram(values, targets, out / "reliability.png")
+    # thresholds that defer each rate of the validation positions
+    trained.operating_points = {f"{r:g}": float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES} | {"default": default}
     trained.metrics = metrics
-    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")}}
+    trained.provenance = {"traces": [{"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer")},
+                                      **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}}
                                      for t, m in zip(traces, data.manifests)]}
-    points = _offline_comparison(trained, data, out, metrics, alpha)
+    comparison = _offline_comparison(trained, data, out, metrics, alpha, seed)
     trained.save(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if wandb_mode != "disabled":
-        _log_to_wandb(loggers[-1], out, metrics, points)
+        _log_to_wandb(loggers[-1], out, metrics, comparison)
     return trained
+
+
+class KeepBest(pl.Callback):
+    """Keeps the head's weights from the epoch with the lowest validation loss (in memory: no pickle on disk)."""
+
+    def __init__(self) -> None:
+        self.loss, self.state = float("inf"), None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: DeferralModule) -> None:
+        loss = trainer.callback_metrics.get("val_loss")
+        if not trainer.sanity_checking and loss is not None and float(loss) < self.loss:
+            self.loss, self.state = float(loss), {k: v.detach().clone() for k, v in module.head.state_dict().items()}
+
+    def restore(self, module: DeferralModule) -> None:
+        if self.state is not None:
+            module.head.load_state_dict(self.state)
 
 
 def _validation_scores(module: DeferralModule, data: TraceDataModule, objective: str, alpha: float):
@@ -140,44 +167,36 @@ def _validation_scores(module: DeferralModule, data: TraceDataModule, objective:
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
-def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict, alpha: float) -> list[dict]:
-    """Quality proxy vs deferral rate on the validation rows, learned head against the fixed rules."""
+def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, metrics: dict, alpha: float,
+                        seed: int) -> dict | None:
+    """The held-out comparison (:mod:`speccascade.evaluation.offline`) on the validation examples:
+    the head against every rule family and the oracle, with bootstrap intervals."""
     val = data.val_all
-    inputs = set(head.features) - {"alpha"}
-    if not {"loss_q", "loss_p"} <= set(val.column_names) or not inputs <= set(val.column_names):
-        return []
-    wanted = set(F.ALL_FEATURES) | set(HIDDEN_INPUTS) | {"loss_q", "loss_p"}
-    columns = {c: np.asarray(val[c], dtype=np.float32) for c in val.column_names if c in wanted}
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
-    points = compare.curves(columns, learned)
-    keep_all = float(columns["loss_q"].mean())
-    metrics["offline_area"] = {rule: compare.area(points, rule, keep_all) for rule in dict.fromkeys(p["rule"] for p in points)}
-    (out / "comparison.json").write_text(json.dumps(points, indent=2))
-    with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["rule", "knob", "deferral_rate", "loss"])
-        writer.writeheader()
-        writer.writerows(points)
-    compare.plot(points, out / "comparison.png")
-    return points
+    specs = offline.available(offline.DEFAULT_RULES, val.column_names)
+    wanted = {*offline.LOSS_COLUMNS, *learned.features, *(f for spec in specs for f in rules.parse(spec).features)}
+    if not wanted <= set(val.column_names):
+        return None
+    table = val.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]
+    columns = {c: torch.from_numpy(np.asarray(table[c], dtype=np.float32)) for c in sorted(wanted)}
+    result = offline.compare_columns(columns, np.asarray(table["example_id"]), specs, {"learned": learned}, seed=seed)
+    write_comparison(out, result, "comparison")
+    judged = {label: c for label, c in result["candidates"].items() if c["kind"] != "oracle"}
+    metrics["offline_area"] = {label: c["area"]["estimate"] for label, c in judged.items()}
+    metrics["offline_rate_to_close_0.9"] = {label: c["rate_to_close"]["0.9"]["estimate"] for label, c in judged.items()}
+    return result
 
 
-def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, points: list[dict]) -> None:
-    """Calibration plot, comparison table and chart, and the checkpoint as a `model` artifact."""
+def _log_to_wandb(logger: WandbLogger, out: Path, metrics: dict, comparison: dict | None) -> None:
+    """Calibration plot, the held-out comparison (table, chart, plot), and the checkpoint as a `model` artifact."""
     import wandb
 
     run = logger.experiment
     run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     if (out / "reliability.png").exists():
         run.log({"reliability": wandb.Image(str(out / "reliability.png"))})
-    if points:
-        table = wandb.Table(columns=["rule", "knob", "deferral_rate", "loss"],
-                            data=[[p["rule"], p["knob"], p["deferral_rate"], p["loss"]] for p in points])
-        rules_seen = list(dict.fromkeys(p["rule"] for p in points))
-        series = [[p["loss"] for p in points if p["rule"] == r] for r in rules_seen]
-        xs = [[p["deferral_rate"] for p in points if p["rule"] == r] for r in rules_seen]
-        run.log({"offline_comparison": table,
-                 "loss_vs_deferral": wandb.plot.line_series(xs=xs, ys=series, keys=rules_seen,
-                                                            title="loss vs deferral rate", xname="deferral rate")})
+    if comparison:
+        log_comparison(comparison, out, "comparison", mode="", project="", run=run)
     artifact = wandb.Artifact(f"deferral-head-{run.id}", type="model", metadata=metrics)
     for name in ("config.json", "model.safetensors", "metrics.json"):
         artifact.add_file(str(out / name))

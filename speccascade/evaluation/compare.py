@@ -1,0 +1,237 @@
+"""``speccascade compare``: judge learned heads against every fixed and training-free rule on held-out
+reference traces, with 95% bootstrap intervals over examples (:mod:`speccascade.evaluation.offline`).
+
+Writes ``compare.json`` (everything), ``compare.csv`` (budget curves with their bands),
+``summary.csv`` (one row per rule or head), ``compare.png`` and ``compare.md``, and one
+offline-first W&B run. ``train-deferral`` writes the same files for its validation rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.traces import load_traces, read_manifest
+from ..deferral import features as F
+from ..deferral import rules as R
+from ..errors import SpeccascadeError
+from ..tracking import resolve_wandb_mode
+from . import offline
+from .offline import DEFAULT_RULES, GAP_FRACTIONS, RATES, interval
+
+
+def compare(
+    traces: str,
+    out: Path,
+    heads: list[str] | str | None = None,
+    rules: str | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    wandb_mode: str | None = None,
+    wandb_project: str = "speccascade",
+) -> dict:
+    """Compare heads with every rule on held-out reference traces: curves, gap closed, 95% intervals.
+
+    Args:
+        traces: a reference trace directory the heads never saw (for example GSM8K test when the heads
+            were trained on GSM8K train).
+        out: output directory (compare.json, compare.csv, summary.csv, compare.png, compare.md).
+        heads: head directories written by train-deferral (a list, or comma-separated).
+        rules: rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; default: every
+            position and token rule, kl at several tau, js and entropy, those whose features the traces hold).
+        resamples: bootstrap resamples of the examples.
+        seed: seed of the resampling.
+        wandb_mode: offline, online or disabled (default: online only where credentials exist).
+        wandb_project: W&B project name.
+    """
+    wandb_mode = resolve_wandb_mode(wandb_mode)
+    if resamples < 10:
+        raise SpeccascadeError(f"resamples must be >= 10, got {resamples}")
+    head_dirs = [h for h in (heads.split(",") if isinstance(heads, str) else heads or []) if h]
+    manifest = read_manifest(traces)
+    learned = {}
+    for directory in head_dirs:
+        rule = R.parse(f"learned:{directory}")
+        check_held_out(rule, manifest, directory)
+        learned[_unique(Path(directory).name, learned)] = rule
+    if rules is None:
+        rules = ",".join(offline.available(DEFAULT_RULES, load_traces(traces).column_names))
+    columns, example_ids = read_columns(traces, [R.parse(s) for s in rules.split(",") if s.strip()], learned.values())
+    result = offline.compare_columns(columns, example_ids, rules, learned, resamples, seed)
+    result["traces"] = {"path": str(traces), **{k: manifest.get(k) for k in ("task", "split", "drafter", "target", "fingerprint")}}
+    result["heads"] = {label: directory for label, directory in zip(learned, head_dirs)}
+    write(Path(out), result, "compare")
+    print(table(result))
+    if wandb_mode != "disabled":
+        log_to_wandb(result, Path(out), "compare", wandb_mode, wandb_project)
+    return result
+
+
+def _unique(label: str, taken: dict) -> str:
+    n, name = 1, label
+    while name in taken:
+        n += 1
+        name = f"{label}-{n}"
+    return name
+
+
+def check_held_out(rule: R.Learned, manifest: dict, directory: str) -> None:
+    """Refuse traces a head was trained on (same fingerprint, or the same task and split); warn for another pair."""
+    config = manifest.get("config", {})
+    for trained in rule.head.provenance.get("traces", []):
+        same_data = trained.get("fingerprint") == manifest.get("fingerprint") or (
+            trained.get("task") is not None and trained.get("task") == config.get("task")
+            and trained.get("split") == config.get("split") and trained.get("data_file") == config.get("data_file"))
+        if same_data:
+            raise SpeccascadeError(
+                f"head {directory} was trained on {trained.get('path')} ({trained.get('task')}/{trained.get('split')}); "
+                "judge it on traces it never saw (another split)")
+        if trained.get("target") and trained["target"] != manifest.get("target"):
+            print(f"warning: head {directory} was trained on traces of {trained.get('target')}, "
+                  f"these traces are of {manifest.get('target')}", file=sys.stderr)
+
+
+def read_columns(traces: str, rules: list[R.Rule], heads) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The columns the rules, heads and losses read, as tensors, and each row's example id."""
+    rows = load_traces(traces)
+    wanted = {*offline.LOSS_COLUMNS, *(f for r in rules for f in r.features),
+              *(f for h in heads for f in h.features if f != "alpha")}
+    missing = sorted(wanted - set(rows.column_names))
+    if missing:
+        hint = " (hidden states: log-traces --hidden-states both)" if set(missing) & set(F.HIDDEN_INPUTS) else ""
+        raise SpeccascadeError(f"traces in {traces} lack columns {', '.join(missing)}{hint}; the comparison needs "
+                               "--mode reference traces logged with this feature spec")
+    table = rows.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]
+    columns = {name: torch.from_numpy(np.asarray(table[name], dtype=np.float32)) for name in sorted(wanted)}
+    return columns, np.asarray(table["example_id"])
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per candidate: rates to close each gap fraction and the area, with their intervals."""
+    out = []
+    for label, c in result["candidates"].items():
+        row = {"candidate": label, "kind": c["kind"]}
+        for f in GAP_FRACTIONS:
+            i = c["rate_to_close"][f"{f:g}"]
+            row |= {f"rate_{f:g}": i["estimate"], f"rate_{f:g}_low": i["low"], f"rate_{f:g}_high": i["high"]}
+        row |= {"area": c["area"]["estimate"], "area_low": c["area"]["low"], "area_high": c["area"]["high"]}
+        out.append(row)
+    return out
+
+
+def write(out: Path, result: dict, stem: str) -> None:
+    """``{stem}.json``, ``{stem}.csv`` (budget curves with bands), ``summary.csv``, ``{stem}.png``, ``{stem}.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["candidate", "kind", "deferral_budget", "loss", "loss_low", "loss_high"])
+        for label, c in result["candidates"].items():
+            b = c["budget"]
+            writer.writerows([label, c["kind"], r, *v] for r, *v in zip(RATES, b["loss"], b["low"], b["high"]))
+    rows = summary_rows(result)
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(result, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(markdown(result, f"{stem}.png"))
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Best loss within each deferral budget, with 95% bands; heads bold, the oracle dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    for label, c in result["candidates"].items():
+        b = c["budget"]
+        style = {"head": dict(linewidth=2.5), "oracle": dict(linestyle="--", color="black")}.get(c["kind"], dict(linewidth=1))
+        line, = ax.plot(RATES, b["loss"], label=label, **style)
+        ax.fill_between(RATES, b["low"], b["high"], color=line.get_color(), alpha=0.15 if c["kind"] != "rule" else 0.06)
+    for name, key in (("keep every draft", "loss_keep_all"), ("defer every draft", "loss_defer_all")):
+        ax.axhline(result[key]["estimate"], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("deferral budget (fraction of positions deferred)")
+    ax.set_ylabel("mean loss of the emitted choice (lower is better)")
+    ax.set_title(f"held-out comparison: {result['examples']} examples, {result['rows']} positions, 95% bands")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(d: dict, spec: str = ".3f") -> str:
+    return "-" if np.isnan(d["estimate"]) else f"{interval(d):{spec}}"
+
+
+def table(result: dict) -> str:
+    """Plain-text table: rate to close each gap fraction and area, best first (by the 90% rate)."""
+    order = sorted(result["candidates"].items(), key=lambda kv: offline._nan_last(kv[1]["rate_to_close"]["0.9"]["estimate"]))
+    lines = [f"{'candidate':<22} " + " ".join(f"{'rate to close ' + format(f, '.0%'):>24}" for f in GAP_FRACTIONS)
+             + f" {'area':>24}"]
+    for label, c in order:
+        cells = [_fmt(c["rate_to_close"][f"{f:g}"]) for f in GAP_FRACTIONS] + [_fmt(c["area"], ".4f")]
+        lines.append(f"{label:<22} " + " ".join(f"{x:>24}" for x in cells))
+    for label, c in result["candidates"].items():
+        if "against_rules" in c:
+            a = c["against_rules"]
+            lines.append(f"{label}: {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than {a['best_rule']} to close 90% "
+                         f"of the gap; never significantly worse than any rule from {offline.BAND[0]:.0%} to "
+                         f"{offline.BAND[1]:.0%}: {'yes' if a['never_worse_than_every_rule'] else 'no'}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict, image: str) -> str:
+    t = result.get("traces", {})
+    lines = [f"# Held-out offline comparison: {t.get('task', '')} {t.get('split', '')}".rstrip(), "",
+             f"{result['examples']} examples, {result['rows']} positions; 95% intervals from {result['resamples']} "
+             "bootstrap resamples of the examples. Loss of the emitted choice: keep every draft "
+             f"{_fmt(result['loss_keep_all'], '.4f')}, defer every draft {_fmt(result['loss_defer_all'], '.4f')}."
+             + ("" if result["gap"]["low"] > 0 else " The drafter is not significantly worse than the target here: "
+                "the rates that close its gap mean little."), "",
+             f"![comparison]({image})", "",
+             "| candidate | kind | " + " | ".join(f"rate to close {f:.0%}" for f in GAP_FRACTIONS) + " | area |",
+             "|---|---|" + "---|" * (len(GAP_FRACTIONS) + 1)]
+    for label, c in sorted(result["candidates"].items(), key=lambda kv: offline._nan_last(kv[1]["rate_to_close"]["0.9"]["estimate"])):
+        cells = [_fmt(c["rate_to_close"][f"{f:g}"]) for f in GAP_FRACTIONS] + [_fmt(c["area"], ".4f")]
+        lines.append(f"| {label} | {c['kind']} | " + " | ".join(cells) + " |")
+    for label, c in result["candidates"].items():
+        if "against_rules" in c:
+            a = c["against_rules"]
+            worse = [r for r, v in a["rules"].items() if not v["never_worse"]]
+            lines += ["", f"**{label}** needs {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than the best rule "
+                      f"({a['best_rule']}) to close 90% of the gap. "
+                      + ("It is nowhere significantly worse than any rule between deferral rates "
+                         f"{offline.BAND[0]} and {offline.BAND[1]}." if not worse else
+                         f"It is significantly worse than {', '.join(worse)} somewhere between {offline.BAND[0]} and {offline.BAND[1]}.")]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(result: dict, out: Path, stem: str, mode: str, project: str, run=None) -> None:
+    """The summary as a table, the budget curves as a line chart, the plot; into ``run`` or a new run."""
+    import wandb
+
+    own = run is None
+    if own:
+        run = wandb.init(project=project, mode=mode, dir=str(out), job_type="compare",
+                         config={k: result.get(k) for k in ("traces", "heads", "resamples", "seed", "examples", "rows")})
+    rows = summary_rows(result)
+    run.log({f"{stem}_summary": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+    labels = list(result["candidates"])
+    run.log({f"{stem}_budget_curves": wandb.plot.line_series(
+        xs=[RATES.tolist()] * len(labels), ys=[result["candidates"][k]["budget"]["loss"] for k in labels], keys=labels,
+        title="best loss within a deferral budget", xname="deferral budget")})
+    run.log({f"{stem}_plot": wandb.Image(str(out / f"{stem}.png"))})
+    run.summary.update({f"{stem}/{k}/rate_to_close_0.9": v["rate_to_close"]["0.9"]["estimate"]
+                        for k, v in result["candidates"].items()})
+    if own:
+        run.finish()
