@@ -177,7 +177,7 @@ def load_model(
 
             spec = replace(spec, target=str(build(spec.recipe)[0]), gguf_package=None)
         return _load_target(spec, device, dtype, trust_remote_code)
-    model, tokenizer = _from_pretrained(name, {}, device, dtype, trust_remote_code)
+    model, tokenizer = _from_pretrained(name, device, dtype, trust_remote_code)
     return model, tokenizer, name
 
 
