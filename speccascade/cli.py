@@ -18,11 +18,12 @@ from .evaluation.compare import compare
 from .evaluation.demo import demo
 from .evaluation.evaluate import evaluate
 from .evaluation.operating_point import operating_point
+from .finetune import finetune
 from .training.train import train_deferral
 
 COMMANDS: dict[str, Callable] = {"log-traces": log_traces, "train-deferral": train_deferral, "evaluate": evaluate,
                                   "compare": compare, "operating-point": operating_point, "demo": demo,
-                                  "bench": bench}
+                                  "bench": bench, "finetune": finetune}
 
 
 def build_parser() -> ArgumentParser:

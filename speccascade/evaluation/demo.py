@@ -1,6 +1,7 @@
 """``speccascade demo``: the whole pipeline on the embedded default, offline.
 
-Log teacher-forced traces of the SmolLM2 pair on the ``arithmetic`` task's train split, train an
+Log teacher-forced traces of the task-specialised SmolLM2 pair (``smollm2-135m-arithmetic``: fine-tuned on
+first use, then cached) on the ``arithmetic`` task's train split, train an
 MLP deferral head on them, judge it against every rule offline on teacher-forced traces of the
 held-out test split (with bootstrap intervals), then decode held-out problems with the head, every
 fixed rule and the baselines, and print the quality-cost table. Re-running continues from what is
@@ -23,15 +24,15 @@ from .evaluate import evaluate
 
 def demo(
     out: Path = Path("runs/demo"),
-    models: str = "smollm2-135m",
+    models: str = "smollm2-135m-arithmetic",
     task: str = "arithmetic",
     train_examples: int = 256,
     compare_examples: int = 64,
-    eval_examples: int = 16,
+    eval_examples: int = 32,
     rules: str = "always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
     block_size: int = 5,
     temperature: float = 0.0,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 80,
     epochs: int = 30,
     seed: int = 0,
     wandb_mode: str | None = None,
@@ -40,7 +41,8 @@ def demo(
 
     Args:
         out: output directory (traces/, head/, eval/).
-        models: model-pair preset (smollm2-135m is embedded: no network needed).
+        models: model-pair preset (smollm2-135m-arithmetic is built from the embedded weights on first use:
+            no network needed).
         task: task name (arithmetic is generated: no data needed).
         train_examples: training examples whose traces are logged (train split).
         compare_examples: held-out examples (test split) whose teacher-forced traces judge the head offline.
