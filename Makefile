@@ -24,9 +24,11 @@ endif
 demo: setup
 	$(VENV)/bin/speccascade demo
 
-# speed against transformers (about 12 minutes on 2 CPU cores; configs/bench/gpu.yaml on a CUDA machine)
+# speed against transformers with the installed `speccascade bench` (about 12 minutes on 2 CPU cores);
+# on a CUDA machine configs/bench/gpu.yaml, then benchmarks/gpu_check.py checks the decoder there
 bench: setup
 	$(VENV)/bin/speccascade bench --config configs/bench/$(if $(HAS_GPU),gpu,smollm2-cpu).yaml
+	$(if $(HAS_GPU),$(PY) benchmarks/gpu_check.py --out runs/bench/gpu/gpu_check.json)
 
 test: setup
 	$(PY) -m pytest; status=$$?; \

@@ -10,50 +10,36 @@ a busy or foreign output directory) exits 2, an interrupt (Ctrl-C, SIGINT) 130 w
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import re
 import sys
 import traceback
 import typing
-from pathlib import Path
 from typing import Any, Callable
 
 import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from . import __version__, runtime
+from .bench import bench
 from .data.log_traces import LogTracesSettings, log_traces
 from .errors import SpeccascadeError
 from .evaluation.compare import compare
 from .evaluation.demo import DemoSettings, demo
 from .evaluation.evaluate import EvaluateSettings, evaluate
 from .evaluation.operating_point import operating_point
+from .finetune import finetune
 from .settings import flag, hints
 from .training.train import TrainSettings, train_deferral
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
-
-def bench_command() -> Callable:
-    """``benchmarks/bench.py``'s ``bench`` from the source checkout (benchmarks are not installed with the package)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "bench.py").is_file():
-        def bench() -> None:
-            """Measure decode speed against the peers (needs a source checkout)."""
-            raise SpeccascadeError(f"speccascade bench runs from a source checkout: {root / 'benchmarks'} not found")
-        return bench
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.bench").bench
-
-
 # name -> (function, its settings class; None: the function's own parameters are the settings)
 COMMANDS: dict[str, tuple[Callable, type | None]] = {
     "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
     "evaluate": (evaluate, EvaluateSettings), "compare": (compare, None), "operating-point": (operating_point, None),
-    "demo": (demo, DemoSettings), "bench": (bench_command(), None),
+    "demo": (demo, DemoSettings), "bench": (bench, None), "finetune": (finetune, None),
 }
 
 

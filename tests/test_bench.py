@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.bench import _count_new, _ideal_speedup, bench
+from speccascade.bench import bench, ideal_speedup
+from speccascade.bench.measure import count_new
 from speccascade.cli import main
 
 CONFIGS = {
@@ -38,18 +39,52 @@ def test_bench_smoke_writes_every_configuration(tmp_path):
 
 
 def test_ideal_speedup_is_the_section_7_formula():
-    assert _ideal_speedup(0.0, 5, 0.1) == pytest.approx(1 / 1.5)  # every draft rejected: one token per block
-    assert _ideal_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)  # every draft accepted
-    assert _ideal_speedup(0.5, 3, 0.2) == pytest.approx((1 - 0.5**4) / (0.5 * 1.6))
+    assert ideal_speedup(0.0, 5, 0.1) == pytest.approx(1 / 1.5)  # every draft rejected: one token per block
+    assert ideal_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)  # every draft accepted
+    assert ideal_speedup(0.5, 3, 0.2) == pytest.approx((1 - 0.5**4) / (0.5 * 1.6))
 
 
 def test_count_new_stops_at_the_first_eos():
     new = torch.tensor([[5, 7, 2, 9], [5, 6, 7, 8]])
-    assert _count_new(new, [2], pad=0) == 3 + 4
-    assert _count_new(new, [], pad=0) == 8
+    assert count_new(new, [2]) == 3 + 4
+    assert count_new(new, []) == 8
 
 
 def test_bench_refuses_bad_batch_sizes(tmp_path, capsys):
     assert main(["bench", "--models", "tiny-random", "--out", str(tmp_path), "--prompts", "2", "--batch-sizes", "1,4"]) == 2
     assert "batch sizes must lie in [1, prompts=2]" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU exists")
+def test_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    assert main(["bench", "--models", "tiny-random", "--out", str(tmp_path / "b"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is available" in one_error_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("alpha: .nan", "alpha must be a finite number"),
+    ("repeats: 0", "repeats must be >= 1"),
+    ("device: tpu", "device must be cpu, cuda or cuda:N"),
+    ("cache: paged", "cache must be one of dynamic, static"),
+    ("compile: true", "compile needs the static cache"),
+])
+def test_bench_refuses_bad_settings_in_a_config_before_any_work(tmp_path, capsys, setting, message):
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"models: tiny-random\nout: {tmp_path / 'b'}\n{setting}\n")
+    assert main(["bench", "--config", str(config)]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["bench", "--models", "tiny-random", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in one_error_line(capsys)

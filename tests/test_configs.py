@@ -9,7 +9,8 @@ import pytest
 from speccascade.cli import build_parser
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-COMMAND = {"traces": "log-traces", "train": "train-deferral", "eval": "evaluate", "bench": "bench", "configs": "demo"}
+COMMAND = {"traces": "log-traces", "train": "train-deferral", "eval": "evaluate", "bench": "bench", "configs": "demo",
+           "finetune": "finetune"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,5 +1,5 @@
 """Baselines with the speculative cascade's interface: autoregressive decoding of one model, and
-the token-level sequential cascade of algorithms.md section 2."""
+the token-level sequential cascade of docs/algorithms.md section 2."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch
 
 from ..deferral.rules import Rule
 from ..errors import SpeccascadeError
-from .base import DecodeState, Decoder
+from .base import Decoder
 from .pairs import ModelPair
 from .sampling import sample
+from .state import DecodeState
 
 
 class Autoregressive(Decoder):
@@ -32,16 +33,16 @@ class Autoregressive(Decoder):
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
-        active = ~state.done
-        state.reserve(1)
-        ids, positions = state.catch_up(self.which, state.pending.unsqueeze(1), state.pos.unsqueeze(1))
-        logits, _ = state.caches[self.which].forward(ids, positions, state.window(1), logits_to_keep=1)
-        token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, state.n_out])
-        state.counts.add(f"{self.which}_calls", active.long())
-        setattr(state.counts, f"{self.which}_forwards", getattr(state.counts, f"{self.which}_forwards") + 1)
-        state.emit(token.unsqueeze(1), torch.ones_like(token))
-        state.advance(state.pending.unsqueeze(1), active.long(), 1)
-        state.pending = torch.where(active, token, state.pending)
+        slots, out = state.slots, state.out
+        active = ~out.done
+        slots.reserve(1)
+        ids, positions = slots.catch_up(self.which, slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
+        logits, _ = slots.caches[self.which].forward(ids, positions, slots.window(1), logits_to_keep=1)
+        token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, out.emitted])
+        out.counts.add(f"{self.which}_calls", active.long())
+        out.counts.forwards[self.which] += 1
+        out.emit(token.unsqueeze(1), torch.ones_like(token))
+        slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
 
 
 class SequentialCascade(Decoder):
@@ -68,31 +69,32 @@ class SequentialCascade(Decoder):
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
-        active = ~state.done
-        state.reserve(1)
-        window = state.window(1)
-        ids, positions = state.catch_up("drafter", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
-        logits, _ = state.caches["drafter"].forward(ids, positions, window, logits_to_keep=1)
+        slots, out = state.slots, state.out
+        active = ~out.done
+        slots.reserve(1)
+        window = slots.window(1)
+        ids, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
+        logits, _ = slots.caches["drafter"].forward(ids, positions, window, logits_to_keep=1)
         q = logits[:, 0].softmax(-1)
         dist = self.sampler(logits[:, 0], q)
         r = self.rule.defer(q.unsqueeze(1), None)[:, 0] & active
-        state.counts.drafter_forwards += 1
-        state.counts.add("drafter_calls", active.long())
-        state.counts.add("decided", active.long())
-        state.counts.add("deferrals", r.long())
+        out.counts.forwards["drafter"] += 1
+        out.counts.add("drafter_calls", active.long())
+        out.counts.add("decided", active.long())
+        out.counts.add("deferrals", r.long())
         if bool(r.any()):
             dist = torch.where(r.unsqueeze(1), self._catch_up(state, window), dist)
-            state.counts.add("target_calls", r.long())
-            state.counts.target_forwards += 1
+            out.counts.add("target_calls", r.long())
+            out.counts.forwards["target"] += 1
         else:
-            state.behind["target"] += 1  # the target skips this token; it catches up when next deferred to
-        token = sample(dist, state.streams.draft[state.rows, state.n_out])
-        state.emit(token.unsqueeze(1), torch.ones_like(token))
-        state.advance(state.pending.unsqueeze(1), active.long(), 1)
-        state.pending = torch.where(active, token, state.pending)
+            slots.behind["target"] += 1  # the target skips this token; it catches up when next deferred to
+        token = sample(dist, state.streams.draft[state.rows, out.emitted])
+        out.emit(token.unsqueeze(1), torch.ones_like(token))
+        slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
 
     def _catch_up(self, state: DecodeState, window: torch.Tensor) -> torch.Tensor:
         """Feed the target every token it has not seen, the pending one last; return ``p~`` there."""
-        ids, positions = state.catch_up("target", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
-        logits, _ = state.caches["target"].forward(ids, positions, window, logits_to_keep=1)
+        slots = state.slots
+        ids, positions = slots.catch_up("target", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
+        logits, _ = slots.caches["target"].forward(ids, positions, window, logits_to_keep=1)
         return self.sampler(logits[:, -1])

@@ -58,7 +58,8 @@ class KVCache:
         self.steady = steady
 
     def __len__(self) -> int:
-        """Number of slots held (the same for every layer); a host sync for the static cache."""
+        """Number of slots held (the same for every layer): read off tensor shapes for the dynamic cache, a
+        host sync for the static one."""
         return int(self.cache.get_seq_length())
 
     @torch.inference_mode()
@@ -72,10 +73,13 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append ``input_ids`` ``[B, n]``; return float32 logits ``[B, n, V]`` (and last hidden states).
 
-        ``attention_mask`` covers every slot, old and new: ``[B, len(self) + n]`` for the dynamic
-        cache, ``[B, capacity]`` for the static one. ``logits_to_keep`` > 0 computes logits (and
-        returns hidden states) for that many last positions only.
+        ``attention_mask`` covers the decoder's whole slot buffer, ``[B, capacity]``: the static cache
+        reads all of it, the dynamic one its first ``len(self) + n`` columns (its own slots and the
+        new ones). ``logits_to_keep`` > 0 computes logits (and returns hidden states) for that many
+        last positions only.
         """
+        if not self.static:
+            attention_mask = attention_mask[:, : len(self) + input_ids.shape[1]]
         if self.encoded is not None:  # positions are slot distances (T5): the decoder keeps slots contiguous
             encoder_outputs, source_mask = self.encoded
             out = self.model(
@@ -101,8 +105,8 @@ class KVCache:
         return logits.float(), hidden
 
     @torch.inference_mode()
-    def rollback(self, n: int | torch.Tensor) -> None:
-        """Drop the newest ``n`` slots (a 0-dim tensor stays on the device for the static cache)."""
+    def rollback(self, n: torch.Tensor) -> None:
+        """Drop the newest ``n`` slots (0-dim): on the device for the static cache, by a host count for the dynamic one."""
         if self.static:
             for layer in self.cache.layers:
                 layer.cumulative_length.sub_(n)

@@ -1,4 +1,4 @@
-"""The speculative-cascade decoder (algorithms.md section 3).
+"""The speculative-cascade decoder (docs/algorithms.md section 3).
 
 One block step: ``draft`` gamma tokens from ``q~`` (plus one drafter step over the last draft, so
 ``q_{gamma+1}`` exists for the bonus position), ``verify`` them with one target call, ``accept``
@@ -25,9 +25,10 @@ import torch
 from ..deferral.features import EPS
 from ..deferral.rules import AlwaysDefer, Rule
 from ..errors import SpeccascadeError
-from .base import DecodeState, Decoder
+from .base import Decoder
 from .pairs import ModelPair
 from .sampling import sample
+from .state import DecodeState
 
 
 class Dists(NamedTuple):
@@ -107,10 +108,10 @@ class SpeculativeCascade(Decoder):
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
-        """One block: draft, verify, accept, emit, rollback."""
+        """One block: draft, verify, accept, resample, rollback."""
         gamma = self.drafts_needed(state)
-        active = ~state.done
-        state.reserve(gamma + 1)
+        active = ~state.out.done
+        state.slots.reserve(gamma + 1)
         drafts, q = self.draft(state, gamma)
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
@@ -125,19 +126,20 @@ class SpeculativeCascade(Decoder):
         if self.hook is not None:
             self.hook(
                 BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
-                           state.n_out.clone(), active, q.hidden, p.hidden)
+                           state.out.emitted.clone(), active, q.hidden, p.hidden)
             )
-        state.emit(tokens, n + 1)
+        state.out.emit(tokens, n + 1)
         self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token)
 
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
         are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
-        (sampled tokens would use other random draws), and where shapes may change: dynamic cache,
-        no hook reading blocks."""
-        if state.static or self.hook is not None or not self.sampler.greedy:
+        (sampled tokens would use other random draws), and where shapes may change and the host may
+        read the device: the dynamic cache, no hook reading blocks."""
+        if self.cache == "static" or self.hook is not None or not self.sampler.greedy:
             return self.block_size
-        left = int(torch.where(state.done, 0, state.max_new_tokens - state.n_out).max())
+        out = state.out
+        left = int(torch.where(out.done, 0, out.max_new_tokens - out.emitted).max())
         return max(1, min(self.block_size, left - 1))
 
     def draft(self, state: DecodeState, gamma: int) -> tuple[torch.Tensor, Dists]:
@@ -146,21 +148,20 @@ class SpeculativeCascade(Decoder):
         Without the last step (``drafter_lag``) the bonus-position distribution is a copy of
         ``q_gamma``, which nothing reads.
         """
-        drafter, skip = state.caches["drafter"], self.drafter_lag
-        window = state.window(gamma + 1)
-        x, positions = state.catch_up("drafter", state.pending.unsqueeze(1), state.pos.unsqueeze(1))
+        slots, skip = state.slots, self.drafter_lag
+        window = slots.window(gamma + 1)
+        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
         drafts, probs, sampled, hidden = [], [], [], []
         for i in range(gamma + 1 - skip):
-            mask = window if state.static else window[:, : state.length + i + 1]
-            logits, h = drafter.forward(x, positions, mask, self.wants_hidden, logits_to_keep=1)
+            logits, h = slots.caches["drafter"].forward(x, positions, window, self.wants_hidden, logits_to_keep=1)
             q = logits[:, -1].softmax(-1)
             q_s = self.sampler(logits[:, -1], q)
             probs.append(q), sampled.append(q_s), hidden.append(h)
             if i < gamma:
-                token = sample(q_s, state.streams.draft[state.rows, state.n_out + i])
+                token = sample(q_s, state.streams.draft[state.rows, state.out.emitted + i])
                 drafts.append(token)
-                x, positions = token.unsqueeze(1), (state.pos + i + 1).unsqueeze(1)
-        state.counts.drafter_forwards += gamma + 1 - skip
+                x, positions = token.unsqueeze(1), (slots.pos + i + 1).unsqueeze(1)
+        state.out.counts.forwards["drafter"] += gamma + 1 - skip
         if skip:
             probs.append(probs[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
@@ -168,13 +169,13 @@ class SpeculativeCascade(Decoder):
 
     def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
         """One target call over the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
-        gamma = drafts.shape[1]
-        ids = torch.cat([state.pending.unsqueeze(1), drafts], dim=1)
-        positions = state.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
-        ids, positions = state.catch_up("target", ids, positions)
-        logits, hidden = state.caches["target"].forward(ids, positions, state.window(gamma + 1), self.wants_hidden,
+        slots, gamma = state.slots, drafts.shape[1]
+        ids = torch.cat([slots.pending.unsqueeze(1), drafts], dim=1)
+        positions = slots.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
+        ids, positions = slots.catch_up("target", ids, positions)
+        logits, hidden = slots.caches["target"].forward(ids, positions, slots.window(gamma + 1), self.wants_hidden,
                                                         logits_to_keep=gamma + 1)
-        state.counts.target_forwards += 1
+        state.out.counts.forwards["target"] += 1
         p = logits.softmax(-1)
         return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
 
@@ -187,7 +188,7 @@ class SpeculativeCascade(Decoder):
         q_x = q_s[:, :gamma].gather(-1, x).squeeze(-1)
         a_x = accept[:, :gamma].gather(-1, x).squeeze(-1)
         accept_prob = (a_x / q_x.clamp_min(EPS)).clamp_max(1.0)
-        index = state.n_out.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
+        index = state.out.emitted.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
         accepted = state.streams.accept.gather(1, index) < accept_prob
         n = accepted.long().cumprod(1).sum(1)
         return n, accept_prob
@@ -196,15 +197,15 @@ class SpeculativeCascade(Decoder):
         """The token after the ``n`` accepted drafts: residual ``norm(max(0, pi - q~))`` or bonus ``pi``."""
         rows = state.rows
         rejected = n < q_s.shape[1] - 1
-        e_n, q_n = emit[rows, n], q_s[rows, n]
-        residual = (e_n - q_n * rejected.unsqueeze(1)).clamp_min(0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, e_n)
-        index = state.n_out + n
+        pi_n, q_n = emit[rows, n], q_s[rows, n]
+        residual = (pi_n - q_n * rejected.unsqueeze(1)).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_n)
+        index = state.out.emitted + n
         u = torch.where(rejected, state.streams.resample[rows, index], state.streams.draft[rows, index])
         return sample(residual, u)
 
     def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, deferred: torch.Tensor) -> None:
-        gamma, counts = deferred.shape[1], state.counts
+        gamma, counts = deferred.shape[1], state.out.counts
         a = active.long()
         offsets = torch.arange(gamma, device=n.device)
         examined = offsets <= n.unsqueeze(1)  # accepted drafts and the first rejected one
@@ -224,9 +225,8 @@ class SpeculativeCascade(Decoder):
         Both caches drop the same count: a drafter that skipped its last step holds one slot less
         before the rollback and lags one slot behind after it.
         """
-        kept = valid.max() if state.static else int(valid.max())
-        for cache in state.caches.values():
-            cache.rollback(drafts.shape[1] + 1 - kept)
-        state.behind["drafter"] = self.drafter_lag
-        state.advance(torch.cat([state.pending.unsqueeze(1), drafts], dim=1), valid, kept)
-        state.pending = torch.where(valid > 0, next_token, state.pending)
+        slots = state.slots
+        fed = torch.cat([slots.pending.unsqueeze(1), drafts], dim=1)
+        kept = slots.rollback(fed.shape[1], valid)
+        slots.behind["drafter"] = self.drafter_lag
+        slots.advance(fed, valid, kept, next_token)

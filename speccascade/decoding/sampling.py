@@ -1,7 +1,7 @@
 """Sampling distributions and seeded, per-row random streams.
 
 Both models' logits go through the same :class:`Sampler`, so temperature, top-k and top-p are
-applied identically (algorithms.md section 1). At temperature 0 the sampling distribution is
+applied identically (docs/algorithms.md section 1). At temperature 0 the sampling distribution is
 one-hot on the argmax, so greedy decoding runs through exactly the same accept/resample code.
 
 Randomness is counter-based: row ``b`` draws its ``j``-th output token with uniform

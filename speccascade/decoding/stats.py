@@ -1,8 +1,15 @@
-"""Decoding statistics, per row and in total."""
+"""Decoding statistics: counters per row, totals that add up across batches, and the rates derived from them.
+
+:class:`DecodeStats` is the one place the rates (tokens per target call, acceptance, deferral and
+rejection rates, tokens per second) are computed; sum the stats of several batches first
+(``a + b``, ``sum(stats)`` or ``DecodeStats.merge(stats)``), then read the rates off the total.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from itertools import zip_longest
+from typing import Iterable
 
 import torch
 
@@ -16,30 +23,29 @@ COUNTERS = (
     "rejections",  # blocks that ended in a rejection
     "new_tokens",  # tokens emitted (after EOS / max_new_tokens truncation)
 )
+RATES = ("tokens_per_target_call", "acceptance_rate", "deferral_rate", "rejection_rate", "tokens_per_s")
 
 
 class Counters:
-    """Device-side per-row counters, accumulated without host syncs."""
+    """Device-side per-row counters, accumulated without host syncs, plus the batched forwards per model."""
 
     def __init__(self, batch_size: int, block_size: int, device: torch.device) -> None:
         self.rows = {name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in COUNTERS}
         self.reached_at = torch.zeros(batch_size, max(block_size, 1), dtype=torch.long, device=device)
         self.accepted_at = torch.zeros_like(self.reached_at)
-        self.target_forwards = 0
-        self.drafter_forwards = 0
+        self.forwards = {"drafter": 0, "target": 0}
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.rows[name] += value
 
     def finish(self, wall_s: float) -> DecodeStats:
         rows = {name: t.tolist() for name, t in self.rows.items()}
-        reached = self.reached_at.sum(0).tolist()
-        accepted = self.accepted_at.sum(0).tolist()
         return DecodeStats(
             **{name: sum(values) for name, values in rows.items()},
-            target_forwards=self.target_forwards,
-            drafter_forwards=self.drafter_forwards,
-            acceptance_by_position=[a / r if r else float("nan") for a, r in zip(accepted, reached)],
+            target_forwards=self.forwards["target"],
+            drafter_forwards=self.forwards["drafter"],
+            reached_at=self.reached_at.sum(0).tolist(),
+            accepted_at=self.accepted_at.sum(0).tolist(),
             wall_s=wall_s,
             rows=[dict(zip(rows, values)) for values in zip(*rows.values())],
         )
@@ -47,47 +53,81 @@ class Counters:
 
 @dataclass
 class DecodeStats:
-    """Totals over rows (sums of the per-row counters), batched forward counts and wall time."""
+    """Totals over rows (sums of the per-row counters), batched forward counts and wall time.
 
-    target_calls: int
-    drafter_calls: int
-    drafted: int
-    accepted: int
-    decided: int
-    deferrals: int
-    rejections: int
-    new_tokens: int
-    target_forwards: int  # batched target forward passes (what wall time pays for)
-    drafter_forwards: int
-    acceptance_by_position: list[float]  # P(draft k accepted | the scan reached k)
-    wall_s: float
-    rows: list[dict[str, int]] = field(default_factory=list)
+    Stats of several batches add up: ``a + b`` sums every count and the wall times and concatenates
+    ``rows``; ``sum(batches)`` and :meth:`merge` do the same over a list.
+    """
+
+    target_calls: int = 0
+    drafter_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    decided: int = 0
+    deferrals: int = 0
+    rejections: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # batched target forward passes (what wall time pays for)
+    drafter_forwards: int = 0
+    reached_at: list[int] = field(default_factory=list)  # per draft index k: times the accept scan reached it
+    accepted_at: list[int] = field(default_factory=list)  # ... and accepted the draft there
+    wall_s: float = 0.0
+    rows: list[dict[str, int]] = field(default_factory=list)  # per-row counters, in batch order
+
+    def __add__(self, other: DecodeStats) -> DecodeStats:
+        if not isinstance(other, DecodeStats):
+            return NotImplemented
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                  if f.name not in ("reached_at", "accepted_at")}
+        summed["rows"] = self.rows + other.rows
+        for name in ("reached_at", "accepted_at"):  # blocks of different sizes: positions past one's gamma add 0
+            summed[name] = [a + b for a, b in zip_longest(getattr(self, name), getattr(other, name), fillvalue=0)]
+        return DecodeStats(**summed)
+
+    def __radd__(self, other: object) -> DecodeStats:
+        return self if other == 0 else NotImplemented  # sum() starts from 0
+
+    @classmethod
+    def merge(cls, stats: Iterable[DecodeStats]) -> DecodeStats:
+        """The total of several batches' stats (empty stats for none)."""
+        return sum(stats, cls())
 
     @property
     def tokens_per_target_call(self) -> float:
-        """Emitted tokens per target call of a row (the same measure for any batch size)."""
-        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+        """Emitted tokens per target call of a row (the same measure for any batch size); inf for the drafter alone."""
+        if self.target_calls:
+            return self.new_tokens / self.target_calls
+        return float("inf") if self.new_tokens else float("nan")
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted drafts per examined draft (NaN when no draft was examined)."""
         return self.accepted / self.decided if self.decided else float("nan")
 
     @property
     def deferral_rate(self) -> float:
-        return self.deferrals / self.decided if self.decided else float("nan")
+        """Deferred drafts per examined draft. Where none was examined, 1 when only the target ran (it
+        decides every token) and 0 when only the drafter did; NaN when nothing ran."""
+        if self.decided:
+            return self.deferrals / self.decided
+        if self.target_calls and not self.drafter_calls:
+            return 1.0
+        return 0.0 if self.drafter_calls and not self.target_calls else float("nan")
 
     @property
     def rejection_rate(self) -> float:
-        """Rejected drafts per examined position."""
-        return self.rejections / self.decided if self.decided else float("nan")
+        """Rejected drafts per examined draft (0 when none was examined: nothing was rejected)."""
+        return self.rejections / self.decided if self.decided else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s else float("nan")
 
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft k accepted | the accept scan reached k), per draft index (NaN where never reached)."""
+        return [a / r if r else float("nan") for a, r in zip(self.accepted_at, self.reached_at)]
+
     def as_dict(self) -> dict:
         """Everything, derived rates included, as plain JSON-ready values."""
-        out = asdict(self)
-        for name in ("tokens_per_target_call", "acceptance_rate", "deferral_rate", "rejection_rate", "tokens_per_s"):
-            out[name] = getattr(self, name)
-        return out
+        return asdict(self) | {name: getattr(self, name) for name in (*RATES, "acceptance_by_position")}

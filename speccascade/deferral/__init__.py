@@ -1,4 +1,4 @@
-"""Deferral: the feature spec and the rules (fixed and, later, learned)."""
+"""Deferral: the feature spec (``features``), the fixed and learned rules (``rules``), and the learned heads' networks and checkpoints (``heads``)."""
 
 from . import features, rules
 

@@ -29,7 +29,7 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
     """``h(phi) -> score`` per position (or per candidate token for token-level heads).
 
     ``objective`` fixes what the score means: ``gap`` regresses the quality gap
-    ``loss_q - loss_p`` (defer iff gap > threshold * D_TV, a learned OPT); ``classification``
+    ``loss_q - loss_p`` (defer iff the predicted gap > threshold); ``classification``
     and ``relaxed`` give a deferral logit (defer iff calibrated sigmoid > threshold).
     """
 

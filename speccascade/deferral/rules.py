@@ -297,6 +297,23 @@ class Entropy(PositionRule):
 
 
 @dataclass
+class Gain(PositionRule):
+    """Defer iff the expected gain of deferring, judged by the target, exceeds ``alpha``:
+    ``sum_v p(v) (p(v) - q(v)) = E_{y ~ p}[(1 - q(y)) - (1 - p(y))] > alpha``. The plug-in rule for
+    the soft loss ``1 - q(y)``, as OPT is the plug-in rule for the 0-1 loss of the argmax."""
+
+    alpha: float = 0.1
+    name = "gain"
+    features = ("p_sq", "pq_dot")
+    EXACT = -1.1  # the gain lies in [-1, 1]
+    DRAFTER_ONLY = 1.0
+    SWEEP = (0.0, 0.05, 0.1, 0.2)
+
+    def score(self, f):
+        return f["p_sq"] - f["pq_dot"]
+
+
+@dataclass
 class TokenV1(TokenRule):
     """Defer token ``v`` iff ``q(v) < max p - alpha``."""
 
@@ -398,9 +415,9 @@ class LossySD(Rule):
 class Learned(Rule):
     """A learned deferral head as a rule (algorithms.md section 5), position- or token-level.
 
-    Heads trained for gap regression defer iff the predicted gap exceeds ``threshold * D_TV``
-    (a learned OPT); classification and relaxed heads defer iff their calibrated probability
-    exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
+    Heads trained for gap regression defer iff the predicted gap ``loss_q - loss_p`` exceeds
+    ``threshold`` (a learned Diff: the expected gain of a deferral); classification and relaxed heads
+    defer iff their calibrated probability exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
     Token-level heads are evaluated over the whole vocabulary.
     """
 
@@ -417,7 +434,7 @@ class Learned(Rule):
     def __post_init__(self) -> None:
         self.head.eval()
         inputs = tuple(name for name in self.head.features if name != "alpha")
-        self.features = inputs + (("tv",) if self.head.objective == "gap" else ())
+        self.features = inputs
 
     @property
     def granularity(self) -> str:
@@ -433,16 +450,14 @@ class Learned(Rule):
 
     @torch.no_grad()
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the threshold is compared with: the calibrated probability, or predicted gap / D_TV."""
+        """What the threshold is compared with: the calibrated probability, or the predicted gap."""
         some = next(iter(f.values()))
         if self.head.mean.device != some.device:  # heads load on the CPU; follow the decoder's device
             self.head.to(some.device)
         if "alpha" in self.head.features:
             f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
         score = self.head(self.head.inputs(f))
-        if self.head.objective == "gap":
-            return score / f["tv"].clamp_min(EPS)
-        return self.head.probability(score)
+        return score if self.head.objective == "gap" else self.head.probability(score)
 
     @property
     def needs_hidden(self) -> bool:
@@ -474,7 +489,7 @@ class Learned(Rule):
 
 FIXED_RULES: dict[str, type[Rule]] = {
     cls.name: cls
-    for cls in (Chow, Diff, OPT, BiLD, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
+    for cls in (Chow, Diff, OPT, BiLD, Gain, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
                 NeverDefer)
 }
 SPELLING = "name, name:KNOB, name:KNOB:PARAM=VALUE or learned:DIR[@THRESHOLD]"

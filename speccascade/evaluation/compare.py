@@ -29,7 +29,7 @@ def compare(
     traces: str,
     out: Path,
     heads: list[str] | str | None = None,
-    rules: str = DEFAULT_RULES,
+    rules: str | None = None,
     resamples: int = 1000,
     seed: int = 0,
     wandb_mode: str | None = None,
@@ -42,7 +42,8 @@ def compare(
             were trained on GSM8K train).
         out: output directory (compare.json, compare.csv, summary.csv, compare.png, compare.md).
         heads: head directories written by train-deferral (a list, or comma-separated).
-        rules: rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated).
+        rules: rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; default: every
+            position and token rule, kl at several tau, js and entropy, those whose features the traces hold).
         resamples: bootstrap resamples of the examples.
         seed: seed of the resampling.
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
@@ -58,6 +59,8 @@ def compare(
         rule = R.parse(f"learned:{directory}")
         check_held_out(rule, manifest, directory)
         learned[_unique(Path(directory).name, learned)] = rule
+    if rules is None:
+        rules = ",".join(offline.available(DEFAULT_RULES, load_traces(traces).column_names))
     columns, example_ids = read_columns(traces, [R.parse(s) for s in rules.split(",") if s.strip()], learned.values())
     result = offline.compare_columns(columns, example_ids, rules, learned, resamples, seed)
     result["traces"] = {"path": str(traces), **{k: manifest.get(k) for k in ("task", "split", "drafter", "target", "fingerprint")}}
@@ -148,6 +151,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for label, c in result["candidates"].items():
         b = c["budget"]
         style = {"head": dict(linewidth=2.5), "oracle": dict(linestyle="--", color="black")}.get(c["kind"], dict(linewidth=1))
@@ -165,6 +169,10 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _fmt(d: dict, spec: str = ".3f") -> str:
     return "-" if np.isnan(d["estimate"]) else f"{interval(d):{spec}}"
 
@@ -180,9 +188,10 @@ def table(result: dict) -> str:
     for label, c in result["candidates"].items():
         if "against_rules" in c:
             a = c["against_rules"]
-            lines.append(f"{label}: {_fmt(a['reduction_at_0.9'])} fewer deferrals than {a['best_rule']} to close 90% "
-                         f"of the gap; never significantly worse than any rule from {offline.BAND[0]:.0%} to "
-                         f"{offline.BAND[1]:.0%}: {'yes' if a['never_worse_than_every_rule'] else 'no'}")
+            lines.append(f"{label}: {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than {a['best_rule']} to close 90% "
+                         f"of the gap; from {offline.BAND[0]:.0%} to {offline.BAND[1]:.0%} deferred, at or below every "
+                         f"rule's curve within its interval: {_yes(a['within_intervals_of_every_rule'])}, never "
+                         f"significantly worse than any rule (paired): {_yes(a['never_worse_than_every_rule'])}")
     return "\n".join(lines)
 
 
@@ -191,7 +200,9 @@ def markdown(result: dict, image: str) -> str:
     lines = [f"# Held-out offline comparison: {t.get('task', '')} {t.get('split', '')}".rstrip(), "",
              f"{result['examples']} examples, {result['rows']} positions; 95% intervals from {result['resamples']} "
              "bootstrap resamples of the examples. Loss of the emitted choice: keep every draft "
-             f"{_fmt(result['loss_keep_all'], '.4f')}, defer every draft {_fmt(result['loss_defer_all'], '.4f')}.", "",
+             f"{_fmt(result['loss_keep_all'], '.4f')}, defer every draft {_fmt(result['loss_defer_all'], '.4f')}."
+             + ("" if result["gap"]["low"] > 0 else " The drafter is not significantly worse than the target here: "
+                "the rates that close its gap mean little."), "",
              f"![comparison]({image})", "",
              "| candidate | kind | " + " | ".join(f"rate to close {f:.0%}" for f in GAP_FRACTIONS) + " | area |",
              "|---|---|" + "---|" * (len(GAP_FRACTIONS) + 1)]
@@ -201,12 +212,16 @@ def markdown(result: dict, image: str) -> str:
     for label, c in result["candidates"].items():
         if "against_rules" in c:
             a = c["against_rules"]
+            above = [r for r, v in a["rules"].items() if not v["within_intervals"]]
             worse = [r for r, v in a["rules"].items() if not v["never_worse"]]
-            lines += ["", f"**{label}** needs {_fmt(a['reduction_at_0.9'])} fewer deferrals than the best rule "
+            band = f"between deferral rates {offline.BAND[0]} and {offline.BAND[1]}"
+            lines += ["", f"**{label}** needs {_fmt(a['reduction_at_0.9'], '.0%')} fewer deferrals than the best rule "
                       f"({a['best_rule']}) to close 90% of the gap. "
-                      + ("It is nowhere significantly worse than any rule between deferral rates "
-                         f"{offline.BAND[0]} and {offline.BAND[1]}." if not worse else
-                         f"It is significantly worse than {', '.join(worse)} somewhere between {offline.BAND[0]} and {offline.BAND[1]}.")]
+                      + (f"Its curve is at or below every rule's curve (within that rule's 95% interval) {band}"
+                         if not above else f"Its curve rises above the interval of {', '.join(above)} somewhere {band}")
+                      + ("; no paired difference to a rule is significantly positive there." if not worse else
+                         f"; paired differences to {', '.join(worse)} are significantly positive somewhere there "
+                         f"(at most {max(a['rules'][r]['largest_difference'] for r in worse):.4f} in mean loss).")]
     return "\n".join(lines) + "\n"
 
 

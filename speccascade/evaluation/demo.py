@@ -1,11 +1,12 @@
 """``speccascade demo``: the whole pipeline on the embedded default, offline.
 
-Log teacher-forced traces of the SmolLM2 pair on the ``arithmetic`` task's train split, train an
-MLP deferral head on them, then decode a held-out split with the head, every fixed rule and the
-baselines, and print the quality-cost table with 95% intervals. Every setting of the three steps is
-checked before the first starts. Re-running continues from what is already in ``--out``: the traces
-resume, and the head and the evaluation continue when their settings are unchanged and are redone
-otherwise.
+Log teacher-forced traces of the task-specialised SmolLM2 pair (``smollm2-135m-arithmetic``: fine-tuned on
+first use, then cached) on the ``arithmetic`` task's train split, train an MLP deferral head on them, judge it
+against every rule offline on teacher-forced traces of the held-out test split (with bootstrap intervals),
+then decode held-out problems with the head, every fixed rule and the baselines, and print the quality-cost
+table with 95% intervals. Every setting of the four steps is checked before the first starts. Re-running
+continues from what is already in ``--out``: the traces resume, and the head and the evaluation continue
+when their settings are unchanged and are redone otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..settings import DecodingSettings, PairSettings, TrackingSettings, resolve
 from ..training.train import TrainSettings
 from ..training.train import resolve as resolve_training
 from ..training.train import run as train
+from .compare import compare
 from .evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluate import resolve as resolve_evaluation
 from .evaluate import run as evaluate
@@ -35,15 +37,19 @@ from .report import interval
 class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
     """Settings of ``demo`` (the shared groups, then its own)."""
 
-    out: Path = setting(Path("runs/demo"), "output directory (traces/, head/, eval/); a rerun continues what is there")
-    models: str | None = setting("smollm2-135m", "model-pair preset (smollm2-135m is embedded: no network needed)")
+    out: Path = setting(Path("runs/demo"), "output directory (traces/, head/, held-out-traces/, compare/, eval/); "
+                        "a rerun continues what is there")
+    models: str | None = setting("smollm2-135m-arithmetic", "model-pair preset (smollm2-135m-arithmetic is built "
+                                 "from the embedded weights on first use: no network needed)")
     task: str = setting("arithmetic", "task name (arithmetic is generated: no data needed)")
     train_examples: int = setting(256, "training examples whose traces are logged (train split)", low=1)
-    eval_examples: int = setting(16, "held-out examples decoded per rule and knob (test split)", low=1)
+    compare_examples: int = setting(64, "held-out examples (test split) whose teacher-forced traces judge the head "
+                                    "offline", low=1)
+    eval_examples: int = setting(32, "held-out examples decoded per rule and knob (test split)", low=1)
     rules: str = setting("always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
                          "rules compared with the learned head (each name:value is one decode of the split)")
-    max_new_tokens: int = setting(48, "new tokens per evaluated example", low=1)
-    epochs: int = setting(30, "training epochs of the head", low=1)
+    max_new_tokens: int = setting(80, "new tokens per evaluated example", low=1)
+    epochs: int = setting(30, "training epochs of the head (early stopping on validation)", low=1)
     margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin of 'reaches the target's quality'", low=0.0)
     seed: int = setting(0, "seed of data, training and sampling", low=0)
     overwrite: bool = setting(False, "replace traces in --out that were logged with other settings")
@@ -53,6 +59,7 @@ class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
 class _Plan:
     settings: DemoSettings
     traces: object
+    held_out: object
     head: TrainSettings
 
 
@@ -64,45 +71,60 @@ def demo(**options) -> dict:
     return run(resolve(DemoSettings(**options)))
 
 
+def _traces(s: DemoSettings, name: str, split: str, limit: int) -> LogTracesSettings:
+    return LogTracesSettings(out=s.out / name, models=s.models, drafter=s.drafter, target=s.target, task=s.task,
+                             split=split, limit=limit, mode="reference", block_size=s.block_size, seed=s.seed,
+                             resume=True, overwrite=s.overwrite)
+
+
 def _evaluation(s: DemoSettings, rules: str) -> EvaluateSettings:
     return EvaluateSettings(out=s.out / "eval", models=s.models, drafter=s.drafter, target=s.target, task=s.task,
-                               split="test", limit=s.eval_examples, rules=rules, block_size=s.block_size,
-                               temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                               seed=s.seed, margin=s.margin, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project,
-                               resume=True, overwrite=True)
+                            split="test", limit=s.eval_examples, rules=rules, block_size=s.block_size,
+                            temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                            seed=s.seed, margin=s.margin, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project,
+                            resume=True, overwrite=True)
 
 
 def resolve(settings: DemoSettings) -> _Plan:
-    """Check all three steps' settings before the first one starts (a bad rule must not cost a trained head)."""
+    """Check all four steps' settings before the first one starts (a bad rule must not cost a trained head)."""
     s = resolve_groups(settings)
-    traces = resolve_traces(LogTracesSettings(out=s.out / "traces", models=s.models, drafter=s.drafter, target=s.target,
-                                             task=s.task, split="train", limit=s.train_examples, mode="reference",
-                                             block_size=s.block_size, seed=s.seed, resume=True,
-                                             overwrite=s.overwrite))
+    traces = resolve_traces(_traces(s, "traces", "train", s.train_examples))
+    held_out = resolve_traces(_traces(s, "held-out-traces", "test", s.compare_examples))
     head = TrainSettings(traces=[str(s.out / "traces")], out=s.out / "head", head="mlp", epochs=s.epochs, batch_size=512,
-                            seed=s.seed, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project, resume=True, overwrite=True)
+                         seed=s.seed, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project, resume=True, overwrite=True)
     resolve_groups(head)
     OutputDir(head.out, "train-deferral", {}, resume=True, overwrite=True).check()  # its settings are checked once the traces exist
     resolve_evaluation(_evaluation(s, s.rules))
-    return _Plan(s, traces, head)
+    return _Plan(s, traces, held_out, head)
 
 
 def run(plan: _Plan) -> dict:
     s, out = plan.settings, plan.settings.out
     console = Console(width=max(Console().width, 110))
     started = time.perf_counter()
-    console.rule(f"1/3 log-traces: {s.models} on {s.task} (train, {s.train_examples} examples, teacher-forced)")
+    console.rule(f"1/4 log-traces: {s.models} on {s.task} (train, {s.train_examples} examples, teacher-forced)")
     log_traces(plan.traces)
-    console.rule("2/3 train-deferral: MLP head, cost-sensitive classification, Platt calibration")
+    console.rule("2/4 train-deferral: MLP head, gap regression, early stopping on validation")
     head = train(resolve_training(plan.head))
-    console.print(f"validation AUROC {head.metrics['auroc']:.3f}, ECE {head.metrics['ece']:.3f}")
-    console.rule(f"3/3 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
+    console.print(f"validation AUROC {head.metrics['auroc']:.3f}" + (f", ECE {head.metrics['ece']:.3f}" if "ece" in head.metrics else ""))
+    console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
+    log_traces(plan.held_out)
+    offline = compare(str(out / "held-out-traces"), out / "compare", heads=str(out / "head"), seed=s.seed,
+                      wandb_mode=s.wandb_mode)
+    console.rule(f"4/4 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
     result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
+    result["offline"] = {"best_rule": offline.get("best_rule"), "head": offline["candidates"]["head"]}
     console.print(results_table(result))
     for line in summary_lines(result):
         console.print(line)
+    against = result["offline"]["head"].get("against_rules")
+    if against:
+        reduction = against["reduction_at_0.9"]
+        console.print(f"offline, held out: the head needs {reduction['estimate']:.0%} [{reduction['low']:.0%}, "
+                      f"{reduction['high']:.0%}] fewer deferrals than {against['best_rule']} to close 90% of the gap")
     console.print(f"plot: {out / 'eval' / 'quality_vs_cost.png'}   report: {out / 'eval' / 'report.md'}")
+    console.print(f"offline comparison: {out / 'compare' / 'compare.png'}   {out / 'compare' / 'compare.md'}")
     console.print(f"demo finished in {result['demo_wall_s'] / 60:.1f} minutes")
     return result
 

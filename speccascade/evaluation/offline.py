@@ -28,7 +28,7 @@ QUANTILES = np.linspace(0.0, 1.0, 201)  # knobs at these deferral rates of all p
 RATES = np.linspace(0.0, 1.0, 101)  # where budget curves are read: best loss deferring at most rho
 GAP_FRACTIONS = (0.5, 0.75, 0.9)  # report the deferral rate that closes these fractions of the gap
 BAND = (0.05, 0.95)  # heads are compared with rules at every rate of RATES within this band
-DEFAULT_RULES = ("chow,diff,opt,bild,kl:tau=0.5,kl:tau=0.8,kl:tau=0.9,kl:tau=0.95,kl:tau=1,js,entropy,"
+DEFAULT_RULES = ("chow,diff,opt,bild,gain,kl:tau=0.5,kl:tau=0.8,kl:tau=0.9,kl:tau=0.95,kl:tau=1,js,entropy,"
                  "tokenv1,tokenv2,tokenv3,topk")
 LOSS_COLUMNS = ("loss_q", "loss_p")
 
@@ -52,8 +52,10 @@ class Curve:
 
 
 def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAULT_RULES,
-               heads: dict[str, R.Learned] | None = None, oracle: bool = True) -> list[Candidate]:
-    """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head and the oracle."""
+               heads: dict[str, R.Learned] | None = None, oracle: bool = True,
+               scores: dict[str, np.ndarray] | None = None) -> list[Candidate]:
+    """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head, each precomputed
+    score (a model outside the package, judged like a head) and the oracle."""
     specs = [s.strip() for s in (rules.split(",") if isinstance(rules, str) else rules) if s.strip()]
     out = []
     for spec in specs:
@@ -63,6 +65,8 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
         out.append(Candidate(_family(rule), "rule", _numpy(rule.score(columns))))
     for label, head in (heads or {}).items():
         out.append(Candidate(label, "head", _numpy(head.score(columns))))
+    for label, score in (scores or {}).items():
+        out.append(Candidate(label, "head", np.asarray(score, dtype=np.float64)))
     if oracle:
         out.append(Candidate("oracle", "oracle", (columns["loss_q"] - columns["loss_p"]).double().numpy()))
     return out
@@ -142,7 +146,7 @@ def judge(cand: Candidate, example: np.ndarray, loss_q: np.ndarray, loss_p: np.n
 
 def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, rules: str | list[str] = DEFAULT_RULES,
                     heads: dict[str, R.Learned] | None = None, resamples: int = 1000, seed: int = 0,
-                    level: float = LEVEL) -> dict:
+                    level: float = LEVEL, oracle: bool = True, scores: dict[str, np.ndarray] | None = None) -> dict:
     """Judge every rule family, head and the oracle on trace ``columns`` (one row per position).
 
     Returns a JSON-ready dict: per candidate its curve (knob, rate, loss), its budget curve with
@@ -157,14 +161,15 @@ def compare_columns(columns: dict[str, torch.Tensor], example_ids: np.ndarray, r
     n_examples = int(example.max()) + 1
     weights = resample_weights(n_examples, resamples, seed)
     loss_q, loss_p = (columns[c].double().numpy() for c in LOSS_COLUMNS)
-    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads)]
+    judged = [judge(c, example, loss_q, loss_p, weights) for c in candidates(columns, rules, heads, oracle, scores)]
     rows = np.bincount(example, minlength=n_examples).astype(float)
+    sums = {name: _sums(example, values, n_examples) for name, values in
+            (("keep_all", loss_q), ("defer_all", loss_p), ("gap", loss_q - loss_p))}
     result = {
         "examples": n_examples, "rows": int(len(example)), "resamples": resamples, "level": level, "seed": seed,
-        "loss_keep_all": percentile_interval(ratio(_sums(example, loss_q, n_examples), rows),
-                                             ratio(_sums(example, loss_q, n_examples), rows, weights), level).as_dict(),
-        "loss_defer_all": percentile_interval(ratio(_sums(example, loss_p, n_examples), rows),
-                                              ratio(_sums(example, loss_p, n_examples), rows, weights), level).as_dict(),
+        **{f"loss_{name}": percentile_interval(ratio(sums[name], rows), ratio(sums[name], rows, weights), level).as_dict()
+           for name in ("keep_all", "defer_all")},
+        "gap": percentile_interval(ratio(sums["gap"], rows), ratio(sums["gap"], rows, weights), level).as_dict(),
         "rates": RATES.tolist(),
         "candidates": {j.candidate.label: _summary(j, level) for j in judged},
     }
@@ -207,14 +212,17 @@ def _against(head: Judged, best: Judged, rules: list[Judged], level: float) -> d
     for rule in rules:
         diff = head.budget_resampled[:, inside] - rule.budget_resampled[:, inside]  # < 0: the head is better
         low, high = (np.nanpercentile(diff, q, axis=0) for q in ((1 - level) / 2 * 100, (1 + level) / 2 * 100))
+        rule_high = np.nanpercentile(rule.budget_resampled[:, inside], (1 + level) / 2 * 100, axis=0)
         per_rule[rule.candidate.label] = {
-            "never_worse": bool(np.all(low <= 0)),  # nowhere significantly above the rule
-            "better_everywhere": bool(np.all(high < 0)),  # significantly below the rule at every rate
+            "within_intervals": bool(np.all(head.budget[inside] <= rule_high)),  # never above the rule's band
+            "never_worse": bool(np.all(low <= 0)),  # paired: nowhere significantly above the rule
+            "better_everywhere": bool(np.all(high < 0)),  # paired: significantly below the rule at every rate
             "largest_difference": float(np.max(head.budget[inside] - rule.budget[inside])),
         }
     return {
         "best_rule": best.candidate.label,
         "reduction_at_0.9": percentile_interval(ratio_all[0], ratio_all[1:], level).as_dict(),
+        "within_intervals_of_every_rule": all(v["within_intervals"] for v in per_rule.values()),
         "never_worse_than_every_rule": all(v["never_worse"] for v in per_rule.values()),
         "rules": per_rule,
     }

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -57,7 +57,8 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     traces: list[str] | str = setting(help="trace directories written by log-traces (a list, or comma-separated)")
     head: Literal[tuple(HEADS)] = setting("mlp", "logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp "
                                           "(position features plus both models' last hidden states; needs traces logged with --hidden-states both)")
-    objective: Literal[OBJECTIVES] = setting("classification", "gap (regression; a learned OPT), classification "
+    objective: Literal[OBJECTIVES] = setting("gap", "gap (regression of loss_q - loss_p: defer where the predicted gain "
+                                             "is largest; the default, and the best on held-out traces), classification "
                                              "(cost-sensitive BCE on 1[gap > 0]) or relaxed")
     features: list[str] | None = setting(None, "feature names (default: every position feature; token-mlp adds the token features)")
     alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
@@ -65,8 +66,10 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
                                                       "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
     hidden: int = setting(64, "hidden width of the MLP", low=1)
     depth: int = setting(2, "hidden layers of the MLP", low=1)
-    epochs: int = setting(10, "passes over the training rows", low=1)
-    batch_size: int = setting(4096, "rows per step", low=1)
+    epochs: int = setting(30, "the most passes over the training rows", low=1)
+    patience: int | None = setting(3, "stop when the validation loss has not improved for this many epochs and keep the "
+                                   "best epoch's weights (null: train every epoch and keep the last)", low=1)
+    batch_size: int = setting(1024, "rows per step", low=1)
     lr: float = setting(3e-3, "AdamW learning rate", above=0.0)
     val_fraction: float = setting(0.2, "fraction of examples (not rows) held out for validation and calibration", above=0.0, below=1.0)
     calibration: Literal[cal.METHODS] = setting("platt", "platt, isotonic or none (gap heads are not calibrated)")
@@ -78,7 +81,7 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     def config(self, manifests: list[dict]) -> dict:
         """What the head depends on: a directory written with another config is refused."""
         return as_config(self, ("traces", "head", "objective", "features", "alpha", "alpha_range", "hidden", "depth", "epochs",
-                                "batch_size", "lr", "val_fraction", "calibration", "seed", "mix_pairs")) | {
+                                "patience", "batch_size", "lr", "val_fraction", "calibration", "seed", "mix_pairs")) | {
             "trace_fingerprints": [m.get("fingerprint") for m in manifests]}
 
 
@@ -157,7 +160,9 @@ def run(plan: _Plan) -> DeferralHead:
 
 
 def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataModule, config: dict):
-    """``trainer.fit`` from the last checkpoint when resuming; a SIGINT is a KeyboardInterrupt (exit 130)."""
+    """``trainer.fit`` from the last checkpoint when resuming, then the best epoch's weights when stopping
+    early (``--patience``); a SIGINT is a KeyboardInterrupt (exit 130)."""
+    best = KeepBest()
     resume_from = out / CHECKPOINT if (out / CHECKPOINT).is_file() else None
     earlier = _earlier_metrics(out, resume_from)
     loggers = [CSVLogger(out, name="logs", version=0)]
@@ -168,8 +173,11 @@ def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataMod
     for step, metrics in earlier:  # the curves of the epochs before the checkpoint, kept in logs/version_0
         loggers[0].log_metrics(metrics, step)
     steps = -(-len(data.train_rows) // s.batch_size)
+    callbacks = [ModelCheckpoint(dirpath=out / CHECKPOINT.parent, save_last=True, save_top_k=0), best]
+    if s.patience:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=s.patience))
     trainer = pl.Trainer(max_epochs=s.epochs, logger=loggers, deterministic=True, enable_model_summary=False,
-                         callbacks=[ModelCheckpoint(dirpath=out / CHECKPOINT.parent, save_last=True, save_top_k=0)],
+                         callbacks=callbacks,
                          plugins=[_AtomicCheckpointIO()], default_root_dir=str(out), devices=s.devices,
                          num_nodes=s.num_nodes, strategy=s.strategy, accelerator=s.accelerator,
                          log_every_n_steps=max(1, min(50, steps)))
@@ -181,6 +189,8 @@ def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataMod
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if s.patience:
+        best.restore(module)
     return trainer, wandb_run
 
 
@@ -216,17 +226,18 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
     logits, targets = _validation_scores(module, data, s.objective, s.alpha)
     _refuse_degenerate(out, trainer.global_step, logits, s.lr)
     metrics = {"train_rows": len(data.train_rows), "val_rows": len(logits)}
-    if s.objective == "gap":
+    if s.objective == "gap":  # the score is the predicted gap itself: defer where a gain is expected
         metrics["auroc"] = cal.auroc(targets, logits)
-        trained.operating_points = {"default": 0.0}
+        values, default = logits, 0.0
     else:
         metrics["uncalibrated"] = cal.report(trained.probability(torch.from_numpy(logits)).numpy(), targets, logits)
         trained.calibration = cal.fit(s.calibration, logits, targets)
-        probs = trained.probability(torch.from_numpy(logits)).numpy()
-        _refuse_degenerate(out, trainer.global_step, probs, s.lr, what="calibrated probabilities")
-        metrics |= cal.report(probs, targets, logits)
-        cal.reliability_diagram(probs, targets, out / "reliability.png")
-        trained.operating_points = {f"{r:g}": float(np.quantile(probs, 1 - r)) for r in DEFERRAL_RATES} | {"default": 0.5}
+        values, default = trained.probability(torch.from_numpy(logits)).numpy(), 0.5
+        _refuse_degenerate(out, trainer.global_step, values, s.lr, what="calibrated probabilities")
+        metrics |= cal.report(values, targets, logits)
+        cal.reliability_diagram(values, targets, out / "reliability.png")
+    # thresholds that defer each rate of the validation positions
+    trained.operating_points = {f"{r:g}": float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES} | {"default": default}
     trained.metrics = metrics
     trained.provenance = {"speccascade_version": __version__, "traces": [
         {"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer", "schema_version")},
@@ -255,6 +266,29 @@ def _refuse_degenerate(out: Path, steps: int, scores: np.ndarray, lr: float, wha
     if problem:
         shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
         raise SpeccascadeError(f"{problem}; no head exported")
+
+
+class KeepBest(pl.Callback):
+    """Keeps the head's weights from the epoch with the lowest validation loss; they travel in Lightning's
+    checkpoint (``state_dict``), so a resumed run still returns the best epoch."""
+
+    def __init__(self) -> None:
+        self.loss, self.state = float("inf"), None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: DeferralModule) -> None:
+        loss = trainer.callback_metrics.get("val_loss")
+        if not trainer.sanity_checking and loss is not None and float(loss) < self.loss:
+            self.loss, self.state = float(loss), {k: v.detach().clone() for k, v in module.head.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "state": self.state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loss, self.state = state_dict["loss"], state_dict["state"]
+
+    def restore(self, module: DeferralModule) -> None:
+        if self.state is not None:
+            module.head.load_state_dict(self.state)
 
 
 def _validation_scores(module: DeferralModule, data: TraceDataModule, objective: str, alpha: float):

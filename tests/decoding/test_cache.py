@@ -50,32 +50,32 @@ def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch, cache, rul
     state = dec.start(ids, mask, max_new_tokens=40, seed=2)
     for _ in range(5):
         dec.step(state)
-    slots = int(state.length)
-    real = state.mask.sum(1)
+    slots = int(state.slots.length)
+    real = state.slots.mask.sum(1)
     assert bool((real < slots).any()), "some row must hold masked-out (rejected) slots"
-    assert state.behind == {"drafter": dec.drafter_lag, "target": 0}
+    assert state.slots.behind == {"drafter": dec.drafter_lag, "target": 0}
     assert dec.drafter_lag == (1 if isinstance(rule, rules.AlwaysDefer) else 0)
     lag = dec.drafter_lag
     for name, model in dec.models.items():
         held = slots - (lag if name == "drafter" else 0)  # a lagging drafter lacks the last slot
-        layers = state.caches[name].cache.layers
-        assert len(state.caches[name]) == held
+        layers = state.slots.caches[name].cache.layers
+        assert len(state.slots.caches[name]) == held
         for b in range(ids.shape[0]):
             # the emitted prefix minus the pending token, which no cache holds yet
-            n = int(state.n_out[b])
-            prefix = torch.cat([row(ids, mask, b), state.out[b : b + 1, : n - 1]], dim=1)
+            n = int(state.out.emitted[b])
+            prefix = torch.cat([row(ids, mask, b), state.out.tokens[b : b + 1, : n - 1]], dim=1)
             fresh = KVCache(model)
             fresh.forward(prefix, torch.arange(prefix.shape[1]).unsqueeze(0), torch.ones_like(prefix), logits_to_keep=1)
             fresh = fresh.cache
-            keep = state.mask[b, :held]
+            keep = state.slots.mask[b, :held]
             for layer, fresh_layer in zip(layers, fresh.layers):
                 got_keys, got_values = layer.keys[b][:, :held][:, keep], layer.values[b][:, :held][:, keep]
                 fresh_keys, fresh_values = fresh_layer.keys[0], fresh_layer.values[0]
-                if name == "drafter" and lag and bool(state.mask[b, slots - 1]):
+                if name == "drafter" and lag and bool(state.slots.mask[b, slots - 1]):
                     fresh_keys, fresh_values = fresh_keys[:, :-1], fresh_values[:, :-1]  # its last token is re-fed later
                 torch.testing.assert_close(got_keys, fresh_keys, atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(got_values, fresh_values, atol=1e-5, rtol=1e-4)
-        assert torch.equal(state.pos, real)  # the pending token's position = tokens already cached
+        assert torch.equal(state.slots.pos, real)  # the pending token's position = tokens already cached
 
 
 def test_static_cache_and_compaction_decode_like_the_dynamic_cache(pair, batch):
@@ -86,9 +86,9 @@ def test_static_cache_and_compaction_decode_like_the_dynamic_cache(pair, batch):
         reference = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0).generate(ids, mask, 40, seed=3)
         static = SpeculativeCascade(pair, rule, block_size=4, temperature=1.0, cache="static")
         state = static.start(ids, mask, 40, seed=3)
-        while not bool(state.done.all()):
+        while not bool(state.out.done.all()):
             static.step(state)
-            state.compact()  # every step: rejected slots never accumulate
+            state.slots.compact()  # every step: rejected slots never accumulate
         assert torch.equal(state.finish().sequences, reference.sequences)
         assert torch.equal(static.generate(ids, mask, 40, seed=3).sequences, reference.sequences)
 

@@ -55,7 +55,7 @@ class NoDivisionByQ(SpeculativeCascade):
     def accept(self, state, drafts, q_s, accept):
         x, gamma = drafts.unsqueeze(-1), drafts.shape[1]
         accept_prob = accept[:, :gamma].gather(-1, x).squeeze(-1)
-        index = state.n_out.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
+        index = state.out.emitted.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
         accepted = state.streams.accept.gather(1, index) < accept_prob
         return accepted.long().cumprod(1).sum(1), accept_prob
 
@@ -64,7 +64,7 @@ class PlainResidual(SpeculativeCascade):
     """Broken residual: after a rejection draws from pi instead of norm(max(0, pi - q))."""
 
     def resample(self, state, n, q_s, emit):
-        return sample(emit[state.rows, n], state.streams.resample[state.rows, state.n_out + n])
+        return sample(emit[state.rows, n], state.streams.resample[state.rows, state.out.emitted + n])
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5)], ids=["T=1", "T=0.7,top5"])

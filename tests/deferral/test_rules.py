@@ -7,6 +7,8 @@ always sums to 1. Decisions are taken on the unscaled q, p; mixing uses q~ (q_s)
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from speccascade.deferral import rules
 from speccascade.deferral.rules import OPT, TopK, BiLD, Chow, Diff, LossySD, Mix, TokenV1, TokenV2, TokenV3
 from speccascade.errors import SpeccascadeError
 
-MIXTURE_RULES = ["chow", "diff", "opt", "bild", "tokenv1", "tokenv2", "tokenv3", "topk"]
+MIXTURE_RULES = ["chow", "diff", "opt", "bild", "gain", "kl", "js", "entropy", "tokenv1", "tokenv2", "tokenv3", "topk"]
 TOKEN_RULES = ["tokenv1", "tokenv2", "tokenv3", "topk"]
 B, T, V = 3, 4, 11
 
@@ -208,6 +210,7 @@ def test_topk_has_no_fixed_drafter_only_value():
 # knobs chosen so that each rule mixes deferred and kept positions / tokens on these distributions
 MID_KNOBS = {
     "chow": [0.3, 0.6], "diff": [-0.2, 0.1], "opt": [-0.1, 0.5], "bild": [0.5, 0.7],
+    "gain": [0.3, 0.5], "kl": [2.0, 3.0], "js": [0.3, 0.5], "entropy": [1.0, 1.5],
     "tokenv1": [0.0, 0.2], "tokenv2": [0.1, 0.3], "tokenv3": [0.5, 0.9], "topk": [1, 3],
 }
 
@@ -216,12 +219,17 @@ def reference_defer(name: str, knob: float, q: torch.Tensor, p: torch.Tensor) ->
     """The table of algorithms.md section 4, written independently of the features module."""
     q1, p1 = q.max(-1).values, p.max(-1).values
     tv = 0.5 * (p - q).abs().sum(-1)
+    m = (p + q) / 2
     a = knob
     return {
         "chow": lambda: q1 < 1 - a,
         "diff": lambda: q1 < p1 - a,
         "opt": lambda: q1 < p1 - a * tv,
         "bild": lambda: tv > a,
+        "gain": lambda: (p * (p - q)).sum(-1) > a,
+        "kl": lambda: (p1 > 0.9) | ((p * (p / q).log()).sum(-1) > a),  # strict above tau = 0.9 (the default)
+        "js": lambda: 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1) > a,
+        "entropy": lambda: -(q * q.log()).sum(-1) > a,
         "tokenv1": lambda: q < p1[..., None] - a,
         "tokenv2": lambda: p < p1[..., None] - a,
         "tokenv3": lambda: p < (1 - a) * p1[..., None],
@@ -350,3 +358,51 @@ def test_topk_negative_k_raises():
         TopK(k=-1)
     with pytest.raises(SpeccascadeError):
         rules.from_name("topk", -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Training-free baselines by hand; one parser for rule strings.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_free_baselines_by_hand():
+    # q = [0.7, 0.1, 0.1, 0.1], p = [0.2, 0.6, 0.1, 0.1]
+    #   gain = sum p (p - q) = 0.2 * -0.5 + 0.6 * 0.5 + 0 + 0 = 0.2
+    #   KL(p || q) = 0.2 log(0.2/0.7) + 0.6 log(6) = 0.8245; max p = 0.6
+    #   H(q) = -(0.7 log 0.7 + 3 * 0.1 log 0.1) = 0.9404
+    q, p = dist(Q1), dist(P1)
+    assert rules.Gain(alpha=0.15).defer(q, p).item() and not rules.Gain(alpha=0.25).defer(q, p).item()
+    assert rules.KLJudge(alpha=0.8, tau=0.9).defer(q, p).item()
+    assert not rules.KLJudge(alpha=0.85, tau=0.9).defer(q, p).item()
+    assert rules.KLJudge(alpha=0.85, tau=0.5).defer(q, p).item()  # strict: max p = 0.6 > tau
+    assert not rules.KLJudge(alpha=rules.KLJudge.DRAFTER_ONLY, tau=0.5).defer(q, p).item()  # inf keeps every draft
+    assert rules.Entropy(alpha=0.9).defer(q, None).item() and not rules.Entropy(alpha=0.95).defer(q, None).item()
+    # JS: m = [0.45, 0.35, 0.1, 0.1]; 0.5 [0.2 log(0.2/0.45) + 0.6 log(0.6/0.35)] + 0.5 [0.7 log(0.7/0.45) + 0.1 log(0.1/0.35)]
+    js = 0.5 * (0.2 * math.log(0.2 / 0.45) + 0.6 * math.log(0.6 / 0.35)) + 0.5 * (0.7 * math.log(0.7 / 0.45) + 0.1 * math.log(0.1 / 0.35))
+    assert rules.JS(alpha=js - 1e-4).defer(q, p).item() and not rules.JS(alpha=js + 1e-4).defer(q, p).item()
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("opt:0.3", OPT(alpha=0.3)), ("topk:5", TopK(k=5)), ("kl:0.2:tau=0.8", rules.KLJudge(alpha=0.2, tau=0.8)),
+    ("kl:tau=0.8", rules.KLJudge(tau=0.8)), ("js", rules.JS()), (" chow:-inf ", Chow(alpha=float("-inf"))),
+])
+def test_parse_reads_every_spelling(spec, expected):
+    rule = rules.parse(spec)
+    assert rule == expected
+    assert rules.parse(rule.spec) == rule  # the spelling round-trips
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("opt:abc", "'abc' is not a number"), ("chow:nan", "not NaN"), ("always:0.3", "has no knob"),
+    ("topk:2.5", "whole number"), ("kl:0.1:beta=2", "no setting 'beta'"), ("kl:0.1:tau", "is not PARAM=VALUE"),
+    ("", "empty rule"), ("learned:", "names no head directory"), ("bogus:1", "unknown rule 'bogus'"),
+    ("kl:0.1:tau=2", "tau in \\[0, 1\\]"), ("lossy:1.5", "alpha in \\[0, 1\\]"),
+])
+def test_parse_refuses_malformed_rules_in_one_message(spec, message):
+    with pytest.raises(SpeccascadeError, match=message):
+        rules.parse(spec)
+
+
+def test_learned_threshold_must_be_a_number(tmp_path):
+    with pytest.raises(SpeccascadeError, match="'x' is not a number"):
+        rules.parse(f"learned:{tmp_path}@x")

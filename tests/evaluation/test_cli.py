@@ -9,7 +9,7 @@ from speccascade.cli import main
 
 def test_demo_pipeline_on_tiny_random(tmp_path, capsys):
     code = main(["demo", "--models", "tiny-random", "--out", str(tmp_path), "--train-examples", "16",
-                 "--eval-examples", "4", "--rules", "always,never,opt:0.3", "--max-new-tokens", "8",
+                 "--compare-examples", "6", "--eval-examples", "4", "--rules", "always,never,opt:0.3", "--max-new-tokens", "8",
                  "--block-size", "3", "--epochs", "2", "--wandb-mode", "disabled"])
     assert code == 0
     assert (tmp_path / "traces" / "manifest.json").exists() and (tmp_path / "head" / "model.safetensors").exists()
@@ -18,11 +18,13 @@ def test_demo_pipeline_on_tiny_random(tmp_path, capsys):
     assert by_label["speculative decoding"]["quality"] == by_label["target only"]["quality"]
     assert by_label["speculative decoding"]["deferral_rate"] == 1.0 and by_label["never"]["deferral_rate"] == 0.0
     assert any(p["rule"] == "learned" for p in result["points"])
+    offline = json.loads((tmp_path / "compare" / "compare.json").read_text())  # the held-out offline comparison
+    assert offline["traces"]["split"] == "test" and "head" in offline["candidates"]
     printed = capsys.readouterr().out
-    assert "tokens/call" in printed and "quality_vs_cost.png" in printed
+    assert "tokens/call" in printed and "quality_vs_cost.png" in printed and "rate to close 90%" in printed
     # a second run reuses the complete traces instead of refusing the directory
     assert main(["demo", "--models", "tiny-random", "--out", str(tmp_path), "--train-examples", "16",
-                 "--eval-examples", "2", "--rules", "always", "--max-new-tokens", "4", "--block-size", "3",
+                 "--compare-examples", "6", "--eval-examples", "2", "--rules", "always", "--max-new-tokens", "4", "--block-size", "3",
                  "--epochs", "1", "--wandb-mode", "disabled"]) == 0
 
 

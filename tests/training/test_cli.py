@@ -41,7 +41,7 @@ def test_train_deferral_end_to_end_without_wandb(tiny_traces, tmp_path):
 
 def test_train_deferral_offline_wandb_run_holds_the_logged_files(tiny_traces, tmp_path):
     out = tmp_path / "head"
-    train_deferral([str(tiny_traces / "reference")], out, head="mlp", epochs=2, wandb_mode="offline")
+    train_deferral([str(tiny_traces / "reference")], out, head="mlp", objective="classification", epochs=2, wandb_mode="offline")
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}

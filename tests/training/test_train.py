@@ -148,7 +148,8 @@ def test_hidden_state_head_trains_and_decodes(tmp_path, pair, batch):
     """A head on both models' last hidden states, from traces logged with --hidden-states both."""
     log_traces(tmp_path / "traces", models="tiny-random", task="arithmetic", limit=16, mode="reference",
                topk=0, hidden_states="both")
-    head = train_deferral([str(tmp_path / "traces")], tmp_path / "head", head="hidden-mlp", epochs=2, wandb_mode="disabled")
+    head = train_deferral([str(tmp_path / "traces")], tmp_path / "head", head="hidden-mlp", objective="classification", epochs=2,
+                          wandb_mode="disabled")
     assert len(head.mean) == len(F.POSITION_FEATURES) + 2 * 64  # scalar features + two 64-wide hidden states
     rule = rules.Learned.from_pretrained(tmp_path / "head")
     assert rule.needs_hidden
@@ -159,3 +160,23 @@ def test_hidden_state_head_trains_and_decodes(tmp_path, pair, batch):
     exact = SpeculativeCascade(pair, forced, block_size=3).generate(ids, mask, max_new_tokens=8)
     target = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3).generate(ids, mask, max_new_tokens=8)
     assert torch.equal(exact.sequences, target.sequences)
+
+
+def test_early_stopping_keeps_the_best_epoch(planted, tmp_path):
+    """With patience, training stops once the validation loss stalls and the exported head is the best epoch's."""
+    import csv
+
+    from speccascade.training.data import TraceDataModule
+    from speccascade.training.module import objective_loss
+
+    head = train_deferral([str(planted)], tmp_path / "head", objective="gap", features=["kl_qp", "q_top1"], epochs=60,
+                          patience=2, batch_size=256, lr=0.05, wandb_mode="disabled")
+    with (tmp_path / "head" / "logs" / "version_0" / "metrics.csv").open() as f:
+        losses = [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert len(losses) < 60 and min(losses) < losses[-1]  # stopped early, after epochs that did not improve
+    data = TraceDataModule([str(planted)], ["kl_qp", "q_top1"], "gap", 0.2, 4096, 0)
+    data.setup()
+    with torch.no_grad():
+        batches = [(objective_loss("gap", head(b["x"]), b["y"], 0.0), len(b["x"])) for b in data.val_dataloader()]
+    exported = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+    assert float(exported) == pytest.approx(min(losses), rel=1e-4)

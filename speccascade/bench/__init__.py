@@ -1,0 +1,22 @@
+"""``speccascade bench``: decode speed against the peers, side by side in one run.
+
+On one pair, the same prompts, block size gamma and greedy decoding, it measures tokens per
+second of (a) the target alone with transformers' ``generate``, (b) transformers' assisted
+generation with the same drafter as a standalone model (``num_assistant_tokens = gamma``, constant
+schedule, no confidence early stop), and for reference with its defaults (up to 20 drafts, stopped
+early where the drafter's confidence falls below 0.4), (c) speccascade's target alone and drafter
+alone, (d) exact speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha,
+and (f) exact speculative decoding at each batch size. Configurations are interleaved over
+``repeats`` rounds after a warm-up and reported as medians, so machine noise hits them alike.
+
+Derived numbers (docs/algorithms.md section 7): the cost ratio ``c`` = drafter step / target step
+(single cached forwards, timed interleaved), per-token acceptance ``a``, the ideal speed-up
+``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))`` and efficiency = measured / ideal speed-up, and the
+share of decode wall time spent outside the two models' forward passes (one extra timed run per
+speccascade configuration, forward hooks on both models).
+"""
+
+from .command import bench
+from .report import ideal_speedup, markdown
+
+__all__ = ["bench", "ideal_speedup", "markdown"]

@@ -1,0 +1,197 @@
+"""The measured configurations and how each is timed: wall time per round, peak memory, the share of
+time inside the models' forward passes, and single-step forward times."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..decoding import Autoregressive, DecodeStats, ModelPair, SpeculativeCascade
+from ..decoding.cache import KVCache
+from ..deferral import rules
+
+Run = Callable[[torch.Tensor, torch.Tensor], DecodeStats]  # decodes one batch
+
+
+@dataclass
+class Configuration:
+    """One measured configuration: a name, how it decodes a batch, and its batch size."""
+
+    name: str
+    implementation: str
+    batch_size: int
+    run: Run
+    models: tuple[torch.nn.Module, ...] = ()
+    seconds: list[float] = field(default_factory=list)  # wall time of each timed round
+    stats: DecodeStats = field(default_factory=DecodeStats)  # totals of the last round
+    peak_mib: float = 0.0
+    forward_share: float = float("nan")
+
+
+def configurations(pair: ModelPair, sizes: list[int], gamma: int, alpha: float, new: int, options: dict) -> list[Configuration]:
+    """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring)."""
+
+    def ours(decoder) -> Run:
+        return lambda ids, mask: decoder.generate(ids, mask, max_new_tokens=new).stats
+
+    def hf(**assistant: object) -> Run:
+        """transformers' generate; with ``assistant`` settings, assisted generation by the drafter.
+
+        transformers reads the assistant's settings from the assistant model's own generation
+        config (not from ``generate``'s arguments), so they are set there for the call.
+        """
+        def run(ids, mask):
+            extra = {"assistant_model": pair.drafter} if assistant else {}
+            saved = {k: getattr(pair.drafter.generation_config, k, None) for k in assistant}
+            pair.drafter.generation_config.update(**assistant)
+            try:
+                with torch.inference_mode():
+                    sequences = pair.target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                                     pad_token_id=pair.pad_token_id, **extra)
+            finally:
+                pair.drafter.generation_config.update(**saved)
+            return DecodeStats(new_tokens=count_new(sequences[:, ids.shape[1]:], pair.eos_token_ids))
+        return run
+
+    both = (pair.drafter, pair.target)
+    constant = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    adaptive = dict(num_assistant_tokens=20, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.4)
+    configs = [
+        Configuration("target, generate", "transformers", 1, hf(), (pair.target,)),
+        Configuration("assisted generation", "transformers", 1, hf(**constant), both),
+        Configuration("assisted generation, adaptive drafts", "transformers", 1, hf(**adaptive), both),
+        Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
+        Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
+    ]
+    for rule in (rules.OPT(alpha), rules.TokenV3(alpha)):
+        configs.append(Configuration(f"cascade {rule.name}:{alpha}", "speccascade", 1,
+                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, **options)), both))
+    for b in sizes:
+        configs.append(Configuration("exact speculative decoding", "speccascade", b,
+                                     ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both))
+    return configs
+
+
+def count_new(new: torch.Tensor, eos: list[int]) -> int:
+    """New tokens up to and including each row's first EOS (what speccascade counts)."""
+    is_eos = torch.isin(new, torch.tensor(eos, device=new.device)) if eos else torch.zeros_like(new, dtype=torch.bool)
+    ended = is_eos.any(1)
+    lengths = torch.where(ended, is_eos.int().argmax(1) + 1, new.shape[1])
+    return int(lengths.sum())
+
+
+def batches(ids: torch.Tensor, mask: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, ids.shape[0], size):
+        batch_mask = mask[start : start + size]
+        width = int(batch_mask.sum(1).max())  # drop padding columns no row of this batch needs
+        yield ids[start : start + size, -width:], batch_mask[:, -width:]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Decode every prompt once in batches of ``config.batch_size``; record the wall time and peak memory."""
+    with peak_memory(pair.device) as peak:
+        sync(pair.device)
+        start = time.perf_counter()
+        stats = [config.run(batch_ids, batch_mask) for batch_ids, batch_mask in batches(ids, mask, config.batch_size)]
+        sync(pair.device)
+        config.seconds.append(time.perf_counter() - start)
+    config.stats = DecodeStats.merge(stats)
+    config.peak_mib = max(config.peak_mib, peak())
+
+
+def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One more run with timing hooks on the models: the share of wall time inside their forwards."""
+    if config.implementation != "speccascade":
+        return
+    spent = [0.0]
+    starts: list[float] = []
+
+    def before(*_):
+        sync(pair.device)
+        starts.append(time.perf_counter())
+
+    def after(*_):
+        sync(pair.device)
+        spent[0] += time.perf_counter() - starts.pop()
+
+    handles = [h for m in set(config.models) for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        sync(pair.device)
+        start = time.perf_counter()
+        for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
+            config.run(batch_ids, batch_mask)
+        sync(pair.device)
+        config.forward_share = spent[0] / (time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[Callable[[], float]]:
+    """Peak memory above the starting level while the block runs, in MiB (CUDA allocator or process RSS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield lambda: (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: (max(peak[0], rss()) - base) / 2**20
+    finally:
+        stop.set()
+        thread.join()
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def step_times(pair: ModelPair, prompt: torch.Tensor, gamma: int, repeats: int, steps: int = 8) -> dict[str, float]:
+    """Median seconds of one cached forward: a drafter step, a target step, and a target verify of gamma + 1 tokens.
+
+    Timed after the same prompt, interleaved over ``repeats`` rounds (prefill and loop excluded), so
+    ``c`` = drafter step / target step is the ratio of the forward passes themselves.
+    """
+    samples: dict[str, list[float]] = {"drafter": [], "target": [], "verify": []}
+    width = prompt.shape[1]
+    for _ in range(repeats + 1):
+        for name, n in (("drafter", 1), ("target", 1), ("verify", gamma + 1)):
+            cache = KVCache(pair.drafter if name == "drafter" else pair.target, pair.vocab_size)
+            cache.forward(prompt, torch.arange(width, device=pair.device).unsqueeze(0), torch.ones_like(prompt, dtype=torch.bool), logits_to_keep=1)
+            tokens = prompt[:, -1:].expand(1, n)
+            for i in range(steps):
+                start = width + i * n
+                positions = torch.arange(start, start + n, device=pair.device).unsqueeze(0)
+                mask = torch.ones(1, start + n, dtype=torch.bool, device=pair.device)
+                sync(pair.device)
+                began = time.perf_counter()
+                cache.forward(tokens, positions, mask)
+                sync(pair.device)
+                samples[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values[steps:]) for name, values in samples.items()}  # first round warms up

@@ -1,0 +1,111 @@
+"""The bench's report: one row per configuration (rates from :class:`~speccascade.decoding.DecodeStats`),
+the derived numbers of docs/algorithms.md section 7, the goals, and the markdown table."""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+from dataclasses import replace
+
+import torch
+import transformers
+
+from ..decoding import ModelPair
+from .measure import Configuration
+
+GOALS = {
+    "exact_sd_vs_assisted": ("exact speculative decoding / transformers assisted generation, batch 1", 1.2),
+    "efficiency": ("measured / ideal speed-up of exact speculative decoding, batch 1", 0.85),
+    "batch8_vs_batch1": ("exact speculative decoding throughput, batch 8 / batch 1", 2.0),
+    "overhead": ("share of exact-SD wall time outside the models' forward passes (at most)", 0.10),
+}
+ROW_RATES = {"tokens_per_target_call": "tokens_per_target_call", "acceptance": "acceptance_rate", "deferral_rate": "deferral_rate"}
+
+
+def row(c: Configuration) -> dict:
+    """A configuration's numbers: tokens/s over its median round and the decoder's rates (None where undefined)."""
+    stats = replace(c.stats, wall_s=statistics.median(c.seconds))
+    rates = {key: getattr(stats, name) for key, name in ROW_RATES.items()}
+    return {"name": c.name, "implementation": c.implementation, "batch_size": c.batch_size,
+            "tokens_per_s": stats.tokens_per_s, "seconds": c.seconds, "new_tokens": stats.new_tokens,
+            "peak_memory_mib": c.peak_mib, "forward_share": c.forward_share,
+            **{key: value if math.isfinite(value) else None for key, value in rates.items()}}
+
+
+def report(configs: list[Configuration], steps: dict[str, float], pair: ModelPair, settings: dict) -> dict:
+    """Every configuration's row, the cost ratio, the ideal speed-up and the goals, with the settings that produced them."""
+    rows = [row(c) for c in configs]
+    by_name = {(r["name"], r["batch_size"]): r for r in rows}
+    target = by_name[("target alone", 1)]
+    for r in rows:
+        r["speedup_vs_target"] = r["tokens_per_s"] / target["tokens_per_s"]
+
+    c = steps["drafter"] / steps["target"]
+    sd1 = by_name[("exact speculative decoding", 1)]
+    a = sd1["acceptance"] or 0.0
+    ideal = ideal_speedup(a, settings["block_size"], c)
+    ratios = {
+        "exact_sd_vs_assisted": sd1["tokens_per_s"] / by_name[("assisted generation", 1)]["tokens_per_s"],
+        "efficiency": sd1["speedup_vs_target"] / ideal,
+        "overhead": 1 - sd1["forward_share"],
+    }
+    if ("exact speculative decoding", 8) in by_name:
+        ratios["batch8_vs_batch1"] = by_name[("exact speculative decoding", 8)]["tokens_per_s"] / sd1["tokens_per_s"]
+    goals = {k: {"what": GOALS[k][0], "value": v, "goal": GOALS[k][1],
+                 "met": v <= GOALS[k][1] if k == "overhead" else v >= GOALS[k][1]} for k, v in ratios.items()}
+    return {
+        "pair": pair.name, "drafter": pair.drafter_id, "target": pair.target_id, "device": device_name(pair.device),
+        "dtype": str(pair.target.dtype).removeprefix("torch."), **settings,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "cost_ratio_c": c, "step_ms": {k: 1000 * v for k, v in steps.items()},
+        "verify_cost": steps["verify"] / steps["target"], "acceptance_batch1": a, "ideal_speedup": ideal, "goals": goals,
+        "results": rows,
+    }
+
+
+def ideal_speedup(a: float, gamma: int, c: float) -> float:
+    """docs/algorithms.md section 7: ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))``."""
+    tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
+    return tokens / (gamma * c + 1)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown(report: dict) -> str:
+    """The report as a readable table plus the goals."""
+    lines = [
+        f"# speccascade bench: {report['pair']} on {report['device']}",
+        "",
+        f"drafter {report['drafter']}, target {report['target']}, {report['dtype']}, gamma {report['block_size']}, "
+        f"greedy, {report['prompts']} prompts x {report['max_new_tokens']} new tokens, median of {report['repeats']} "
+        f"rounds; cache {report['cache']}, compile {report['compile']}; torch {report['torch']}, "
+        f"transformers {report['transformers']}.",
+        "",
+        "| configuration | implementation | batch | tokens/s | vs target alone | tokens/target call | acceptance | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        tpc, acc = r["tokens_per_target_call"], r["acceptance"]
+        lines.append(
+            f"| {r['name']} | {r['implementation']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
+            f"{r['speedup_vs_target']:.2f}x | {'' if tpc is None else f'{tpc:.2f}'} | "
+            f"{'' if acc is None else f'{acc:.2f}'} | {r['peak_memory_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f"cost ratio c = {report['cost_ratio_c']:.2f} (drafter step {report['step_ms']['drafter']:.1f} ms, target step "
+        f"{report['step_ms']['target']:.1f} ms; a verify of gamma + 1 tokens costs {report['verify_cost']:.2f} target "
+        f"steps), acceptance a = {report['acceptance_batch1']:.2f}, ideal speed-up {report['ideal_speedup']:.2f}x.",
+        "",
+        "| goal | measured | target | met |",
+        "|---|---:|---:|---|",
+    ]
+    for g in report["goals"].values():
+        sign = "<=" if g["what"].endswith("(at most)") else ">="
+        lines.append(f"| {g['what']} | {g['value']:.2f} | {sign} {g['goal']} | {'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,161 @@
+"""``speccascade finetune`` on tiny-random: the loss falls and a planted reply is learned, the exported
+directory loads with ``load_pair`` and decodes the same after a reload, a killed run resumes from its last
+checkpoint, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from speccascade import Autoregressive, SpeculativeCascade, load_pair, rules
+from speccascade.cli import main
+from speccascade.data.tasks import get_task
+from speccascade.finetune import finetune
+from speccascade.finetune.data import IGNORE, Encoded, pack
+
+PLANTED = "ok 42"  # every reply of the planted task
+
+
+def metrics(out: Path, version: int = 0) -> list[dict]:
+    with (out / "logs" / f"version_{version}" / "metrics.csv").open() as f:
+        return [row for row in csv.DictReader(f) if row.get("train_loss")]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """A translation-style task whose every reply is PLANTED, whatever the source text."""
+    path = tmp_path_factory.mktemp("data") / "planted.jsonl"
+    with path.open("w") as f:
+        for i in range(64):
+            f.write(json.dumps({"source": f"sentence number {i * 7919 % 1000}", "target": PLANTED}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, planted) -> dict[str, Path]:
+    """A fine-tuned target (all layers) and a one-layer drafter distilled towards it, both on the planted task."""
+    root = tmp_path_factory.mktemp("finetune")
+    common = dict(task="translation", data_file=str(planted), batch_size=8, lr=1e-2, warmup_steps=2, eval_split="train",
+                  eval_examples=8, max_new_tokens=8, wandb_mode="disabled")
+    finetune(root / "target", base="tiny-random", steps=30, **common)
+    finetune(root / "drafter", base=str(root / "target"), layers=[0], teacher=str(root / "target"), distill_weight=0.5,
+             steps=15, seed=1, **common)
+    return {"target": root / "target", "drafter": root / "drafter"}
+
+
+def test_packing_keeps_examples_apart_and_labels_only_replies():
+    examples = [Encoded((5, 6, 7), (8, 9)), Encoded((10,), (11, 12, 13)), Encoded((14, 15), (16,))]
+    batch = pack(examples, pack_length=9, pad_id=0)
+    assert batch["input_ids"].shape[0] == 2  # 5 + 4 and 3 tokens: two rows of 9
+    assert int((batch["labels"] != IGNORE).sum()) == 6  # reply tokens only, each once
+    starts = (batch["position_ids"] == 0) & (batch["input_ids"] != 0)
+    assert int(starts.sum()) == 3  # every example restarts its positions
+
+
+def test_loss_falls_and_the_planted_reply_is_learned(trained):
+    for name in ("target", "drafter"):
+        rows = metrics(trained[name])
+        first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+        assert last < 0.2 * first, (name, first, last)
+    target = json.loads((trained["target"] / "finetune.json").read_text())
+    assert target["heldout"]["quality"]["estimate"] == 1.0  # greedy replies are PLANTED exactly
+    assert target["data_seen"]["examples"] == 30 * 8 and target["mode"] == "full"
+    drafter = json.loads((trained["drafter"] / "finetune.json").read_text())
+    held = drafter["heldout"]
+    assert held["teacher_quality"]["estimate"] == 1.0 and held["greedy_agreement"]["estimate"] > 0.9
+    assert held["greedy_agreement"]["low"] <= held["greedy_agreement"]["estimate"] <= held["greedy_agreement"]["high"]
+
+
+def test_exported_pair_loads_with_load_pair_and_decodes_the_same_after_a_reload(trained, planted):
+    config = json.loads((trained["drafter"] / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1  # a standalone layer-subset drafter
+    prompts = [ex.prompt for ex in get_task("translation").examples("train", limit=3, data_file=str(planted))]
+    outputs = []
+    for _ in range(2):
+        pair = load_pair(drafter=str(trained["drafter"]), target=str(trained["target"]), device="cpu")
+        ids, mask = pair.encode(prompts)
+        target = Autoregressive(pair, "target").generate(ids, mask, max_new_tokens=8)
+        spec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3).generate(ids, mask, max_new_tokens=8)
+        assert torch.equal(spec.sequences, target.sequences)  # exact speculative decoding on the new pair
+        assert [t.strip() for t in pair.decode(target.new_tokens)] == [PLANTED] * 3
+        outputs.append(target.sequences)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_lora_is_merged_on_export(tmp_path, planted):
+    finetune(tmp_path / "lora", base="tiny-random", task="translation", data_file=str(planted), steps=30, batch_size=8,
+             lr=3e-2, warmup_steps=2, lora_rank=8, eval_split="train", eval_examples=8, max_new_tokens=8,
+             wandb_mode="disabled")
+    saved = json.loads((tmp_path / "lora" / "finetune.json").read_text())
+    assert saved["mode"] == "lora" and saved["heldout"]["quality"]["estimate"] == 1.0
+    assert not any(p.name.startswith("adapter") for p in (tmp_path / "lora").iterdir())  # plain weights, no adapter files
+
+
+def test_a_finished_run_is_not_redone_and_other_settings_are_refused(trained, capsys):
+    assert main(["finetune", "--out", str(trained["target"]), "--base", "tiny-random", "--steps", "31"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "speccascade.cli", "finetune", "--base", "tiny-random", "--out", str(out), "--steps", "40",
+            "--batch-size", "4", "--checkpoint-every", "4", "--eval-examples", "0", "--wandb-mode", "disabled"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint finish writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < resumed_from < 40 and not (out / "finetune.json").exists()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    second = metrics(out, version=1)
+    assert int(float(second[0]["step"])) == resumed_from  # the rerun's first step is the checkpoint's next one
+    assert [int(float(r["data_step"])) for r in second] == list(range(resumed_from, 40))  # the same batches, none twice
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 40
+    assert not (out / "checkpoints").exists()  # removed once the model is exported
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown task"),
+    (["--layers", "0-x"], "layers must look like"),
+    (["--layers", "[0, 7]"], "layers must be distinct indices in [0, 2)"),
+    (["--steps", "-1"], "steps must be >= 1"),
+    (["--distill-weight", "0.5"], "needs a teacher"),
+    (["--precision", "fp8"], "precision must be one of"),
+    (["--base", "/nonexistent/model"], "cannot load model"),
+    (["--pack-length", "16"], "raise pack_length"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "out"), "--steps", "2",
+                 "--eval-examples", "0", "--wandb-mode", "disabled", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "file"), "--wandb-mode", "disabled"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_each_fine_tune_is_its_own_offline_wandb_run(tmp_path, planted):
+    for name in ("a", "b"):
+        finetune(tmp_path / name, base="tiny-random", task="translation", data_file=str(planted), steps=2, batch_size=4,
+                 eval_split="train", eval_examples=4, max_new_tokens=4, wandb_mode="offline")
+    runs = [next((tmp_path / name / "wandb").glob("offline-run-*")).name for name in ("a", "b")]
+    assert runs[0] != runs[1]  # the second run is not appended to the first

