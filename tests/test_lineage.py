@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from speccascade import __version__
 from speccascade.data.log_traces import log_traces
 from speccascade.deferral.heads import fingerprint
@@ -62,3 +64,16 @@ def test_a_pipelines_runs_are_grouped_and_linked_by_artifacts(tmp_path, monkeypa
     assert not logged and [(a.name, a.type, a.digest) for a in used] == [(model.name, "model", model.digest)]
     config = json.loads((head / "config.json").read_text())
     assert config["provenance"]["speccascade_version"] == __version__
+
+
+def test_the_demo_groups_its_four_steps_and_an_empty_group_is_refused(tmp_path):
+    from speccascade.errors import SpeccascadeError
+    from speccascade.evaluation.demo import DemoSettings, resolve
+
+    plan = resolve(DemoSettings(out=tmp_path / "demo", models="tiny-random", wandb_mode="offline"))
+    group = plan.settings.wandb_group
+    assert group.startswith("demo-") and {plan.traces.settings.wandb_group, plan.held_out.settings.wandb_group,
+                                          plan.head.wandb_group} == {group}
+    assert resolve(DemoSettings(out=tmp_path / "d2", models="tiny-random", wandb_group="mine")).head.wandb_group == "mine"
+    with pytest.raises(SpeccascadeError, match="--wandb-group must not be empty"):
+        log_traces(tmp_path / "t", models="tiny-random", wandb_group=" ")
