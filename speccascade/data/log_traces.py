@@ -4,7 +4,8 @@
 every position's ``q`` and ``p``. ``on-policy`` mode decodes with the speculative cascade under a
 rule and logs every drafted position through the decoder's hook, with target-as-oracle labels and
 the task's final score. The same command runs as N processes under Lightning Fabric (gloo on the
-CPU); process ``r`` of ``N`` takes examples ``r, r + N, ...`` and writes its own shards.
+CPU); process ``r`` of ``N`` takes examples ``r, r + N, ...`` and writes its own shards. With W&B on,
+the finished traces are logged as a ``dataset`` artifact by reference (:func:`speccascade.tracking.trace_artifact`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..outdir import OutputDir
-from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings, as_config,
-                        resolve_groups, setting)
+from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
+                        TrackingSettings, as_config, resolve_groups, setting)
+from ..tracking import run_path, start_run, trace_artifact
 from . import traces
 from .schema import position_rows, to_numpy
 from .tasks import Example, Task
@@ -33,7 +35,7 @@ HIDDEN = ("none", "drafter", "target", "both")
 
 
 @dataclass(kw_only=True)
-class LogTracesSettings(LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
     """Settings of ``log-traces`` (the shared groups, then its own)."""
 
     mode: Literal[MODES] = setting("reference", "reference (teacher-forced on the gold continuation) or on-policy (speculative cascade)")
@@ -100,15 +102,26 @@ def run(plan: _Plan) -> dict:
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
-        _log_examples(plan, fabric, _Logger(pair, plan.task, plan.config, plan.rule))
+        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule))
         fabric.barrier()
         manifest = traces.write_manifest(s.out, header, complete=True) if fabric.global_rank == 0 else {}
         fabric.barrier()
         plan.out.finish()
+    if manifest and s.wandb_mode != "disabled":
+        log_artifact(plan)
     return manifest
 
 
-def _log_examples(plan: _Plan, fabric, logger: "_Logger") -> int:
+def log_artifact(plan: _Plan) -> None:
+    """One W&B run that logs the finished traces as a ``dataset`` artifact by reference (manifest and checksums)."""
+    s = plan.settings
+    run = start_run(s.out, s.wandb_project, s.wandb_mode, "log-traces", plan.config, s.wandb_group)
+    run.log_artifact(trace_artifact(s.out))
+    print(f"W&B run: {run_path(run)}")
+    run.finish()
+
+
+def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
     """This process's share of the examples not yet logged, in shards of whole examples; returns the rows written."""
     s = plan.settings
     writer = traces.ShardWriter(s.out, fabric.global_rank)
@@ -142,8 +155,8 @@ def _fabric(accelerator: str, devices: int, num_nodes: int):
 
 
 @dataclass
-class _Logger:
-    """Turns batches of examples into trace columns for one mode."""
+class RowLogger:
+    """Turns batches of examples into trace columns for one mode (also timed by benchmarks/trace_logging.py)."""
 
     pair: ModelPair
     task: Task

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from speccascade import Autoregressive, SpeculativeCascade, load_pair, rules
+from speccascade import Autoregressive, SpeculativeCascade, __version__, load_pair, rules
 from speccascade.cli import main
 from speccascade.data.tasks import get_task
 from speccascade.finetune import finetune
 from speccascade.finetune.data import IGNORE, Encoded, pack
+from tests.helpers import wandb_records
 
 PLANTED = "ok 42"  # every reply of the planted task
 
@@ -159,3 +160,7 @@ def test_each_fine_tune_is_its_own_offline_wandb_run(tmp_path, planted):
                  eval_split="train", eval_examples=4, max_new_tokens=4, wandb_mode="offline")
     runs = [next((tmp_path / name / "wandb").glob("offline-run-*")).name for name in ("a", "b")]
     assert runs[0] != runs[1]  # the second run is not appended to the first
+    run = next(r.run for r in wandb_records(next((tmp_path / "a" / "wandb").glob("offline-run-*")))
+               if r.WhichOneof("record_type") == "run")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["speccascade_version"] == __version__ and config["steps"] == 2 and run.job_type == "finetune"
