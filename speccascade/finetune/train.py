@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from ..data.tasks import get_task
 from ..decoding import ModelPair
 from ..errors import SpeccascadeError
+from ..outdir import LOCK, locked
 from ..settings import TrackingSettings, resolve_groups
 from ..tracking import start_run
 from .data import FinetuneDataModule
@@ -88,7 +89,7 @@ def _prepare_out(out: Path, settings: dict) -> dict | None:
     if (out / SETTINGS).exists():
         if json.loads((out / SETTINGS).read_text()) != settings:
             raise SpeccascadeError(f"{out} holds an unfinished fine-tune with other settings; choose another --out or delete it")
-    elif out.exists() and any(out.iterdir()):
+    elif any(child.name != LOCK for child in out.iterdir()):
         raise SpeccascadeError(f"{out} exists and is not a fine-tune directory; choose an empty or new --out")
     return None
 
@@ -175,19 +176,27 @@ def finetune(
     _check(settings, out)
     tracking = resolve_groups(TrackingSettings(wandb_mode=wandb_mode, wandb_project=wandb_project, wandb_group=wandb_group))
     resolved = resolve_precision(precision, accelerator)
-    done = _prepare_out(out, settings)
-    if done is not None:
-        print(f"{out} already holds this fine-tune; {summary_line(done)}")
-        return done
+    with locked(out, "finetune"):  # one writer: a second fine-tune into this --out is refused while this one runs
+        done = _prepare_out(out, settings)
+        if done is not None:
+            print(f"{out} already holds this fine-tune; {summary_line(done)}")
+            return done
+        return _finetune(settings, out, resolved, accelerator, tracking)
+
+
+def _finetune(settings: dict, out: Path, resolved: str, accelerator: str, tracking: TrackingSettings) -> dict:
+    """Train, export, evaluate held out, and record the provenance (under the directory's lock)."""
+    s = settings
     started = time.perf_counter()
     data_seen, run = _train(settings, out, resolved, accelerator, tracking)
     provenance = {
-        "format": "speccascade-finetune/1", "base": base, "task": task, "mode": "lora" if lora_rank > 0 else "full",
-        "layers": settings["layers"], "teacher": teacher, "steps": steps, "data_seen": data_seen, "precision": resolved,
+        "format": "speccascade-finetune/1", "base": s["base"], "task": s["task"],
+        "mode": "lora" if s["lora_rank"] > 0 else "full", "layers": s["layers"], "teacher": s["teacher"],
+        "steps": s["steps"], "data_seen": data_seen, "precision": resolved,
         "train_wall_s": round(time.perf_counter() - started, 1), "recipe": settings,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if eval_examples > 0:
+    if s["eval_examples"] > 0:
         report = _heldout(settings, out, accelerator)
         (out / "heldout.json").write_text(json.dumps(report, indent=2))
         provenance["heldout"] = {k: v for k, v in report.items() if k != "records"}
@@ -213,7 +222,6 @@ def _train(s: dict, out: Path, precision: str, accelerator: str, tracking: Track
     data = FinetuneDataModule(pair, s["task"], s["steps"], s["batch_size"], s["examples"], s["pack_length"], s["data_file"],
                               s["seed"])
     data.setup()
-    out.mkdir(parents=True, exist_ok=True)  # only once the model and data are ready: bad input leaves nothing behind
     (out / SETTINGS).write_text(json.dumps(s, indent=2))
     loggers = [CSVLogger(out, name="logs")]
     if tracking.wandb_mode != "disabled":

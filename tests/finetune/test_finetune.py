@@ -21,6 +21,7 @@ from speccascade.cli import main
 from speccascade.data.tasks import get_task
 from speccascade.finetune import finetune
 from speccascade.finetune.data import IGNORE, Encoded, pack
+from speccascade.outdir import locked
 from tests.helpers import wandb_records
 
 PLANTED = "ok 42"  # every reply of the planted task
@@ -152,6 +153,16 @@ def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "file"), "--wandb-mode", "disabled"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path, capsys):
+    out = tmp_path / "busy"
+    with locked(out, "finetune"):  # as a running fine-tune holds it
+        code = main(["finetune", "--base", "tiny-random", "--out", str(out), "--steps", "2", "--eval-examples", "0",
+                     "--wandb-mode", "disabled"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is being written by pid" in err and not (out / "finetune.json").exists()
+    assert not out.exists()  # the lock's owner created the directory and left it empty: removed
 
 
 def test_each_fine_tune_is_its_own_offline_wandb_run(tmp_path, planted):
