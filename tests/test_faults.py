@@ -33,7 +33,13 @@ TIMING = ("wall_s", "relative_latency")
 def _start(*args: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "speccascade.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """A child of a background job inherits an ignored SIGINT; give it the default so Ctrl-C reaches it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
