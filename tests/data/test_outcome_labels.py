@@ -188,3 +188,14 @@ def test_killed_outcome_logging_resumes_to_the_uninterrupted_rows_and_cost(tmp_p
     assert a["rows"] == b["rows"] and a["outcome_labels"] == b["outcome_labels"]  # nothing lost, nothing repeated
     assert b["outcome_labels"]["decoded_positions"] > 0
     assert_same_rows(full, killed)
+
+
+def test_gap_weight_mixes_the_target_gap_into_the_outcome_label():
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from speccascade.training.module import objective_loss
+
+    score, y = torch.tensor([0.5, -1.0, 2.0]), {"outcome_harm": torch.tensor([1.0, 0.0, 0.0]), "p_gap": torch.tensor([0.2, 0.9, 0.0])}
+    for w in (0.0, 0.3, 1.0):
+        expected = bce(score, (1 - w) * y["outcome_harm"] + w * y["p_gap"])
+        assert float(objective_loss("outcome", score, y, 0.0, gap_weight=w)) == pytest.approx(float(expected))
