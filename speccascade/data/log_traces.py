@@ -4,8 +4,9 @@
 every position's ``q`` and ``p``. ``on-policy`` mode decodes with the speculative cascade under a
 rule and logs every drafted position through the decoder's hook, with target-as-oracle labels and
 the task's final score; ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
-batch before its shard is written, so they resume like every other column. The same command runs as N processes under Lightning Fabric (gloo on the
-CPU); process ``r`` of ``N`` takes examples ``r, r + N, ...`` and writes its own shards.
+batch before its shard is written, so they resume like every other column. The same command runs
+as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` takes examples
+``r, r + N, ...`` and writes its own shards.
 """
 
 from __future__ import annotations
