@@ -112,12 +112,12 @@ def main() -> None:
     heads: dict[str, R.Learned] = {}
     for label, settings in PRODUCT.items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in label)[:40]
-        head = train_deferral([str(args.train)], args.out / "heads" / slug, wandb_mode="disabled", **settings)
+        head = train_deferral([str(args.train)], args.out / "heads" / slug, wandb_mode="disabled", overwrite=True, **settings)
         heads[label] = R.Learned(head, 0.0)
         print(f"[{time.perf_counter() - started:.0f}s] trained {label}", flush=True)
     for n in [int(x) for x in args.examples.split(",") if x]:
         part = subset(args.train, n, args.out / "subsets" / f"train-{n}")
-        head = train_deferral([str(part)], args.out / "heads" / f"data-{n}", wandb_mode="disabled")
+        head = train_deferral([str(part)], args.out / "heads" / f"data-{n}", wandb_mode="disabled", overwrite=True)
         heads[f"data: {traces.read_manifest(part)['examples']} train examples"] = R.Learned(head, 0.0)
     for rule in heads.values():
         check_held_out(rule, traces.read_manifest(args.test), "ablation head")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from speccascade.data.log_traces import _Logger
+from speccascade.data.log_traces import RowLogger
 from speccascade.data.tasks import get_task
 from speccascade.decoding import load_pair
 from speccascade.deferral import rules
@@ -36,7 +36,7 @@ def main() -> None:
     task = get_task("arithmetic")
     examples = list(enumerate(task.examples("train", limit=args.examples)))
     config = {"mode": "reference", "max_reference_tokens": 256, "block_size": 5, "topk": 8, "hidden_states": "none"}
-    logger = _Logger(pair, task, config, rules.AlwaysDefer())
+    logger = RowLogger(pair, task, config, rules.AlwaysDefer())
     batches = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
     captured: list[tuple] = []

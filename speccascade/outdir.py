@@ -1,7 +1,7 @@
 """One writer per output directory, and a record of what wrote it.
 
-Every command that writes under ``--out`` (log-traces, train-deferral, evaluate, finetune) goes
-through :class:`OutputDir`:
+Every command that writes under ``--out`` (log-traces, train-deferral, evaluate) goes through
+:class:`OutputDir` (``finetune``, which records its own recipe, takes the same lock with :func:`locked`):
 
 - :meth:`OutputDir.check` (while settings are resolved, before anything is written) refuses a
   path that is a file or cannot be written, a directory another command wrote, one written with
@@ -156,6 +156,24 @@ class OutputDir:
         marker = {"command": self.command, "config": self.config, "speccascade_version": _version(),
                   "complete": complete, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomic(self.path / MARKER, json.dumps(marker, indent=2).encode())
+
+
+@contextmanager
+def locked(directory: Path, command: str) -> Iterator[None]:
+    """Hold ``directory``'s lock (created if missing) while the body runs, for a command that keeps its own
+    record of what it wrote (``finetune``); a directory this created and the body left empty is removed."""
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpeccascadeError(f"cannot create --out {directory}: {err.strerror}") from None
+    handle = _lock(directory, command)
+    try:
+        yield
+    finally:
+        _unlock(directory, handle)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def read_marker(path: Path) -> dict | None:

@@ -212,12 +212,16 @@ class TrackingSettings:
 
     wandb_mode: Literal[WANDB_MODES] | None = setting(None, "offline, online or disabled (default: online only where W&B credentials exist)")
     wandb_project: str = setting("speccascade", "W&B project name")
+    wandb_group: str | None = setting(None, "W&B group of this run: give a pipeline's commands one group to see "
+                                      "their runs together (the demo sets one)")
 
     def check_tracking(self) -> None:
         from .tracking import resolve_wandb_mode
 
         if not self.wandb_project.strip():
             raise SpeccascadeError("--wandb-project must not be empty")
+        if self.wandb_group is not None and not self.wandb_group.strip():
+            raise SpeccascadeError("--wandb-group must not be empty (leave it out for no group)")
         self.wandb_mode = resolve_wandb_mode(self.wandb_mode)
 
 

@@ -8,3 +8,30 @@ import torch
 def row(ids: torch.Tensor, mask: torch.Tensor, b: int) -> torch.Tensor:
     """Row ``b``'s real prompt tokens, unpadded, as a [1, n] batch."""
     return ids[b][mask[b].bool()].unsqueeze(0)
+
+
+def wandb_records(run_dir) -> list:
+    """The records of an offline W&B run (its ``run-*.wandb`` file: LevelDB-style log blocks of protobuf records)."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    block, data = 32768, next(Path(run_dir).glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    records, pos, buf = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding up to the block's end
+            pos += (block - pos % block) % block
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk  # full, first | middle, last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+    return records

@@ -53,18 +53,8 @@ def bench(
     examples = get_task(task).examples("test", limit=prompts)
     pair = load_pair(models, device=device)
     ids, mask = pair.encode([e.prompt for e in examples])
-    options = {"cache": cache, "compile": compile}
-    configs = configurations(pair, sizes, block_size, alpha, max_new_tokens, options)
-
-    for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
-        for config in configs:
-            timed(config, pair, ids, mask)
-        if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
-            for config in configs:
-                config.seconds, config.peak_mib = [], 0.0
-    for config in configs:
-        profiled(config, pair, ids, mask)
-
+    configs = configurations(pair, sizes, block_size, alpha, max_new_tokens, {"cache": cache, "compile": compile})
+    measure(configs, pair, ids, mask, repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], block_size, repeats)
     settings = {"task": task, "block_size": block_size, "alpha": alpha, "prompts": prompts, "max_new_tokens": max_new_tokens,
                 "repeats": repeats, "cache": cache or "default", "compile": compile}
@@ -75,6 +65,18 @@ def bench(
     (out / "bench.md").write_text(markdown(result))
     print(markdown(result))
     return result
+
+
+def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> None:
+    """Time every configuration in interleaved rounds after one warm-up round, then profile each once."""
+    for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
+        for config in configs:
+            timed(config, pair, ids, mask)
+        if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
+            for config in configs:
+                config.seconds, config.peak_mib = [], 0.0
+    for config in configs:
+        profiled(config, pair, ids, mask)
 
 
 def _batch_sizes(text: str, prompts: int) -> list[int]:

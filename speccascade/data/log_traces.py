@@ -6,7 +6,8 @@ rule and logs every drafted position through the decoder's hook, with target-as-
 the task's final score; ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
 batch before its shard is written, so they resume like every other column. The same command runs
 as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` takes examples
-``r, r + N, ...`` and writes its own shards.
+``r, r + N, ...`` and writes its own shards. With W&B on, the finished traces are logged as a
+``dataset`` artifact by reference (:func:`speccascade.tracking.trace_artifact`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
-from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings, as_config,
-                        resolve_groups, setting)
+from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
+                        TrackingSettings, as_config, resolve_groups, setting)
+from ..tracking import run_path, start_run, trace_artifact
 from . import traces
 from .outcome import OutcomeCost, OutcomeLabeller
 from .schema import position_rows, to_numpy
@@ -38,7 +40,7 @@ LABELS = ("gap", "outcome")
 
 
 @dataclass(kw_only=True)
-class LogTracesSettings(LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
     """Settings of ``log-traces`` (the shared groups, then its own)."""
 
     mode: Literal[MODES] = setting("reference", "reference (teacher-forced on the gold continuation) or on-policy (speculative cascade)")
@@ -135,7 +137,7 @@ def run(plan: _Plan) -> dict:
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
-        _log_examples(plan, fabric, _Logger(pair, plan.task, plan.config, plan.rule, labeller))
+        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule, labeller))
         fabric.barrier()
         manifest = {}
         if fabric.global_rank == 0:
@@ -146,6 +148,8 @@ def run(plan: _Plan) -> dict:
             manifest = traces.write_manifest(s.out, header, complete=True)
         fabric.barrier()
         plan.out.finish()
+    if manifest and s.wandb_mode != "disabled":
+        log_artifact(plan)
     return manifest
 
 
@@ -157,7 +161,16 @@ def _print_cost(summary: dict) -> None:
           f"({summary['extra_target_tokens_per_decoded_position']:.1f} per decoded one)")
 
 
-def _log_examples(plan: _Plan, fabric, logger: "_Logger") -> int:
+def log_artifact(plan: _Plan) -> None:
+    """One W&B run that logs the finished traces as a ``dataset`` artifact by reference (manifest and checksums)."""
+    s = plan.settings
+    run = start_run(s.out, s.wandb_project, s.wandb_mode, "log-traces", plan.config, s.wandb_group)
+    run.log_artifact(trace_artifact(s.out))
+    print(f"W&B run: {run_path(run)}")
+    run.finish()
+
+
+def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
     """This process's share of the examples not yet logged, in shards of whole examples; returns the rows written."""
     s = plan.settings
     writer = traces.ShardWriter(s.out, fabric.global_rank)
@@ -191,8 +204,8 @@ def _fabric(accelerator: str, devices: int, num_nodes: int):
 
 
 @dataclass
-class _Logger:
-    """Turns batches of examples into trace columns for one mode."""
+class RowLogger:
+    """Turns batches of examples into trace columns for one mode (also timed by benchmarks/trace_logging.py)."""
 
     pair: ModelPair
     task: Task

@@ -8,6 +8,7 @@ section 6). Inputs are normalised inside ``forward`` with the training split's s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -148,6 +149,15 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         if method == "isotonic":
             return _interpolate(score, self.calibration["x"], self.calibration["y"])
         return torch.sigmoid(score)
+
+
+def fingerprint(directory: str | Path) -> str:
+    """A saved head's identity: the first 16 hex digits of the sha256 of its ``config.json`` and weights (the
+    key of its points in ``evaluate`` and the name of its W&B ``model`` artifact)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((Path(directory) / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_config(directory: str | Path) -> dict:

@@ -8,8 +8,6 @@ offline-first W&B run. ``train-deferral`` writes the same files for its validati
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +18,9 @@ from ..data.traces import load_traces, read_manifest
 from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
-from ..tracking import resolve_wandb_mode
+from ..report import pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..settings import TrackingSettings, resolve_groups
+from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
 from .offline import DEFAULT_RULES, GAP_FRACTIONS, RATES, interval
 
@@ -34,6 +34,7 @@ def compare(
     seed: int = 0,
     wandb_mode: str | None = None,
     wandb_project: str = "speccascade",
+    wandb_group: str | None = None,
 ) -> dict:
     """Compare heads with every rule on held-out reference traces: curves, gap closed, 95% intervals.
 
@@ -48,17 +49,14 @@ def compare(
         seed: seed of the resampling.
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
         wandb_project: W&B project name.
+        wandb_group: W&B group of this run (a pipeline's runs together).
     """
-    wandb_mode = resolve_wandb_mode(wandb_mode)
+    tracking = resolve_groups(TrackingSettings(wandb_mode=wandb_mode, wandb_project=wandb_project, wandb_group=wandb_group))
     if resamples < 10:
         raise SpeccascadeError(f"resamples must be >= 10, got {resamples}")
     head_dirs = [h for h in (heads.split(",") if isinstance(heads, str) else heads or []) if h]
     manifest = read_manifest(traces)
-    learned = {}
-    for directory in head_dirs:
-        rule = R.parse(f"learned:{directory}")
-        check_held_out(rule, manifest, directory)
-        learned[_unique(Path(directory).name, learned)] = rule
+    learned = load_heads(head_dirs, manifest)
     if rules is None:
         rules = ",".join(offline.available(DEFAULT_RULES, load_traces(traces).column_names))
     columns, example_ids = read_columns(traces, [R.parse(s) for s in rules.split(",") if s.strip()], learned.values())
@@ -67,9 +65,31 @@ def compare(
     result["heads"] = {label: directory for label, directory in zip(learned, head_dirs)}
     write(Path(out), result, "compare")
     print(table(result))
-    if wandb_mode != "disabled":
-        log_to_wandb(result, Path(out), "compare", wandb_mode, wandb_project)
+    if tracking.wandb_mode != "disabled":
+        log_run(result, Path(out), tracking, traces, head_dirs)
     return result
+
+
+def log_run(result: dict, out: Path, tracking: TrackingSettings, traces: str, head_dirs: list[str]) -> None:
+    """One W&B run that uses the traces' and the heads' artifacts and holds the comparison."""
+    run = start_run(out, tracking.wandb_project, tracking.wandb_mode, "compare",
+                    {k: result.get(k) for k in ("traces", "heads", "resamples", "seed", "examples", "rows")},
+                    tracking.wandb_group)
+    for artifact in (trace_artifact(traces), *map(head_artifact, head_dirs)):
+        use_artifact(run, artifact)
+    log_to_wandb(result, out, "compare", run)
+    print(f"W&B run: {run_path(run)}")
+    run.finish()
+
+
+def load_heads(head_dirs: list[str], manifest: dict) -> dict[str, R.Learned]:
+    """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces."""
+    learned = {}
+    for directory in head_dirs:
+        rule = R.parse(f"learned:{directory}")
+        check_held_out(rule, manifest, directory)
+        learned[_unique(Path(directory).name, learned)] = rule
+    return learned
 
 
 def _unique(label: str, taken: dict) -> str:
@@ -127,29 +147,20 @@ def summary_rows(result: dict) -> list[dict]:
 def write(out: Path, result: dict, stem: str) -> None:
     """``{stem}.json``, ``{stem}.csv`` (budget curves with bands), ``summary.csv``, ``{stem}.png``, ``{stem}.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    with (out / f"{stem}.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["candidate", "kind", "deferral_budget", "loss", "loss_low", "loss_high"])
-        for label, c in result["candidates"].items():
-            b = c["budget"]
-            writer.writerows([label, c["kind"], r, *v] for r, *v in zip(RATES, b["loss"], b["low"], b["high"]))
+    write_json(out / f"{stem}.json", result, indent=1, strict=False)
+    curves = [{"candidate": label, "kind": c["kind"], "deferral_budget": r, "loss": loss, "loss_low": low, "loss_high": high}
+              for label, c in result["candidates"].items()
+              for r, loss, low, high in zip(RATES, c["budget"]["loss"], c["budget"]["low"], c["budget"]["high"])]
+    write_csv(out / f"{stem}.csv", curves, ["candidate", "kind", "deferral_budget", "loss", "loss_low", "loss_high"])
     rows = summary_rows(result)
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "summary.csv", rows, list(rows[0]))
     plot(result, out / f"{stem}.png")
     (out / f"{stem}.md").write_text(markdown(result, f"{stem}.png"))
 
 
 def plot(result: dict, path: Path) -> Path:
     """Best loss within each deferral budget, with 95% bands; heads bold, the oracle dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for label, c in result["candidates"].items():
@@ -163,10 +174,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_ylabel("mean loss of the emitted choice (lower is better)")
     ax.set_title(f"held-out comparison: {result['examples']} examples, {result['rows']} positions, 95% bands")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _yes(flag: bool) -> str:
@@ -225,22 +233,12 @@ def markdown(result: dict, image: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_to_wandb(result: dict, out: Path, stem: str, mode: str, project: str, run=None) -> None:
-    """The summary as a table, the budget curves as a line chart, the plot; into ``run`` or a new run."""
-    import wandb
-
-    own = run is None
-    if own:
-        run = wandb.init(project=project, mode=mode, dir=str(out), job_type="compare",
-                         config={k: result.get(k) for k in ("traces", "heads", "resamples", "seed", "examples", "rows")})
+def log_to_wandb(result: dict, out: Path, stem: str, run) -> None:
+    """Into ``run``: the summary as a table, the budget curves as a line chart, the plot, the 90% rates."""
     rows = summary_rows(result)
-    run.log({f"{stem}_summary": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
-    labels = list(result["candidates"])
-    run.log({f"{stem}_budget_curves": wandb.plot.line_series(
-        xs=[RATES.tolist()] * len(labels), ys=[result["candidates"][k]["budget"]["loss"] for k in labels], keys=labels,
-        title="best loss within a deferral budget", xname="deferral budget")})
-    run.log({f"{stem}_plot": wandb.Image(str(out / f"{stem}.png"))})
+    run.log({f"{stem}_summary": wandb_table(rows, list(rows[0]))})
+    curves = {label: (RATES.tolist(), c["budget"]["loss"]) for label, c in result["candidates"].items()}
+    run.log({f"{stem}_budget_curves": wandb_lines(curves, "best loss within a deferral budget", "deferral budget")})
+    run.log({f"{stem}_plot": wandb_image(out / f"{stem}.png")})
     run.summary.update({f"{stem}/{k}/rate_to_close_0.9": v["rate_to_close"]["0.9"]["estimate"]
                         for k, v in result["candidates"].items()})
-    if own:
-        run.finish()

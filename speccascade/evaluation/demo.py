@@ -30,6 +30,7 @@ from .compare import compare
 from .evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluate import resolve as resolve_evaluation
 from .evaluate import run as evaluate
+from ..report import by_rule
 from .report import interval
 
 
@@ -74,24 +75,28 @@ def demo(**options) -> dict:
 def _traces(s: DemoSettings, name: str, split: str, limit: int) -> LogTracesSettings:
     return LogTracesSettings(out=s.out / name, models=s.models, drafter=s.drafter, target=s.target, task=s.task,
                              split=split, limit=limit, mode="reference", block_size=s.block_size, seed=s.seed,
-                             resume=True, overwrite=s.overwrite)
+                             resume=True, overwrite=s.overwrite, **_tracking(s))
+
+
+def _tracking(s: DemoSettings) -> dict:
+    return {"wandb_mode": s.wandb_mode, "wandb_project": s.wandb_project, "wandb_group": s.wandb_group}
 
 
 def _evaluation(s: DemoSettings, rules: str) -> EvaluateSettings:
     return EvaluateSettings(out=s.out / "eval", models=s.models, drafter=s.drafter, target=s.target, task=s.task,
                             split="test", limit=s.eval_examples, rules=rules, block_size=s.block_size,
                             temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                            seed=s.seed, margin=s.margin, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project,
-                            resume=True, overwrite=True)
+                            seed=s.seed, margin=s.margin, resume=True, overwrite=True, **_tracking(s))
 
 
 def resolve(settings: DemoSettings) -> _Plan:
     """Check all four steps' settings before the first one starts (a bad rule must not cost a trained head)."""
     s = resolve_groups(settings)
+    s.wandb_group = s.wandb_group or time.strftime("demo-%Y%m%d-%H%M%S")  # the four steps' runs, together in W&B
     traces = resolve_traces(_traces(s, "traces", "train", s.train_examples))
     held_out = resolve_traces(_traces(s, "held-out-traces", "test", s.compare_examples))
     head = TrainSettings(traces=[str(s.out / "traces")], out=s.out / "head", head="mlp", epochs=s.epochs, batch_size=512,
-                         seed=s.seed, wandb_mode=s.wandb_mode, wandb_project=s.wandb_project, resume=True, overwrite=True)
+                         seed=s.seed, resume=True, overwrite=True, **_tracking(s))
     resolve_groups(head)
     OutputDir(head.out, "train-deferral", {}, resume=True, overwrite=True).check()  # its settings are checked once the traces exist
     resolve_evaluation(_evaluation(s, s.rules))
@@ -110,7 +115,7 @@ def run(plan: _Plan) -> dict:
     console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
     log_traces(plan.held_out)
     offline = compare(str(out / "held-out-traces"), out / "compare", heads=str(out / "head"), seed=s.seed,
-                      wandb_mode=s.wandb_mode)
+                      **_tracking(s))
     console.rule(f"4/4 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
     result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
@@ -146,10 +151,9 @@ def summary_lines(result: dict) -> list[str]:
     margin, no guard), or its best quality with intervals."""
     lines = []
     margin = result["settings"]["margin"]
-    for rule in dict.fromkeys(p["rule"] for p in result["points"]):
+    for rule, pts in by_rule(result["points"]).items():
         if rule == "target":
             continue
-        pts = [p for p in result["points"] if p["rule"] == rule]
         reaching = [p for p in pts if p["reaches_target"]]
         if reaching:
             lowest = min(reaching, key=lambda p: p["deferral_rate"])

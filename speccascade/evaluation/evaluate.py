@@ -9,7 +9,6 @@ finished) run and writes the same results files.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from .. import __version__
 from ..data.tasks import Example, Task
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
-from ..decoding.stats import COUNTERS
+from ..decoding.stats import COUNTERS, DecodeStats
 from ..deferral import rules as R
+from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
+from ..report import by_rule
 from ..settings import (DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings, as_config,
                         resolve_groups, setting)
 from . import report
@@ -129,12 +130,10 @@ def _points(item: str) -> list[_Planned]:
 def _learned_points(rule: R.Learned, value: str) -> list[_Planned]:
     """A head at the threshold given (``@T``), else at its recommended thresholds; keyed by its weights."""
     path = value.rpartition("@")[0] if "@" in value else value
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        digest.update((Path(path) / name).read_bytes())
+    key = fingerprint(path)
     points = rule.head.operating_points
     knobs = [rule.threshold] if "@" in value else [points[r] for r in LEARNED_RATES if r in points] or [rule.threshold]
-    return [_Planned(Point("learned", f"learned:{Path(path).name}@{k:.3g}", k, f"learned:{digest.hexdigest()[:16]}@{k!r}"),
+    return [_Planned(Point("learned", f"learned:{Path(path).name}@{k:.3g}", k, f"learned:{key}@{k!r}"),
                      "cascade", R.Learned(rule.head, k, rule.alpha)) for k in knobs]
 
 
@@ -161,7 +160,7 @@ def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
 
 def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings) -> tuple[dict, dict]:
     """Decode every example: per-example records and the point's totals that are no per-example sums."""
-    records, meta = empty_records(), {"wall_s": 0.0, "target_forwards": 0, "drafter_forwards": 0}
+    records, stats = empty_records(), []
     for start in range(0, len(examples), s.batch_size):
         batch = examples[start : start + s.batch_size]
         ids, mask = pair.encode([ex.prompt for ex in batch])
@@ -174,9 +173,9 @@ def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Tas
                 records[name].append(int(row[name]))
             records["repetition"].append(repetition(tokens[: row["new_tokens"]]))
             records["text"].append(text)
-        for key in meta:
-            meta[key] += getattr(out.stats, key)
-    return records, meta
+        stats.append(out.stats)
+    total = DecodeStats.merge(stats)
+    return records, {key: getattr(total, key) for key in ("wall_s", "target_forwards", "drafter_forwards")}
 
 
 def run(plan: _Plan) -> dict:
@@ -190,7 +189,8 @@ def run(plan: _Plan) -> dict:
         result = results(plan, done, pair)
         report.write_outputs(out, result)
         if s.wandb_mode != "disabled":
-            report.log_to_wandb(result, out, s.wandb_mode, s.wandb_project)
+            heads = dict.fromkeys(p.rule.head.provenance["path"] for p in plan.points if isinstance(p.rule, R.Learned))
+            report.log_to_wandb(result, out, s, heads=list(heads))
         plan.out.finish()
     return result
 
@@ -223,9 +223,7 @@ def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) 
               for point, records, meta in done]
     for p in points:
         p["relative_latency"] = p["wall_s"] / points[0]["wall_s"] if points[0]["wall_s"] else float("nan")
-    by_rule: dict[str, list[dict]] = {}
-    for p in points:
-        by_rule.setdefault(p["rule"], []).append(p)
+    groups = by_rule(points)
     settings = {"models": s.preset, "drafter": pair.drafter_id, "target": pair.target_id, "task": s.task, "split": s.split,
                 "examples": len(plan.examples), "block_size": s.block_size, "temperature": s.temperature,
                 "max_new_tokens": s.max_new_tokens, "seed": s.seed, "metric": plan.task.metric, "margin": s.margin,
@@ -234,7 +232,7 @@ def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) 
         "settings": settings,
         "target_quality": points[0]["quality"],
         "points": points,
-        "summary": {rule: summary(pts, points[0]["quality"]) for rule, pts in by_rule.items()},
-        "pareto": {rule: [p["label"] for p in pareto_front(pts)] for rule, pts in by_rule.items()},
+        "summary": {rule: summary(pts, points[0]["quality"]) for rule, pts in groups.items()},
+        "pareto": {rule: [p["label"] for p in pareto_front(pts)] for rule, pts in groups.items()},
         "wall_s": sum(p["wall_s"] for p in points),
     }

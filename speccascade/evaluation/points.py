@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..decoding.stats import COUNTERS
+from ..decoding.stats import COUNTERS, DecodeStats
 from ..outdir import write_atomic
 from .uncertainty import mean_interval, non_inferior, ratio_interval
 
@@ -102,7 +102,7 @@ def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np
     """A point's numbers from its records and the target's (same examples, same bootstrap counts)."""
     r = {k: np.asarray(v, dtype=float) for k, v in records.items() if k not in ("example_id", "text")}
     t = {k: np.asarray(v, dtype=float) for k, v in target.items() if k not in ("example_id", "text")}
-    decided, target_calls, new = r["decided"].sum(), r["target_calls"].sum(), r["new_tokens"].sum()
+    stats = DecodeStats(**{name: int(r[name].sum()) for name in COUNTERS})  # the rates are DecodeStats'
     quality = mean_interval(r["score"], weights)
     reaches, difference = non_inferior(r["score"], t["score"], margin, weights)
     length = ratio_interval(r["new_tokens"], t["new_tokens"], weights) if t["new_tokens"].sum() else None
@@ -118,12 +118,10 @@ def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np
         "quality": quality.estimate, "quality_low": quality.low, "quality_high": quality.high,
         "difference": difference.estimate, "difference_low": difference.low, "difference_high": difference.high,
         "non_inferior": reaches, "guards": guards, "reaches_target": reaches and not guards,
-        # the target alone always "defers", the drafter alone never does
-        "deferral_rate": float(r["deferrals"].sum() / decided) if decided else float(point.rule == "target"),
-        "rejection_rate": float(r["rejections"].sum() / decided) if decided else 0.0,
-        "target_calls": int(target_calls), "drafter_calls": int(r["drafter_calls"].sum()),
-        "tokens_per_target_call": float(new / target_calls) if target_calls else float("inf"),
-        "new_tokens": int(new), "wall_s": float(meta["wall_s"]),
+        "deferral_rate": stats.deferral_rate, "rejection_rate": stats.rejection_rate,
+        "target_calls": stats.target_calls, "drafter_calls": stats.drafter_calls,
+        "tokens_per_target_call": stats.tokens_per_target_call, "new_tokens": stats.new_tokens,
+        "wall_s": float(meta["wall_s"]),
         "length_ratio": length.estimate if length else float("nan"),
         "length_ratio_low": length.low if length else float("nan"), "length_ratio_high": length.high if length else float("nan"),
         "repetition": float(r["repetition"].mean()), "looping_rate": float(looping.mean()),

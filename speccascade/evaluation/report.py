@@ -1,15 +1,12 @@
 """What ``evaluate`` writes: results.json/.csv, the quality-cost plot with 95% error bars, report.md, and
-one offline-first W&B run."""
+one offline-first W&B run (written through :mod:`speccascade.report`)."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from pathlib import Path
 
-from ..outdir import write_atomic
-from ..tracking import run_path, start_run
+from ..report import by_rule, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..tracking import head_artifact, run_path, start_run, use_artifact
 from .points import LENGTH_TOLERANCE, LOOPING
 
 FIELDS = ["rule", "label", "knob", "quality", "quality_low", "quality_high", "difference", "difference_low",
@@ -18,23 +15,9 @@ FIELDS = ["rule", "label", "knob", "quality", "quality_low", "quality_high", "di
           "length_ratio_low", "length_ratio_high", "repetition", "looping_rate", "guards", "records"]
 
 
-def _json_ready(value):
-    """Strict JSON: a NaN or infinity (no interval, no target call) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def write_outputs(out: Path, result: dict) -> None:
-    write_atomic(out / "results.json", json.dumps(_json_ready(result), indent=2, allow_nan=False).encode())
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows([{k: "; ".join(p[k]) if k == "guards" else p[k] for k in FIELDS} for p in result["points"]])
+    write_json(out / "results.json", result)
+    write_csv(out / "results.csv", result["points"], FIELDS)
     plot(result, out / "quality_vs_cost.png")
     (out / "report.md").write_text(markdown(result))
 
@@ -49,16 +32,10 @@ def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
 
 def plot(result: dict, path: Path) -> Path:
     """Quality against deferral rate and relative latency, each point with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    rules_seen = list(dict.fromkeys(p["rule"] for p in result["points"]))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.5))
     for ax, cost, name in ((axes[0], "deferral_rate", "deferral rate"), (axes[1], "relative_latency", "latency relative to the target")):
-        for rule in rules_seen:
-            pts = sorted((p for p in result["points"] if p["rule"] == rule), key=lambda p: p[cost])
+        for rule, pts in by_rule(result["points"]).items():
+            pts = sorted(pts, key=lambda p: p[cost])
             ys = [p["quality"] for p in pts]
             errors = [[y - p["quality_low"] for y, p in zip(ys, pts)], [p["quality_high"] - y for y, p in zip(ys, pts)]]
             ax.errorbar([p[cost] for p in pts], ys, yerr=errors, fmt="o-" if len(pts) > 1 else "s", capsize=3, label=rule)
@@ -67,10 +44,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_ylabel(f"quality ({result['settings']['metric']}), 95% intervals")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{result['settings']['task']}: quality against cost ({result['settings']['examples']} examples)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown(result: dict) -> str:
@@ -104,20 +78,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_to_wandb(result: dict, out: Path, mode: str, project: str) -> None:
-    """One run per evaluation: every point (with its intervals) as a table, quality-cost line charts, the plot."""
-    import wandb
-
-    run = start_run(out, project, mode, "evaluate", result["settings"])
-    fields = [f for f in FIELDS if f not in ("guards", "records")]
-    run.log({"points": wandb.Table(columns=fields, data=[[_json_ready(p[f]) for f in fields] for p in result["points"]])})
-    rules_seen = list(dict.fromkeys(p["rule"] for p in result["points"]))
+def log_to_wandb(result: dict, out: Path, tracking, heads: list[str] = ()) -> None:
+    """One run per evaluation, using the learned heads' ``model`` artifacts: every point (with its intervals)
+    as a table keyed by rule and knob, quality-cost line charts per rule, the plot."""
+    run = start_run(out, tracking.wandb_project, tracking.wandb_mode, "evaluate", result["settings"], tracking.wandb_group)
+    for directory in heads:
+        use_artifact(run, head_artifact(directory))
+    run.log({"points": wandb_table(result["points"], [f for f in FIELDS if f not in ("guards", "records")])})
+    groups = by_rule(result["points"])
     for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
-        pts = {r: sorted((p[cost], p["quality"]) for p in result["points"] if p["rule"] == r) for r in rules_seen}
-        run.log({f"quality_vs_{cost}": wandb.plot.line_series(
-            xs=[[x for x, _ in pts[r]] for r in rules_seen], ys=[[y for _, y in pts[r]] for r in rules_seen],
-            keys=rules_seen, title=f"quality vs {cost.replace('_', ' ')}", xname=cost)})
+        series = {rule: tuple(zip(*sorted((p[cost], p["quality"]) for p in pts))) for rule, pts in groups.items()}
+        run.log({f"quality_vs_{cost}": wandb_lines(series, f"quality vs {cost.replace('_', ' ')}", cost)})
     run.summary.update({"target_quality": result["target_quality"]})
-    run.log({"quality_vs_cost": wandb.Image(str(out / "quality_vs_cost.png"))})
+    run.log({"quality_vs_cost": wandb_image(out / "quality_vs_cost.png")})
     print(f"W&B run: {run_path(run)}")
     run.finish()

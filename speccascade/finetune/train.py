@@ -17,7 +17,9 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from ..data.tasks import get_task
 from ..decoding import ModelPair
 from ..errors import SpeccascadeError
-from ..tracking import resolve_wandb_mode
+from ..outdir import LOCK, locked
+from ..settings import TrackingSettings, resolve_groups
+from ..tracking import start_run
 from .data import FinetuneDataModule
 from .models import export, load_model
 from .module import FinetuneModule
@@ -87,7 +89,7 @@ def _prepare_out(out: Path, settings: dict) -> dict | None:
     if (out / SETTINGS).exists():
         if json.loads((out / SETTINGS).read_text()) != settings:
             raise SpeccascadeError(f"{out} holds an unfinished fine-tune with other settings; choose another --out or delete it")
-    elif out.exists() and any(out.iterdir()):
+    elif any(child.name != LOCK for child in out.iterdir()):
         raise SpeccascadeError(f"{out} exists and is not a fine-tune directory; choose an empty or new --out")
     return None
 
@@ -124,6 +126,7 @@ def finetune(
     accelerator: str = "auto",
     wandb_mode: str | None = None,
     wandb_project: str = "speccascade",
+    wandb_group: str | None = None,
 ) -> dict:
     """Fine-tune a model on a task's train split (loss on the reference reply only) and export it.
 
@@ -165,70 +168,39 @@ def finetune(
         accelerator: cpu, gpu or auto.
         wandb_mode: offline, online or disabled (default: online only where credentials exist).
         wandb_project: W&B project name.
+        wandb_group: W&B group of this run (a pipeline's runs together).
     """
     out = Path(out)
-    settings = {k: v for k, v in locals().items() if k not in ("out", "wandb_mode", "wandb_project", "accelerator")}
+    settings = {k: v for k, v in locals().items() if k not in ("out", "accelerator") and not k.startswith("wandb_")}
     settings["layers"] = parse_layers(layers)
     _check(settings, out)
-    wandb_mode = resolve_wandb_mode(wandb_mode)
+    tracking = resolve_groups(TrackingSettings(wandb_mode=wandb_mode, wandb_project=wandb_project, wandb_group=wandb_group))
     resolved = resolve_precision(precision, accelerator)
-    done = _prepare_out(out, settings)
-    if done is not None:
-        print(f"{out} already holds this fine-tune; {summary_line(done)}")
-        return done
+    with locked(out, "finetune"):  # one writer: a second fine-tune into this --out is refused while this one runs
+        done = _prepare_out(out, settings)
+        if done is not None:
+            print(f"{out} already holds this fine-tune; {summary_line(done)}")
+            return done
+        return _finetune(settings, out, resolved, accelerator, tracking)
 
+
+def _finetune(settings: dict, out: Path, resolved: str, accelerator: str, tracking: TrackingSettings) -> dict:
+    """Train, export, evaluate held out, and record the provenance (under the directory's lock)."""
+    s = settings
     started = time.perf_counter()
-    pl.seed_everything(seed, workers=True, verbose=False)
-    module = FinetuneModule(base, steps, settings["layers"], lr, warmup_steps, min_lr_ratio, weight_decay, lora_rank,
-                            lora_alpha, lora_dropout, lora_targets, teacher, distill_weight, distill_temperature)
-    plain = module.model.get_base_model() if lora_rank > 0 else module.model
-    pair = ModelPair(plain, plain, module.tokenizer, "finetune", module.base_id, module.base_id)
-    module.model.train()  # the pair put it in eval mode
-    data = FinetuneDataModule(pair, task, steps, batch_size, examples, pack_length, data_file, seed)
-    data.setup()
-
-    out.mkdir(parents=True, exist_ok=True)  # only once the model and data are ready: bad input leaves nothing behind
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2))
-    loggers = [CSVLogger(out, name="logs")]
-    if wandb_mode != "disabled":
-        loggers.append(WandbLogger(project=wandb_project, save_dir=str(out), mode=wandb_mode, job_type="finetune",
-                                   config=settings))
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=checkpoint_every, save_last=True,
-                                  save_top_k=0, save_on_train_epoch_end=False)
-    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, precision=resolved, accelerator=accelerator, devices=1,
-                         logger=loggers, callbacks=[checkpoints, TQDMProgressBar()], gradient_clip_val=1.0, log_every_n_steps=1,
-                         enable_model_summary=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
-                         default_root_dir=str(out))
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
-    export(module.model.cpu(), module.tokenizer, out)
-    train_wall_s = time.perf_counter() - started
-    del module, trainer
-
+    data_seen, run = _train(settings, out, resolved, accelerator, tracking)
     provenance = {
-        "format": "speccascade-finetune/1",
-        "base": base,
-        "task": task,
-        "mode": "lora" if lora_rank > 0 else "full",
-        "layers": settings["layers"],
-        "teacher": teacher,
-        "steps": steps,
-        "data_seen": data.seen(),
-        "precision": resolved,
-        "train_wall_s": round(train_wall_s, 1),
-        "recipe": settings,
+        "format": "speccascade-finetune/1", "base": s["base"], "task": s["task"],
+        "mode": "lora" if s["lora_rank"] > 0 else "full", "layers": s["layers"], "teacher": s["teacher"],
+        "steps": s["steps"], "data_seen": data_seen, "precision": resolved,
+        "train_wall_s": round(time.perf_counter() - started, 1), "recipe": settings,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if eval_examples > 0:
-        model, tokenizer, _ = load_model(str(out), device="cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
-        reference = load_model(teacher, device=model.device)[0] if teacher else model
-        heldout_pair = ModelPair(model, reference, tokenizer, "finetune", str(out), teacher or str(out))
-        report = heldout_report(heldout_pair, task, eval_split, eval_examples, max_new_tokens, eval_batch_size,
-                                data_file, eval_seed, teacher=bool(teacher))
+    if s["eval_examples"] > 0:
+        report = _heldout(settings, out, accelerator)
         (out / "heldout.json").write_text(json.dumps(report, indent=2))
         provenance["heldout"] = {k: v for k, v in report.items() if k != "records"}
-    if wandb_mode != "disabled":  # the held-out numbers join the run, which is closed so that the next one is new
-        run = loggers[-1].experiment
+    if run is not None:  # the held-out numbers join the run, which is closed so that the next one is new
         run.summary.update({"heldout_" + k: v for k, v in _flat(provenance.get("heldout", {})).items()})
         run.finish()
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2))
@@ -236,6 +208,44 @@ def finetune(
     (out / SETTINGS).unlink(missing_ok=True)
     print(summary_line(provenance))
     return provenance
+
+
+def _train(s: dict, out: Path, precision: str, accelerator: str, tracking: TrackingSettings):
+    """Fit (from the last checkpoint when one is there) and export the model; the examples seen and the W&B run."""
+    pl.seed_everything(s["seed"], workers=True, verbose=False)
+    module = FinetuneModule(s["base"], s["steps"], s["layers"], s["lr"], s["warmup_steps"], s["min_lr_ratio"],
+                            s["weight_decay"], s["lora_rank"], s["lora_alpha"], s["lora_dropout"], s["lora_targets"],
+                            s["teacher"], s["distill_weight"], s["distill_temperature"])
+    plain = module.model.get_base_model() if s["lora_rank"] > 0 else module.model
+    pair = ModelPair(plain, plain, module.tokenizer, "finetune", module.base_id, module.base_id)
+    module.model.train()  # the pair put it in eval mode
+    data = FinetuneDataModule(pair, s["task"], s["steps"], s["batch_size"], s["examples"], s["pack_length"], s["data_file"],
+                              s["seed"])
+    data.setup()
+    (out / SETTINGS).write_text(json.dumps(s, indent=2))
+    loggers = [CSVLogger(out, name="logs")]
+    if tracking.wandb_mode != "disabled":
+        loggers.append(WandbLogger(experiment=start_run(out, tracking.wandb_project, tracking.wandb_mode, "finetune", s,
+                                                        tracking.wandb_group)))
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=s["checkpoint_every"], save_last=True,
+                                  save_top_k=0, save_on_train_epoch_end=False)
+    trainer = pl.Trainer(max_steps=s["steps"], max_epochs=-1, precision=precision, accelerator=accelerator, devices=1,
+                         logger=loggers, callbacks=[checkpoints, TQDMProgressBar()], gradient_clip_val=1.0, log_every_n_steps=1,
+                         enable_model_summary=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
+                         default_root_dir=str(out))
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    export(module.model.cpu(), module.tokenizer, out)
+    return data.seen(), loggers[-1].experiment if len(loggers) > 1 else None
+
+
+def _heldout(s: dict, out: Path, accelerator: str) -> dict:
+    """The exported model's held-out quality (and the teacher's, with their agreement), greedy."""
+    model, tokenizer, _ = load_model(str(out), device="cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+    reference = load_model(s["teacher"], device=model.device)[0] if s["teacher"] else model
+    pair = ModelPair(model, reference, tokenizer, "finetune", str(out), s["teacher"] or str(out))
+    return heldout_report(pair, s["task"], s["eval_split"], s["eval_examples"], s["max_new_tokens"], s["eval_batch_size"],
+                          s["data_file"], s["eval_seed"], teacher=bool(s["teacher"]))
 
 
 def summary_line(provenance: dict) -> str:

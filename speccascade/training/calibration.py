@@ -10,6 +10,8 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from ..report import pyplot, save_figure
+
 METHODS = ("platt", "isotonic", "none")
 
 
@@ -46,21 +48,13 @@ def report(probs: np.ndarray, targets: np.ndarray, logits: np.ndarray) -> dict:
 
 def reliability_diagram(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> Path:
     """PNG: observed frequency of 'deferring was right' against predicted probability, per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     index = np.clip((probs * bins).astype(int), 0, bins - 1)
     used = [b for b in range(bins) if (index == b).any()]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
     ax.plot([probs[index == b].mean() for b in used], [targets[index == b].mean() for b in used], "o-", label="head")
     ax.set_xlabel("predicted P(defer is right)")
     ax.set_ylabel("observed frequency")
     ax.set_title(f"reliability (ECE {expected_calibration_error(probs, targets, bins):.3f})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

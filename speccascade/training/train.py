@@ -35,7 +35,7 @@ from ..evaluation.compare import log_to_wandb as log_comparison
 from ..evaluation.compare import write as write_comparison
 from ..outdir import OutputDir, launched_child
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
-from ..tracking import run_path, start_run
+from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import calibration as cal
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target
@@ -180,7 +180,9 @@ def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataMod
     loggers = [CSVLogger(out, name="logs", version=0)]
     wandb_run = None
     if s.wandb_mode != "disabled" and not launched_child():
-        wandb_run = start_run(out, s.wandb_project, s.wandb_mode, "train-deferral", config)
+        wandb_run = start_run(out, s.wandb_project, s.wandb_mode, "train-deferral", config, s.wandb_group)
+        for directory in s.traces:
+            use_artifact(wandb_run, trace_artifact(directory))
         loggers.append(WandbLogger(experiment=wandb_run))
     for step, metrics in earlier:  # the curves of the epochs before the checkpoint, kept in logs/version_0
         loggers[0].log_metrics(metrics, step)
@@ -340,9 +342,6 @@ def _log_to_wandb(run, out: Path, metrics: dict, comparison: dict | None) -> Non
     if (out / "reliability.png").exists():
         run.log({"reliability": wandb.Image(str(out / "reliability.png"))})
     if comparison:
-        log_comparison(comparison, out, "comparison", mode="", project="", run=run)
-    artifact = wandb.Artifact(f"deferral-head-{run.id}", type="model", metadata=metrics)
-    for name in ("config.json", "model.safetensors", "metrics.json"):
-        artifact.add_file(str(out / name))
-    run.log_artifact(artifact)
+        log_comparison(comparison, out, "comparison", run)
+    run.log_artifact(head_artifact(out))
     run.finish()

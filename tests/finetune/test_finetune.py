@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from speccascade import Autoregressive, SpeculativeCascade, load_pair, rules
+from speccascade import Autoregressive, SpeculativeCascade, __version__, load_pair, rules
 from speccascade.cli import main
 from speccascade.data.tasks import get_task
 from speccascade.finetune import finetune
 from speccascade.finetune.data import IGNORE, Encoded, pack
+from speccascade.outdir import locked
+from tests.helpers import wandb_records
 
 PLANTED = "ok 42"  # every reply of the planted task
 
@@ -153,9 +155,23 @@ def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
+def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path, capsys):
+    out = tmp_path / "busy"
+    with locked(out, "finetune"):  # as a running fine-tune holds it
+        code = main(["finetune", "--base", "tiny-random", "--out", str(out), "--steps", "2", "--eval-examples", "0",
+                     "--wandb-mode", "disabled"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is being written by pid" in err and not (out / "finetune.json").exists()
+    assert not out.exists()  # the lock's owner created the directory and left it empty: removed
+
+
 def test_each_fine_tune_is_its_own_offline_wandb_run(tmp_path, planted):
     for name in ("a", "b"):
         finetune(tmp_path / name, base="tiny-random", task="translation", data_file=str(planted), steps=2, batch_size=4,
                  eval_split="train", eval_examples=4, max_new_tokens=4, wandb_mode="offline")
     runs = [next((tmp_path / name / "wandb").glob("offline-run-*")).name for name in ("a", "b")]
     assert runs[0] != runs[1]  # the second run is not appended to the first
+    run = next(r.run for r in wandb_records(next((tmp_path / "a" / "wandb").glob("offline-run-*")))
+               if r.WhichOneof("record_type") == "run")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["speccascade_version"] == __version__ and config["steps"] == 2 and run.job_type == "finetune"
