@@ -3,9 +3,11 @@
 ``reference`` mode teacher-forces the gold continuation: one batched forward of each model gives
 every position's ``q`` and ``p``. ``on-policy`` mode decodes with the speculative cascade under a
 rule and logs every drafted position through the decoder's hook, with target-as-oracle labels and
-the task's final score. The same command runs as N processes under Lightning Fabric (gloo on the
-CPU); process ``r`` of ``N`` takes examples ``r, r + N, ...`` and writes its own shards. With W&B on,
-the finished traces are logged as a ``dataset`` artifact by reference (:func:`speccascade.tracking.trace_artifact`).
+the task's final score; ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
+batch before its shard is written, so they resume like every other column. The same command runs
+as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` takes examples
+``r, r + N, ...`` and writes its own shards. With W&B on, the finished traces are logged as a
+``dataset`` artifact by reference (:func:`speccascade.tracking.trace_artifact`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from .. import __version__
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
+from ..errors import SpeccascadeError
 from ..outdir import OutputDir
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from . import traces
+from .outcome import OutcomeCost, OutcomeLabeller
 from .schema import position_rows, to_numpy
-from .tasks import Example, Task
+from .tasks import Example, Task, get_task
 
 MODES = ("reference", "on-policy")
 HIDDEN = ("none", "drafter", "target", "both")
+LABELS = ("gap", "outcome")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +48,12 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
     max_reference_tokens: int = setting(256, "reference mode: the gold continuation is cut to this many tokens", low=1)
     hidden_states: Literal[HIDDEN] = setting("none", "also log last-layer hidden states (float16) of none, drafter, target or both")
     topk: int = setting(8, "also log the top-k token ids and probabilities of both models (0 = off)", low=0)
+    labels: Literal[LABELS] = setting("gap", "gap: the mode's own labels (reference: loss and gap against the gold token; "
+                                      "on-policy: the target-as-oracle labels); outcome: also, on-policy and greedy, "
+                                      "whether the draft instead of the target's token changes the task's answer "
+                                      "(outcome_harm; tasks with an exact-match answer)")
+    outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
+                                          "reply after a swapped token", low=1)
     shard_examples: int = setting(32, "examples per shard (the unit of --resume)", low=1)
     seed: int = setting(0, "sampling seed (example i decodes with seed + i) and task-generator seed", low=0)
 
@@ -54,7 +65,26 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
         return config | {"models": self.preset, "rule": rule.spec if on_policy else None,
                          "temperature": self.temperature if on_policy else None,
                          "max_new_tokens": self.max_new_tokens if on_policy else None,
-                         "max_reference_tokens": None if on_policy else self.max_reference_tokens}
+                         "max_reference_tokens": None if on_policy else self.max_reference_tokens} | (
+            {"labels": "outcome", "outcome_max_new_tokens": self.outcome_max_new_tokens} if self.outcome else {})
+
+    @property
+    def outcome(self) -> bool:
+        return self.labels == "outcome"
+
+    def check_labels(self) -> None:
+        """Outcome labels need greedy on-policy decoding and a task whose answer is checked (exact match)."""
+        if not self.outcome:
+            return
+        if self.mode != "on-policy":
+            raise SpeccascadeError("--labels outcome needs --mode on-policy (the labels continue the cascade's own replies)")
+        if self.temperature != 0:
+            raise SpeccascadeError(f"--labels outcome needs greedy decoding (--temperature 0, got {self.temperature:g}): "
+                                   "the target's choice is its argmax")
+        task = get_task(self.task)
+        if not task.checkable:
+            raise SpeccascadeError(f"--labels outcome needs a task with a checkable answer (exact match); task {self.task!r} "
+                                   f"is scored by {task.metric}")
 
 
 @dataclass
@@ -80,6 +110,7 @@ def log_traces(out, **options) -> dict:
 def resolve(settings: LogTracesSettings) -> _Plan:
     """Check every setting, the task's data and the output directory; load no model, write nothing."""
     resolve_groups(settings)
+    settings.check_labels()
     rule = rules_module.parse(settings.rule)
     task, examples = settings.examples(settings.seed)
     config = settings.config(rule)
@@ -95,21 +126,39 @@ def run(plan: _Plan) -> dict:
             return traces.read_manifest(s.out)
         fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
         pair = s.load_pair(device=fabric.device)
+        if s.outcome and pair.is_encoder_decoder:
+            raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
                   "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
+        labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,
+                                   target_replies=isinstance(plan.rule, rules_module.AlwaysDefer)) if s.outcome else None
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
-        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule))
+        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule, labeller))
         fabric.barrier()
-        manifest = traces.write_manifest(s.out, header, complete=True) if fabric.global_rank == 0 else {}
+        manifest = {}
+        if fabric.global_rank == 0:
+            if s.outcome:  # the cost over every complete shard, this run's and earlier runs' alike
+                cost = OutcomeCost.from_dict(traces.shard_stats(s.out))
+                header["outcome_labels"] = cost.summary(s.outcome_max_new_tokens)
+                _print_cost(header["outcome_labels"])
+            manifest = traces.write_manifest(s.out, header, complete=True)
         fabric.barrier()
         plan.out.finish()
     if manifest and s.wandb_mode != "disabled":
         log_artifact(plan)
     return manifest
+
+
+def _print_cost(summary: dict) -> None:
+    print(f"log-traces: outcome labels on {summary['labelled_positions']} examined positions, "
+          f"{summary['decoded_positions']} decoded (draft != target's choice), {summary['harmful_positions']} harmful; "
+          f"label cost {summary['extra_target_tokens']} extra target tokens = "
+          f"{summary['extra_target_tokens_per_labelled_position']:.1f} per labelled position "
+          f"({summary['extra_target_tokens_per_decoded_position']:.1f} per decoded one)")
 
 
 def log_artifact(plan: _Plan) -> None:
@@ -138,7 +187,7 @@ def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
             parts.append(logger.rows(batch))
             bar.update(len(batch))
         columns = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-        rows += writer.write(columns, [ex.id for _, ex in chunk])
+        rows += writer.write(columns, [ex.id for _, ex in chunk], logger.take_stats())
         bar.set_postfix(rows=rows, rows_per_s=f"{rows / (time.perf_counter() - started):.0f}")
     bar.close()
     return rows
@@ -162,7 +211,15 @@ class RowLogger:
     task: Task
     config: dict
     rule: rules_module.Rule
-    _events: list[BlockEvent] = field(default_factory=list)
+    outcome: OutcomeLabeller | None = None
+    _cost: OutcomeCost = field(default_factory=OutcomeCost)
+
+    def take_stats(self) -> dict[str, int] | None:
+        """The outcome labels' cost since the last shard (for its sidecar), then start counting again."""
+        if self.outcome is None:
+            return None
+        stats, self._cost = self._cost.as_dict(), OutcomeCost()
+        return stats
 
     @property
     def hidden(self) -> tuple[str, ...]:
@@ -238,4 +295,11 @@ class RowLogger:
         cols = {k: v[keep] for k, v in cols.items()}
         cols["score"] = scores[cols["_row"]]
         cols["example_index"] = torch.tensor([i for i, _ in batch], device=pair.device)[cols["_row"]]
+        if self.outcome is not None:
+            prompts = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]
+            replies = [out.new_tokens[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
+            harm, delta, cost = self.outcome.label([ex for _, ex in batch], prompts, replies, cols["_row"], cols["position"],
+                                                   cols["draft_token"], cols["target_argmax"], cols["examined"])
+            cols["outcome_harm"], cols["outcome_delta"] = harm, delta
+            self._cost += cost
         return cols

@@ -96,8 +96,9 @@ class ShardWriter:
             done.update(json.loads(sidecar.read_text())["examples"])
         return done
 
-    def write(self, columns: dict[str, np.ndarray], examples: list[str]) -> int:
-        """Write one shard of whole examples; return its row count."""
+    def write(self, columns: dict[str, np.ndarray], examples: list[str], stats: dict[str, int] | None = None) -> int:
+        """Write one shard of whole examples; return its row count. ``stats`` (counts such as the outcome
+        labels' cost) go into the sidecar, so totals over complete shards survive ``--resume``."""
         table = pa.table({name: _arrow(values) for name, values in columns.items()})
         name = f"r{self.rank:03d}-{self.next_index:05d}"
         path = self.dir / f"{name}.parquet"
@@ -105,6 +106,8 @@ class ShardWriter:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         sidecar = {"file": f"{SHARDS}/{path.name}", "rows": table.num_rows, "sha256": _sha256(path), "examples": examples}
+        if stats:
+            sidecar["stats"] = stats
         _write_atomic(path.with_suffix(".json"), json.dumps(sidecar).encode())
         self.next_index += 1
         return table.num_rows
@@ -116,6 +119,15 @@ def _arrow(values: np.ndarray) -> pa.Array:
         return pa.array(values)
     flat = pa.array(values.reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def shard_stats(directory: Path) -> dict[str, int]:
+    """The sidecars' ``stats`` of every complete shard, summed by name."""
+    totals: dict[str, int] = {}
+    for sidecar in sorted((directory / SHARDS).glob("r*.json")):
+        for name, value in json.loads(sidecar.read_text()).get("stats", {}).items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 def write_manifest(directory: Path, header: dict, complete: bool) -> dict:

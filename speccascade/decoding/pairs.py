@@ -133,10 +133,11 @@ class ModelPair:
         logits = out.logits[:, -width - 1 :, : self.vocab_size]
         return logits, None if states is None else states[:, -width - 1 :], ids
 
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
-        """Decode rows of token ids, dropping special tokens."""
+    def decode(self, token_ids: torch.Tensor | list[list[int]]) -> list[str]:
+        """Decode rows of token ids (a tensor, or lists of different lengths), dropping special tokens."""
         if self.tokenizer is None:
-            return [" ".join(map(str, row)) for row in token_ids.tolist()]
+            rows = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
+            return [" ".join(map(str, row)) for row in rows]
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
 

@@ -23,7 +23,7 @@ from .features import HIDDEN_INPUTS
 
 KINDS = ("logistic", "mlp")
 CONDITIONING = ("alpha",)  # inputs that are no feature: the trade-off a relaxed head is asked for
-OBJECTIVES = ("gap", "classification", "relaxed")
+OBJECTIVES = ("gap", "classification", "relaxed", "outcome")
 
 
 class DeferralHead(nn.Module, PyTorchModelHubMixin):
@@ -31,7 +31,8 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
 
     ``objective`` fixes what the score means: ``gap`` regresses the quality gap
     ``loss_q - loss_p`` (defer iff the predicted gap > threshold); ``classification``
-    and ``relaxed`` give a deferral logit (defer iff calibrated sigmoid > threshold).
+    ``relaxed`` and ``outcome`` (trained on outcome labels: does the draft change the answer?) give a
+    deferral logit (defer iff calibrated sigmoid > threshold).
     """
 
     def __init__(

@@ -22,6 +22,7 @@ LABELS = {  # the label columns each objective needs
     "gap": ("gap",),
     "classification": ("gap",),
     "relaxed": ("loss_q", "loss_p", "tv"),
+    "outcome": ("outcome_harm", "p_gap"),  # on-policy traces logged with --labels outcome
 }
 
 
@@ -97,7 +98,8 @@ class TraceDataModule(pl.LightningDataModule):
         )
         dropped = len(finite) - sum(finite["_ok"])
         if dropped:
-            print(f"train-deferral: dropped {dropped} rows with NaN or infinite values")
+            why = " (outcome labels are NaN where the cascade examined no draft)" if hp.objective == "outcome" else ""
+            print(f"train-deferral: dropped {dropped} rows with NaN or infinite values{why}")
             rows = finite.filter(lambda b: b["_ok"], batched=True).remove_columns("_ok")
         val = np.array([in_validation(e, hp.val_fraction, hp.seed) for e in rows["example_id"]])
         self.val_all = rows.select(np.flatnonzero(val))  # every column, for the offline comparison

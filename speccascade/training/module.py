@@ -11,9 +11,15 @@ from torchmetrics.classification import BinaryAUROC
 from ..deferral.heads import DeferralHead
 
 
-def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tensor], alpha: float | torch.Tensor) -> torch.Tensor:
+def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tensor], alpha: float | torch.Tensor,
+                   gap_weight: float = 0.0) -> torch.Tensor:
     """gap: squared error on ``loss_q - loss_p``; classification: BCE on ``1[gap > 0]`` weighted by ``|gap|``;
-    relaxed: ``E[(1 - s) loss_q + s (loss_p + alpha D_TV)]`` with ``s = sigmoid(score)``."""
+    relaxed: ``E[(1 - s) loss_q + s (loss_p + alpha D_TV)]`` with ``s = sigmoid(score)``; outcome: BCE on
+    ``(1 - gap_weight) outcome_harm + gap_weight p_gap`` (the outcome label, optionally mixed with the
+    target-as-oracle gap ``max p - p(x)`` of the same on-policy rows)."""
+    if objective == "outcome":
+        label = (1 - gap_weight) * y["outcome_harm"] + gap_weight * y["p_gap"].clamp(0, 1)
+        return nnf.binary_cross_entropy_with_logits(score, label)
     if objective == "gap":
         return nnf.mse_loss(score, y["gap"])
     if objective == "classification":
@@ -24,7 +30,10 @@ def objective_loss(objective: str, score: torch.Tensor, y: dict[str, torch.Tenso
 
 
 def defer_target(objective: str, y: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-    """Whether deferring was right for each row (for AUROC): the gap is positive (relaxed: beyond the cost)."""
+    """Whether deferring was right for each row (for AUROC): the gap is positive (relaxed: beyond the cost;
+    outcome: the draft changes the answer for the worse)."""
+    if objective == "outcome":
+        return (y["outcome_harm"] > 0.5).long()
     if objective == "relaxed":
         return (y["loss_q"] - y["loss_p"] > alpha * y["tv"]).long()
     return (y["gap"] > 0).long()
@@ -51,6 +60,7 @@ class DeferralModule(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         alpha_range: tuple[float, float] | None = None,
+        gap_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -70,13 +80,14 @@ class DeferralModule(pl.LightningModule):
         if self.hparams.alpha_range is not None:
             low, high = self.hparams.alpha_range
             alpha = low + (high - low) * torch.rand(len(batch["x"]))
-        loss = objective_loss(self.hparams.objective, self.head(self._inputs(batch["x"], alpha)), batch["y"], alpha)
+        loss = objective_loss(self.hparams.objective, self.head(self._inputs(batch["x"], alpha)), batch["y"], alpha,
+                              self.hparams.gap_weight)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
         score = self.head(self._inputs(batch["x"], self.hparams.alpha))
-        loss = objective_loss(self.hparams.objective, score, batch["y"], self.hparams.alpha)
+        loss = objective_loss(self.hparams.objective, score, batch["y"], self.hparams.alpha, self.hparams.gap_weight)
         self.val_auroc.update(score, defer_target(self.hparams.objective, batch["y"], self.hparams.alpha))
         self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
         self.log("val_auroc", self.val_auroc, prog_bar=True, batch_size=len(batch["x"]))

@@ -59,7 +59,10 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
                                           "(position features plus both models' last hidden states; needs traces logged with --hidden-states both)")
     objective: Literal[OBJECTIVES] = setting("gap", "gap (regression of loss_q - loss_p: defer where the predicted gain "
                                              "is largest; the default, and the best on held-out traces), classification "
-                                             "(cost-sensitive BCE on 1[gap > 0]) or relaxed")
+                                             "(cost-sensitive BCE on 1[gap > 0]), relaxed, or outcome (BCE on outcome_harm: "
+                                             "needs on-policy traces logged with --labels outcome)")
+    gap_weight: float = setting(0.0, "outcome objective: weight of the target-as-oracle gap p_gap in the BCE label "
+                                "(1 - w) * outcome_harm + w * p_gap (0: outcome labels alone)", low=0.0, high=1.0)
     features: list[str] | None = setting(None, "feature names (default: every position feature; token-mlp adds the token features)")
     alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
     alpha_range: tuple[float, float] | None = setting(None, "relaxed objective only: train one head conditioned on alpha drawn "
@@ -82,7 +85,8 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
         """What the head depends on: a directory written with another config is refused."""
         return as_config(self, ("traces", "head", "objective", "features", "alpha", "alpha_range", "hidden", "depth", "epochs",
                                 "patience", "batch_size", "lr", "val_fraction", "calibration", "seed", "mix_pairs")) | {
-            "trace_fingerprints": [m.get("fingerprint") for m in manifests]}
+            "trace_fingerprints": [m.get("fingerprint") for m in manifests]} | (
+            {"gap_weight": self.gap_weight} if self.objective == "outcome" else {})
 
 
 @dataclass
@@ -113,6 +117,8 @@ def resolve(settings: TrainSettings) -> _Plan:
         raise SpeccascadeError("--traces must name one or more distinct trace directories")
     if s.alpha_range is not None and (s.objective != "relaxed" or s.alpha_range[0] > s.alpha_range[1]):
         raise SpeccascadeError("--alpha-range [low, high] conditions a head on alpha; it needs objective 'relaxed' and low <= high")
+    if s.gap_weight and s.objective != "outcome":
+        raise SpeccascadeError(f"--gap-weight mixes p_gap into the outcome labels; it needs objective 'outcome' (got {s.objective!r})")
     if s.strategy != "auto" and s.strategy not in pl.strategies.StrategyRegistry.available_strategies():
         raise SpeccascadeError(f"unknown strategy {s.strategy!r}; choose auto, ddp or another Lightning strategy")
     kind, default_features = HEADS[s.head]
@@ -121,6 +127,11 @@ def resolve(settings: TrainSettings) -> _Plan:
     if unknown or len(set(features)) != len(features):
         raise SpeccascadeError(f"--features must be distinct names of the feature spec; unknown: {unknown}")
     manifests = [_trainable(t) for t in s.traces]
+    if s.objective == "outcome":
+        bare = [t for t, m in zip(s.traces, manifests) if "outcome_labels" not in m]
+        if bare:
+            raise SpeccascadeError(f"objective 'outcome' needs outcome labels, and traces {', '.join(bare)} have none "
+                                   "(log them with log-traces --mode on-policy --labels outcome)")
     pairs = {trace_dirs.pair_of(m) for m in manifests}
     if len(pairs) > 1 and not s.mix_pairs:
         names = "; ".join(f"{t}: {m.get('drafter')} -> {m.get('target')}" for t, m in zip(s.traces, manifests))
@@ -150,7 +161,8 @@ def run(plan: _Plan) -> DeferralHead:
         data = TraceDataModule(s.traces, plan.features, s.objective, s.val_fraction, s.batch_size, s.seed)
         data.setup()
         module = DeferralModule(plan.features, data.mean, data.std, plan.kind, s.hidden, s.depth, s.objective, s.alpha, s.lr,
-                                alpha_range=tuple(s.alpha_range) if s.alpha_range is not None else None)
+                                alpha_range=tuple(s.alpha_range) if s.alpha_range is not None else None,
+                                gap_weight=s.gap_weight)
         trainer, wandb_run = _fit(s, out, module, data, plan.out.config)
         if not trainer.is_global_zero:
             return module.head

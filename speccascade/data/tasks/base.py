@@ -28,11 +28,19 @@ class Example:
     answer: str
 
 
+CHECKABLE_METRICS = frozenset({"exact_match"})  # metrics that check one answer: outcome labels compare them
+
+
 class Task(ABC):
     """A source of examples and the metric that scores a model's reply to one."""
 
     name: ClassVar[str]
     metric: ClassVar[str]
+
+    @property
+    def checkable(self) -> bool:
+        """Whether a reply has one answer the metric checks (exact match), so swapping a token can be said to change it."""
+        return self.metric in CHECKABLE_METRICS
 
     @abstractmethod
     def examples(

@@ -1,0 +1,136 @@
+"""Outcome labels (algorithms.md section 5): does taking the drafter's token instead of the target's change
+the task's answer?
+
+At an examined on-policy position ``t`` of a reply ``y`` (greedy decoding), let ``x_t`` be the draft and
+``a_t = argmax p_t`` the target's choice. Where they differ, the target continues greedily from
+``y_<t x_t`` and from ``y_<t a_t`` (at most ``max_new_tokens`` tokens each; all continuations of a batch
+decoded together), the task scores both replies, and
+
+    outcome_delta = score(y_<t a_t ...) - score(y_<t x_t ...)      (what keeping the target's token gains)
+    outcome_harm  = 1[outcome_delta > 0]                           (the substitution loses quality)
+
+Where ``x_t = a_t`` both are 0 without decoding. Positions after a block's first rejection were never
+examined (their prefix is not part of the reply): NaN. When the replies are the target's own greedy
+replies (the cascade under ``always`` at T = 0 decodes exactly those), the continuation that kept
+``a_t`` is the reply itself, cut to the same length, and only the draft's continuation is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..decoding import Autoregressive, ModelPair
+from .tasks import Example, Task
+
+
+@dataclass
+class OutcomeCost:
+    """What the labels cost: positions labelled (examined), decoded (draft != target's choice), found
+    harmful, and the target's extra work (tokens generated, prompt and prefix tokens prefilled)."""
+
+    labelled: int = 0
+    decoded: int = 0
+    harmful: int = 0
+    target_tokens: int = 0
+    prefill_tokens: int = 0
+
+    def __iadd__(self, other: "OutcomeCost") -> "OutcomeCost":
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "OutcomeCost":
+        return cls(**{f.name: int(values.get(f.name, 0)) for f in fields(cls)})
+
+    def summary(self, max_new_tokens: int) -> dict:
+        """The manifest's ``outcome_labels`` entry."""
+        per = lambda n: self.target_tokens / n if n else 0.0  # noqa: E731
+        return {"max_new_tokens": max_new_tokens, "labelled_positions": self.labelled, "decoded_positions": self.decoded,
+                "harmful_positions": self.harmful, "extra_target_tokens": self.target_tokens,
+                "extra_prefill_tokens": self.prefill_tokens,
+                "extra_target_tokens_per_labelled_position": per(self.labelled),
+                "extra_target_tokens_per_decoded_position": per(self.decoded)}
+
+
+@dataclass
+class OutcomeLabeller:
+    """Labels the examined positions of a batch of greedy on-policy replies (see the module docstring)."""
+
+    pair: ModelPair
+    task: Task
+    max_new_tokens: int
+    batch_size: int
+    target_replies: bool = False  # the replies are the target's greedy replies: reuse them for the kept choice
+
+    @torch.inference_mode()
+    def label(
+        self,
+        examples: list[Example],
+        prompts: list[list[int]],
+        replies: list[list[int]],
+        row: torch.Tensor,
+        position: torch.Tensor,
+        draft: torch.Tensor,
+        target_choice: torch.Tensor,
+        examined: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, OutcomeCost]:
+        """``outcome_harm`` and ``outcome_delta`` for ``N`` positions (``row`` indexes ``examples``, ``prompts``
+        and ``replies``: unpadded token ids), and what computing them cost."""
+        device = row.device
+        harm = torch.where(examined, 0.0, float("nan")).to(device)
+        delta = harm.clone()
+        differs = torch.nonzero(examined & (draft != target_choice)).squeeze(1).tolist()
+        rows, pos = row.tolist(), position.tolist()
+        # two candidates per differing position: [kept the target's choice, took the draft]
+        heads = [(rows[i], pos[i], int(tok[i])) for i in differs for tok in (target_choice, draft)]
+        starts = [replies[b][:t] + [tok] for b, t, tok in heads]
+        finished = [False] * len(heads)
+        if self.target_replies:
+            eos = set(self.pair.eos_token_ids)
+            for k in range(0, len(heads), 2):
+                b, t, _ = heads[k]
+                if (replies[b] and replies[b][-1] in eos) or len(replies[b]) >= t + 1 + self.max_new_tokens:
+                    starts[k], finished[k] = replies[b][: t + 1 + self.max_new_tokens], True
+        scores, cost = self._score([prompts[b] for b, _, _ in heads], starts, finished, [examples[b] for b, _, _ in heads])
+        for k, i in enumerate(differs):
+            delta[i] = scores[2 * k] - scores[2 * k + 1]
+            harm[i] = float(delta[i] > 0)
+        cost.labelled, cost.decoded, cost.harmful = int(examined.sum()), len(differs), int((harm == 1).sum())
+        return harm, delta, cost
+
+    def _score(self, prompts: list[list[int]], starts: list[list[int]], finished: list[bool],
+               examples: list[Example]) -> tuple[list[float], OutcomeCost]:
+        """The task's score of each reply ``start + the target's greedy continuation``; a ``finished`` start, or
+        one that ends in an end-of-sequence token, is a whole reply already."""
+        eos = set(self.pair.eos_token_ids)
+        replies = [list(s) for s in starts]
+        open_ = [j for j, s in enumerate(starts) if not finished[j] and s[-1] not in eos]
+        open_.sort(key=lambda j: len(prompts[j]) + len(starts[j]))  # similar lengths together: less padding
+        cost = OutcomeCost()
+        decoder = Autoregressive(self.pair, "target", temperature=0.0)
+        for c in range(0, len(open_), self.batch_size):
+            chunk = open_[c : c + self.batch_size]
+            ids, mask = _left_padded([prompts[j] + starts[j] for j in chunk], self.pair.pad_token_id, self.pair.device)
+            out = decoder.generate(ids, mask, max_new_tokens=self.max_new_tokens)
+            for k, j in enumerate(chunk):
+                n = out.stats.rows[k]["new_tokens"]
+                replies[j] += out.new_tokens[k, :n].tolist()
+            cost.target_tokens += out.stats.new_tokens
+            cost.prefill_tokens += int(mask.sum())
+        texts = self.pair.decode(replies)
+        return [self.task.score(text, ex) for text, ex in zip(texts, examples)], cost
+
+
+def _left_padded(sequences: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(sequences):
+        ids[b, width - len(s) :], mask[b, width - len(s) :] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,201 @@
+"""Outcome labels (``log-traces --labels outcome``) and the ``outcome`` objective: on a planted pair whose
+answer depends on one position, the labels find it and a head trained on them defers there only; bad
+input is refused; a killed run resumes to the uninterrupted rows and cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from speccascade.cli import main
+from speccascade.data import metrics, traces
+from speccascade.data.log_traces import log_traces
+from speccascade.data.outcome import OutcomeLabeller
+from speccascade.data.tasks import TASKS, Example, Task
+from speccascade.decoding import ModelPair
+from speccascade.decoding.presets import byte_tokenizer
+from speccascade.deferral import rules
+from speccascade.errors import SpeccascadeError
+from speccascade.settings import PairSettings
+from speccascade.training import train_deferral
+from tests.data.test_log_traces import assert_same_rows, read_rows
+from tests.test_faults import _start, _wait_for
+from tests.training.test_train import planted_traces
+
+TOKENIZER = byte_tokenizer()
+EOS = TOKENIZER.eos_token_id
+SURE, UNSURE = 20.0, 8.0  # next-token logits: near one-hot, or a target torn between "5" (8) and "7" (7)
+
+
+def _id(ch: str) -> int:
+    return TOKENIZER.convert_tokens_to_ids(ch)
+
+
+def bigram(chain: dict[str, dict[str, float]]) -> LlamaForCausalLM:
+    """A one-layer Llama whose next-token logits depend on the current token only: one-hot embeddings, layers
+    that add nothing, and ``lm_head[v, u]`` the logit of ``v`` after ``u`` ("</s>" is the end of sequence)."""
+    vocab, hidden = len(TOKENIZER), 264
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        model.model.norm.weight.fill_(hidden**-0.5)  # the normalised one-hot stays one-hot
+        model.lm_head.weight.zero_()
+        for u, following in chain.items():
+            for v, logit in following.items():
+                model.lm_head.weight[EOS if v == "</s>" else _id(v), _id(u)] = logit
+    return model
+
+
+def planted_pair() -> ModelPair:
+    """The target replies "ab=5." to a prompt ending in ":"; the drafter would write "c" first (the target then
+    goes on "b=5.": harmless) and "7" after "=" (the answer becomes 7: harmful), and agrees everywhere else."""
+    shared = {"a": {"b": SURE}, "c": {"b": SURE}, "b": {"=": SURE}, "5": {".": SURE}, "7": {".": SURE}, ".": {"</s>": SURE}}
+    target = bigram(shared | {":": {"a": SURE}, "=": {"5": UNSURE, "7": UNSURE - 1}})
+    drafter = bigram(shared | {":": {"c": SURE}, "=": {"7": SURE}})
+    return ModelPair(drafter, target, TOKENIZER, "planted", "planted/drafter", "planted/target")
+
+
+class Planted(Task):
+    """Every example asks the same question; the answer is 5."""
+
+    name, metric = "planted", "exact_match"
+
+    def examples(self, split, limit=None, data_file=None, seed=0, few_shot=0):
+        return [Example(f"planted-{i:03d}", "Q:", "ab=5.", "5") for i in range(limit or 40)]
+
+    def score(self, prediction, example):
+        return metrics.number_match(prediction, example.answer)
+
+
+HARMFUL, HARMLESS = 3, 0  # reply positions of the two mismatches: "=" -> "7", and ":" -> "c"
+OPTIONS = dict(models="tiny-random", task="planted", mode="on-policy", labels="outcome", limit=40, batch_size=8,
+               shard_examples=16, max_new_tokens=16, outcome_max_new_tokens=8, topk=0, accelerator="cpu")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Traces of the planted pair (with both hidden states), logged with outcome labels."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS, "planted", Planted)
+        mp.setattr(PairSettings, "load_pair", lambda self, device=None: planted_pair())
+        out = tmp_path_factory.mktemp("outcome") / "traces"
+        manifest = log_traces(out, hidden_states="both", **OPTIONS)
+    return out, manifest
+
+
+def test_labels_find_the_one_position_the_answer_depends_on(planted):
+    out, manifest = planted
+    rows = read_rows(out)[1].with_format("numpy")[:]
+    examined, position = rows["examined"], rows["position"]
+    assert (rows["score"] == 1).all()  # the cascade decoded the target's reply, which is right
+    assert (position[examined] <= 5).all() and set(position[examined]) == set(range(6))  # "ab=5." + end of sequence
+    harm, delta = rows["outcome_harm"], rows["outcome_delta"]
+    assert (harm[examined] == (position[examined] == HARMFUL)).all()  # 1 exactly where the swap changes the answer
+    assert (delta[examined] == harm[examined]).all()
+    assert (rows["draft_token"] != rows["target_argmax"])[examined & (position == HARMLESS)].all()  # a harmless mismatch
+    assert np.isnan(harm[~examined]).all() and (~examined).any()  # drafts after a rejection: no label
+    cost = manifest["outcome_labels"]
+    assert cost["labelled_positions"] == 40 * 6 and cost["decoded_positions"] == 40 * 2 and cost["harmful_positions"] == 40
+    # the kept choice reuses the target's reply; the drafts continue "b=5.</s>" and ".</s>": 7 target tokens
+    assert cost["extra_target_tokens"] == 40 * 7 and cost["extra_target_tokens_per_labelled_position"] == pytest.approx(7 / 6)
+
+
+def test_reusing_the_target_reply_gives_the_labels_of_decoding_both(planted):
+    pair, task = planted_pair(), Planted()
+    ex = task.examples("train", limit=1)
+    prompt, reply = pair.encode(["Q:"])[0][0].tolist(), TOKENIZER("ab=5.")["input_ids"] + [EOS]
+    draft = torch.tensor([_id("c"), _id("b"), _id("="), _id("7"), _id("."), EOS])
+    choice = torch.tensor(reply)
+    n = len(reply)
+    args = (ex, [prompt], [reply], torch.zeros(n, dtype=torch.long), torch.arange(n), draft, choice, torch.ones(n, dtype=torch.bool))
+    reused = OutcomeLabeller(pair, task, 8, 4, target_replies=True).label(*args)
+    decoded = OutcomeLabeller(pair, task, 8, 4).label(*args)
+    assert torch.equal(reused[0], decoded[0]) and torch.equal(reused[1], decoded[1])
+    assert reused[0].tolist() == [0, 0, 0, 1, 0, 0]
+    assert (reused[2].target_tokens, decoded[2].target_tokens) == (7, 14)  # decoding both: "b=5.</s>", ".</s>" twice
+
+
+@pytest.mark.parametrize("head", ["mlp", "hidden-mlp"])
+def test_a_head_trained_on_outcome_labels_defers_there_and_nowhere_else(planted, tmp_path, head):
+    out, _ = planted
+    trained = train_deferral([str(out)], tmp_path / head, head=head, objective="outcome", epochs=20, patience=None,
+                             batch_size=16, lr=0.01, wandb_mode="disabled")
+    assert trained.objective == "outcome" and trained.metrics["auroc"] == 1.0
+    rows = read_rows(out)[1].with_format("torch")[:]
+    labelled = rows["examined"]
+    rule = rules.Learned.from_pretrained(tmp_path / head)  # the exported checkpoint, at its default threshold
+    defer = rule.decide({f: rows[f][labelled] for f in rule.features})
+    assert torch.equal(defer, rows["position"][labelled] == HARMFUL)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"task": "summarisation"}, r"checkable answer \(exact match\); task 'summarisation' is scored by rouge2"),
+    ({"mode": "reference"}, "needs --mode on-policy"),
+    ({"temperature": 1.0}, r"needs greedy decoding \(--temperature 0, got 1\)"),
+])
+def test_outcome_labels_refuse_what_they_cannot_label(tmp_path, options, message):
+    with pytest.raises(SpeccascadeError, match=message):
+        log_traces(tmp_path / "x", **(OPTIONS | {"task": "arithmetic"} | options))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_an_unchecked_task_in_one_line_and_writes_nothing(tmp_path, capsys):
+    args = ["log-traces", "--out", str(tmp_path / "x"), "--models", "tiny-random", "--task", "translation",
+            "--mode", "on-policy", "--labels", "outcome"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --labels outcome needs a task with a checkable answer (exact match); task 'translation' is scored by bleu"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_outcome_objective_refuses_traces_without_the_labels(tmp_path, capsys):
+    bare = planted_traces(tmp_path / "bare", examples=10, rows=5)
+    with pytest.raises(SpeccascadeError, match=r"needs outcome labels, and traces .*bare have none"):
+        train_deferral([str(bare)], tmp_path / "head", objective="outcome", wandb_mode="disabled")
+    with pytest.raises(SpeccascadeError, match="--gap-weight .* needs objective 'outcome'"):
+        train_deferral([str(bare)], tmp_path / "head", objective="gap", gap_weight=0.5, wandb_mode="disabled")
+    assert not (tmp_path / "head").exists()
+
+
+def _cli(out, extra=()):
+    return ["log-traces", "--out", str(out), "--models", "tiny-random", "--task", "arithmetic", "--limit", "6",
+            "--mode", "on-policy", "--labels", "outcome", "--max-new-tokens", "16", "--outcome-max-new-tokens", "8",
+            "--rule", "opt:0.1", "--batch-size", "2", "--shard-examples", "2", "--topk", "0", "--accelerator", "cpu", *extra]
+
+
+def test_killed_outcome_logging_resumes_to_the_uninterrupted_rows_and_cost(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(_cli(full)) == 0
+    proc = _start(*_cli(killed))
+    _wait_for(killed / "shards" / "r000-00000.json", proc)  # killed after its first shard
+    proc.kill()
+    proc.wait()
+    assert not traces.read_manifest(killed)["complete"], "the run finished before it was killed; make it longer"
+    first = (killed / "shards" / "r000-00000.json").read_text()
+    assert main(_cli(killed, ["--resume"])) == 0
+    assert (killed / "shards" / "r000-00000.json").read_text() == first  # the complete shard was kept, not redone
+    a, b = traces.read_manifest(full), traces.read_manifest(killed)
+    assert a["rows"] == b["rows"] and a["outcome_labels"] == b["outcome_labels"]  # nothing lost, nothing repeated
+    assert b["outcome_labels"]["decoded_positions"] > 0
+    assert_same_rows(full, killed)
+
+
+def test_gap_weight_mixes_the_target_gap_into_the_outcome_label():
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from speccascade.training.module import objective_loss
+
+    score, y = torch.tensor([0.5, -1.0, 2.0]), {"outcome_harm": torch.tensor([1.0, 0.0, 0.0]), "p_gap": torch.tensor([0.2, 0.9, 0.0])}
+    for w in (0.0, 0.3, 1.0):
+        expected = bce(score, (1 - w) * y["outcome_harm"] + w * y["p_gap"])
+        assert float(objective_loss("outcome", score, y, 0.0, gap_weight=w)) == pytest.approx(float(expected))
