@@ -38,6 +38,14 @@ def test_bench_smoke_writes_every_configuration(tmp_path):
     assert "| exact speculative decoding | speccascade | 2 |" in table and "assisted generation" in table
 
 
+def test_bench_times_the_cascade_rules_it_is_given(tmp_path):
+    report = bench(tmp_path, models="tiny-random", batch_sizes="1", prompts=1, max_new_tokens=4, repeats=1,
+                   rules="gain:0.2,diff:0.1")
+    cascades = [r for r in report["results"] if r["name"].startswith("cascade")]
+    assert [r["name"] for r in cascades] == ["cascade gain:0.2", "cascade diff:0.1"]
+    assert all(r["new_tokens"] > 0 for r in cascades) and report["rules"] == ["gain:0.2", "diff:0.1"]
+
+
 def test_ideal_speedup_is_the_section_7_formula():
     assert ideal_speedup(0.0, 5, 0.1) == pytest.approx(1 / 1.5)  # every draft rejected: one token per block
     assert ideal_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)  # every draft accepted
@@ -75,6 +83,8 @@ def test_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
     ("device: tpu", "device must be cpu, cuda or cuda:N"),
     ("cache: paged", "cache must be one of dynamic, static"),
     ("compile: true", "compile needs the static cache"),
+    ("rules: bogus:1", "unknown rule"),
+    ("rules: 'gain:0.2,,opt:0.1'", "has an empty item"),
 ])
 def test_bench_refuses_bad_settings_in_a_config_before_any_work(tmp_path, capsys, setting, message):
     config = tmp_path / "bench.yaml"

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..data.tasks import get_task
 from ..decoding import load_pair
 from ..decoding.cache import LAYOUTS
+from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from .measure import configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -24,6 +25,7 @@ def bench(
     batch_sizes: str = "1,4,8",
     block_size: int = 5,
     alpha: float = 0.3,
+    rules: str | None = None,
     prompts: int = 8,
     max_new_tokens: int = 64,
     repeats: int = 3,
@@ -39,7 +41,9 @@ def bench(
         models: model-pair preset (tiny-random, smollm2-135m, ...).
         batch_sizes: comma-separated batch sizes for exact speculative decoding.
         block_size: drafts per block (gamma), also transformers' num_assistant_tokens.
-        alpha: the cascades' OPT and TokenV3 knob.
+        alpha: the cascades' OPT and TokenV3 knob (when --rules is not given).
+        rules: cascade rules timed beside exact decoding, comma-separated (gain:0.23,learned:DIR@0.25);
+            default: opt and tokenv3 at --alpha.
         prompts: prompts from the task's test split; each batch size decodes all of them.
         max_new_tokens: new tokens per prompt.
         repeats: timed rounds after one warm-up round; medians are reported.
@@ -49,14 +53,15 @@ def bench(
         device: cuda, cuda:N or cpu (default: cuda when present).
     """
     _check(Path(out), block_size, alpha, prompts, max_new_tokens, repeats, cache, compile, device)
+    cascades = cascade_rules(rules, alpha)
     sizes = _batch_sizes(batch_sizes, prompts)
     examples = get_task(task).examples("test", limit=prompts)
     pair = load_pair(models, device=device)
     ids, mask = pair.encode([e.prompt for e in examples])
-    configs = configurations(pair, sizes, block_size, alpha, max_new_tokens, {"cache": cache, "compile": compile})
+    configs = configurations(pair, sizes, block_size, cascades, max_new_tokens, {"cache": cache, "compile": compile})
     measure(configs, pair, ids, mask, repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], block_size, repeats)
-    settings = {"task": task, "block_size": block_size, "alpha": alpha, "prompts": prompts, "max_new_tokens": max_new_tokens,
+    settings = {"task": task, "block_size": block_size, "rules": [r.spec for r in cascades], "prompts": prompts, "max_new_tokens": max_new_tokens,
                 "repeats": repeats, "cache": cache or "default", "compile": compile}
     result = report(configs, steps, pair, settings)
     out = Path(out)
@@ -77,6 +82,16 @@ def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats:
                 config.seconds, config.peak_mib = [], 0.0
     for config in configs:
         profiled(config, pair, ids, mask)
+
+
+def cascade_rules(text: str | None, alpha: float) -> list[R.Rule]:
+    """The cascade rules to time: ``--rules`` parsed by the one rule parser, else OPT and TokenV3 at ``alpha``."""
+    if text is None:
+        return [R.OPT(alpha), R.TokenV3(alpha)]
+    items = [item.strip() for item in str(text).split(",")]
+    if not all(items):
+        raise SpeccascadeError(f"--rules {text!r} has an empty item; give rule strings such as gain:0.2,opt:0.3")
+    return [R.parse(item) for item in items]
 
 
 def _batch_sizes(text: str, prompts: int) -> list[int]:

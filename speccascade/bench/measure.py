@@ -35,7 +35,8 @@ class Configuration:
     forward_share: float = float("nan")
 
 
-def configurations(pair: ModelPair, sizes: list[int], gamma: int, alpha: float, new: int, options: dict) -> list[Configuration]:
+def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
+                   options: dict) -> list[Configuration]:
     """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring)."""
 
     def ours(decoder) -> Run:
@@ -70,8 +71,8 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, alpha: float, 
         Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
         Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
     ]
-    for rule in (rules.OPT(alpha), rules.TokenV3(alpha)):
-        configs.append(Configuration(f"cascade {rule.name}:{alpha}", "speccascade", 1,
+    for rule in cascades:
+        configs.append(Configuration(f"cascade {rule.spec}", "speccascade", 1,
                                      ours(SpeculativeCascade(pair, rule, block_size=gamma, **options)), both))
     for b in sizes:
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
