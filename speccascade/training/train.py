@@ -223,7 +223,7 @@ def _earlier_metrics(out: Path, checkpoint: Path | None) -> list[tuple[int, dict
     rows = []
     if checkpoint is not None and (log_dir / "metrics.csv").is_file():
         try:
-            step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+            step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
         except Exception as err:
             raise SpeccascadeError(f"checkpoint {checkpoint} is unreadable ({type(err).__name__}); pass --overwrite to start again") from None
         with (log_dir / "metrics.csv").open(newline="") as f:
