@@ -84,6 +84,7 @@ def test_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
     ("cache: paged", "cache must be one of dynamic, static"),
     ("compile: true", "compile needs the static cache"),
     ("rules: bogus:1", "unknown rule"),
+    ("bonus: pi", "bonus must be one of mix, target"),
     ("rules: 'gain:0.2,,opt:0.1'", "has an empty item"),
 ])
 def test_bench_refuses_bad_settings_in_a_config_before_any_work(tmp_path, capsys, setting, message):

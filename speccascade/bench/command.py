@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..data.tasks import get_task
 from ..decoding import load_pair
 from ..decoding.cache import LAYOUTS
+from ..decoding.cascade import BONUS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from .measure import configurations, profiled, step_times, timed
@@ -26,6 +27,7 @@ def bench(
     block_size: int = 5,
     alpha: float = 0.3,
     rules: str | None = None,
+    bonus: str = "mix",
     prompts: int = 8,
     max_new_tokens: int = 64,
     repeats: int = 3,
@@ -44,6 +46,7 @@ def bench(
         alpha: the cascades' OPT and TokenV3 knob (when --rules is not given).
         rules: cascade rules timed beside exact decoding, comma-separated (gain:0.23,learned:DIR@0.25);
             default: opt and tokenv3 at --alpha.
+        bonus: the cascade rows' bonus token: mix (from pi) or target (from p; the drafter skips a step per block).
         prompts: prompts from the task's test split; each batch size decodes all of them.
         max_new_tokens: new tokens per prompt.
         repeats: timed rounds after one warm-up round; medians are reported.
@@ -54,14 +57,17 @@ def bench(
     """
     _check(Path(out), block_size, alpha, prompts, max_new_tokens, repeats, cache, compile, device)
     cascades = cascade_rules(rules, alpha)
+    if bonus not in BONUS:
+        raise SpeccascadeError(f"bonus must be one of {', '.join(BONUS)}, got {bonus!r}")
     sizes = _batch_sizes(batch_sizes, prompts)
     examples = get_task(task).examples("test", limit=prompts)
     pair = load_pair(models, device=device)
     ids, mask = pair.encode([e.prompt for e in examples])
-    configs = configurations(pair, sizes, block_size, cascades, max_new_tokens, {"cache": cache, "compile": compile})
+    configs = configurations(pair, sizes, block_size, cascades, max_new_tokens, {"cache": cache, "compile": compile},
+                             bonus)
     measure(configs, pair, ids, mask, repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], block_size, repeats)
-    settings = {"task": task, "block_size": block_size, "rules": [r.spec for r in cascades], "prompts": prompts, "max_new_tokens": max_new_tokens,
+    settings = {"task": task, "block_size": block_size, "rules": [r.spec for r in cascades], "bonus": bonus, "prompts": prompts, "max_new_tokens": max_new_tokens,
                 "repeats": repeats, "cache": cache or "default", "compile": compile}
     result = report(configs, steps, pair, settings)
     out = Path(out)

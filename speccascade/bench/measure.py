@@ -36,7 +36,7 @@ class Configuration:
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
-                   options: dict) -> list[Configuration]:
+                   options: dict, bonus: str = "mix") -> list[Configuration]:
     """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring)."""
 
     def ours(decoder) -> Run:
@@ -72,8 +72,9 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
         Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
     ]
     for rule in cascades:
-        configs.append(Configuration(f"cascade {rule.spec}", "speccascade", 1,
-                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, **options)), both))
+        label = f"cascade {rule.spec}" + (", bonus from p" if bonus == "target" else "")
+        configs.append(Configuration(label, "speccascade", 1,
+                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, bonus=bonus, **options)), both))
     for b in sizes:
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
                                      ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both))

@@ -60,6 +60,7 @@ class BlockEvent:
 
 
 Hook = Callable[[BlockEvent], None]
+BONUS = ("mix", "target")  # the bonus token's distribution: pi_{gamma+1} (algorithms.md section 3) or p~_{gamma+1}
 
 
 class SpeculativeCascade(Decoder):
@@ -68,7 +69,10 @@ class SpeculativeCascade(Decoder):
     Rules decide on the unscaled (T = 1) probabilities; mixing, accepting and resampling use the
     temperature / top-k / top-p sampling distributions of both models (as the paper's colab does).
     ``hook`` is called with a :class:`BlockEvent` after every block (the trace logger's entry
-    point); ``hook_hidden_states`` also passes both models' last hidden states.
+    point); ``hook_hidden_states`` also passes both models' last hidden states. ``bonus="target"``
+    draws the bonus token of a fully accepted block from the target's ``p~_{gamma+1}`` instead of
+    ``pi_{gamma+1}``: the drafter then skips its last step in every block (one drafter step per
+    block saved; forced defer is unchanged, never defer no longer equals the drafter alone).
     """
 
     def __init__(
@@ -83,10 +87,14 @@ class SpeculativeCascade(Decoder):
         hook_hidden_states: bool = False,
         cache: str | None = None,
         compile: bool = False,
+        bonus: str = "mix",
     ) -> None:
         super().__init__(pair, temperature, top_k, top_p, cache, compile)
         if block_size < 1:
             raise SpeccascadeError(f"block_size (gamma) must be >= 1, got {block_size}")
+        if bonus not in BONUS:
+            raise SpeccascadeError(f"bonus must be one of {', '.join(BONUS)}, got {bonus!r}")
+        self.bonus = bonus
         self.rule = rule if rule is not None else AlwaysDefer()
         self.block_size = block_size
         self.hook = hook
@@ -99,7 +107,7 @@ class SpeculativeCascade(Decoder):
     @property
     def drafter_lag(self) -> int:
         """1 when nothing reads ``q_{gamma+1}``: the drafter then skips its last step of each block."""
-        return int(not self.rule.needs_bonus_drafter and self.hook is None)
+        return int((self.bonus == "target" or not self.rule.needs_bonus_drafter) and self.hook is None)
 
     @property
     def wants_hidden(self) -> bool:
@@ -118,7 +126,8 @@ class SpeculativeCascade(Decoder):
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
         mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
-        next_token = self.resample(state, n, q.sampled, mix.emit)
+        emit = mix.emit if self.bonus == "mix" else torch.cat([mix.emit[:, :gamma], p.sampled[:, gamma:]], dim=1)
+        next_token = self.resample(state, n, q.sampled, emit)
 
         tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
         deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)

@@ -143,3 +143,22 @@ def test_greedy_blocks_cut_to_the_tokens_left_change_nothing(pair, batch, rule):
     hooked = SpeculativeCascade(pair, rule, block_size=4, hook=lambda e: None).generate(ids, mask, max_new_tokens=11)
     assert torch.equal(cut.sequences, full.sequences) and torch.equal(cut.sequences, hooked.sequences)
     assert cut.stats.drafted < full.stats.drafted == hooked.stats.drafted
+
+
+def test_bonus_from_the_target_takes_the_drafter_between_target_tokens_and_saves_its_last_step(pair):
+    """``bonus="target"`` with never defer: gamma drafter tokens, then the target's own next token, in turn;
+    the drafter runs gamma steps per block, not gamma + 1; forced defer is still the target."""
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    gamma, new = 3, 12
+    out = SpeculativeCascade(pair, rules.NeverDefer(), block_size=gamma, temperature=0, bonus="target").generate(
+        ids, max_new_tokens=new)
+    tokens = out.new_tokens[0].tolist()
+    for i, token in enumerate(tokens):
+        prefix = torch.cat([ids, torch.tensor([tokens[:i]], dtype=ids.dtype)], dim=1)
+        model = pair.target if i % (gamma + 1) == gamma else pair.drafter
+        assert token == hf_greedy(model, prefix, 1)[0], i
+    default = SpeculativeCascade(pair, rules.NeverDefer(), block_size=gamma, temperature=0).generate(ids, max_new_tokens=new)
+    assert out.stats.drafter_calls == gamma * out.stats.target_calls < default.stats.drafter_calls
+    exact = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, temperature=0, bonus="target").generate(
+        ids, max_new_tokens=new)
+    assert exact.new_tokens[0].tolist() == hf_greedy(pair.target, ids, new)
