@@ -94,10 +94,7 @@ def cascade_rules(text: str | None, alpha: float) -> list[R.Rule]:
     """The cascade rules to time: ``--rules`` parsed by the one rule parser, else OPT and TokenV3 at ``alpha``."""
     if text is None:
         return [R.OPT(alpha), R.TokenV3(alpha)]
-    items = [item.strip() for item in str(text).split(",")]
-    if not all(items):
-        raise SpeccascadeError(f"--rules {text!r} has an empty item; give rule strings such as gain:0.2,opt:0.3")
-    return [R.parse(item) for item in items]
+    return [R.parse(item) for item in R.split_specs(str(text))]
 
 
 def _batch_sizes(text: str, prompts: int) -> list[int]:

@@ -524,6 +524,16 @@ def _number(spec: str, text: str) -> float:
     return value
 
 
+def split_specs(text: str | list[str], what: str = "--rules") -> list[str]:
+    """The rule strings of a comma-separated list (or a list), stripped; an empty list or item is refused."""
+    items = [item.strip() for item in (text.split(",") if isinstance(text, str) else text)]
+    if not any(items):
+        raise SpeccascadeError(f"{what} names no rule; give at least one, e.g. always,opt:0.3")
+    if not all(items):
+        raise SpeccascadeError(f"{what} {text!r} has an empty item (two commas in a row, or a trailing comma)")
+    return items
+
+
 def parse(spec: str) -> Rule:
     """The one parser of a rule's command-line spelling: ``name``, ``name:KNOB`` (``opt:0.3``, ``topk:5``),
     ``name:KNOB:PARAM=VALUE`` (``kl:0.2:tau=0.9``), ``name:PARAM=VALUE`` (the default knob) or

@@ -59,7 +59,7 @@ def compare(
     learned = load_heads(head_dirs, manifest)
     if rules is None:
         rules = ",".join(offline.available(DEFAULT_RULES, load_traces(traces).column_names))
-    columns, example_ids = read_columns(traces, [R.parse(s) for s in rules.split(",") if s.strip()], learned.values())
+    columns, example_ids = read_columns(traces, [R.parse(s) for s in R.split_specs(rules)], learned.values())
     result = offline.compare_columns(columns, example_ids, rules, learned, resamples, seed)
     result["traces"] = {"path": str(traces), **{k: manifest.get(k) for k in ("task", "split", "drafter", "target", "fingerprint")}}
     result["heads"] = {label: directory for label, directory in zip(learned, head_dirs)}

@@ -100,11 +100,7 @@ def resolve(settings: EvaluateSettings) -> _Plan:
 def plan_points(rules: str) -> list[_Planned]:
     """The points of ``--rules``, the target first; an empty list, a malformed rule or a point asked for
     twice is an error naming it."""
-    items = [item.strip() for item in rules.split(",")]
-    if not any(items):
-        raise SpeccascadeError("--rules names no rule; give at least one, e.g. always,opt:0.3")
-    if not all(items):
-        raise SpeccascadeError(f"--rules {rules!r} has an empty item (two commas in a row, or a trailing comma)")
+    items = R.split_specs(rules)
     planned = [p for item in ["target", *[i for i in items if i != "target"]] for p in _points(item)]
     labels = [p.point.label for p in planned]
     twice = sorted({label for label in labels if labels.count(label) > 1})

@@ -56,7 +56,7 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
                scores: dict[str, np.ndarray] | None = None) -> list[Candidate]:
     """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head, each precomputed
     score (a model outside the package, judged like a head) and the oracle."""
-    specs = [s.strip() for s in (rules.split(",") if isinstance(rules, str) else rules) if s.strip()]
+    specs = R.split_specs(rules)
     out = []
     for spec in specs:
         rule = R.parse(spec)
@@ -74,7 +74,7 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
 
 def available(rules: str | list[str], columns: set[str] | list[str]) -> list[str]:
     """The rule specs whose features are all among ``columns``."""
-    specs = [s.strip() for s in (rules.split(",") if isinstance(rules, str) else rules) if s.strip()]
+    specs = R.split_specs(rules)
     return [s for s in specs if set(R.parse(s).features) <= set(columns)]
 
 

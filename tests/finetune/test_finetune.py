@@ -120,7 +120,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     time.sleep(0.5)  # let the checkpoint finish writing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    resumed_from = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < resumed_from < 40 and not (out / "finetune.json").exists()
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
