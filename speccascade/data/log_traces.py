@@ -30,7 +30,7 @@ from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSe
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from . import traces
-from .outcome import OutcomeCost, OutcomeLabeller
+from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
 from .schema import position_rows, to_numpy
 from .tasks import Example, Task, get_task
 
@@ -49,8 +49,8 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
     hidden_states: Literal[HIDDEN] = setting("none", "also log last-layer hidden states (float16) of none, drafter, target or both")
     topk: int = setting(8, "also log the top-k token ids and probabilities of both models (0 = off)", low=0)
     labels: Literal[LABELS] = setting("gap", "gap: the mode's own labels (reference: loss and gap against the gold token; "
-                                      "on-policy: the target-as-oracle labels); outcome: also, on-policy and greedy, "
-                                      "whether the draft instead of the target's token changes the task's answer "
+                                      "on-policy: the target-as-oracle labels); outcome: also, on-policy, whether the draft instead "
+                                      "of the target's token (its argmax, or at T > 0 a draw from it) changes the task's answer "
                                       "(outcome_harm; tasks with an exact-match answer)")
     outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
                                           "reply after a swapped token", low=1)
@@ -73,14 +73,11 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
         return self.labels == "outcome"
 
     def check_labels(self) -> None:
-        """Outcome labels need greedy on-policy decoding and a task whose answer is checked (exact match)."""
+        """Outcome labels need on-policy decoding and a task whose answer is checked (exact match)."""
         if not self.outcome:
             return
         if self.mode != "on-policy":
             raise SpeccascadeError("--labels outcome needs --mode on-policy (the labels continue the cascade's own replies)")
-        if self.temperature != 0:
-            raise SpeccascadeError(f"--labels outcome needs greedy decoding (--temperature 0, got {self.temperature:g}): "
-                                   "the target's choice is its argmax")
         task = get_task(self.task)
         if not task.checkable:
             raise SpeccascadeError(f"--labels outcome needs a task with a checkable answer (exact match); task {self.task!r} "
@@ -133,7 +130,7 @@ def run(plan: _Plan) -> dict:
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
         labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,
-                                   target_replies=isinstance(plan.rule, rules_module.AlwaysDefer)) if s.outcome else None
+                                   isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if s.outcome else None
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
@@ -269,6 +266,8 @@ class RowLogger:
         """Decode with the speculative cascade; every drafted position becomes a row."""
         pair, cfg = self.pair, self.config
         gamma = cfg["block_size"]
+        seeds = [cfg["seed"] + i for i, _ in batch]
+        sampled_labels = self.outcome is not None and cfg["temperature"] > 0
         blocks: list[dict[str, torch.Tensor]] = []
 
         def hook(e: BlockEvent) -> None:
@@ -279,6 +278,9 @@ class RowLogger:
             cols["accepted"] = t < e.n_accepted[rows]
             cols["examined"] = t <= e.n_accepted[rows]
             cols["_row"] = rows
+            if sampled_labels:  # the target's choice the outcome label compares with the draft
+                cols["_choice"] = sampled_choice(e.p[rows, t], cfg["temperature"], [seeds[r] for r in rows.tolist()],
+                                                 cols["position"].tolist())
             for name in self.hidden:
                 cols[f"{name}_hidden"] = getattr(e, f"{name}_hidden")[rows, t]
             blocks.append(cols)
@@ -286,7 +288,7 @@ class RowLogger:
         decoder = SpeculativeCascade(pair, self.rule, block_size=gamma, temperature=cfg["temperature"],
                                      hook=hook, hook_hidden_states=bool(self.hidden))
         ids, mask = pair.encode([ex.prompt for _, ex in batch])
-        out = decoder.generate(ids, mask, max_new_tokens=cfg["max_new_tokens"], seed=[cfg["seed"] + i for i, _ in batch])
+        out = decoder.generate(ids, mask, max_new_tokens=cfg["max_new_tokens"], seed=seeds)
         texts = pair.decode(out.new_tokens)
         scores = torch.tensor([self.task.score(text, ex) for text, (_, ex) in zip(texts, batch)], device=pair.device)
         lengths = torch.tensor([r["new_tokens"] for r in out.stats.rows], device=pair.device)
@@ -298,8 +300,9 @@ class RowLogger:
         if self.outcome is not None:
             prompts = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]
             replies = [out.new_tokens[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
+            choice = cols.pop("_choice", cols["target_argmax"])
             harm, delta, cost = self.outcome.label([ex for _, ex in batch], prompts, replies, cols["_row"], cols["position"],
-                                                   cols["draft_token"], cols["target_argmax"], cols["examined"])
+                                                   cols["draft_token"], choice, cols["examined"], seeds)
             cols["outcome_harm"], cols["outcome_delta"] = harm, delta
             self._cost += cost
         return cols

@@ -13,16 +13,44 @@ Where ``x_t = a_t`` both are 0 without decoding. Positions after a block's first
 examined (their prefix is not part of the reply): NaN. When the replies are the target's own greedy
 replies (the cascade under ``always`` at T = 0 decodes exactly those), the continuation that kept
 ``a_t`` is the reply itself, cut to the same length, and only the draft's continuation is decoded.
+
+Sampled decoding (T > 0) asks the same question of what a deferral would have produced: ``a_t`` is a
+draw from the target's sampling distribution ``p~_t``, and both continuations are sampled from the target
+at T with the same random numbers (common random numbers: the two replies differ because of the swapped
+token, not because of the sampling noise). The draw and the continuations are seeded by the example's
+seed and the position only (:func:`coupled_seed`), so a row's labels do not depend on its batch and a
+resumed run repeats them. One such sample makes ``outcome_delta`` an unbiased estimate of the expected
+score lost by accepting ``x_t`` instead of deferring, and ``outcome_harm`` a Bernoulli draw whose mean,
+what a head trained on it predicts, is the probability that the swap loses the answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from ..decoding import Autoregressive, ModelPair
+from ..decoding.sampling import Sampler, sample
 from .tasks import Example, Task
+
+CHOICE, CONTINUATION = 1, 2  # the two independent uses of a labelled position's randomness
+
+
+def coupled_seed(seed: int, position: int, use: int) -> int:
+    """The seed of one use (:data:`CHOICE`, :data:`CONTINUATION`) of the randomness of the outcome label at
+    reply ``position`` of the example decoded with ``seed``, independent of the decode's own streams."""
+    return int(np.random.SeedSequence([seed, position, use, 0x0C7C0E]).generate_state(1, np.uint32)[0])
+
+
+def sampled_choice(p: torch.Tensor, temperature: float, seeds: list[int], positions: list[int]) -> torch.Tensor:
+    """``a_t ~ p~_t`` for each row of ``p`` ``[N, V]`` (the target's probabilities at T = 1), drawn with the
+    row's :func:`coupled_seed` (greedy: the argmax)."""
+    dist = Sampler(temperature)(p.float().clamp_min(1e-30).log())
+    u = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(coupled_seed(s, t, CHOICE))).item()
+                      for s, t in zip(seeds, positions)], device=p.device)
+    return sample(dist, u)
 
 
 @dataclass
@@ -60,13 +88,17 @@ class OutcomeCost:
 
 @dataclass
 class OutcomeLabeller:
-    """Labels the examined positions of a batch of greedy on-policy replies (see the module docstring)."""
+    """Labels the examined positions of a batch of on-policy replies (see the module docstring)."""
 
     pair: ModelPair
     task: Task
     max_new_tokens: int
     batch_size: int
     target_replies: bool = False  # the replies are the target's greedy replies: reuse them for the kept choice
+    temperature: float = 0.0  # the run's: the continuations are sampled at it, coupled per position
+
+    def __post_init__(self) -> None:
+        self.target_replies = self.target_replies and self.temperature == 0  # a sampled reply is not the kept one
 
     @torch.inference_mode()
     def label(
@@ -79,9 +111,11 @@ class OutcomeLabeller:
         draft: torch.Tensor,
         target_choice: torch.Tensor,
         examined: torch.Tensor,
+        seeds: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, OutcomeCost]:
-        """``outcome_harm`` and ``outcome_delta`` for ``N`` positions (``row`` indexes ``examples``, ``prompts``
-        and ``replies``: unpadded token ids), and what computing them cost."""
+        """``outcome_harm`` and ``outcome_delta`` for ``N`` positions (``row`` indexes ``examples``, ``prompts``,
+        ``replies``: unpadded token ids, and ``seeds``: the examples' decoding seeds, needed when sampling),
+        and what computing them cost."""
         device = row.device
         harm = torch.where(examined, 0.0, float("nan")).to(device)
         delta = harm.clone()
@@ -97,27 +131,29 @@ class OutcomeLabeller:
                 b, t, _ = heads[k]
                 if (replies[b] and replies[b][-1] in eos) or len(replies[b]) >= t + 1 + self.max_new_tokens:
                     starts[k], finished[k] = replies[b][: t + 1 + self.max_new_tokens], True
-        scores, cost = self._score([prompts[b] for b, _, _ in heads], starts, finished, [examples[b] for b, _, _ in heads])
+        coupled = [coupled_seed(seeds[b], t, CONTINUATION) if seeds else 0 for b, t, _ in heads]
+        scores, cost = self._score([prompts[b] for b, _, _ in heads], starts, finished, [examples[b] for b, _, _ in heads],
+                                   coupled)
         for k, i in enumerate(differs):
             delta[i] = scores[2 * k] - scores[2 * k + 1]
             harm[i] = float(delta[i] > 0)
         cost.labelled, cost.decoded, cost.harmful = int(examined.sum()), len(differs), int((harm == 1).sum())
         return harm, delta, cost
 
-    def _score(self, prompts: list[list[int]], starts: list[list[int]], finished: list[bool],
-               examples: list[Example]) -> tuple[list[float], OutcomeCost]:
-        """The task's score of each reply ``start + the target's greedy continuation``; a ``finished`` start, or
-        one that ends in an end-of-sequence token, is a whole reply already."""
+    def _score(self, prompts: list[list[int]], starts: list[list[int]], finished: list[bool], examples: list[Example],
+               seeds: list[int]) -> tuple[list[float], OutcomeCost]:
+        """The task's score of each reply ``start + the target's continuation`` (greedy, or sampled with the
+        start's seed); a ``finished`` start, or one that ends in an end-of-sequence token, is a whole reply already."""
         eos = set(self.pair.eos_token_ids)
         replies = [list(s) for s in starts]
         open_ = [j for j, s in enumerate(starts) if not finished[j] and s[-1] not in eos]
         open_.sort(key=lambda j: len(prompts[j]) + len(starts[j]))  # similar lengths together: less padding
         cost = OutcomeCost()
-        decoder = Autoregressive(self.pair, "target", temperature=0.0)
+        decoder = Autoregressive(self.pair, "target", temperature=self.temperature)
         for c in range(0, len(open_), self.batch_size):
             chunk = open_[c : c + self.batch_size]
             ids, mask = _left_padded([prompts[j] + starts[j] for j in chunk], self.pair.pad_token_id, self.pair.device)
-            out = decoder.generate(ids, mask, max_new_tokens=self.max_new_tokens)
+            out = decoder.generate(ids, mask, max_new_tokens=self.max_new_tokens, seed=[seeds[j] for j in chunk])
             for k, j in enumerate(chunk):
                 n = out.stats.rows[k]["new_tokens"]
                 replies[j] += out.new_tokens[k, :n].tolist()

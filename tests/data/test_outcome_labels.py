@@ -138,10 +138,39 @@ def test_a_head_trained_on_outcome_labels_defers_there_and_nowhere_else(planted,
     assert torch.equal(defer, rows["position"][labelled] == HARMFUL)
 
 
+def _planted_logs(out, **options):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS, "planted", Planted)
+        mp.setattr(PairSettings, "load_pair", lambda self, device=None: planted_pair())
+        log_traces(out, **(OPTIONS | options))
+    return read_rows(out)[1].with_format("numpy")[:]
+
+
+def test_sampled_labels_estimate_the_probability_that_the_swap_loses_the_answer(tmp_path):
+    """At T = 1 the target's choice after "=" is "5" with probability p("5" | "="): the label at the harmful position
+    is 1 that often (a greedy choice would make it always 1); at the harmless one the coupled continuations draw the
+    same digit, so it is exactly 0 (independent draws would disagree about 4 times in 10)."""
+    rows = _planted_logs(tmp_path / "sampled", temperature=1.0, limit=300)
+    examined, position, harm, delta = rows["examined"], rows["position"], rows["outcome_harm"], rows["outcome_delta"]
+    at_harmful, at_harmless = examined & (position == HARMFUL), examined & (position == HARMLESS)
+    assert at_harmful.sum() == at_harmless.sum() == 300  # every reply reaches both mismatches
+    assert (rows["draft_token"][at_harmful] == _id("7")).all() and (rows["draft_token"][at_harmless] == _id("c")).all()
+    with torch.no_grad():  # p("5" | "="), about 0.69: "7" and the rest of the vocabulary share the remainder
+        expected = planted_pair().target(torch.tensor([[_id("=")]])).logits[0, -1].softmax(-1)[_id("5")].item()
+    assert abs(harm[at_harmful].mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / 300)
+    assert (delta[at_harmless] == 0).all()  # "a" and "c" both continue "b=", then draw the same digit
+    assert (harm[examined] == (delta[examined] > 0)).all() and np.isnan(harm[~examined]).all()
+
+
+def test_sampled_labels_do_not_depend_on_the_batch(tmp_path):
+    _planted_logs(tmp_path / "eight", temperature=1.0, limit=24, batch_size=8)
+    _planted_logs(tmp_path / "five", temperature=1.0, limit=24, batch_size=5)
+    assert_same_rows(tmp_path / "eight", tmp_path / "five")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"task": "summarisation"}, r"checkable answer \(exact match\); task 'summarisation' is scored by rouge2"),
     ({"mode": "reference"}, "needs --mode on-policy"),
-    ({"temperature": 1.0}, r"needs greedy decoding \(--temperature 0, got 1\)"),
 ])
 def test_outcome_labels_refuse_what_they_cannot_label(tmp_path, options, message):
     with pytest.raises(SpeccascadeError, match=message):
