@@ -135,12 +135,19 @@ class PairSettings:
     models: str | None = setting("smollm2-135m", "model-pair preset; --drafter/--target hub ids or paths replace it")
     drafter: str | None = setting(None, "drafter hub id or path (with --target)")
     target: str | None = setting(None, "target hub id or path")
+    drafter_vocab: str | None = setting(None, "score only the tokens of this task's train replies in the drafter's output "
+                                        "head (a cheaper drafter step; decoding stays exact)")
 
     def check_pair(self) -> None:
         from .decoding import PRESETS
 
         if self.drafter and not self.target:
             raise SpeccascadeError("--drafter needs --target (the drafter alone is no pair)")
+        if self.drafter_vocab is not None:
+            from .data.tasks import TASKS
+
+            if self.drafter_vocab not in TASKS:
+                raise SpeccascadeError(f"--drafter-vocab: unknown task {self.drafter_vocab!r}; choose one of {', '.join(TASKS)}")
         if not (self.drafter or self.target):
             if self.models is None:
                 raise SpeccascadeError("name a model pair: --models PRESET, or --drafter and --target")
@@ -152,10 +159,16 @@ class PairSettings:
         """The preset in use (None when --drafter/--target replace it)."""
         return None if (self.drafter or self.target) else self.models
 
+    def pair_config(self) -> dict:
+        """The pair's entries of a run's configuration beside drafter and target (runs of a full-vocabulary
+        drafter keep the configuration they had)."""
+        return {"models": self.preset} | ({"drafter_vocab": self.drafter_vocab} if self.drafter_vocab else {})
+
     def load_pair(self, device: str | torch.device | None = None):
         from .decoding import load_pair
 
-        return load_pair(self.preset, drafter=self.drafter, target=self.target, device=device)
+        return load_pair(self.preset, drafter=self.drafter, target=self.target, drafter_vocab=self.drafter_vocab,
+                         device=device)
 
 
 @dataclass(kw_only=True)

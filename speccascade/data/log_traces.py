@@ -62,7 +62,7 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
         on_policy = self.mode == "on-policy"
         config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "mode", "block_size",
                                   "few_shot", "hidden_states", "topk", "seed"))
-        return config | {"models": self.preset, "rule": rule.spec if on_policy else None,
+        return config | self.pair_config() | {"rule": rule.spec if on_policy else None,
                          "temperature": self.temperature if on_policy else None,
                          "max_new_tokens": self.max_new_tokens if on_policy else None,
                          "max_reference_tokens": None if on_policy else self.max_reference_tokens} | (

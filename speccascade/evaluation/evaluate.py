@@ -57,7 +57,7 @@ class EvaluateSettings(TrackingSettings, DecodingSettings, TaskSettings, PairSet
     def config(self) -> dict:
         """What every point depends on; --resume with another config is refused (the rules may change)."""
         config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "few_shot", "block_size",
-                                  "temperature", "max_new_tokens", "batch_size", "seed")) | {"models": self.preset}
+                                  "temperature", "max_new_tokens", "batch_size", "seed")) | self.pair_config()
         return config | ({"bonus": self.bonus} if self.bonus != "mix" else {})  # runs of the default resume as before
 
 
