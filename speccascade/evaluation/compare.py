@@ -20,7 +20,7 @@ from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
-from ..report import pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..report import comparison_table, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
 from ..settings import TrackingSettings, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
@@ -163,6 +163,16 @@ def summary_rows(result: dict) -> list[dict]:
     return out
 
 
+def point_rows(result: dict) -> list[dict]:
+    """Every candidate's curve, one row per knob, keyed like evaluate's points: ``rule`` is the rule's name
+    (``learned`` for a head, ``oracle``), ``candidate`` the family or head it belongs to."""
+    rule = {label: {"head": "learned", "oracle": "oracle"}.get(c["kind"], label.partition(":")[0])
+            for label, c in result["candidates"].items()}
+    return [{"rule": rule[label], "knob": p["knob"], "candidate": label, "kind": c["kind"],
+             "deferral_rate": p["deferral_rate"], "loss": p["loss"]}
+            for label, c in result["candidates"].items() for p in c["points"]]
+
+
 def write(out: Path, result: dict, stem: str) -> None:
     """``{stem}.json``, ``{stem}.csv`` (budget curves with bands), ``summary.csv``, ``{stem}.png``, ``{stem}.md``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -253,9 +263,12 @@ def markdown(result: dict, image: str) -> str:
 
 
 def log_to_wandb(result: dict, out: Path, stem: str, run) -> None:
-    """Into ``run``: the summary as a table, the budget curves as a line chart, the plot, the 90% rates."""
+    """Into ``run``: the summary as a table, every curve point as a table keyed by rule and knob (joins evaluate's
+    ``points``), the budget curves as a line chart, the plot, the 90% rates."""
     rows = summary_rows(result)
     run.log({f"{stem}_summary": wandb_table(rows, list(rows[0]))})
+    points = point_rows(result)
+    run.log({f"{stem}_points": comparison_table(points, list(points[0]))})
     curves = {label: (RATES.tolist(), c["budget"]["loss"]) for label, c in result["candidates"].items()}
     run.log({f"{stem}_budget_curves": wandb_lines(curves, "best loss within a deferral budget", "deferral budget")})
     run.log({f"{stem}_plot": wandb_image(out / f"{stem}.png")})
