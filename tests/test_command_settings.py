@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import re
 
 import pytest
@@ -153,3 +154,26 @@ def test_evaluate_and_compare_tables_share_their_key_columns(planted):
     assert offline_table.columns[:2] == online_table.columns[:2] == list(KEYS)
     assert {r["rule"] for r in rows} == {"opt", "kl", "oracle"}
     assert all(isinstance(r["knob"], float) for r in rows)
+
+
+def test_a_fine_tune_recorded_before_the_settings_class_is_still_recognised(tmp_path, capsys, monkeypatch):
+    """finetune.json written by the flat-parameter finetune (ints given for float settings kept as ints) holds this
+    fine-tune: nothing is trained again."""
+    monkeypatch.setattr(finetune_module, "FinetuneModule", None)  # training would fail
+    options = dict(base="tiny-random", layers=[0], teacher="t", distill_weight=0.5, steps=15, seed=1, lora_rank=8,
+                   lora_targets=["q_proj"], weight_decay=0, lora_alpha=16, examples=40, wandb_mode="disabled")
+    recorded = {"base": "tiny-random", "task": "arithmetic", "data_file": None, "layers": [0], "steps": 15, "batch_size": 16,
+                "examples": 40, "pack_length": 512, "lr": 0.0001, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0,
+                "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": ["q_proj"], "teacher": "t",
+                "distill_weight": 0.5, "distill_temperature": 1.0, "precision": "auto", "checkpoint_every": 25,
+                "eval_split": "test", "eval_examples": 256, "eval_batch_size": 16, "max_new_tokens": 96, "eval_seed": 0,
+                "seed": 1}  # as af69378 recorded these options
+    done = {"base": "tiny-random", "task": "arithmetic", "mode": "lora", "steps": 15, "recipe": recorded}
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / finetune_module.PROVENANCE).write_text(json.dumps(done))
+    assert finetune_module.finetune(tmp_path / "done", **options) == done
+    assert "already holds this fine-tune" in capsys.readouterr().out
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / finetune_module.SETTINGS).write_text(json.dumps(recorded))
+    assert finetune_module._prepare_out(tmp_path / "unfinished", finetune_module.resolve(
+        finetune_module.FinetuneSettings(out=tmp_path / "unfinished", **options)).recipe) is None  # resumable
