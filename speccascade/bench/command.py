@@ -141,6 +141,7 @@ def _check_device(device: str | None) -> None:
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise SpeccascadeError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise SpeccascadeError(f"--device {device}: no CUDA GPU is available to torch {torch.__version__}")
+        raise SpeccascadeError(f"device {device!r} asked for, but no CUDA GPU is available to torch {torch.__version__} "
+                               "(--device)")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise SpeccascadeError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+        raise SpeccascadeError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs (--device)")
