@@ -10,43 +10,41 @@ a busy or foreign output directory) exits 2, an interrupt (Ctrl-C, SIGINT) 130 w
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import sys
 import traceback
-import typing
 from typing import Any, Callable
 
-import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from . import __version__, runtime
-from .bench import bench
+from .bench.command import BenchSettings, bench
 from .data.log_traces import LogTracesSettings, log_traces
 from .errors import SpeccascadeError
-from .evaluation.compare import compare
+from .evaluation.compare import CompareSettings, compare
 from .evaluation.demo import DemoSettings, demo
 from .evaluation.evaluate import EvaluateSettings, evaluate
-from .evaluation.operating_point import operating_point
-from .finetune import finetune
+from .evaluation.operating_point import OperatingPointSettings, operating_point
+from .finetune.train import FinetuneSettings, finetune
 from .settings import flag, hints
 from .training.train import TrainSettings, train_deferral
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
-# name -> (function, its settings class; None: the function's own parameters are the settings)
-COMMANDS: dict[str, tuple[Callable, type | None]] = {
+# name -> (function, its settings class: the command's options, their help and their checks)
+COMMANDS: dict[str, tuple[Callable, type]] = {
     "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
-    "evaluate": (evaluate, EvaluateSettings), "compare": (compare, None), "operating-point": (operating_point, None),
-    "demo": (demo, DemoSettings), "bench": (bench, None), "finetune": (finetune, None),
+    "evaluate": (evaluate, EvaluateSettings), "compare": (compare, CompareSettings),
+    "operating-point": (operating_point, OperatingPointSettings), "demo": (demo, DemoSettings),
+    "bench": (bench, BenchSettings), "finetune": (finetune, FinetuneSettings),
 }
 
 
 def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) -> None:
     """One option, spelled with dashes; a boolean is a switch (``--resume``, ``--no-resume``)."""
     kwargs: dict[str, Any] = {"dest": name, "help": help}
-    if default in (dataclasses.MISSING, inspect.Parameter.empty):
+    if default is dataclasses.MISSING:
         kwargs["required"] = True
     else:
         kwargs["default"] = default
@@ -56,14 +54,10 @@ def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) 
         parser.add_argument(flag(name), type=hint, **kwargs)
 
 
-def _options(function: Callable, settings: type | None) -> list[tuple[str, Any, Any, str]]:
-    """``(name, type, default, help)`` of each option: a settings class's fields, or a function's parameters."""
-    if settings is not None:
-        types = hints(settings)
-        return [(f.name, types[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(settings)]
-    docs = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
-    types = typing.get_type_hints(function)
-    return [(n, types.get(n, str), p.default, docs.get(n, "")) for n, p in inspect.signature(function).parameters.items()]
+def _options(settings: type) -> list[tuple[str, Any, Any, str]]:
+    """``(name, type, default, help)`` of each field of a settings class."""
+    types = hints(settings)
+    return [(f.name, types[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(settings)]
 
 
 def build_parser() -> ArgumentParser:
@@ -76,7 +70,7 @@ def build_parser() -> ArgumentParser:
         sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0], exit_on_error=False,
                              print_config="--print-config")
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options (keys with underscores); flags override it")
-        for option in _options(function, settings):
+        for option in _options(settings):
             _add(sub, *option)
         subcommands.add_subcommand(name, sub, help=sub.description)
     return parser

@@ -1,7 +1,8 @@
 """One writer per output directory, and a record of what wrote it.
 
 Every command that writes under ``--out`` (log-traces, train-deferral, evaluate) goes through
-:class:`OutputDir` (``finetune``, which records its own recipe, takes the same lock with :func:`locked`):
+:class:`OutputDir` (``finetune``, which records its own recipe, takes the same lock with :func:`locked`;
+:func:`writable` is the path check alone, for ``finetune``, ``compare`` and ``bench``):
 
 - :meth:`OutputDir.check` (while settings are resolved, before anything is written) refuses a
   path that is a file or cannot be written, a directory another command wrote, one written with
@@ -60,6 +61,15 @@ def _writable_parent(path: Path) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SpeccascadeError(f"--out {path}: {parent} is not writable")
     return parent
+
+
+def writable(path: str | Path) -> Path:
+    """Refuse an output path that is a file, or that lies below no writable directory; writes nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SpeccascadeError(f"--out {path} is a file, not a directory")
+    _writable_parent(path)
+    return path
 
 
 class OutputDir:

@@ -78,6 +78,15 @@ def wandb_table(rows: list[dict], columns: list[str]):
     return wandb.Table(columns=columns, data=[[json_ready(row[c]) for c in columns] for row in rows])
 
 
+KEYS = ("rule", "knob")  # the key columns of every comparison table: a rule family and its knob
+
+
+def comparison_table(rows: list[dict], columns: list[str]):
+    """A W&B table of decisions keyed by rule and knob (``rule``, ``knob`` first, then ``columns``): evaluate's
+    decoded points and compare's offline curve points share the key, so the two tables join on it."""
+    return wandb_table(rows, [*KEYS, *(c for c in columns if c not in KEYS)])
+
+
 def wandb_lines(series: dict[str, tuple[list[float], list[float]]], title: str, xname: str):
     """One W&B line chart: a line per label, from its ``(xs, ys)``."""
     import wandb

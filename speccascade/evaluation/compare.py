@@ -9,6 +9,7 @@ offline-first W&B run. ``train-deferral`` writes the same files for its validati
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,55 +19,73 @@ from ..data.traces import load_traces, read_manifest
 from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
-from ..report import pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
-from ..settings import TrackingSettings, resolve_groups
+from ..outdir import writable
+from ..report import comparison_table, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..settings import TrackingSettings, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
 from .offline import DEFAULT_RULES, GAP_FRACTIONS, RATES, interval
 
 
-def compare(
-    traces: str,
-    out: Path,
-    heads: list[str] | str | None = None,
-    rules: str | None = None,
-    resamples: int = 1000,
-    seed: int = 0,
-    wandb_mode: str | None = None,
-    wandb_project: str = "speccascade",
-    wandb_group: str | None = None,
-) -> dict:
+@dataclass(kw_only=True)
+class CompareSettings(TrackingSettings):
+    """Settings of ``compare`` (the tracking group, then its own)."""
+
+    traces: str = setting(help="a reference trace directory the heads never saw (for example GSM8K test when the heads "
+                          "were trained on GSM8K train)")
+    out: Path = setting(help="output directory (compare.json, compare.csv, summary.csv, compare.png, compare.md)")
+    heads: list[str] | str | None = setting(None, "head directories written by train-deferral (a list, or comma-separated)")
+    rules: str | None = setting(None, "rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; "
+                                "default: every position and token rule, kl at several tau, js and entropy, those whose "
+                                "features the traces hold)")
+    resamples: int = setting(1000, "bootstrap resamples of the examples", low=10)
+    seed: int = setting(0, "seed of the resampling", low=0)
+
+
+@dataclass
+class _Plan:
+    """Resolved settings: the traces' manifest read, the heads loaded and checked, nothing written."""
+
+    settings: CompareSettings
+    head_dirs: list[str]
+    learned: dict[str, R.Learned]
+    rules: str
+    manifest: dict
+
+
+def compare(traces: str, out: Path, **options) -> dict:
     """Compare heads with every rule on held-out reference traces: curves, gap closed, 95% intervals.
 
-    Args:
-        traces: a reference trace directory the heads never saw (for example GSM8K test when the heads
-            were trained on GSM8K train).
-        out: output directory (compare.json, compare.csv, summary.csv, compare.png, compare.md).
-        heads: head directories written by train-deferral (a list, or comma-separated).
-        rules: rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; default: every
-            position and token rule, kl at several tau, js and entropy, those whose features the traces hold).
-        resamples: bootstrap resamples of the examples.
-        seed: seed of the resampling.
-        wandb_mode: offline, online or disabled (default: online only where credentials exist).
-        wandb_project: W&B project name.
-        wandb_group: W&B group of this run (a pipeline's runs together).
+    ``options`` are the fields of :class:`CompareSettings` (the command line's flags); returns the comparison.
     """
-    tracking = resolve_groups(TrackingSettings(wandb_mode=wandb_mode, wandb_project=wandb_project, wandb_group=wandb_group))
-    if resamples < 10:
-        raise SpeccascadeError(f"resamples must be >= 10, got {resamples}")
-    head_dirs = [h for h in (heads.split(",") if isinstance(heads, str) else heads or []) if h]
-    manifest = read_manifest(traces)
+    return run(resolve(CompareSettings(traces=traces, out=out, **options)))
+
+
+def resolve(settings: CompareSettings) -> _Plan:
+    """Check the settings, the output path, the traces' manifest, the heads (held out?) and the rules; write nothing."""
+    s = resolve_groups(settings)
+    writable(s.out)
+    head_dirs = [h for h in (s.heads.split(",") if isinstance(s.heads, str) else s.heads or []) if h]
+    manifest = read_manifest(s.traces)
     learned = load_heads(head_dirs, manifest)
-    if rules is None:
-        rules = ",".join(offline.available(DEFAULT_RULES, load_traces(traces).column_names))
-    columns, example_ids = read_columns(traces, [R.parse(s) for s in R.split_specs(rules)], learned.values())
-    result = offline.compare_columns(columns, example_ids, rules, learned, resamples, seed)
-    result["traces"] = {"path": str(traces), **{k: manifest.get(k) for k in ("task", "split", "drafter", "target", "fingerprint")}}
-    result["heads"] = {label: directory for label, directory in zip(learned, head_dirs)}
-    write(Path(out), result, "compare")
+    rules = s.rules if s.rules is not None else ",".join(offline.available(DEFAULT_RULES, load_traces(s.traces).column_names))
+    for spec in R.split_specs(rules):
+        R.parse(spec)
+    return _Plan(s, head_dirs, learned, rules, manifest)
+
+
+def run(plan: _Plan) -> dict:
+    """Judge every candidate, write the report, print its table and log the W&B run."""
+    s = plan.settings
+    columns, example_ids = read_columns(s.traces, [R.parse(spec) for spec in R.split_specs(plan.rules)], plan.learned.values())
+    result = offline.compare_columns(columns, example_ids, plan.rules, plan.learned, s.resamples, s.seed)
+    result["traces"] = {"path": str(s.traces), **{k: plan.manifest.get(k) for k in ("task", "split", "drafter", "target",
+                                                                                      "fingerprint")}}
+    result["heads"] = {label: directory for label, directory in zip(plan.learned, plan.head_dirs)}
+    write(s.out, result, "compare")
     print(table(result))
-    if tracking.wandb_mode != "disabled":
-        log_run(result, Path(out), tracking, traces, head_dirs)
+    if s.wandb_mode != "disabled":
+        log_run(result, s.out, s, s.traces, plan.head_dirs)
     return result
 
 
@@ -142,6 +161,16 @@ def summary_rows(result: dict) -> list[dict]:
         row |= {"area": c["area"]["estimate"], "area_low": c["area"]["low"], "area_high": c["area"]["high"]}
         out.append(row)
     return out
+
+
+def point_rows(result: dict) -> list[dict]:
+    """Every candidate's curve, one row per knob, keyed like evaluate's points: ``rule`` is the rule's name
+    (``learned`` for a head, ``oracle``), ``candidate`` the family or head it belongs to."""
+    rule = {label: {"head": "learned", "oracle": "oracle"}.get(c["kind"], label.partition(":")[0])
+            for label, c in result["candidates"].items()}
+    return [{"rule": rule[label], "knob": p["knob"], "candidate": label, "kind": c["kind"],
+             "deferral_rate": p["deferral_rate"], "loss": p["loss"]}
+            for label, c in result["candidates"].items() for p in c["points"]]
 
 
 def write(out: Path, result: dict, stem: str) -> None:
@@ -234,9 +263,12 @@ def markdown(result: dict, image: str) -> str:
 
 
 def log_to_wandb(result: dict, out: Path, stem: str, run) -> None:
-    """Into ``run``: the summary as a table, the budget curves as a line chart, the plot, the 90% rates."""
+    """Into ``run``: the summary as a table, every curve point as a table keyed by rule and knob (joins evaluate's
+    ``points``), the budget curves as a line chart, the plot, the 90% rates."""
     rows = summary_rows(result)
     run.log({f"{stem}_summary": wandb_table(rows, list(rows[0]))})
+    points = point_rows(result)
+    run.log({f"{stem}_points": comparison_table(points, list(points[0]))})
     curves = {label: (RATES.tolist(), c["budget"]["loss"]) for label, c in result["candidates"].items()}
     run.log({f"{stem}_budget_curves": wandb_lines(curves, "best loss within a deferral budget", "deferral budget")})
     run.log({f"{stem}_plot": wandb_image(out / f"{stem}.png")})

@@ -10,15 +10,17 @@ quantile of the score, and the knob for a quality target is read off the rule's 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.traces import load_traces
+from ..data.traces import load_traces, read_manifest
 from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..settings import resolve_groups, setting
 from .offline import curve
 
 PICKABLE = tuple(n for n, cls in R.FIXED_RULES.items() if cls.knob == "alpha" and cls is not R.LossySD) + ("learned:DIR",)
@@ -59,34 +61,57 @@ def knob_for_loss(rule: R.Rule, columns: dict[str, torch.Tensor], max_loss: floa
     return float(c.knobs[reached[0]]), float(rates[reached[0]])
 
 
-def operating_point(
-    traces: str,
-    rule: str,
-    target_deferral_rate: float | None = None,
-    target_loss: float | None = None,
-) -> dict:
+@dataclass(kw_only=True)
+class OperatingPointSettings:
+    """Settings of ``operating-point``."""
+
+    traces: str = setting(help="a trace directory (reference traces hold the loss columns the quality target needs)")
+    rule: str = setting(help="a rule with a real-valued knob (chow, diff, opt, bild, kl, js, entropy, tokenv1-3) or learned:DIR")
+    target_deferral_rate: float | None = setting(None, "the fraction of drafted positions to defer, in [0, 1]")
+    target_loss: float | None = setting(None, "the highest acceptable mean loss of the emitted choice (lower = better quality)")
+
+    def check_target(self) -> None:
+        if (self.target_deferral_rate is None) == (self.target_loss is None):
+            raise SpeccascadeError("give exactly one of --target-deferral-rate and --target-loss")
+        if self.target_deferral_rate is not None and not 0.0 <= self.target_deferral_rate <= 1.0:
+            raise SpeccascadeError(f"--target-deferral-rate must be in [0, 1], got {self.target_deferral_rate}")
+
+
+@dataclass
+class _Plan:
+    settings: OperatingPointSettings
+    rule: R.Rule
+
+
+def operating_point(traces: str, rule: str, **options) -> dict:
     """Pick a rule's knob on validation traces for a deferral budget or a quality (mean-loss) target.
 
-    Args:
-        traces: a trace directory (reference traces hold the loss columns the quality target needs).
-        rule: a rule with a real-valued knob (chow, diff, opt, bild, kl, js, entropy, tokenv1-3) or learned:DIR.
-        target_deferral_rate: the fraction of drafted positions to defer.
-        target_loss: the highest acceptable mean loss of the emitted choice (lower = better quality).
+    ``options`` are the fields of :class:`OperatingPointSettings` (the command line's flags); returns the knob.
     """
-    if (target_deferral_rate is None) == (target_loss is None):
-        raise SpeccascadeError("give exactly one of --target-deferral-rate and --target-loss")
-    if target_loss is not None and not math.isfinite(target_loss):
-        raise SpeccascadeError(f"--target-loss must be a finite number, got {target_loss}")
-    chosen = _rule(rule)
-    table = load_traces(traces).with_format("torch")[:]
+    return run(resolve(OperatingPointSettings(traces=traces, rule=rule, **options)))
+
+
+def resolve(settings: OperatingPointSettings) -> _Plan:
+    """Check the settings, the rule (a learned head loads here, once) and the traces' manifest; read no rows."""
+    s = resolve_groups(settings)
+    s.check_target()
+    chosen = _rule(s.rule)
+    read_manifest(s.traces)
+    return _Plan(s, chosen)
+
+
+def run(plan: _Plan) -> dict:
+    """Score every row once and read the knob off the scores (or off the rule's loss curve)."""
+    s, chosen = plan.settings, plan.rule
+    table = load_traces(s.traces).with_format("torch")[:]
     columns = {c: v for c, v in table.items() if c in F.ALL_FEATURES + F.HIDDEN_INPUTS + ("loss_q", "loss_p")}
-    if target_deferral_rate is not None:
-        knob = knob_for_rate(chosen, columns, target_deferral_rate)
+    if s.target_deferral_rate is not None:
+        knob = knob_for_rate(chosen, columns, s.target_deferral_rate)
     else:
         if not {"loss_q", "loss_p"} <= set(columns):
-            raise SpeccascadeError(f"traces in {traces} have no loss columns; log them with --mode reference")
-        knob, _ = knob_for_loss(chosen, columns, target_loss)
+            raise SpeccascadeError(f"traces in {s.traces} have no loss columns; log them with --mode reference")
+        knob, _ = knob_for_loss(chosen, columns, s.target_loss)
     rate = float((torch.from_numpy(_scores(chosen, columns)) > knob).double().mean())
-    result = {"rule": rule, "knob": knob, "deferral_rate": rate}
-    print(f"{rule}: knob {knob:.6g} defers {rate:.3f} of positions on {Path(traces).name}")
+    result = {"rule": s.rule, "knob": knob, "deferral_rate": rate}
+    print(f"{s.rule}: knob {knob:.6g} defers {rate:.3f} of positions on {Path(s.traces).name}")
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import by_rule, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..report import by_rule, comparison_table, pyplot, save_figure, wandb_image, wandb_lines, write_csv, write_json
 from ..tracking import head_artifact, run_path, start_run, use_artifact
 from .points import LENGTH_TOLERANCE, LOOPING
 
@@ -84,7 +84,7 @@ def log_to_wandb(result: dict, out: Path, tracking, heads: list[str] = ()) -> No
     run = start_run(out, tracking.wandb_project, tracking.wandb_mode, "evaluate", result["settings"], tracking.wandb_group)
     for directory in heads:
         use_artifact(run, head_artifact(directory))
-    run.log({"points": wandb_table(result["points"], [f for f in FIELDS if f not in ("guards", "records")])})
+    run.log({"points": comparison_table(result["points"], [f for f in FIELDS if f not in ("guards", "records")])})
     groups = by_rule(result["points"])
     for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
         series = {rule: tuple(zip(*sorted((p[cost], p["quality"]) for p in pts))) for rule, pts in groups.items()}

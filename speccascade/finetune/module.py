@@ -4,12 +4,15 @@ DistillSpec-style KL term towards a teacher's distribution (Zhou et al., 2024), 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as nnf
 
 from ..decoding.pairs import check_same_tokenizer
+from ..errors import SpeccascadeError
+from ..settings import setting
 from .data import IGNORE
 from .models import load_model, lora_wrap, standalone_subset
 
@@ -31,47 +34,81 @@ def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return logits.float(), labels[keep]
 
 
-class FinetuneModule(pl.LightningModule):
-    """A causal LM trained on the reply tokens of packed batches.
+def parse_layers(layers: str | list[int] | None) -> list[int] | None:
+    """``"0-7,26-29"`` or ``[0, 1, 2]`` -> a list of layer indices (None keeps every layer)."""
+    if layers is None or isinstance(layers, list):
+        return layers
+    out: list[int] = []
+    try:
+        for part in str(layers).split(","):
+            low, dash, high = part.strip().partition("-")
+            out += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    except ValueError:
+        raise SpeccascadeError(f"--layers must look like '0-7,26-29' or [0, 1, 2], got {layers!r}") from None
+    return out
 
-    base: preset name, local directory or hub id of the model to start from.
-    layers: keep only these decoder layers of ``base`` (a standalone layer-subset drafter with its own weights).
-    lora_rank: 0 trains every weight; r > 0 trains rank-r LoRA adapters (peft), merged into the weights on export.
-    teacher: a model whose distribution the student is pulled towards with weight ``distill_weight``:
-        loss = (1 - w) * cross-entropy(reference) + w * T^2 * KL(p_teacher^T || q_student^T).
-    The learning rate warms up linearly over ``warmup_steps`` and decays on a cosine to ``min_lr_ratio * lr``.
+
+@dataclass(kw_only=True)
+class ModelRecipe:
+    """What is trained and how: the model, the optimiser and its schedule, LoRA and distillation.
+
+    ``finetune``'s settings inherit this group; :class:`FinetuneModule` takes it.
     """
 
-    def __init__(
-        self,
-        base: str,
-        steps: int,
-        layers: list[int] | None = None,
-        lr: float = 1e-4,
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.1,
-        weight_decay: float = 0.0,
-        lora_rank: int = 0,
-        lora_alpha: float = 32.0,
-        lora_dropout: float = 0.0,
-        lora_targets: list[str] | None = None,
-        teacher: str | None = None,
-        distill_weight: float = 0.0,
-        distill_temperature: float = 1.0,
-    ) -> None:
+    base: str = setting("smollm2-135m", "model to start from: a preset name (its target, e.g. smollm2-135m), a local "
+                        "directory or a hub id")
+    layers: str | list[int] | None = setting(None, "keep only these decoder layers of base (\"0-7,26-29\" or [0, 1, 2]): "
+                                             "a standalone layer-subset drafter with its own weights")
+    steps: int = setting(200, "optimizer steps", low=1)
+    lr: float = setting(1e-4, "AdamW peak learning rate", above=0.0)
+    warmup_steps: int = setting(10, "linear warm-up steps", low=0)
+    min_lr_ratio: float = setting(0.1, "the cosine decay ends at min_lr_ratio x lr", low=0.0, high=1.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0.0)
+    lora_rank: int = setting(0, "0 = full fine-tuning; r > 0 trains rank-r LoRA adapters (peft), merged on export", low=0)
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator")
+    lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0)
+    lora_targets: list[str] | None = setting(None, "module names that get adapters (default: every attention and MLP "
+                                             "projection)")
+    teacher: str | None = setting(None, "model directory (or preset / hub id) whose distribution the model is distilled "
+                                  "towards, and whose held-out quality and greedy agreement are reported beside the model's")
+    distill_weight: float = setting(0.0, "w in (1 - w) x cross-entropy + w x KL(teacher || model) (DistillSpec-style)",
+                                    low=0.0, high=1.0)
+    distill_temperature: float = setting(1.0, "temperature of both distributions in the KL term", above=0.0)
+
+    def check_recipe(self) -> None:
+        """Parse ``layers`` into indices; refuse repeated or negative ones, and distillation without a teacher."""
+        self.layers = parse_layers(self.layers)
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0):
+            raise SpeccascadeError(f"--layers must be distinct indices >= 0, got {self.layers}")
+        if self.distill_weight > 0 and not self.teacher:
+            raise SpeccascadeError("--distill-weight > 0 needs a teacher model (--teacher DIR)")
+
+
+class FinetuneModule(pl.LightningModule):
+    """A causal LM trained on the reply tokens of packed batches, as its :class:`ModelRecipe` says.
+
+    With a teacher and ``distill_weight`` w > 0 the loss is
+    (1 - w) * cross-entropy(reference) + w * T^2 * KL(p_teacher^T || q_student^T). The learning rate warms up
+    linearly over ``warmup_steps`` and decays on a cosine to ``min_lr_ratio * lr``. The hyperparameters are
+    the recipe's fields, as plain values (a checkpoint loads with ``weights_only=True``).
+    """
+
+    def __init__(self, recipe: ModelRecipe) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        model, self.tokenizer, self.base_id = load_model(base)
-        if layers is not None:
-            model = standalone_subset(model, layers)
-        if lora_rank > 0:
-            model = lora_wrap(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        self.save_hyperparameters({f.name: getattr(recipe, f.name) for f in fields(ModelRecipe)} |
+                                  {"layers": parse_layers(recipe.layers)})
+        hp = self.hparams
+        model, self.tokenizer, self.base_id = load_model(hp.base)
+        if hp.layers is not None:
+            model = standalone_subset(model, hp.layers)
+        if hp.lora_rank > 0:
+            model = lora_wrap(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_targets)
         self.model = model
         self.model.train()
         # kept out of the module's children: not trained, not checkpointed, not moved by Lightning
         self._teacher: list[torch.nn.Module] = []
-        if teacher is not None and distill_weight > 0:
-            teacher_model, teacher_tokenizer, teacher_id = load_model(teacher)
+        if hp.teacher is not None and hp.distill_weight > 0:
+            teacher_model, teacher_tokenizer, teacher_id = load_model(hp.teacher)
             check_same_tokenizer(teacher_tokenizer, self.tokenizer, teacher_id, self.base_id)
             self._teacher.append(teacher_model.eval().requires_grad_(False))
 
