@@ -18,6 +18,7 @@ bootstrap over examples). Two kinds of rows:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -91,6 +92,39 @@ def research_inputs(c: dict[str, np.ndarray], example_ids: np.ndarray, vocab_cla
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def token_identity(train: dict[str, np.ndarray], train_ids: np.ndarray, test: dict[str, np.ndarray], fit: np.ndarray,
+                   folds: int = 5, prior: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """Token identity as inputs: for the drafted and the target's token, the mean gap of the rows that hold that
+    token (shrunk towards the overall mean with ``prior`` pseudo-rows) and its log frequency. Train rows get the
+    statistics of the other folds of examples (out of fold, so no row sees its own label); test rows those of
+    every fitting row."""
+    vocab = int(max(train["draft_token"].max(), train["target_argmax"].max(), test["draft_token"].max(),
+                    test["target_argmax"].max())) + 1
+    fold = np.array([hash_fold(e, folds) for e in train_ids])
+
+    def table(rows: np.ndarray, column: str) -> tuple[np.ndarray, np.ndarray]:
+        tokens, gap = train[column][rows], train["gap"][rows]
+        count = np.bincount(tokens, minlength=vocab)
+        mean = (np.bincount(tokens, weights=gap, minlength=vocab) + prior * gap.mean()) / (count + prior)
+        return mean, np.log1p(count)
+
+    def inputs(cols: dict[str, np.ndarray], tables: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        return np.stack([t[i][cols[c]] for c, t in tables.items() for i in (0, 1)], 1)
+
+    columns = ("draft_token", "target_argmax")
+    train_x = np.zeros((len(train_ids), 2 * len(columns)), dtype=np.float32)
+    for k in range(folds):
+        others = fit & (fold != k)
+        mine = fold == k
+        train_x[mine] = inputs({c: train[c][mine] for c in columns}, {c: table(others, c) for c in columns})
+    test_x = inputs(test, {c: table(fit, c) for c in columns})
+    return train_x, test_x
+
+
+def hash_fold(example_id: str, folds: int) -> int:
+    return int(hashlib.sha256(f"fold:{example_id}".encode()).hexdigest()[:8], 16) % folds
+
+
 def token_classes(tokenizer) -> np.ndarray:
     """Per vocabulary entry: has a digit, is an operator, starts with a space."""
     text = [tokenizer.decode([i]) for i in range(len(tokenizer))]
@@ -105,12 +139,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--examples", default="", help="train-example counts for the data rows (comma-separated)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory, for the token-class row")
+    parser.add_argument("--rows", default="product,sklearn", help="row groups: product (train-deferral), sklearn")
     parser.add_argument("--resamples", type=int, default=1000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     heads: dict[str, R.Learned] = {}
-    for label, settings in PRODUCT.items():
+    groups = set(args.rows.split(","))
+    for label, settings in PRODUCT.items() if "product" in groups else ():
         slug = "".join(ch if ch.isalnum() else "-" for ch in label)[:40]
         head = train_deferral([str(args.train)], args.out / "heads" / slug, wandb_mode="disabled", overwrite=True, **settings)
         heads[label] = R.Learned(head, 0.0)
@@ -138,8 +174,13 @@ def main() -> None:
         classes = token_classes(AutoTokenizer.from_pretrained(args.tokenizer))
     train_x, test_x = research_inputs(train_cols, train_ids, classes), research_inputs(test_cols, test_ids, classes)
     fit = ~np.array([in_validation(e, 0.2, 0) for e in train_ids])  # the same split train-deferral uses
+    identity = "spec v2 + token identity (per-token mean gap and frequency, drafted and target token)"
+    train_identity, test_identity = token_identity(train_cols, train_ids, test_cols, fit)
+    train_x[identity], test_x[identity] = np.c_[train_x["spec v2"], train_identity], np.c_[test_x["spec v2"], test_identity]
     gap = train_cols["gap"]
     scores = {}
+    if "sklearn" not in groups:
+        train_x = {}
 
     def mlp():
         return make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(64, 64), early_stopping=True, n_iter_no_change=3,
@@ -148,12 +189,13 @@ def main() -> None:
     for label, x in train_x.items():
         scores[f"sklearn MLP, {label}"] = mlp().fit(x[fit], gap[fit]).predict(test_x[label])
         print(f"[{time.perf_counter() - started:.0f}s] sklearn MLP {label}", flush=True)
-    teacher = HistGradientBoostingRegressor(max_iter=500, learning_rate=0.05, early_stopping=True, random_state=0)
-    teacher.fit(train_x["spec v2"][fit], gap[fit])
-    scores["gradient-boosted trees, spec v2"] = teacher.predict(test_x["spec v2"])
-    student = mlp().fit(train_x["spec v2"][fit], teacher.predict(train_x["spec v2"][fit]))
-    scores["MLP distilled from the gradient-boosted teacher"] = student.predict(test_x["spec v2"])
-    print(f"[{time.perf_counter() - started:.0f}s] trees and distillation", flush=True)
+    if "sklearn" in groups:
+        teacher = HistGradientBoostingRegressor(max_iter=500, learning_rate=0.05, early_stopping=True, random_state=0)
+        teacher.fit(train_x["spec v2"][fit], gap[fit])
+        scores["gradient-boosted trees, spec v2"] = teacher.predict(test_x["spec v2"])
+        student = mlp().fit(train_x["spec v2"][fit], teacher.predict(train_x["spec v2"][fit]))
+        scores["MLP distilled from the gradient-boosted teacher"] = student.predict(test_x["spec v2"])
+        print(f"[{time.perf_counter() - started:.0f}s] trees and distillation", flush=True)
 
     columns = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in test_cols.items()
                if k in F.ALL_FEATURES or k in F.HIDDEN_INPUTS or k in offline.LOSS_COLUMNS}
