@@ -31,7 +31,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import SpeccascadeError
 from .settings import changed
@@ -80,9 +80,10 @@ class OutputDir:
     """
 
     def __init__(self, path: str | Path, command: str, config: dict, resume: bool = False, overwrite: bool = False,
-                 progress: tuple[str, ...] = ()) -> None:
+                 progress: tuple[str, ...] = (), legacy: Callable[[Path], dict | None] | None = None) -> None:
         self.path, self.command, self.config = Path(path), command, config
         self.resume, self.overwrite, self.progress = resume, overwrite, progress
+        self.legacy = legacy  # reads the marker of a directory written before markers existed (None: not one)
         self.previous: dict | None = None  # the marker of an earlier run of these settings
         self._checked = False
 
@@ -100,7 +101,7 @@ class OutputDir:
             return self
         if not os.access(path, os.W_OK | os.X_OK):
             raise SpeccascadeError(f"--out {path} is not writable")
-        marker = read_marker(path)
+        marker = read_marker(path) or (self.legacy(path) if self.legacy else None)
         if marker is None:
             raise SpeccascadeError(f"--out {path} is not empty and was not written by speccascade {self.command}; "
                                    "choose a new or empty directory")

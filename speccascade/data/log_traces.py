@@ -111,7 +111,8 @@ def resolve(settings: LogTracesSettings) -> _Plan:
     rule = rules_module.parse(settings.rule)
     task, examples = settings.examples(settings.seed)
     config = settings.config(rule)
-    out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",))
+    out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",),
+                    legacy=traces.legacy_marker)
     return _Plan(settings, task, examples, rule, config, out.check())
 
 

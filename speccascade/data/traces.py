@@ -36,6 +36,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def legacy_marker(directory: Path) -> dict | None:
+    """The output-directory marker of traces logged before markers existed: their manifest records the same
+    configuration, so ``--resume`` continues them (None where there is no readable manifest)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        return None
+    return {"command": "log-traces", "config": manifest["config"], "complete": bool(manifest.get("complete"))}
+
+
 def read_manifest(directory: str | Path) -> dict:
     """A trace directory's manifest, checked to be a JSON object that lists its shards."""
     path = Path(directory) / MANIFEST

@@ -18,6 +18,7 @@ from speccascade.data.schema import ID_COLUMNS, ON_POLICY_LABELS, ORACLE_LABELS,
 from speccascade.deferral import features as F
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
+from speccascade.outdir import MARKER
 
 TINY = dict(models="tiny-random", task="arithmetic", limit=6, batch_size=4, shard_examples=2, topk=4)
 
@@ -124,3 +125,20 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.stdout.read().strip().splitlines()[-1] == "error: unknown task 'nope'; known: " + ", ".join(
         __import__("speccascade.data", fromlist=["TASKS"]).TASKS
     )
+
+
+def test_traces_logged_before_markers_existed_resume_and_other_settings_are_refused(tmp_path):
+    """A directory of an older release (manifest and shards, no marker) continues with --resume to the rows of an
+    uninterrupted run; the manifest's configuration guards it like a marker's."""
+    full, old = tmp_path / "full", tmp_path / "old"
+    log_traces(full, **TINY)
+    log_traces(old, **(TINY | {"limit": 2}))  # a first shard, as an interrupted older run would have left
+    manifest = json.loads((old / traces.MANIFEST).read_text())
+    manifest["config"]["limit"], manifest["complete"] = 6, False
+    (old / traces.MANIFEST).write_text(json.dumps(manifest))
+    (old / MARKER).unlink()
+    with pytest.raises(SpeccascadeError, match=r"topk=4 \(now 8\)"):
+        log_traces(old, **(TINY | {"topk": 8}), resume=True)
+    log_traces(old, **TINY, resume=True)
+    assert traces.read_manifest(old)["complete"]
+    assert_same_rows(full, old)
