@@ -149,7 +149,7 @@ def _planted_logs(out, **options):
 def test_sampled_labels_estimate_the_probability_that_the_swap_loses_the_answer(tmp_path):
     """At T = 1 the target's choice after "=" is "5" with probability p("5" | "="): the label at the harmful position
     is 1 that often (a greedy choice would make it always 1); at the harmless one the coupled continuations draw the
-    same digit, so it is exactly 0 (independent draws would disagree about 4 times in 10)."""
+    same digit, so it is exactly 0 (independent draws would disagree almost half the time)."""
     rows = _planted_logs(tmp_path / "sampled", temperature=1.0, limit=300)
     examined, position, harm, delta = rows["examined"], rows["position"], rows["outcome_harm"], rows["outcome_delta"]
     at_harmful, at_harmless = examined & (position == HARMFUL), examined & (position == HARMLESS)
