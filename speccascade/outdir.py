@@ -93,14 +93,9 @@ class OutputDir:
         self._checked = True
         if launched_child():
             return self
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise SpeccascadeError(f"--out {path} is a file; choose a directory")
+        path = writable(self.path)
         if not path.exists() or not any(path.iterdir()):
-            _writable_parent(path)
             return self
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise SpeccascadeError(f"--out {path} is not writable")
         marker = read_marker(path) or (self.legacy(path) if self.legacy else None)
         if marker is None:
             raise SpeccascadeError(f"--out {path} is not empty and was not written by speccascade {self.command}; "
