@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -199,6 +200,25 @@ class DecodingSettings:
     temperature: float = setting(0.0, "sampling temperature (0 = greedy)", low=0.0)
     max_new_tokens: int = setting(128, "new tokens per example", low=1)
     batch_size: int = setting(8, "examples decoded together", low=1)
+
+
+@dataclass(kw_only=True)
+class BlockSettings:
+    """How the cascades end a block: where its bonus token comes from, and whether drafting stops early."""
+
+    bonus: Literal[BONUS] = setting("mix", "the bonus token after a fully accepted block: mix (from pi, "
+                                              "algorithms.md section 3) or target (from p: the drafter skips a step per block)")
+    draft_stop: float = setting(0.0, "stop a row's block where the drafter's top-1 probability falls below this "
+                                "(--block-size is then the longest block; 0 = fixed blocks)", low=0.0, below=1.0)
+
+    def block_options(self) -> dict:
+        """The decoder's keyword arguments; also what a run's configuration records beside the defaults."""
+        return {"bonus": self.bonus, "draft_stop": self.draft_stop}
+
+    def block_config(self) -> dict:
+        """The options that differ from the defaults (runs made before they existed resume as before)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(BlockSettings)}
+        return {k: v for k, v in self.block_options().items() if v != defaults[k]}
 
 
 @dataclass(kw_only=True)

@@ -46,6 +46,16 @@ def test_bench_times_the_cascade_rules_it_is_given(tmp_path):
     assert all(r["new_tokens"] > 0 for r in cascades) and report["rules"] == ["gain:0.2", "diff:0.1"]
 
 
+def test_bench_with_draft_stop_times_adaptive_exact_decoding_beside_fixed_blocks(tmp_path):
+    report = bench(tmp_path, models="tiny-random", batch_sizes="1", prompts=2, max_new_tokens=8, repeats=1,
+                   rules="opt:0.3", draft_stop=0.1)
+    rows = {r["name"]: r for r in report["results"]}
+    adaptive, fixed = rows["exact speculative decoding, drafts stop below 0.1"], rows["exact speculative decoding"]
+    assert adaptive["new_tokens"] == fixed["new_tokens"] == rows["target alone"]["new_tokens"]  # greedy and exact
+    assert "cascade opt:0.3, drafts stop below 0.1" in rows and report["draft_stop"] == 0.1
+    assert "drafts stop below 0.1" in (tmp_path / "bench.md").read_text()
+
+
 def test_ideal_speedup_is_the_section_7_formula():
     assert ideal_speedup(0.0, 5, 0.1) == pytest.approx(1 / 1.5)  # every draft rejected: one token per block
     assert ideal_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)  # every draft accepted
@@ -84,7 +94,9 @@ def test_bench_refuses_cuda_without_a_gpu(tmp_path, capsys):
     ("cache: paged", "cache must be one of dynamic, static"),
     ("compile: true", "compile needs the static cache"),
     ("rules: bogus:1", "unknown rule"),
-    ("bonus: pi", "bonus must be one of mix, target"),
+    ("bonus: pi", "--bonus: expected one of mix, target, got pi"),
+    ("draft_stop: 1", "--draft-stop must be < 1, got 1"),
+    ("draft_stop: 0.4\ncache: static", "--draft-stop needs the dynamic cache"),
     ("rules: 'gain:0.2,,opt:0.1'", "has an empty item"),
 ])
 def test_bench_refuses_bad_settings_in_a_config_before_any_work(tmp_path, capsys, setting, message):

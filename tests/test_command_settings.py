@@ -63,7 +63,7 @@ def _cases(traces, out) -> list[tuple[list[str], str]]:
         ([*bench, "--prompts", "0"], "--prompts must be >= 1"),
         ([*bench, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         ([*bench, "--models", "nope"], "unknown preset 'nope'"),
-        ([*bench, "--bonus", "pi"], "--bonus must be one of mix, target"),
+        ([*bench, "--bonus", "pi"], "--bonus: expected one of mix, target, got pi"),
         ([*bench, "--batch-sizes", "1,x"], "--batch-sizes '1,x'"),
         ([*ft, "--lr", "0"], "--lr must be > 0, got 0"),
         ([*ft, "--min-lr-ratio", "1.5"], "--min-lr-ratio must be <= 1"),

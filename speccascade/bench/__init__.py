@@ -5,8 +5,9 @@ second of (a) the target alone with transformers' ``generate``, (b) transformers
 generation with the same drafter as a standalone model (``num_assistant_tokens = gamma``, constant
 schedule, no confidence early stop), and for reference with its defaults (up to 20 drafts, stopped
 early where the drafter's confidence falls below 0.4), (c) speccascade's target alone and drafter
-alone, (d) exact speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha,
-and (f) exact speculative decoding at each batch size. Configurations are interleaved over
+alone, (d) exact speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha
+(or the rules asked for), with ``--draft-stop`` also exact decoding whose blocks end where the
+drafter is unsure, and (f) exact speculative decoding at each batch size. Configurations are interleaved over
 ``repeats`` rounds after a warm-up and reported as medians, so machine noise hits them alike.
 
 Derived numbers (docs/algorithms.md section 7): the cost ratio ``c`` = drafter step / target step

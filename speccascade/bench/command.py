@@ -11,18 +11,18 @@ from tqdm.auto import tqdm
 
 from ..data.tasks import get_task
 from ..decoding.cache import LAYOUTS
-from ..decoding.cascade import BONUS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
-from ..settings import PairSettings, resolve_groups, setting
+from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import configurations, profiled, step_times, timed
 from .report import markdown, report
 
 
 @dataclass(kw_only=True)
-class BenchSettings(PairSettings):
-    """Settings of ``bench`` (the pair group, then its own)."""
+class BenchSettings(BlockSettings, PairSettings):
+    """Settings of ``bench`` (the pair and block groups, then its own); the block group applies to every
+    speccascade row that drafts (exact decoding and the cascades)."""
 
     out: Path = setting(help="output directory (bench.json, bench.md)")
     batch_sizes: str = setting("1,4,8", "comma-separated batch sizes for exact speculative decoding")
@@ -30,8 +30,6 @@ class BenchSettings(PairSettings):
     alpha: float = setting(0.3, "the cascades' OPT and TokenV3 knob (when --rules is not given)")
     rules: str | None = setting(None, "cascade rules timed beside exact decoding, comma-separated "
                                 "(gain:0.23,learned:DIR@0.25); default: opt and tokenv3 at --alpha")
-    bonus: str = setting("mix", "the cascade rows' bonus token: mix (from pi) or target (from p; the drafter skips a "
-                         "step per block)")
     prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1)
     max_new_tokens: int = setting(64, "new tokens per prompt", low=1)
     repeats: int = setting(3, "timed rounds after one warm-up round; medians are reported", low=1)
@@ -42,17 +40,17 @@ class BenchSettings(PairSettings):
 
     def check_bench(self) -> None:
         """What the field types and ranges do not say: choices, the cache that compile needs, the device."""
-        if self.bonus not in BONUS:
-            raise SpeccascadeError(f"--bonus must be one of {', '.join(BONUS)}, got {self.bonus!r}")
         if self.cache not in (None, *LAYOUTS):
             raise SpeccascadeError(f"--cache must be one of {', '.join(LAYOUTS)}, got {self.cache!r}")
         if self.compile and self.cache != "static":
             raise SpeccascadeError("--compile needs the static cache (--cache static)")
+        if self.draft_stop and self.cache == "static":
+            raise SpeccascadeError("--draft-stop needs the dynamic cache (--cache dynamic): blocks change length")
         _check_device(self.device)
 
     def config(self, cascades: list[R.Rule]) -> dict:
         """The settings recorded in bench.json."""
-        return {"task": self.task, "block_size": self.block_size, "rules": [r.spec for r in cascades], "bonus": self.bonus,
+        return {"task": self.task, "block_size": self.block_size, "rules": [r.spec for r in cascades], **self.block_options(),
                 "prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "repeats": self.repeats,
                 "cache": self.cache or "default", "compile": self.compile}
 
@@ -91,7 +89,7 @@ def run(plan: _Plan) -> dict:
     pair = s.load_pair(device=s.device)
     ids, mask = pair.encode([e.prompt for e in plan.examples])
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
-                             {"cache": s.cache, "compile": s.compile}, s.bonus)
+                             {"cache": s.cache, "compile": s.compile}, s.block_options())
     measure(configs, pair, ids, mask, s.repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades))

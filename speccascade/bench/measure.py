@@ -36,8 +36,13 @@ class Configuration:
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
-                   options: dict, bonus: str = "mix") -> list[Configuration]:
-    """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring)."""
+                   options: dict, block: dict | None = None) -> list[Configuration]:
+    """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring).
+
+    ``block`` (``bonus``, ``draft_stop``): how the cascade rows end blocks; with ``draft_stop`` an adaptive
+    exact-decoding row (batch 1) runs beside the fixed-block ones.
+    """
+    block = {"bonus": "mix", "draft_stop": 0.0} | (block or {})
 
     def ours(decoder) -> Run:
         return lambda ids, mask: decoder.generate(ids, mask, max_new_tokens=new).stats
@@ -71,10 +76,14 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
         Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
         Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
     ]
+    stops = f", drafts stop below {block['draft_stop']:g}" if block["draft_stop"] else ""
     for rule in cascades:
-        label = f"cascade {rule.spec}" + (", bonus from p" if bonus == "target" else "")
+        label = f"cascade {rule.spec}" + (", bonus from p" if block["bonus"] == "target" else "") + stops
         configs.append(Configuration(label, "speccascade", 1,
-                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, bonus=bonus, **options)), both))
+                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, **block, **options)), both))
+    if stops:  # beside the fixed-block rows below, which the derived numbers read
+        adaptive = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, draft_stop=block["draft_stop"], **options)
+        configs.append(Configuration("exact speculative decoding" + stops, "speccascade", 1, ours(adaptive), both))
     for b in sizes:
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
                                      ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both))

@@ -83,7 +83,8 @@ def markdown(report: dict) -> str:
         "",
         f"drafter {report['drafter']}, target {report['target']}, {report['dtype']}, gamma {report['block_size']}, "
         f"greedy, {report['prompts']} prompts x {report['max_new_tokens']} new tokens, median of {report['repeats']} "
-        f"rounds; cache {report['cache']}, compile {report['compile']}; torch {report['torch']}, "
+        f"rounds; cascades' bonus from {report['bonus']}, drafts stop below {report['draft_stop']:g}; "
+        f"cache {report['cache']}, compile {report['compile']}; torch {report['torch']}, "
         f"transformers {report['transformers']}.",
         "",
         "| configuration | implementation | batch | tokens/s | vs target alone | tokens/target call | acceptance | peak MiB |",

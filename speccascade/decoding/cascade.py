@@ -11,6 +11,11 @@ hook asks for it, the drafter skips that step: its cache then lags one slot behi
 re-feeds with the pending token in its next block's first forward (gamma drafter forwards per
 block instead of gamma + 1, as transformers' assisted generation does).
 
+With ``draft_stop`` > 0 a row's block ends early, after ``k`` drafts (1 <= k <= gamma), at the first
+position where the drafter's top-1 probability falls below ``draft_stop``: position ``k + 1`` is then
+its bonus position. The stop reads only the drafter's distributions over the row's own prefix, so
+every limit of section 6 holds as with fixed blocks; the batch drafts until no active row goes on.
+
 With :class:`~speccascade.deferral.rules.AlwaysDefer` this is exact speculative decoding; with
 :class:`~speccascade.deferral.rules.NeverDefer` it is the drafter's own decoding.
 """
@@ -73,6 +78,9 @@ class SpeculativeCascade(Decoder):
     draws the bonus token of a fully accepted block from the target's ``p~_{gamma+1}`` instead of
     ``pi_{gamma+1}``: the drafter then skips its last step in every block (one drafter step per
     block saved; forced defer is unchanged, never defer no longer equals the drafter alone).
+    ``draft_stop`` (0: off) ends a row's block where the drafter's top-1 probability falls below it
+    (gamma is then the longest block); it reads the host after every drafter step, so it runs with
+    the dynamic cache and without a hook (which sees whole blocks).
     """
 
     def __init__(
@@ -88,13 +96,16 @@ class SpeculativeCascade(Decoder):
         cache: str | None = None,
         compile: bool = False,
         bonus: str = "mix",
+        draft_stop: float = 0.0,
     ) -> None:
-        super().__init__(pair, temperature, top_k, top_p, cache, compile)
+        check_draft_stop(draft_stop, cache, hook)
+        super().__init__(pair, temperature, top_k, top_p, cache or ("dynamic" if draft_stop else None), compile)
         if block_size < 1:
             raise SpeccascadeError(f"block_size (gamma) must be >= 1, got {block_size}")
         if bonus not in BONUS:
             raise SpeccascadeError(f"bonus must be one of {', '.join(BONUS)}, got {bonus!r}")
         self.bonus = bonus
+        self.draft_stop = draft_stop
         self.rule = rule if rule is not None else AlwaysDefer()
         self.block_size = block_size
         self.hook = hook
@@ -120,25 +131,27 @@ class SpeculativeCascade(Decoder):
         gamma = self.drafts_needed(state)
         active = ~state.out.done
         state.slots.reserve(gamma + 1)
-        drafts, q = self.draft(state, gamma)
+        drafts, q, limit, lag = self.draft(state, gamma, active)
+        gamma = drafts.shape[1]
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
         mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
-        n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept)
-        emit = mix.emit if self.bonus == "mix" else torch.cat([mix.emit[:, :gamma], p.sampled[:, gamma:]], dim=1)
-        next_token = self.resample(state, n, q.sampled, emit)
+        n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
+        at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
+        emit = mix.emit if self.bonus == "mix" else torch.where(at_bonus, p.sampled, mix.emit)
+        next_token = self.resample(state, n, limit, q.sampled, emit)
 
         tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
         deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)
-        self.count(state, active, n, deferred)
+        self.count(state, active, n, limit, deferred, forwards=gamma + 1 - lag)
         if self.hook is not None:
             self.hook(
                 BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
                            state.out.emitted.clone(), active, q.hidden, p.hidden)
             )
         state.out.emit(tokens, n + 1)
-        self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token)
+        self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token, lag)
 
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
@@ -151,30 +164,38 @@ class SpeculativeCascade(Decoder):
         left = int(torch.where(out.done, 0, out.max_new_tokens - out.emitted).max())
         return max(1, min(self.block_size, left - 1))
 
-    def draft(self, state: DecodeState, gamma: int) -> tuple[torch.Tensor, Dists]:
-        """gamma drafts from ``q~``, and the drafter's distributions at gamma + 1 positions.
+    def draft(self, state: DecodeState, gamma: int, active: torch.Tensor) -> tuple[torch.Tensor, Dists, torch.Tensor, int]:
+        """Up to gamma drafts from ``q~``, the drafter's distributions at one position more, each row's
+        draft count (``limit``, [B]: gamma unless ``draft_stop`` ended the row's block) and the drafter's lag.
 
         Without the last step (``drafter_lag``) the bonus-position distribution is a copy of
         ``q_gamma``, which nothing reads.
         """
-        slots, skip = state.slots, self.drafter_lag
+        slots = state.slots
         window = slots.window(gamma + 1)
         x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
+        limit = torch.full_like(state.out.emitted, gamma)
         drafts, probs, sampled, hidden = [], [], [], []
-        for i in range(gamma + 1 - skip):
+        for i in range(gamma + 1 - self.drafter_lag):
             logits, h = slots.caches["drafter"].forward(x, positions, window, self.wants_hidden, logits_to_keep=1)
             q = logits[:, -1].softmax(-1)
             q_s = self.sampler(logits[:, -1], q)
             probs.append(q), sampled.append(q_s), hidden.append(h)
+            if 0 < i < gamma and self.draft_stop:
+                limit = torch.where((limit == gamma) & (q.max(-1).values < self.draft_stop), i, limit)
+                if not bool((active & (limit == gamma)).any()):
+                    break
             if i < gamma:
                 token = sample(q_s, state.streams.draft[state.rows, state.out.emitted + i])
                 drafts.append(token)
                 x, positions = token.unsqueeze(1), (slots.pos + i + 1).unsqueeze(1)
-        state.out.counts.forwards["drafter"] += gamma + 1 - skip
-        if skip:
+        state.out.counts.forwards["drafter"] += len(probs)
+        lag = len(drafts) + 1 - len(probs)
+        if lag:
             probs.append(probs[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
-        return torch.stack(drafts, 1), Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden)
+        drafts = torch.stack(drafts, 1)
+        return drafts, Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden), limit.clamp_max(drafts.shape[1]), lag
 
     def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
         """One target call over the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
@@ -189,23 +210,28 @@ class SpeculativeCascade(Decoder):
         return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
 
     def accept(
-        self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor
+        self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor, limit: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accept each draft with ``min(1, accept(x) / q~(x))``; return leading accepts ``n`` and the probabilities."""
+        """Accept each of a row's first ``limit`` drafts with ``min(1, accept(x) / q~(x))``; return leading accepts
+        ``n`` and the probabilities."""
         gamma = drafts.shape[1]
         x = drafts.unsqueeze(-1)
         q_x = q_s[:, :gamma].gather(-1, x).squeeze(-1)
         a_x = accept[:, :gamma].gather(-1, x).squeeze(-1)
         accept_prob = (a_x / q_x.clamp_min(EPS)).clamp_max(1.0)
-        index = state.out.emitted.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
-        accepted = state.streams.accept.gather(1, index) < accept_prob
+        offsets = torch.arange(gamma, device=drafts.device)
+        index = state.out.emitted.unsqueeze(1) + offsets
+        accepted = (state.streams.accept.gather(1, index) < accept_prob) & (offsets < limit.unsqueeze(1))
         n = accepted.long().cumprod(1).sum(1)
         return n, accept_prob
 
-    def resample(self, state: DecodeState, n: torch.Tensor, q_s: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
-        """The token after the ``n`` accepted drafts: residual ``norm(max(0, pi - q~))`` or bonus ``pi``."""
+    def resample(
+        self, state: DecodeState, n: torch.Tensor, limit: torch.Tensor, q_s: torch.Tensor, emit: torch.Tensor
+    ) -> torch.Tensor:
+        """The token after the ``n`` accepted drafts: residual ``norm(max(0, pi - q~))``, or the bonus ``pi`` where
+        all of the row's ``limit`` drafts were accepted."""
         rows = state.rows
-        rejected = n < q_s.shape[1] - 1
+        rejected = n < limit
         pi_n, q_n = emit[rows, n], q_s[rows, n]
         residual = (pi_n - q_n * rejected.unsqueeze(1)).clamp_min(0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_n)
@@ -213,22 +239,25 @@ class SpeculativeCascade(Decoder):
         u = torch.where(rejected, state.streams.resample[rows, index], state.streams.draft[rows, index])
         return sample(residual, u)
 
-    def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, deferred: torch.Tensor) -> None:
+    def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, limit: torch.Tensor,
+              deferred: torch.Tensor, forwards: int) -> None:
+        """Add a block to each active row's counters; ``forwards``: the drafter steps the batch ran."""
         gamma, counts = deferred.shape[1], state.out.counts
         a = active.long()
         offsets = torch.arange(gamma, device=n.device)
-        examined = offsets <= n.unsqueeze(1)  # accepted drafts and the first rejected one
+        examined = (offsets <= n.unsqueeze(1)) & (offsets < limit.unsqueeze(1))  # accepted drafts, the first rejected one
         counts.add("target_calls", a)
-        counts.add("drafter_calls", a * (gamma + 1 - self.drafter_lag))
-        counts.add("drafted", a * gamma)
+        counts.add("drafter_calls", a * forwards)
+        counts.add("drafted", a * limit)
         counts.add("accepted", a * n)
         counts.add("decided", a * examined.sum(1))
         counts.add("deferrals", a * (deferred & examined).sum(1))
-        counts.add("rejections", a * (n < gamma).long())
+        counts.add("rejections", a * (n < limit).long())
         counts.reached_at[:, :gamma] += a.unsqueeze(1) * examined
         counts.accepted_at[:, :gamma] += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
 
-    def rollback(self, state: DecodeState, drafts: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor) -> None:
+    def rollback(self, state: DecodeState, drafts: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor,
+                 lag: int) -> None:
         """Keep each row's pending token and accepted drafts in both caches; mask the rest out.
 
         Both caches drop the same count: a drafter that skipped its last step holds one slot less
@@ -237,5 +266,16 @@ class SpeculativeCascade(Decoder):
         slots = state.slots
         fed = torch.cat([slots.pending.unsqueeze(1), drafts], dim=1)
         kept = slots.rollback(fed.shape[1], valid)
-        slots.behind["drafter"] = self.drafter_lag
+        slots.behind["drafter"] = lag
         slots.advance(fed, valid, kept, next_token)
+
+
+def check_draft_stop(draft_stop: float, cache: str | None, hook: Hook | None) -> None:
+    """``draft_stop`` is a probability in [0, 1), read on the host after every drafter step: it needs the
+    dynamic cache and no hook."""
+    if not 0.0 <= draft_stop < 1.0:
+        raise SpeccascadeError(f"draft_stop must lie in [0, 1), got {draft_stop}")
+    if draft_stop and cache == "static":
+        raise SpeccascadeError("draft_stop needs the dynamic cache (cache='dynamic'): blocks change length")
+    if draft_stop and hook is not None:
+        raise SpeccascadeError("draft_stop cannot run with a hook, which reads whole blocks of gamma drafts")

@@ -12,22 +12,20 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
 from ..data.tasks import Example, Task
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
-from ..decoding.cascade import BONUS
 from ..decoding.stats import COUNTERS, DecodeStats
 from ..deferral import rules as R
 from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
 from ..report import by_rule
-from ..settings import (DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings, as_config,
-                        resolve_groups, setting)
+from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
+                        as_config, resolve_groups, setting)
 from . import report
 from .points import Point, PointStore, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
@@ -39,7 +37,7 @@ DEFAULT_MARGIN = 0.02
 
 
 @dataclass(kw_only=True)
-class EvaluateSettings(TrackingSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
     """Settings of ``evaluate`` (the shared groups, then its own)."""
 
     split: str = setting("test", "evaluation split")
@@ -51,14 +49,12 @@ class EvaluateSettings(TrackingSettings, DecodingSettings, TaskSettings, PairSet
     margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin in the task metric's units: a point reaches the target's "
                             "quality when the 95% interval of its paired difference to the target lies above -margin", low=0.0)
     seed: int = setting(0, "sampling seed (example i uses seed + i), task-generator seed and bootstrap seed", low=0)
-    bonus: Literal[BONUS] = setting("mix", "the cascades' bonus token after a fully accepted block: mix (from pi, "
-                                    "algorithms.md section 3) or target (from p: the drafter skips a step per block)")
 
     def config(self) -> dict:
         """What every point depends on; --resume with another config is refused (the rules may change)."""
         config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "few_shot", "block_size",
                                   "temperature", "max_new_tokens", "batch_size", "seed")) | self.pair_config()
-        return config | ({"bonus": self.bonus} if self.bonus != "mix" else {})  # runs of the default resume as before
+        return config | self.block_config()
 
 
 @dataclass
@@ -145,7 +141,7 @@ def _decoder(planned: _Planned, pair: ModelPair, s: EvaluateSettings) -> Decoder
     if planned.kind == "sequential":
         return SequentialCascade(pair, planned.rule, **kw)
     rule = R.AlwaysDefer() if planned.kind == "speculative" else planned.rule
-    return SpeculativeCascade(pair, rule, s.block_size, bonus=s.bonus, **kw)
+    return SpeculativeCascade(pair, rule, s.block_size, **s.block_options(), **kw)
 
 
 def _check_pair(rule: R.Learned, pair: ModelPair) -> None:

@@ -52,7 +52,7 @@ def chi_square_p(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
 class NoDivisionByQ(SpeculativeCascade):
     """Broken acceptance: accepts with probability pi(x) instead of min(1, pi(x) / q(x))."""
 
-    def accept(self, state, drafts, q_s, accept):
+    def accept(self, state, drafts, q_s, accept, limit):
         x, gamma = drafts.unsqueeze(-1), drafts.shape[1]
         accept_prob = accept[:, :gamma].gather(-1, x).squeeze(-1)
         index = state.out.emitted.unsqueeze(1) + torch.arange(gamma, device=drafts.device)
@@ -63,7 +63,7 @@ class NoDivisionByQ(SpeculativeCascade):
 class PlainResidual(SpeculativeCascade):
     """Broken residual: after a rejection draws from pi instead of norm(max(0, pi - q))."""
 
-    def resample(self, state, n, q_s, emit):
+    def resample(self, state, n, limit, q_s, emit):
         return sample(emit[state.rows, n], state.streams.resample[state.rows, state.out.emitted + n])
 
 

@@ -124,3 +124,16 @@ def test_repetition_rate_of_a_reply():
     assert repetition([1, 2, 3, 4, 5, 6, 7]) == 0.0
     assert repetition([7] * 12) == pytest.approx(1 - 1 / 9)  # nine 4-grams, all the same
     assert repetition([1, 2, 3]) == 0.0
+
+
+def test_adaptive_blocks_keep_exact_decoding_exact_and_draft_less(tmp_path):
+    """``--draft-stop``: exact speculative decoding still equals the target, example by example, with fewer
+    drafts per target call; the run's configuration records the setting (a resume with another is refused)."""
+    options = dict(models="tiny-random", limit=4, rules="always", block_size=4, max_new_tokens=12, wandb_mode="disabled")
+    fixed = evaluate(tmp_path / "fixed", **options)
+    adaptive = evaluate(tmp_path / "adaptive", draft_stop=0.1, **options)
+    exact = {r["label"]: r for r in adaptive["points"]}["speculative decoding"]
+    assert exact["quality"] == adaptive["target_quality"] and exact["difference"] == 0.0
+    assert exact["drafter_calls"] < {r["label"]: r for r in fixed["points"]}["speculative decoding"]["drafter_calls"]
+    with pytest.raises(SpeccascadeError, match="draft_stop"):
+        evaluate(tmp_path / "adaptive", draft_stop=0.2, resume=True, **options)
