@@ -207,7 +207,7 @@ class BlockSettings:
     """How the cascades end a block: where its bonus token comes from, and whether drafting stops early."""
 
     bonus: Literal[BONUS] = setting("mix", "the bonus token after a fully accepted block: mix (from pi, "
-                                              "algorithms.md section 3) or target (from p: the drafter skips a step per block)")
+                                    "algorithms.md section 3) or target (from p: the drafter skips a step per block)")
     draft_stop: float = setting(0.0, "stop a row's block where the drafter's top-1 probability falls below this "
                                 "(--block-size is then the longest block; 0 = fixed blocks)", low=0.0, below=1.0)
 

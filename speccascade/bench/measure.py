@@ -36,13 +36,12 @@ class Configuration:
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
-                   options: dict, block: dict | None = None) -> list[Configuration]:
+                   options: dict, block: dict) -> list[Configuration]:
     """transformers' generate and assisted generation, then speccascade's decoders (see the package docstring).
 
     ``block`` (``bonus``, ``draft_stop``): how the cascade rows end blocks; with ``draft_stop`` an adaptive
     exact-decoding row (batch 1) runs beside the fixed-block ones.
     """
-    block = {"bonus": "mix", "draft_stop": 0.0} | (block or {})
 
     def ours(decoder) -> Run:
         return lambda ids, mask: decoder.generate(ids, mask, max_new_tokens=new).stats
