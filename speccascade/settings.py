@@ -138,6 +138,8 @@ class PairSettings:
     target: str | None = setting(None, "target hub id or path")
     drafter_vocab: str | None = setting(None, "score only the tokens of this task's train replies in the drafter's output "
                                         "head (a cheaper drafter step; decoding stays exact)")
+    drafter_quantize: str | None = setting(None, "int8: the drafter computes with int8 weights (CPU; a cheaper drafter step; "
+                                           "the target is untouched, so decoding stays exact)")
 
     def check_pair(self) -> None:
         from .decoding import PRESETS
@@ -149,6 +151,10 @@ class PairSettings:
 
             if self.drafter_vocab not in TASKS:
                 raise SpeccascadeError(f"--drafter-vocab: unknown task {self.drafter_vocab!r}; choose one of {', '.join(TASKS)}")
+        if self.drafter_quantize is not None:
+            from .decoding.quantize import check_quantization
+
+            check_quantization(self.drafter_quantize)
         if not (self.drafter or self.target):
             if self.models is None:
                 raise SpeccascadeError("name a model pair: --models PRESET, or --drafter and --target")
@@ -163,13 +169,14 @@ class PairSettings:
     def pair_config(self) -> dict:
         """The pair's entries of a run's configuration beside drafter and target (runs of a full-vocabulary
         drafter keep the configuration they had)."""
-        return {"models": self.preset} | ({"drafter_vocab": self.drafter_vocab} if self.drafter_vocab else {})
+        extra = {"drafter_vocab": self.drafter_vocab, "drafter_quantize": self.drafter_quantize}
+        return {"models": self.preset} | {k: v for k, v in extra.items() if v}
 
     def load_pair(self, device: str | torch.device | None = None):
         from .decoding import load_pair
 
         return load_pair(self.preset, drafter=self.drafter, target=self.target, drafter_vocab=self.drafter_vocab,
-                         device=device)
+                         drafter_quantize=self.drafter_quantize, device=device)
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from speccascade.bench import bench, ideal_speedup
-from speccascade.bench.measure import count_new
+from speccascade.bench.measure import Configuration, count_new
+from speccascade.bench.report import speedup_interval
+from speccascade.evaluation.uncertainty import resample_weights
 from speccascade.cli import main
 
 CONFIGS = {
@@ -30,12 +32,20 @@ def test_bench_smoke_writes_every_configuration(tmp_path):
     assert len(set(exact)) == 1 and exact[0] > 0
     for r in saved["results"]:
         assert len(r["seconds"]) == 1 and r["tokens_per_s"] > 0
+        ci = r["speedup_vs_target_ci"]
+        assert (ci is None) == (r["batch_size"] != 1)  # prompts are the resampled unit: batch-1 rows only
+        assert ci is None or ci["low"] <= ci["estimate"] <= ci["high"]
+    assert results[("target alone", 1)]["speedup_vs_target_ci"] == {"estimate": 1.0, "low": 1.0, "high": 1.0}
     for name in ("exact speculative decoding", "cascade opt:0.3"):
         assert 0 < results[(name, 1)]["forward_share"] <= 1
         assert 1 <= results[(name, 1)]["tokens_per_target_call"] <= 6
     assert saved["cost_ratio_c"] > 0 and saved["ideal_speedup"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| exact speculative decoding | speccascade | 2 |" in table and "assisted generation" in table
+    for name in ("cascade opt:0.3", "cascade tokenv3:0.3"):  # paired with exact decoding on the same prompts
+        ci = results[(name, 1)]["speedup_vs_exact_sd_ci"]
+        assert ci["low"] <= ci["estimate"] <= ci["high"] and f"- {name}: {ci['estimate']:.2f}x [" in table
+    assert "speedup_vs_exact_sd_ci" not in results[("exact speculative decoding", 1)]
 
 
 def test_bench_times_the_cascade_rules_it_is_given(tmp_path):
@@ -54,6 +64,25 @@ def test_bench_with_draft_stop_times_adaptive_exact_decoding_beside_fixed_blocks
     assert adaptive["new_tokens"] == fixed["new_tokens"] == rows["target alone"]["new_tokens"]  # greedy and exact
     assert "cascade opt:0.3, drafts stop below 0.1" in rows and report["draft_stop"] == 0.1
     assert "drafts stop below 0.1" in (tmp_path / "bench.md").read_text()
+    assert "Cascades against exact speculative decoding, drafts stop below 0.1" in (tmp_path / "bench.md").read_text()
+
+
+def timed_config(name: str, tokens: list[int], rounds: list[list[float]]) -> Configuration:
+    return Configuration(name, "speccascade", 1, run=None, batch_seconds=rounds, batch_tokens=tokens)
+
+
+def test_the_speedup_interval_resamples_prompts_paired_and_times_each_prompt_by_its_median_round():
+    base = timed_config("target alone", [10, 20, 30, 40], [[1.0, 2.0, 3.0, 4.0]] * 3)
+    weights = resample_weights(4)
+    # twice as fast on every prompt: 2x whatever prompts are drawn; one slow round (a busy machine) is outvoted
+    double = timed_config("fast", [10, 20, 30, 40], [[0.5, 1.0, 1.5, 2.0], [0.5, 1.0, 1.5, 2.0], [9.0, 9.0, 9.0, 9.0]])
+    assert speedup_interval(double, base, weights).as_dict() == pytest.approx({"estimate": 2.0, "low": 2.0, "high": 2.0})
+    # 3x faster on two prompts, 3x slower on the other two: the estimate is their pooled ratio and the interval
+    # is wide enough to hold both a gain and a loss
+    mixed = timed_config("mixed", [10, 20, 30, 40], [[1 / 3, 2 / 3, 9.0, 12.0]] * 3)
+    interval = speedup_interval(mixed, base, weights)
+    assert interval.estimate == pytest.approx(10 / 22)  # 100 tokens in 22 s against 100 tokens in 10 s
+    assert interval.low < 0.6 and interval.high > 1.0 and interval.covers(interval.estimate)
 
 
 def test_ideal_speedup_is_the_section_7_formula():

@@ -107,7 +107,7 @@ def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats:
             timed(config, pair, ids, mask)
         if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
             for config in configs:
-                config.seconds, config.peak_mib = [], 0.0
+                config.seconds, config.batch_seconds, config.peak_mib = [], [], 0.0
     for config in configs:
         profiled(config, pair, ids, mask)
 

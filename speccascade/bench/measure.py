@@ -30,6 +30,8 @@ class Configuration:
     run: Run
     models: tuple[torch.nn.Module, ...] = ()
     seconds: list[float] = field(default_factory=list)  # wall time of each timed round
+    batch_seconds: list[list[float]] = field(default_factory=list)  # [round][batch] wall time of each batch
+    batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (last round)
     stats: DecodeStats = field(default_factory=DecodeStats)  # totals of the last round
     peak_mib: float = 0.0
     forward_share: float = float("nan")
@@ -82,11 +84,16 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
                                      ours(SpeculativeCascade(pair, rule, block_size=gamma, **block, **options)), both))
     if stops:  # beside the fixed-block rows below, which the derived numbers read
         adaptive = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, draft_stop=block["draft_stop"], **options)
-        configs.append(Configuration("exact speculative decoding" + stops, "speccascade", 1, ours(adaptive), both))
+        configs.append(Configuration(exact_name(block["draft_stop"]), "speccascade", 1, ours(adaptive), both))
     for b in sizes:
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
                                      ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both))
     return configs
+
+
+def exact_name(draft_stop: float) -> str:
+    """The exact-decoding row that drafts blocks the way the cascade rows do (the cascades' baseline)."""
+    return "exact speculative decoding" + (f", drafts stop below {draft_stop:g}" if draft_stop else "")
 
 
 def count_new(new: torch.Tensor, eos: list[int]) -> int:
@@ -110,13 +117,20 @@ def sync(device: torch.device) -> None:
 
 
 def timed(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Decode every prompt once in batches of ``config.batch_size``; record the wall time and peak memory."""
+    """Decode every prompt once in batches of ``config.batch_size``; record the wall time (in all and per batch)
+    and peak memory."""
+    stats, seconds = [], []
     with peak_memory(pair.device) as peak:
         sync(pair.device)
         start = time.perf_counter()
-        stats = [config.run(batch_ids, batch_mask) for batch_ids, batch_mask in batches(ids, mask, config.batch_size)]
-        sync(pair.device)
+        for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
+            began = time.perf_counter()
+            stats.append(config.run(batch_ids, batch_mask))
+            sync(pair.device)
+            seconds.append(time.perf_counter() - began)
         config.seconds.append(time.perf_counter() - start)
+    config.batch_seconds.append(seconds)
+    config.batch_tokens = [s.new_tokens for s in stats]
     config.stats = DecodeStats.merge(stats)
     config.peak_mib = max(config.peak_mib, peak())
 

@@ -8,11 +8,13 @@ import platform
 import statistics
 from dataclasses import replace
 
+import numpy as np
 import torch
 import transformers
 
 from ..decoding import ModelPair
-from .measure import Configuration
+from ..evaluation.uncertainty import Interval, percentile_interval, ratio, resample_weights
+from .measure import Configuration, exact_name
 
 GOALS = {
     "exact_sd_vs_assisted": ("exact speculative decoding / transformers assisted generation, batch 1", 1.2),
@@ -40,6 +42,14 @@ def report(configs: list[Configuration], steps: dict[str, float], pair: ModelPai
     target = by_name[("target alone", 1)]
     for r in rows:
         r["speedup_vs_target"] = r["tokens_per_s"] / target["tokens_per_s"]
+    single = {c.name: c for c in configs if c.batch_size == 1}
+    weights = resample_weights(len(single["target alone"].batch_tokens))
+    exact = single[exact_name(settings["draft_stop"])]
+    for r, c in zip(rows, configs):
+        interval = speedup_interval(c, single["target alone"], weights) if c.batch_size == 1 else None
+        r["speedup_vs_target_ci"] = None if interval is None else interval.as_dict()
+        if c.name.startswith("cascade "):  # the cascades' goal: faster than exact decoding with the same blocks
+            r["speedup_vs_exact_sd_ci"] = speedup_interval(c, exact, weights).as_dict()
 
     c = steps["drafter"] / steps["target"]
     sd1 = by_name[("exact speculative decoding", 1)]
@@ -64,6 +74,21 @@ def report(configs: list[Configuration], steps: dict[str, float], pair: ModelPai
     }
 
 
+def speedup_interval(config: Configuration, base: Configuration, weights: np.ndarray) -> Interval:
+    """Tokens/s of a batch-1 configuration over the base's, with a 95% bootstrap interval over prompts.
+
+    Each prompt's time is its median over the timed rounds; a resample draws prompts with replacement
+    and recomputes both sides' tokens/s on the same draw (paired), so the interval says how much the
+    ratio depends on which prompts were decoded, and round-to-round noise is damped by the median.
+    """
+    def per_prompt(c: Configuration) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(c.batch_tokens, float), np.median(np.asarray(c.batch_seconds, float), axis=0)
+
+    (tokens, seconds), (base_tokens, base_seconds) = per_prompt(config), per_prompt(base)
+    estimate = ratio(tokens, seconds) / ratio(base_tokens, base_seconds)
+    return percentile_interval(estimate, ratio(tokens, seconds, weights) / ratio(base_tokens, base_seconds, weights))
+
+
 def ideal_speedup(a: float, gamma: int, c: float) -> float:
     """docs/algorithms.md section 7: ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))``."""
     tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
@@ -83,19 +108,21 @@ def markdown(report: dict) -> str:
         "",
         f"drafter {report['drafter']}, target {report['target']}, {report['dtype']}, gamma {report['block_size']}, "
         f"greedy, {report['prompts']} prompts x {report['max_new_tokens']} new tokens, median of {report['repeats']} "
-        f"rounds; cascades' bonus from {report['bonus']}, drafts stop below {report['draft_stop']:g}; "
+        f"rounds (a batch-1 row's interval resamples prompts, each timed by its median round); cascades' bonus from "
+        f"{report['bonus']}, drafts stop below {report['draft_stop']:g}; "
         f"cache {report['cache']}, compile {report['compile']}; torch {report['torch']}, "
         f"transformers {report['transformers']}.",
         "",
-        "| configuration | implementation | batch | tokens/s | vs target alone | tokens/target call | acceptance | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | implementation | batch | tokens/s | vs target alone | 95% CI over prompts | tokens/target call | acceptance | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        tpc, acc = r["tokens_per_target_call"], r["acceptance"]
+        tpc, acc, ci = r["tokens_per_target_call"], r["acceptance"], r["speedup_vs_target_ci"]
+        interval = "" if ci is None else f"[{ci['low']:.2f}, {ci['high']:.2f}]"
         lines.append(
             f"| {r['name']} | {r['implementation']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
-            f"{r['speedup_vs_target']:.2f}x | {'' if tpc is None else f'{tpc:.2f}'} | "
-            f"{'' if acc is None else f'{acc:.2f}'} | {r['peak_memory_mib']:.0f} |"
+            f"{r['speedup_vs_target']:.2f}x | {interval} | "
+            f"{'' if tpc is None else f'{tpc:.2f}'} | {'' if acc is None else f'{acc:.2f}'} | {r['peak_memory_mib']:.0f} |"
         )
     lines += [
         "",
@@ -109,4 +136,10 @@ def markdown(report: dict) -> str:
     for g in report["goals"].values():
         sign = "<=" if g["what"].endswith("(at most)") else ">="
         lines.append(f"| {g['what']} | {g['value']:.2f} | {sign} {g['goal']} | {'yes' if g['met'] else 'no'} |")
+    cascades = [r for r in report["results"] if "speedup_vs_exact_sd_ci" in r]
+    if cascades:
+        lines += ["", f"Cascades against {exact_name(report['draft_stop'])} (batch 1, paired over prompts, 95% CI):", ""]
+        for r in cascades:
+            ci = r["speedup_vs_exact_sd_ci"]
+            lines.append(f"- {r['name']}: {ci['estimate']:.2f}x [{ci['low']:.2f}, {ci['high']:.2f}]")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from transformers import (
 
 from ..errors import SpeccascadeError
 from .pairs import ModelPair, check_same_tokenizer, layer_subset
+from .quantize import check_quantization, quantize_drafter
 from .vocab import restrict_vocabulary, task_vocabulary
 
 
@@ -99,6 +100,7 @@ def load_pair(
     target: str | None = None,
     drafter_layers: Sequence[int] | None = None,
     drafter_vocab: str | None = None,
+    drafter_quantize: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
@@ -109,13 +111,19 @@ def load_pair(
     ``load_pair("smollm2-135m")``; ``load_pair(drafter="google/gemma-2-2b-it", target="google/gemma-2-9b-it")``;
     ``load_pair(target="path/to/model", drafter_layers=[0, 1, 2, 3])`` for a layer-subset drafter;
     ``drafter_vocab="arithmetic"`` restricts the drafter's output head to the tokens of that task's train
-    replies (:mod:`.vocab`: a cheaper drafter step, decoding as exact as before).
+    replies (:mod:`.vocab`: a cheaper drafter step, decoding as exact as before); ``drafter_quantize="int8"``
+    gives the drafter int8 weights (:mod:`.quantize`, CPU: a cheaper step again, the target untouched).
     """
+    if drafter_quantize is not None:
+        check_quantization(drafter_quantize)  # before any weights load
     pair = _load(preset, drafter, target, drafter_layers, device, dtype, seed, trust_remote_code)
     if drafter_vocab is not None:
         ids = task_vocabulary(pair.tokenizer, drafter_vocab, pair.eos_token_ids)
         pair.drafter = restrict_vocabulary(pair.drafter, ids)
         pair.drafter_id += f" (head over the {len(ids)} tokens of {drafter_vocab} replies)"
+    if drafter_quantize is not None:
+        pair.drafter = quantize_drafter(pair.drafter, drafter_quantize)
+        pair.drafter_id += f" ({drafter_quantize} weights)"
     return pair
 
 
