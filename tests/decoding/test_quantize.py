@@ -1,5 +1,5 @@
-"""A drafter with int8 weights (``load_pair(..., drafter_quantize="int8")``): its linear layers are quantised
-copies, its logits stay near the float32 drafter's, the target is untouched (also when the drafter is a layer
+"""A drafter with int8 weights (``load_pair(..., drafter_quantize="int8")``): its linear layers that do not narrow
+their input are quantised copies, its logits stay near the float32 drafter's, the target is untouched (also when the drafter is a layer
 subset that shares the target's layers), and speculative decoding stays exact (greedy token for token;
 sampled in distribution). CPU only: the quantised kernels have no CUDA implementation."""
 
@@ -35,8 +35,13 @@ def prompts(pairs):
 def test_the_quantised_drafter_has_int8_linear_layers_and_nearby_logits(pairs, prompts):
     full, quantised = pairs
     ids, mask = prompts
-    linear = [m for m in quantised.drafter.modules() if isinstance(m, qdynamic.Linear)]
-    assert linear and not any(type(m) is torch.nn.Linear for m in quantised.drafter.modules())
+    kinds = {name: type(m) for name, m in quantised.drafter.named_modules() if isinstance(m, (qdynamic.Linear, torch.nn.Linear))}
+    shapes = {name: (m.in_features, m.out_features) for name, m in full.drafter.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.keys() == shapes.keys()
+    # int8 where a layer keeps or widens its width; float32 where it narrows it (the MLP's down projection)
+    assert {name for name, kind in kinds.items() if kind is qdynamic.Linear} == {n for n, (i, o) in shapes.items() if i <= o}
+    assert any(kind is torch.nn.Linear and "down_proj" in name for name, kind in kinds.items())
+    assert any(kind is qdynamic.Linear and "up_proj" in name for name, kind in kinds.items())
     assert quantised.drafter_id.endswith("(int8 weights)")
     with torch.no_grad():
         q_full, q_int8 = (p.drafter(ids, attention_mask=mask).logits.float() for p in pairs)
