@@ -32,6 +32,9 @@ def test_bench_smoke_writes_every_configuration(tmp_path):
     assert len(set(exact)) == 1 and exact[0] > 0
     for r in saved["results"]:
         assert len(r["seconds"]) == 1 and r["tokens_per_s"] > 0
+        batches = 2 // r["batch_size"]  # 2 prompts: two batches of 1 or one of 2
+        assert len(r["batch_seconds"][0]) == len(r["batch_tokens"]) == batches and sum(r["batch_tokens"]) == r["new_tokens"]
+        assert sum(r["batch_seconds"][0]) == pytest.approx(r["seconds"][0])
         ci = r["speedup_vs_target_ci"]
         assert (ci is None) == (r["batch_size"] != 1)  # prompts are the resampled unit: batch-1 rows only
         assert ci is None or ci["low"] <= ci["estimate"] <= ci["high"]
@@ -83,6 +86,29 @@ def test_the_speedup_interval_resamples_prompts_paired_and_times_each_prompt_by_
     interval = speedup_interval(mixed, base, weights)
     assert interval.estimate == pytest.approx(10 / 22)  # 100 tokens in 22 s against 100 tokens in 10 s
     assert interval.low < 0.6 and interval.high > 1.0 and interval.covers(interval.estimate)
+
+
+def test_configurations_take_turns_on_each_chunk_of_prompts_and_the_warm_up_round_is_dropped():
+    from types import SimpleNamespace
+
+    from speccascade.bench.command import measure
+    from speccascade.decoding import DecodeStats
+
+    log = []
+
+    def recorder(name):
+        def run(ids, mask):
+            log.append((name, ids[:, -1].tolist()))
+            return DecodeStats(new_tokens=ids.shape[0])
+        return run
+
+    single, pairwise = (Configuration(n, "transformers", b, recorder(n)) for n, b in (("one", 1), ("two", 2)))
+    ids = torch.arange(4).unsqueeze(1)  # four one-token prompts, 0-3
+    measure([single, pairwise], SimpleNamespace(device=torch.device("cpu")), ids, torch.ones_like(ids), repeats=2)
+    one_round = [("one", [0]), ("one", [1]), ("two", [0, 1]), ("one", [2]), ("one", [3]), ("two", [2, 3])]
+    assert log == one_round * 3  # a warm-up and two timed rounds, in turns of one largest batch
+    assert len(single.seconds) == len(single.batch_seconds) == 2 and [len(b) for b in single.batch_seconds] == [4, 4]
+    assert single.batch_tokens == [1, 1, 1, 1] and pairwise.batch_tokens == [2, 2] and single.stats.new_tokens == 4
 
 
 def test_ideal_speedup_is_the_section_7_formula():

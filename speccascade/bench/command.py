@@ -15,7 +15,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
-from .measure import configurations, profiled, step_times, timed
+from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
 
 
@@ -101,10 +101,19 @@ def run(plan: _Plan) -> dict:
 
 
 def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> None:
-    """Time every configuration in interleaved rounds after one warm-up round, then profile each once."""
+    """Time every configuration over one warm-up round and ``repeats`` timed rounds, then profile each once.
+
+    Within a round the configurations take turns on each chunk of prompts (one largest batch), so a
+    slow spell of a shared machine hits every configuration on the same prompts, not whichever
+    configuration happened to run then; the paired intervals over prompts rest on that.
+    """
+    chunk = max(config.batch_size for config in configs)
     for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
         for config in configs:
-            timed(config, pair, ids, mask)
+            begin_round(config)
+        for start in range(0, ids.shape[0], chunk):
+            for config in configs:
+                timed(config, pair, ids[start : start + chunk], mask[start : start + chunk])
         if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
             for config in configs:
                 config.seconds, config.batch_seconds, config.peak_mib = [], [], 0.0

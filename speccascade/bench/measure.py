@@ -117,22 +117,28 @@ def sync(device: torch.device) -> None:
 
 
 def timed(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Decode every prompt once in batches of ``config.batch_size``; record the wall time (in all and per batch)
-    and peak memory."""
-    stats, seconds = [], []
+    """Decode one chunk of prompts in batches of ``config.batch_size``, adding to the current round (the last
+    entry of ``seconds`` and ``batch_seconds``, opened by :func:`begin_round`): wall time, per-batch times,
+    stats and peak memory."""
+    stats = []
     with peak_memory(pair.device) as peak:
-        sync(pair.device)
-        start = time.perf_counter()
         for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
+            sync(pair.device)
             began = time.perf_counter()
             stats.append(config.run(batch_ids, batch_mask))
             sync(pair.device)
-            seconds.append(time.perf_counter() - began)
-        config.seconds.append(time.perf_counter() - start)
-    config.batch_seconds.append(seconds)
-    config.batch_tokens = [s.new_tokens for s in stats]
-    config.stats = DecodeStats.merge(stats)
+            config.batch_seconds[-1].append(time.perf_counter() - began)
+            config.seconds[-1] += config.batch_seconds[-1][-1]
+            config.batch_tokens.append(stats[-1].new_tokens)
+    config.stats = DecodeStats.merge([config.stats, *stats])
     config.peak_mib = max(config.peak_mib, peak())
+
+
+def begin_round(config: Configuration) -> None:
+    """Open a timed round: its wall time and per-batch times start empty, and stats count this round only."""
+    config.seconds.append(0.0)
+    config.batch_seconds.append([])
+    config.batch_tokens, config.stats = [], DecodeStats()
 
 
 def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:

@@ -30,7 +30,8 @@ def row(c: Configuration) -> dict:
     stats = replace(c.stats, wall_s=statistics.median(c.seconds))
     rates = {key: getattr(stats, name) for key, name in ROW_RATES.items()}
     return {"name": c.name, "implementation": c.implementation, "batch_size": c.batch_size,
-            "tokens_per_s": stats.tokens_per_s, "seconds": c.seconds, "new_tokens": stats.new_tokens,
+            "tokens_per_s": stats.tokens_per_s, "seconds": c.seconds, "batch_seconds": c.batch_seconds,
+            "batch_tokens": c.batch_tokens, "new_tokens": stats.new_tokens,
             "peak_memory_mib": c.peak_mib, "forward_share": c.forward_share,
             **{key: value if math.isfinite(value) else None for key, value in rates.items()}}
 
