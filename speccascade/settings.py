@@ -167,8 +167,8 @@ class PairSettings:
         return None if (self.drafter or self.target) else self.models
 
     def pair_config(self) -> dict:
-        """The pair's entries of a run's configuration beside drafter and target (runs of a full-vocabulary
-        drafter keep the configuration they had)."""
+        """The pair's entries of a run's configuration beside drafter and target (runs of a full-vocabulary,
+        float32 drafter keep the configuration they had)."""
         extra = {"drafter_vocab": self.drafter_vocab, "drafter_quantize": self.drafter_quantize}
         return {"models": self.preset} | {k: v for k, v in extra.items() if v}
 

@@ -31,7 +31,7 @@ class Configuration:
     models: tuple[torch.nn.Module, ...] = ()
     seconds: list[float] = field(default_factory=list)  # wall time of each timed round
     batch_seconds: list[list[float]] = field(default_factory=list)  # [round][batch] wall time of each batch
-    batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (last round)
+    batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (of the last round)
     stats: DecodeStats = field(default_factory=DecodeStats)  # totals of the last round
     peak_mib: float = 0.0
     forward_share: float = float("nan")
