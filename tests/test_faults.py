@@ -63,6 +63,15 @@ def _wait_for_owner(directory: Path, proc: subprocess.Popen, timeout: float = 12
     return False
 
 
+def _ended(proc: subprocess.Popen, what: str) -> str:
+    """A failure message with the process's exit code and output (it is killed first if still running)."""
+    alive = proc.poll() is None
+    if alive:
+        proc.kill()
+    return f"{what}: pid {proc.pid} {'was still running' if alive else f'had exited {proc.returncode}'}; " \
+           f"its output:\n{proc.communicate()[0]}"
+
+
 def _flags(options: dict) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
@@ -101,13 +110,14 @@ def test_evaluate_killed_at_random_points_resumes_to_the_same_results(tmp_path, 
     for attempt in range(2):  # killed once a random number of further points is complete, plus a random moment
         proc = _start(*args)
         if _wait_for_owner(killed, proc) and attempt == 0:  # a second writer while the first holds the lock
-            assert main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"]) == 2
+            code = main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"])
+            assert code == 2, _ended(proc, "the first writer released the lock early")
             assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
         done += rng.randint(1, 3)
         while len(list(killed.glob("points/*.json"))) < done and proc.poll() is None:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.2))
-        assert proc.poll() is None, "the run finished before it was killed; make it longer"
+        assert proc.poll() is None, _ended(proc, "the run finished before it was killed; make it longer")
         proc.kill()
         proc.wait()
         sidecars = list(killed.glob("points/*.json"))
