@@ -153,7 +153,9 @@ def run(plan: _Plan) -> dict:
 
 def _print_cost(summary: dict) -> None:
     print(f"log-traces: outcome labels on {summary['labelled_positions']} examined positions, "
-          f"{summary['decoded_positions']} decoded (draft != target's choice), {summary['harmful_positions']} harmful; "
+          f"{summary['decoded_positions']} decoded (draft != target's choice), {summary['harmful_positions']} harmful, "
+          f"{summary['helpful_positions']} helpful; {summary['decoded_positions_where_target_right']} decoded where the "
+          "target's choice scores; "
           f"label cost {summary['extra_target_tokens']} extra target tokens = "
           f"{summary['extra_target_tokens_per_labelled_position']:.1f} per labelled position "
           f"({summary['extra_target_tokens_per_decoded_position']:.1f} per decoded one)")

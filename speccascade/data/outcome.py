@@ -55,12 +55,16 @@ def sampled_choice(p: torch.Tensor, temperature: float, seeds: list[int], positi
 
 @dataclass
 class OutcomeCost:
-    """What the labels cost: positions labelled (examined), decoded (draft != target's choice), found
-    harmful, and the target's extra work (tokens generated, prompt and prefix tokens prefilled)."""
+    """What the labels cost and found: positions labelled (examined), decoded (draft != target's choice),
+    found harmful (the swap loses quality) or helpful (it gains), decoded where the target's choice scores
+    (there a swap can lose the answer but never gain it), and the target's extra work
+    (tokens generated, prompt and prefix tokens prefilled)."""
 
     labelled: int = 0
     decoded: int = 0
     harmful: int = 0
+    helpful: int = 0
+    target_right: int = 0
     target_tokens: int = 0
     prefill_tokens: int = 0
 
@@ -80,7 +84,8 @@ class OutcomeCost:
         """The manifest's ``outcome_labels`` entry."""
         per = lambda n: self.target_tokens / n if n else 0.0  # noqa: E731
         return {"max_new_tokens": max_new_tokens, "labelled_positions": self.labelled, "decoded_positions": self.decoded,
-                "harmful_positions": self.harmful, "extra_target_tokens": self.target_tokens,
+                "harmful_positions": self.harmful, "helpful_positions": self.helpful,
+                "decoded_positions_where_target_right": self.target_right, "extra_target_tokens": self.target_tokens,
                 "extra_prefill_tokens": self.prefill_tokens,
                 "extra_target_tokens_per_labelled_position": per(self.labelled),
                 "extra_target_tokens_per_decoded_position": per(self.decoded)}
@@ -138,6 +143,7 @@ class OutcomeLabeller:
             delta[i] = scores[2 * k] - scores[2 * k + 1]
             harm[i] = float(delta[i] > 0)
         cost.labelled, cost.decoded, cost.harmful = int(examined.sum()), len(differs), int((harm == 1).sum())
+        cost.helpful, cost.target_right = int((delta < 0).sum()), sum(scores[2 * k] > 0 for k in range(len(differs)))
         return harm, delta, cost
 
     def _score(self, prompts: list[list[int]], starts: list[list[int]], finished: list[bool], examples: list[Example],

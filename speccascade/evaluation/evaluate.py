@@ -27,7 +27,7 @@ from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
                         as_config, resolve_groups, setting)
 from . import report
-from .points import Point, PointStore, empty_records, records_path, repetition, summarise
+from .points import Point, PointStore, calls_against, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
 from .uncertainty import LEVEL, RESAMPLES, resample_weights
 
@@ -216,8 +216,9 @@ def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) 
     s = plan.settings
     weights = resample_weights(len(plan.examples), seed=s.seed)
     target = done[0][1]
-    points = [summarise(point, records, meta, target, weights, s.margin) | {"records": records_path(point)}
-              for point, records, meta in done]
+    exact = next((records for point, records, _ in done if point.rule == "speculative"), None)
+    points = [summarise(point, records, meta, target, weights, s.margin) | calls_against(records, exact, weights)
+              | {"records": records_path(point)} for point, records, meta in done]
     for p in points:
         p["relative_latency"] = p["wall_s"] / points[0]["wall_s"] if points[0]["wall_s"] else float("nan")
     groups = by_rule(points)

@@ -11,7 +11,9 @@ numbers), so a killed evaluation leaves only whole points and ``evaluate --resum
 over examples, the *paired* difference to the target (both resampled with the same example
 counts), the decision "reaches the target's quality" (paired non-inferiority within a margin,
 :func:`speccascade.evaluation.uncertainty.non_inferior`), and two guards: mean output length
-relative to the target's (length inflation) and the share of looping replies.
+relative to the target's (length inflation) and the share of looping replies. :func:`calls_against`
+puts a point's model calls against exact speculative decoding's on the same examples (a paired
+ratio with its interval): the cost a cascade saves, free of timing noise under greedy decoding.
 """
 
 from __future__ import annotations
@@ -126,3 +128,20 @@ def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np
         "length_ratio_low": length.low if length else float("nan"), "length_ratio_high": length.high if length else float("nan"),
         "repetition": float(r["repetition"].mean()), "looping_rate": float(looping.mean()),
     }
+
+
+CALLS = ("target_calls", "drafter_calls")
+
+
+def calls_against(records: dict, reference: dict | None, weights: np.ndarray) -> dict:
+    """The point's target and drafter calls over ``reference``'s on the same examples, each a paired ratio of
+    sums with its interval (``target_calls_vs_exact`` etc.; NaN without a reference or where it made no calls)."""
+    out = {}
+    for name in CALLS:
+        key = f"{name}_vs_exact"
+        if reference is None or not np.sum(reference[name]):
+            out |= {key: float("nan"), f"{key}_low": float("nan"), f"{key}_high": float("nan")}
+            continue
+        ratio = ratio_interval(records[name], reference[name], weights)
+        out |= {key: ratio.estimate, f"{key}_low": ratio.low, f"{key}_high": ratio.high}
+    return out

@@ -11,7 +11,9 @@ from .points import LENGTH_TOLERANCE, LOOPING
 
 FIELDS = ["rule", "label", "knob", "quality", "quality_low", "quality_high", "difference", "difference_low",
           "difference_high", "non_inferior", "reaches_target", "deferral_rate", "rejection_rate", "target_calls",
-          "drafter_calls", "tokens_per_target_call", "new_tokens", "wall_s", "relative_latency", "length_ratio",
+          "drafter_calls", "target_calls_vs_exact", "target_calls_vs_exact_low", "target_calls_vs_exact_high",
+          "drafter_calls_vs_exact", "drafter_calls_vs_exact_low", "drafter_calls_vs_exact_high",
+          "tokens_per_target_call", "new_tokens", "wall_s", "relative_latency", "length_ratio",
           "length_ratio_low", "length_ratio_high", "repetition", "looping_rate", "guards", "records"]
 
 
@@ -59,17 +61,21 @@ def markdown(result: dict) -> str:
         f"point, so differences are paired). A point *reaches the target's quality* when the interval of its paired "
         f"difference to the target lies above -{s['margin']:g} (non-inferiority margin) and no guard fires: replies "
         f"significantly more than {LENGTH_TOLERANCE:.0%} longer than the target's, or significantly more looping replies "
-        f"(at least {LOOPING:.0%} of a reply's 4-grams repeated). Per-example records: `points/*.parquet`.",
+        f"(at least {LOOPING:.0%} of a reply's 4-grams repeated). *Target calls vs exact SD* is the point's calls of "
+        f"the target over exact speculative decoding's on the same examples (a paired ratio; below 1 saves work). "
+        f"Per-example records: `points/*.parquet`.",
         "",
         "![quality against cost](quality_vs_cost.png)",
         "",
-        "| decoder | quality | difference to target | reaches target | deferral rate | tokens / target call | latency vs target | length vs target | looping |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| decoder | quality | difference to target | reaches target | deferral rate | tokens / target call | target calls vs exact SD "
+        "| latency vs target | length vs target | looping |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["points"]:
         reached = "yes" if p["reaches_target"] else ("no: " + "; ".join(p["guards"]) if p["guards"] else "no")
         lines.append(f"| {p['label']} | {interval(p, 'quality')} | {interval(p, 'difference', sign='+')} | {reached} | "
-                     f"{p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | {p['relative_latency']:.2f}x | "
+                     f"{p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | "
+                     f"{interval(p, 'target_calls_vs_exact')} | {p['relative_latency']:.2f}x | "
                      f"{interval(p, 'length_ratio', '.2f')} | {p['looping_rate']:.0%} |")
     lines += ["", "| rule | lowest latency at target quality | best quality within target latency |", "|---|---|---|"]
     for rule, v in result["summary"].items():

@@ -106,8 +106,23 @@ def test_labels_find_the_one_position_the_answer_depends_on(planted):
     assert np.isnan(harm[~examined]).all() and (~examined).any()  # drafts after a rejection: no label
     cost = manifest["outcome_labels"]
     assert cost["labelled_positions"] == 40 * 6 and cost["decoded_positions"] == 40 * 2 and cost["harmful_positions"] == 40
+    assert cost["helpful_positions"] == 0 and cost["decoded_positions_where_target_right"] == 40 * 2  # every reply is right
     # the kept choice reuses the target's reply; the drafts continue "b=5.</s>" and ".</s>": 7 target tokens
     assert cost["extra_target_tokens"] == 40 * 7 and cost["extra_target_tokens_per_labelled_position"] == pytest.approx(7 / 6)
+
+
+def test_a_swap_in_a_wrong_reply_can_help_and_is_counted_apart():
+    """In the reply "ab=7." (wrong: the answer is 5) the draft "5" for "7" gains the answer, and the draft "c" for "a"
+    changes nothing; only the latter is a mismatch where the target's choice scores."""
+    pair, task = planted_pair(), Planted()
+    prompt, reply = pair.encode(["Q:"])[0][0].tolist(), TOKENIZER("ab=7.")["input_ids"] + [EOS]
+    draft = torch.tensor([_id("c"), _id("b"), _id("="), _id("5"), _id("."), EOS])
+    n = len(reply)
+    harm, delta, cost = OutcomeLabeller(pair, task, 8, 4).label(
+        task.examples("train", limit=1), [prompt], [reply], torch.zeros(n, dtype=torch.long), torch.arange(n), draft,
+        torch.tensor(reply), torch.ones(n, dtype=torch.bool))
+    assert delta.tolist() == [0, 0, 0, -1, 0, 0] and harm.sum() == 0
+    assert (cost.decoded, cost.harmful, cost.helpful, cost.target_right) == (2, 0, 1, 1)
 
 
 def test_reusing_the_target_reply_gives_the_labels_of_decoding_both(planted):

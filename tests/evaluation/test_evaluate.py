@@ -12,7 +12,7 @@ from speccascade.decoding.stats import COUNTERS
 from speccascade.data.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
-from speccascade.evaluation.points import Point, repetition, summarise
+from speccascade.evaluation.points import Point, calls_against, repetition, summarise
 from speccascade.evaluation.summary import pareto_front, summary
 from speccascade.evaluation.uncertainty import resample_weights
 from speccascade.training import train_deferral
@@ -59,6 +59,17 @@ def test_evaluate_end_to_end(tmp_path, head):
     assert exact["reaches_target"] and exact["length_ratio"] == 1.0 and exact["guards"] == []
     assert json.loads((out / "results.json").read_text())["settings"]["margin"] == 0.02
     assert "difference to target" in (out / "report.md").read_text()
+    # model calls against exact speculative decoding on the same examples, paired
+    sd_calls = pq.read_table(out / exact["records"]).to_pydict()
+    assert [exact[f"target_calls_vs_exact{s}"] for s in ("", "_low", "_high")] == [1.0, 1.0, 1.0]
+    for p in result["points"]:
+        calls = pq.read_table(out / p["records"]).to_pydict()
+        for name in ("target_calls", "drafter_calls"):
+            assert p[f"{name}_vs_exact"] == pytest.approx(sum(calls[name]) / sum(sd_calls[name]))
+            assert p[f"{name}_vs_exact_low"] <= p[f"{name}_vs_exact"] <= p[f"{name}_vs_exact_high"]
+    assert points["target only"]["target_calls_vs_exact_low"] > 1  # the target alone calls itself once per token
+    assert points["never"]["target_calls_vs_exact"] <= 1  # accepting every draft never needs more calls
+    assert "target calls vs exact SD" in (out / "report.md").read_text()
 
 
 def test_pareto_front_and_summary_on_hand_made_points():
@@ -118,6 +129,20 @@ def test_non_inferiority_and_guards_decide_reaching_the_target():
     loops = summarise(point, _records([1.0] * 20 + [0.0] * 20, [20] * 40, [0.9] * 20 + [0.0] * 20), {"wall_s": 1.0},
                       target, weights, 0.02)
     assert loops["looping_rate"] == 0.5 and not loops["reaches_target"] and "loops in 50%" in loops["guards"][0]
+
+
+def test_calls_against_exact_decoding_are_paired_ratios():
+    weights = resample_weights(40, seed=0)
+    exact = {"target_calls": [4] * 40, "drafter_calls": [20] * 40}
+    fewer = {"target_calls": [3] * 10 + [4] * 30, "drafter_calls": [15] * 10 + [20] * 30}
+    ratios = calls_against(fewer, exact, weights)
+    assert ratios["target_calls_vs_exact"] == pytest.approx(150 / 160) and ratios["drafter_calls_vs_exact"] == pytest.approx(0.9375)
+    # never more calls on any example, so no resample reaches 1; some examples save, so the interval has width
+    assert ratios["target_calls_vs_exact_low"] < ratios["target_calls_vs_exact"] < ratios["target_calls_vs_exact_high"] < 1
+    one_example = {"target_calls": [3] + [4] * 39, "drafter_calls": [20] * 40}
+    assert calls_against(one_example, exact, weights)["target_calls_vs_exact_high"] == 1.0  # resamples without it
+    missing = calls_against(fewer, None, weights)
+    assert all(value != value for value in missing.values())  # NaN without exact decoding to compare with
 
 
 def test_repetition_rate_of_a_reply():
