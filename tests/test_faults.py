@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -63,6 +65,16 @@ def _wait_for_owner(directory: Path, proc: subprocess.Popen, timeout: float = 12
     return False
 
 
+@contextmanager
+def _paused(proc: subprocess.Popen) -> Iterator[None]:
+    """Stop ``proc`` (SIGSTOP) while the body runs: a lock it holds stays held however long the body takes."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
 def _ended(proc: subprocess.Popen, what: str) -> str:
     """A failure message with the process's exit code and output (it is killed first if still running)."""
     alive = proc.poll() is None
@@ -82,7 +94,8 @@ def test_log_traces_killed_at_random_points_resumes_to_the_uninterrupted_rows(tm
     killed = tmp_path / "killed"
     proc = _start("log-traces", *cli_args(killed, 16))
     assert _wait_for_owner(killed, proc)
-    assert main(["log-traces", *cli_args(killed, 16, ["--resume"])]) == 2  # a second writer is refused
+    with _paused(proc):  # a second writer is refused
+        assert main(["log-traces", *cli_args(killed, 16, ["--resume"])]) == 2
     assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
     _wait_for(killed / "shards" / "r000-00000.json", proc)  # killed after its first shard
     proc.kill()
@@ -110,7 +123,8 @@ def test_evaluate_killed_at_random_points_resumes_to_the_same_results(tmp_path, 
     for attempt in range(2):  # killed once a random number of further points is complete, plus a random moment
         proc = _start(*args)
         if _wait_for_owner(killed, proc) and attempt == 0:  # a second writer while the first holds the lock
-            code = main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"])
+            with _paused(proc):
+                code = main(["evaluate", "--out", str(killed), *_flags(EVALUATE), "--resume"])
             assert code == 2, _ended(proc, "the first writer released the lock early")
             assert f"is being written by pid {proc.pid}" in capsys.readouterr().err
         done += rng.randint(1, 3)
