@@ -59,6 +59,19 @@ def test_bench_times_the_cascade_rules_it_is_given(tmp_path):
     assert all(r["new_tokens"] > 0 for r in cascades) and report["rules"] == ["gain:0.2", "diff:0.1"]
 
 
+def test_bench_without_transformers_times_only_speccascade_rows(tmp_path):
+    code = main(["bench", "--models", "tiny-random", "--batch-sizes", "1", "--prompts", "2", "--max-new-tokens", "4",
+                 "--repeats", "1", "--rules", "gain:0.2", "--no-transformers", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and saved["transformers_rows"] is False
+    assert [r["name"] for r in saved["results"]] == ["target alone", "drafter alone", "cascade gain:0.2",
+                                                     "exact speculative decoding"]
+    assert all(r["implementation"] == "speccascade" for r in saved["results"])
+    assert saved["goals"].keys() == {"efficiency", "overhead"}  # no assisted-generation row to compare with
+    assert "assisted generation" not in (tmp_path / "bench.md").read_text()
+    assert saved["results"][2]["speedup_vs_exact_sd_ci"]["low"] > 0
+
+
 def test_bench_with_draft_stop_times_adaptive_exact_decoding_beside_fixed_blocks(tmp_path):
     report = bench(tmp_path, models="tiny-random", batch_sizes="1", prompts=2, max_new_tokens=8, repeats=1,
                    rules="opt:0.3", draft_stop=0.1)

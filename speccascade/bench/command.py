@@ -37,6 +37,8 @@ class BenchSettings(BlockSettings, PairSettings):
     cache: str | None = setting(None, "speccascade KV cache, dynamic or static (default: static on CUDA, dynamic on the CPU)")
     compile: bool = setting(False, "torch.compile the models' single-step forward passes (needs --cache static)")
     device: str | None = setting(None, "cuda, cuda:N or cpu (default: cuda when present)")
+    transformers: bool = setting(True, "time transformers' generate and assisted generation too (--no-transformers "
+                                 "leaves them out: a shorter bench when only speccascade's rows are compared)")
 
     def check_bench(self) -> None:
         """What the field types and ranges do not say: choices, the cache that compile needs, the device."""
@@ -52,7 +54,7 @@ class BenchSettings(BlockSettings, PairSettings):
         """The settings recorded in bench.json."""
         return {"task": self.task, "block_size": self.block_size, "rules": [r.spec for r in cascades], **self.block_options(),
                 "prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "repeats": self.repeats,
-                "cache": self.cache or "default", "compile": self.compile}
+                "cache": self.cache or "default", "compile": self.compile, "transformers_rows": self.transformers}
 
 
 @dataclass
@@ -89,7 +91,7 @@ def run(plan: _Plan) -> dict:
     pair = s.load_pair(device=s.device)
     ids, mask = pair.encode([e.prompt for e in plan.examples])
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
-                             {"cache": s.cache, "compile": s.compile}, s.block_options())
+                             {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)
     measure(configs, pair, ids, mask, s.repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades))

@@ -56,15 +56,14 @@ def report(configs: list[Configuration], steps: dict[str, float], pair: ModelPai
     sd1 = by_name[("exact speculative decoding", 1)]
     a = sd1["acceptance"] or 0.0
     ideal = ideal_speedup(a, settings["block_size"], c)
-    ratios = {
-        "exact_sd_vs_assisted": sd1["tokens_per_s"] / by_name[("assisted generation", 1)]["tokens_per_s"],
-        "efficiency": sd1["speedup_vs_target"] / ideal,
-        "overhead": 1 - sd1["forward_share"],
-    }
+    ratios = {"efficiency": sd1["speedup_vs_target"] / ideal, "overhead": 1 - sd1["forward_share"]}
+    if ("assisted generation", 1) in by_name:
+        ratios["exact_sd_vs_assisted"] = sd1["tokens_per_s"] / by_name[("assisted generation", 1)]["tokens_per_s"]
     if ("exact speculative decoding", 8) in by_name:
         ratios["batch8_vs_batch1"] = by_name[("exact speculative decoding", 8)]["tokens_per_s"] / sd1["tokens_per_s"]
-    goals = {k: {"what": GOALS[k][0], "value": v, "goal": GOALS[k][1],
-                 "met": v <= GOALS[k][1] if k == "overhead" else v >= GOALS[k][1]} for k, v in ratios.items()}
+    goals = {k: {"what": GOALS[k][0], "value": ratios[k], "goal": GOALS[k][1],
+                 "met": ratios[k] <= GOALS[k][1] if k == "overhead" else ratios[k] >= GOALS[k][1]}
+             for k in GOALS if k in ratios}
     return {
         "pair": pair.name, "drafter": pair.drafter_id, "target": pair.target_id, "device": device_name(pair.device),
         "dtype": str(pair.target.dtype).removeprefix("torch."), **settings,
