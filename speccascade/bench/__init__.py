@@ -7,9 +7,9 @@ schedule, no confidence early stop), and for reference with its defaults (up to 
 early where the drafter's confidence falls below 0.4), (c) speccascade's target alone and drafter
 alone, (d) exact speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha
 (or the rules asked for), with ``--draft-stop`` also exact decoding whose blocks end where the
-drafter is unsure, and (f) exact speculative decoding at each batch size; ``--no-transformers`` leaves out (a) and (b). Configurations take turns on each
-chunk of prompts (one largest batch) in ``repeats`` rounds after a warm-up and are reported as medians, so
-machine noise hits them alike; a batch-1 configuration's speed-up carries a 95% bootstrap interval over
+drafter is unsure, and (f) exact speculative decoding at each batch size; ``--no-transformers``
+leaves out (a) and (b). Configurations take turns on each chunk of prompts (one largest batch) in
+``repeats`` rounds after a warm-up and are reported as medians, so machine noise hits them alike; a batch-1 configuration's speed-up carries a 95% bootstrap interval over
 prompts (paired with the target alone, and for the cascades with exact decoding).
 
 Derived numbers (docs/algorithms.md section 7): the cost ratio ``c`` = drafter step / target step

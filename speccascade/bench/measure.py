@@ -38,9 +38,9 @@ class Configuration:
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
-                   options: dict, block: dict, peers: bool = True) -> list[Configuration]:
-    """transformers' generate and assisted generation (unless ``peers`` is false), then speccascade's decoders
-    (see the package docstring).
+                   options: dict, block: dict, transformers_rows: bool = True) -> list[Configuration]:
+    """transformers' generate and assisted generation (unless ``transformers_rows`` is false), then
+    speccascade's decoders (see the package docstring).
 
     ``block`` (``bonus``, ``draft_stop``): how the cascade rows end blocks; with ``draft_stop`` an adaptive
     exact-decoding row (batch 1) runs beside the fixed-block ones.
@@ -75,7 +75,7 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
         Configuration("target, generate", "transformers", 1, hf(), (pair.target,)),
         Configuration("assisted generation", "transformers", 1, hf(**constant), both),
         Configuration("assisted generation, adaptive drafts", "transformers", 1, hf(**adaptive), both),
-    ] if peers else []
+    ] if transformers_rows else []
     configs += [
         Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
         Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
