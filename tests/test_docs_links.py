@@ -176,3 +176,29 @@ def test_every_shown_command_parses(page, command, parser, monkeypatch):
     except Exception as err:  # jsonargparse's ArgumentError and its kin
         pytest.fail(f"{page}: `{command}` does not parse: {' '.join(str(err).split())[:300]}", pytrace=False)
     assert cfg.command == words[0]
+
+
+# --rules values that are not rules.parse's: evaluate's baselines, and heads (their directory is not in the repository)
+NOT_RULES = ("target", "drafter", "sequential", "exact", "learned", "...")
+
+
+def test_rules_in_shown_commands_parse():
+    """Every rule spelled in a shown command's --rules/--rule is one that rules.parse accepts as written."""
+    from speccascade import rules
+
+    specs = set()
+    for _, command in COMMANDS:
+        if command in SKIPPED:
+            continue
+        words = shlex.split(command)
+        for flag, value in zip(words, words[1:]):
+            if flag in ("--rules", "--rule"):
+                specs |= {s for s in value.split(",") if s.split(":")[0] not in NOT_RULES}
+    assert {"always", "gain", "tokenv3:0.5"} <= specs
+    refused = []
+    for spec in sorted(specs):
+        try:
+            rules.parse(spec)
+        except Exception as err:
+            refused.append(f"{spec}: {err}")
+    assert not refused, refused
