@@ -202,3 +202,24 @@ def test_rules_in_shown_commands_parse():
         except Exception as err:
             refused.append(f"{spec}: {err}")
     assert not refused, refused
+
+
+def test_option_tables_name_real_options(parser):
+    """Each option in commands.md's tables (under the heading named after its command) is an option of
+    that command, so a renamed or removed option cannot stay documented."""
+    from speccascade.cli import COMMANDS as COMMAND_NAMES
+
+    text = (ROOT / "docs" / "commands.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)
+    checked, unknown = 0, []
+    for section in sections:
+        name = section.split("\n", 1)[0].strip()
+        if name not in COMMAND_NAMES:
+            continue
+        sub = parser._subcommands_action._name_parser_map[name]
+        known = {s for action in sub._actions for s in action.option_strings}
+        for option in re.findall(r"^\| `(--[\w-]+)` \|", section, flags=re.M):
+            checked += 1
+            if option not in known:
+                unknown.append(f"{name} {option}")
+    assert checked > 100 and not unknown, unknown
