@@ -20,9 +20,9 @@ import torch
 
 from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
+from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
