@@ -31,7 +31,7 @@ from .evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluate import resolve as resolve_evaluation
 from .evaluate import run as evaluate
 from ..report import by_rule
-from .report import interval
+from .report import interval_text
 
 
 @dataclass(kw_only=True)
@@ -141,7 +141,7 @@ def results_table(result: dict) -> Table:
     for header in ("decoder", "quality", "vs target", "deferred", "tokens/call", "latency"):
         table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
     for p in result["points"]:
-        table.add_row(p["label"], interval(p, "quality"), interval(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
+        table.add_row(p["label"], interval_text(p, "quality"), interval_text(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
                       f"{p['tokens_per_target_call']:.2f}", f"{p['relative_latency']:.2f}x")
     return table
 
@@ -158,10 +158,10 @@ def summary_lines(result: dict) -> list[str]:
         if reaching:
             lowest = min(reaching, key=lambda p: p["deferral_rate"])
             lines.append(f"{rule}: reaches the target's quality (within {margin:g}) deferring {lowest['deferral_rate']:.2f} "
-                         f"of drafts ({lowest['label']}: difference {interval(lowest, 'difference', sign='+')})")
+                         f"of drafts ({lowest['label']}: difference {interval_text(lowest, 'difference', sign='+')})")
         else:
             best = max(pts, key=lambda p: p["quality"])
             guards = f"; {'; '.join(best['guards'])}" if best["guards"] else ""
             lines.append(f"{rule}: not shown to reach the target's quality; best {best['label']} quality "
-                         f"{interval(best, 'quality')}, difference {interval(best, 'difference', sign='+')}{guards}")
+                         f"{interval_text(best, 'quality')}, difference {interval_text(best, 'difference', sign='+')}{guards}")
     return lines

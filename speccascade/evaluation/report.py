@@ -24,7 +24,7 @@ def write_outputs(out: Path, result: dict) -> None:
     (out / "report.md").write_text(markdown(result))
 
 
-def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
+def interval_text(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
     """``0.500 [0.250, 0.750]``; ``-`` without an estimate."""
     if p[name] is None or p[name] != p[name]:
         return "-"
@@ -73,10 +73,10 @@ def markdown(result: dict) -> str:
     ]
     for p in result["points"]:
         reached = "yes" if p["reaches_target"] else ("no: " + "; ".join(p["guards"]) if p["guards"] else "no")
-        lines.append(f"| {p['label']} | {interval(p, 'quality')} | {interval(p, 'difference', sign='+')} | {reached} | "
+        lines.append(f"| {p['label']} | {interval_text(p, 'quality')} | {interval_text(p, 'difference', sign='+')} | {reached} | "
                      f"{p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | "
-                     f"{interval(p, 'target_calls_vs_exact')} | {p['relative_latency']:.2f}x | "
-                     f"{interval(p, 'length_ratio', '.2f')} | {p['looping_rate']:.0%} |")
+                     f"{interval_text(p, 'target_calls_vs_exact')} | {p['relative_latency']:.2f}x | "
+                     f"{interval_text(p, 'length_ratio', '.2f')} | {p['looping_rate']:.0%} |")
     lines += ["", "| rule | lowest latency at target quality | best quality within target latency |", "|---|---|---|"]
     for rule, v in result["summary"].items():
         low, best = v["lowest_latency_at_target_quality"], v["best_quality_within_target_latency"]
