@@ -4,7 +4,8 @@ The commands decide *what* to report (:mod:`speccascade.evaluation.report` for `
 demo, :mod:`speccascade.evaluation.compare` for ``compare`` and ``train-deferral``'s held-out
 comparison, :mod:`speccascade.training.calibration` for the reliability diagram, :mod:`speccascade.bench`);
 this module decides *how*: matplotlib set up once (headless), strict JSON, CSV rows, points grouped
-by rule, W&B tables, line series and images.
+by rule, W&B tables, line series and images. Every JSON file the package writes goes through
+:func:`write_json`; the module imports nothing of the package, so any layer may write through it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable
-
-from .outdir import write_atomic
 
 
 def pyplot():
@@ -46,11 +46,20 @@ def json_ready(value):
     return value
 
 
-def write_json(path: Path, value, indent: int = 2, strict: bool = True) -> Path:
-    """``value`` as JSON, written atomically; ``strict`` turns NaN and infinities into null."""
-    text = json.dumps(json_ready(value), indent=indent, allow_nan=False) if strict else json.dumps(value, indent=indent)
-    write_atomic(path, text.encode())
-    return path
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a part (rename is atomic)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """``value`` as strict JSON (NaN and infinities become null), written atomically. Finite values give
+    the bytes of ``json.dumps(value, indent=indent, sort_keys=sort_keys)``, so checksums of files written
+    before stay valid."""
+    text = json.dumps(json_ready(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    write_atomic(Path(path), text.encode())
+    return Path(path)
 
 
 def write_csv(path: Path, rows: Iterable[dict], fields: list[str]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
+from ..report import write_json
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -96,7 +96,7 @@ def run(plan: _Plan) -> dict:
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades))
     s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(s.out / "bench.json", result)
     (s.out / "bench.md").write_text(markdown(result))
     print(markdown(result))
     return result

@@ -18,6 +18,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import SpeccascadeError
+from ..report import write_json
 from . import features as F
 from .features import HIDDEN_INPUTS
 
@@ -95,7 +96,13 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
 
     def save(self, directory) -> None:
         """Write ``config.json`` + ``model.safetensors`` (no pickle)."""
-        self.save_pretrained(directory, config=self.config())
+        self.save_pretrained(directory)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The weights, then ``config.json`` through the one JSON writer (strict: an undefined metric is null) in
+        the mixin's own format (sorted keys, indent 2), which keeps the mixin from writing it again."""
+        super()._save_pretrained(save_directory)
+        write_json(Path(save_directory) / "config.json", self.config(), sort_keys=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> "DeferralHead":

@@ -176,7 +176,7 @@ def point_rows(result: dict) -> list[dict]:
 def write(out: Path, result: dict, stem: str) -> None:
     """``{stem}.json``, ``{stem}.csv`` (budget curves with bands), ``summary.csv``, ``{stem}.png``, ``{stem}.md``."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{stem}.json", result, indent=1, strict=False)
+    write_json(out / f"{stem}.json", result, indent=1)
     curves = [{"candidate": label, "kind": c["kind"], "deferral_budget": r, "loss": loss, "loss_low": low, "loss_high": high}
               for label, c in result["candidates"].items()
               for r, loss, low, high in zip(RATES, c["budget"]["loss"], c["budget"]["low"], c["budget"]["high"])]

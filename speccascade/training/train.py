@@ -10,7 +10,6 @@ non-finite or constant scores) is an error, not an artefact.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ..evaluation import offline
 from ..evaluation.compare import log_to_wandb as log_comparison
 from ..evaluation.compare import write as write_comparison
 from ..outdir import OutputDir, launched_child
+from ..report import write_json
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import calibration as cal
@@ -259,7 +259,7 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
          **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}} for t, m in zip(s.traces, plan.manifests)]}
     comparison = _offline_comparison(trained, data, out, metrics, s.alpha, s.seed)
     trained.save(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
     if wandb_run is not None:
         print(f"W&B run: {run_path(wandb_run)}")
