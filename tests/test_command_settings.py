@@ -55,6 +55,7 @@ def _cases(traces, out) -> list[tuple[list[str], str]]:
         ([*cmp, "--seed", "-1"], "--seed must be >= 0"),
         ([*cmp, "--wandb-project", " "], "--wandb-project must not be empty"),
         ([*cmp, "--rules", "opt,,diff"], "has an empty item"),
+        ([*cmp, "--heads", "a,"], "--heads 'a,' has an empty item"),
         (["compare", "--traces", str(out / "none"), "--out", str(out), "--wandb-mode", "disabled"], "holds no traces"),
         ([*op, "--target-loss", "1e999"], "--target-loss must be a finite number"),
         ([*op, "--target-loss", "0.1", "--target-deferral-rate", "0.2"], "exactly one of --target-deferral-rate"),
@@ -145,7 +146,7 @@ def test_evaluate_and_compare_tables_share_their_key_columns(planted):
     from speccascade.deferral import rules as R
     from speccascade.evaluation import offline
 
-    columns = compare_module.read_columns(str(planted), [R.parse("opt"), R.parse("kl:tau=0.9")], [])
+    columns = compare_module.read_columns(str(planted), [R.parse("opt").build(), R.parse("kl:tau=0.9").build()], [])
     result = offline.compare_columns(*columns, rules="opt,kl:tau=0.9", resamples=20)
     rows = compare_module.point_rows(result)
     offline_table = comparison_table(rows, list(rows[0]))

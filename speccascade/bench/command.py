@@ -12,6 +12,7 @@ from ..data.tasks import get_task
 from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..outdir import writable
 from ..report import write_json
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
@@ -127,12 +128,13 @@ def cascade_rules(text: str | None, alpha: float) -> list[R.Rule]:
     """The cascade rules to time: ``--rules`` parsed by the one rule parser, else OPT and TokenV3 at ``alpha``."""
     if text is None:
         return [R.OPT(alpha), R.TokenV3(alpha)]
-    return [R.parse(item) for item in R.split_specs(str(text))]
+    return [R.parse(item).build() for item in split_list(text, "--rules")]
 
 
 def _batch_sizes(text: str, prompts: int) -> list[int]:
+    items = split_list(str(text), "--batch-sizes")
     try:
-        sizes = sorted({int(s) for s in str(text).split(",") if s.strip()})
+        sizes = sorted({int(s) for s in items})
     except ValueError:
         raise SpeccascadeError(f"--batch-sizes {text!r}: batch sizes must be comma-separated integers") from None
     if not sizes or sizes[0] < 1 or sizes[-1] > prompts:

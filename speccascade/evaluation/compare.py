@@ -19,6 +19,7 @@ from ..data.traces import load_traces, read_manifest
 from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..outdir import writable
 from ..report import comparison_table, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
 from ..settings import TrackingSettings, resolve_groups, setting
@@ -65,19 +66,19 @@ def resolve(settings: CompareSettings) -> _Plan:
     """Check the settings, the output path, the traces' manifest, the heads (held out?) and the rules; write nothing."""
     s = resolve_groups(settings)
     writable(s.out)
-    head_dirs = [h for h in (s.heads.split(",") if isinstance(s.heads, str) else s.heads or []) if h]
+    head_dirs = split_list(s.heads, "--heads") if s.heads is not None else []
     manifest = read_manifest(s.traces)
     learned = load_heads(head_dirs, manifest)
     rules = s.rules if s.rules is not None else ",".join(offline.available(DEFAULT_RULES, load_traces(s.traces).column_names))
-    for spec in R.split_specs(rules):
-        R.parse(spec)
+    for spec in split_list(rules, "--rules"):
+        R.parse(spec).build()
     return _Plan(s, head_dirs, learned, rules, manifest)
 
 
 def run(plan: _Plan) -> dict:
     """Judge every candidate, write the report, print its table and log the W&B run."""
     s = plan.settings
-    columns, example_ids = read_columns(s.traces, [R.parse(spec) for spec in R.split_specs(plan.rules)], plan.learned.values())
+    columns, example_ids = read_columns(s.traces, [R.parse(spec).build() for spec in split_list(plan.rules, "--rules")], plan.learned.values())
     result = offline.compare_columns(columns, example_ids, plan.rules, plan.learned, s.resamples, s.seed)
     result["traces"] = {"path": str(s.traces), **{k: plan.manifest.get(k) for k in ("task", "split", "drafter", "target",
                                                                                       "fingerprint")}}
@@ -105,7 +106,7 @@ def load_heads(head_dirs: list[str], manifest: dict) -> dict[str, R.Learned]:
     """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces."""
     learned = {}
     for directory in head_dirs:
-        rule = R.parse(f"learned:{directory}")
+        rule = R.parse(f"learned:{directory}").build()
         check_held_out(rule, manifest, directory)
         learned[_unique(Path(directory).name, learned)] = rule
     return learned
