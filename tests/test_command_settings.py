@@ -15,7 +15,7 @@ import pytest
 from speccascade import cli
 from speccascade.cli import main
 from speccascade.errors import SpeccascadeError
-from speccascade.evaluation.report import FIELDS
+from speccascade.evaluation.report import FIELDS, comparison_point_rows
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune.module import FinetuneModule, ModelRecipe
 from speccascade.report import KEYS, comparison_table
@@ -148,7 +148,7 @@ def test_evaluate_and_compare_tables_share_their_key_columns(planted):
 
     columns = compare_module.read_columns(str(planted), [R.parse("opt").build(), R.parse("kl:tau=0.9").build()], [])
     result = offline.compare_columns(*columns, rules="opt,kl:tau=0.9", resamples=20)
-    rows = compare_module.point_rows(result)
+    rows = comparison_point_rows(result)
     offline_table = comparison_table(rows, list(rows[0]))
     decoded = [dict.fromkeys(FIELDS, 0.0) | {"rule": "opt", "knob": 0.3}]
     online_table = comparison_table(decoded, [f for f in FIELDS if f not in ("guards", "records")])

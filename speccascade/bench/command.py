@@ -14,7 +14,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
-from ..report import write_json
+from ..report import write_json, write_text
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -98,7 +98,7 @@ def run(plan: _Plan) -> dict:
     result = report(configs, steps, pair, s.config(plan.cascades))
     s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "bench.json", result)
-    (s.out / "bench.md").write_text(markdown(result))
+    write_text(s.out / "bench.md", markdown(result))
     print(markdown(result))
     return result
 

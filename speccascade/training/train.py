@@ -31,8 +31,7 @@ from ..deferral.heads import DEFERRAL_RATES, HIDDEN_INPUTS, OBJECTIVES, Deferral
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..evaluation import offline
-from ..evaluation.compare import log_to_wandb as log_comparison
-from ..evaluation.compare import write as write_comparison
+from ..evaluation.report import log_comparison, write_comparison
 from ..outdir import OutputDir, launched_child
 from ..report import write_json
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
