@@ -274,6 +274,14 @@ def resolve_groups(settings: Any) -> Any:
     return settings
 
 
+def derived(cls: type, source: Any, keep_default: tuple[str, ...] = (), **values: Any) -> Any:
+    """Settings of ``cls`` for a step that ``source``'s command runs: every field the two classes share takes
+    ``source``'s value (so a setting added to both cannot be forgotten), except those in ``keep_default``
+    (which mean something else there); ``values`` set the rest and win."""
+    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(source)}
+    return cls(**{name: getattr(source, name) for name in shared - set(keep_default)} | values)
+
+
 def as_config(settings: Any, keys: tuple[str, ...]) -> dict:
     """The named settings as JSON-ready values (what an output directory's marker records)."""
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)

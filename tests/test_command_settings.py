@@ -14,7 +14,10 @@ import pytest
 
 from speccascade import cli
 from speccascade.cli import main
+from speccascade.data.log_traces import LogTracesSettings
 from speccascade.errors import SpeccascadeError
+from speccascade.evaluation import demo as demo_module
+from speccascade.evaluation.evaluate import EvaluateSettings
 from speccascade.evaluation.report import FIELDS, comparison_point_rows
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune.module import FinetuneModule, ModelRecipe
@@ -178,3 +181,18 @@ def test_a_fine_tune_recorded_before_the_settings_class_is_still_recognised(tmp_
     (tmp_path / "unfinished" / finetune_module.SETTINGS).write_text(json.dumps(recorded))
     assert finetune_module._prepare_out(tmp_path / "unfinished", finetune_module.resolve(
         finetune_module.FinetuneSettings(out=tmp_path / "unfinished", **options)).recipe) is None  # resumable
+
+
+def test_the_demo_hands_every_setting_it_shares_with_a_step_to_that_step(tmp_path):
+    s = demo_module.DemoSettings(out=tmp_path)
+    sentinels = {f.name: object() for f in dataclasses.fields(s) if f.name != "out"}
+    for name, value in sentinels.items():
+        setattr(s, name, value)
+    steps = {LogTracesSettings: (demo_module._traces(s, "traces", "train", 3), {"max_new_tokens"}),
+             EvaluateSettings: (demo_module._evaluation(s, "never"), {"rules", "overwrite"})}
+    for cls, (step, own) in steps.items():
+        shared = {f.name for f in dataclasses.fields(cls)} & set(sentinels)
+        assert {"drafter_vocab", "drafter_quantize", "temperature", "wandb_group"} <= shared
+        assert all(getattr(step, name) is sentinels[name] for name in shared - own), cls.__name__
+        assert all(getattr(step, name) is not sentinels[name] for name in own), cls.__name__
+    assert demo_module._traces(s, "traces", "train", 3).max_new_tokens == LogTracesSettings.max_new_tokens
