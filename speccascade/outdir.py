@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpeccascadeError
-from .report import write_json
+from .report import json_text, write_json
 from .settings import changed
 
 MARKER = ".speccascade.json"
@@ -255,7 +255,7 @@ def _lock(directory: Path, command: str) -> int:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    os.pwrite(fd, json_text(owner, indent=None).encode(), 0)  # into the held lock file: no rename
     return fd
 
 

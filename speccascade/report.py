@@ -54,12 +54,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def json_text(value, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """``value`` as strict JSON (NaN and infinities become null); finite values give the text of
+    ``json.dumps(value, indent=indent, sort_keys=sort_keys)``, so checksums of files written before stay valid."""
+    return json.dumps(json_ready(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
 def write_json(path: Path, value, indent: int | None = 2, sort_keys: bool = False) -> Path:
-    """``value`` as strict JSON (NaN and infinities become null), written atomically. Finite values give
-    the bytes of ``json.dumps(value, indent=indent, sort_keys=sort_keys)``, so checksums of files written
-    before stay valid."""
-    text = json.dumps(json_ready(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
-    write_atomic(Path(path), text.encode())
+    """``value`` as strict JSON (:func:`json_text`), written atomically."""
+    write_atomic(Path(path), json_text(value, indent, sort_keys).encode())
     return Path(path)
 
 
