@@ -536,8 +536,8 @@ class Spec:
     head: str | None = None
 
     def build(self) -> Rule:
-        """The rule it spells (a learned head is loaded here); a command's own name (:func:`parse`'s
-        ``others``) builds no rule."""
+        """The rule it spells (a learned head is loaded here). A command's own names (:func:`parse`'s
+        ``others``) are no rules: the command builds what they stand for."""
         if self.name == "learned":
             return Learned.from_pretrained(self.head, self.knob)
         return from_name(self.name, self.knob, **dict(self.params))

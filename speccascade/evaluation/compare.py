@@ -78,7 +78,8 @@ def resolve(settings: CompareSettings) -> _Plan:
 def run(plan: _Plan) -> dict:
     """Judge every candidate, write the report, print its table and log the W&B run."""
     s = plan.settings
-    columns, example_ids = read_columns(s.traces, [R.parse(spec).build() for spec in split_list(plan.rules, "--rules")], plan.learned.values())
+    rules = [R.parse(spec).build() for spec in split_list(plan.rules, "--rules")]
+    columns, example_ids = read_columns(s.traces, rules, plan.learned.values())
     result = offline.compare_columns(columns, example_ids, plan.rules, plan.learned, s.resamples, s.seed)
     result["traces"] = {"path": str(s.traces), **{k: plan.manifest.get(k) for k in ("task", "split", "drafter", "target",
                                                                                       "fingerprint")}}

@@ -107,7 +107,8 @@ def run(plan: _Plan) -> dict:
     log_traces(plan.traces)
     console.rule("2/4 train-deferral: MLP head, gap regression, early stopping on validation")
     head = train(resolve_training(plan.head))
-    console.print(f"validation AUROC {_metric(head.metrics['auroc'])}" + (f", ECE {_metric(head.metrics['ece'])}" if "ece" in head.metrics else ""))
+    console.print(f"validation AUROC {_metric(head.metrics['auroc'])}"
+                  + (f", ECE {_metric(head.metrics['ece'])}" if "ece" in head.metrics else ""))
     console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
     log_traces(plan.held_out)
     offline = compare(resolve_comparison(derived(CompareSettings, s, ("rules",), traces=str(out / "held-out-traces"),

@@ -33,8 +33,9 @@ from .summary import pareto_front, summary
 from .uncertainty import LEVEL, RESAMPLES, resample_weights
 
 LEARNED_RATES = (0.2, 0.4, 0.6, 0.8)  # the deferral rates whose recorded thresholds a learned head is swept at
-BASELINES = {"target": None, "drafter": None, "exact": None, "sequential": R.Chow}  # evaluate's names beside the rules
-# (always is exact speculative decoding too), each with the rule whose knob it takes (None: no knob)
+# evaluate's names beside the rules (always, a rule, is exact speculative decoding too), each with the rule whose
+# knob it takes (None: no knob)
+BASELINES = {"target": None, "drafter": None, "exact": None, "sequential": R.Chow}
 DEFAULT_MARGIN = 0.02
 
 
@@ -129,7 +130,8 @@ def _learned_points(rule: R.Learned, spec: R.Spec) -> list[_Planned]:
     """A head at the threshold given (``@T``), else at its recommended thresholds; keyed by its weights."""
     key = fingerprint(spec.head)
     recorded = rule.head.thresholds()
-    knobs = [rule.threshold] if spec.knob is not None else [recorded[r] for r in LEARNED_RATES if r in recorded] or [rule.threshold]
+    swept = [recorded[r] for r in LEARNED_RATES if r in recorded] or [rule.threshold]
+    knobs = [rule.threshold] if spec.knob is not None else swept
     return [_Planned(Point("learned", f"learned:{Path(spec.head).name}@{k:.3g}", k, f"learned:{key}@{k!r}"),
                      "cascade", R.Learned(rule.head, k, rule.alpha)) for k in knobs]
 
