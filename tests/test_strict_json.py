@@ -87,3 +87,12 @@ def test_bench_writes_strict_json(tmp_path):
     assert main(["bench", "--models", "tiny-random", "--batch-sizes", "1", "--prompts", "2", "--max-new-tokens", "2",
                  "--repeats", "1", "--rules", "gain:0.2", "--no-transformers", "--out", str(tmp_path / "b")]) == 0
     assert "bench.json" in {p.name for p in assert_strict(tmp_path / "b")}
+
+
+def test_finetune_writes_strict_json(tmp_path):
+    data = tmp_path / "planted.jsonl"
+    data.write_text("".join(json.dumps({"source": f"sentence {i}", "target": "ok"}) + "\n" for i in range(16)))
+    assert main(["finetune", "--base", "tiny-random", "--task", "translation", "--data-file", str(data), "--steps", "2",
+                 "--batch-size", "4", "--eval-split", "train", "--eval-examples", "2", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "ft"), "--wandb-mode", "disabled"]) == 0
+    assert {"finetune.json", "heldout.json"} <= {p.name for p in assert_strict(tmp_path / "ft")}
