@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpeccascadeError
+from .report import json_text, write_json
 from .settings import changed
 
 MARKER = ".speccascade.json"
@@ -161,7 +162,7 @@ class OutputDir:
     def _write_marker(self, complete: bool) -> None:
         marker = {"command": self.command, "config": self.config, "speccascade_version": _version(),
                   "complete": complete, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(self.path / MARKER, json.dumps(marker, indent=2).encode())
+        write_json(self.path / MARKER, marker)
 
 
 @contextmanager
@@ -189,13 +190,6 @@ def read_marker(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a part (rename is atomic)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _clear(path: Path) -> None:
@@ -261,7 +255,7 @@ def _lock(directory: Path, command: str) -> int:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    os.pwrite(fd, json_text(owner, indent=None).encode(), 0)  # into the held lock file: no rename
     return fd
 
 

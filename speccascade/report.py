@@ -1,10 +1,12 @@
-"""The one reporting layer: every command's plots, tables (CSV, JSON, W&B) and line charts go through here.
+"""The one reporting layer: every command's plots, tables (CSV, JSON, text, Markdown, W&B) and line charts go
+through here.
 
-The commands decide *what* to report (:mod:`speccascade.evaluation.report` for ``evaluate`` and the
-demo, :mod:`speccascade.evaluation.compare` for ``compare`` and ``train-deferral``'s held-out
-comparison, :mod:`speccascade.training.calibration` for the reliability diagram, :mod:`speccascade.bench`);
-this module decides *how*: matplotlib set up once (headless), strict JSON, CSV rows, points grouped
-by rule, W&B tables, line series and images.
+The commands decide *what* to report (:mod:`speccascade.evaluation.report` for ``evaluate``, the demo,
+``compare`` and ``train-deferral``'s held-out comparison, :mod:`speccascade.training.calibration` for the
+reliability diagram, :mod:`speccascade.bench`); this module decides *how*: matplotlib set up once
+(headless), strict JSON, CSV rows, text and Markdown tables, points grouped by rule, W&B tables, line
+series and images. Every JSON file the package writes goes through :func:`write_json`; the module imports
+nothing of the package, so any layer may write through it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable
-
-from .outdir import write_atomic
 
 
 def pyplot():
@@ -46,11 +47,40 @@ def json_ready(value):
     return value
 
 
-def write_json(path: Path, value, indent: int = 2, strict: bool = True) -> Path:
-    """``value`` as JSON, written atomically; ``strict`` turns NaN and infinities into null."""
-    text = json.dumps(json_ready(value), indent=indent, allow_nan=False) if strict else json.dumps(value, indent=indent)
-    write_atomic(path, text.encode())
-    return path
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a part (rename is atomic)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def json_text(value, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """``value`` as strict JSON (NaN and infinities become null); finite values give the text of
+    ``json.dumps(value, indent=indent, sort_keys=sort_keys)``, so checksums of files written before stay valid."""
+    return json.dumps(json_ready(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def write_json(path: Path, value, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """``value`` as strict JSON (:func:`json_text`), written atomically."""
+    write_atomic(Path(path), json_text(value, indent, sort_keys).encode())
+    return Path(path)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """A text report (Markdown), written atomically."""
+    write_atomic(Path(path), text.encode())
+    return Path(path)
+
+
+def markdown_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def text_table(header: list[str], rows: Iterable[list[str]], first: int, width: int) -> list[str]:
+    """A plain-text table's lines: the first column left-aligned in ``first`` characters, the others
+    right-aligned in ``width``."""
+    return [f"{row[0]:<{first}} " + " ".join(f"{cell:>{width}}" for cell in row[1:]) for row in [header, *rows]]
 
 
 def write_csv(path: Path, rows: Iterable[dict], fields: list[str]) -> Path:

@@ -20,9 +20,9 @@ import torch
 
 from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
+from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
@@ -272,6 +272,14 @@ def resolve_groups(settings: Any) -> Any:
         if isinstance(settings, group):
             getattr(settings, method)()
     return settings
+
+
+def derived(cls: type, source: Any, keep_default: tuple[str, ...] = (), **values: Any) -> Any:
+    """Settings of ``cls`` for a step that ``source``'s command runs: every field the two classes share takes
+    ``source``'s value (so a setting added to both cannot be forgotten), except those in ``keep_default``
+    (which mean something else there); ``values`` set the rest and win."""
+    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(source)}
+    return cls(**{name: getattr(source, name) for name in shared - set(keep_default)} | values)
 
 
 def as_config(settings: Any, keys: tuple[str, ...]) -> dict:

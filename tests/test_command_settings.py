@@ -14,8 +14,11 @@ import pytest
 
 from speccascade import cli
 from speccascade.cli import main
+from speccascade.data.log_traces import LogTracesSettings
 from speccascade.errors import SpeccascadeError
-from speccascade.evaluation.report import FIELDS
+from speccascade.evaluation import demo as demo_module
+from speccascade.evaluation.evaluate import EvaluateSettings
+from speccascade.evaluation.report import FIELDS, comparison_point_rows
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune.module import FinetuneModule, ModelRecipe
 from speccascade.report import KEYS, comparison_table
@@ -55,6 +58,7 @@ def _cases(traces, out) -> list[tuple[list[str], str]]:
         ([*cmp, "--seed", "-1"], "--seed must be >= 0"),
         ([*cmp, "--wandb-project", " "], "--wandb-project must not be empty"),
         ([*cmp, "--rules", "opt,,diff"], "has an empty item"),
+        ([*cmp, "--heads", "a,"], "--heads 'a,' has an empty item"),
         (["compare", "--traces", str(out / "none"), "--out", str(out), "--wandb-mode", "disabled"], "holds no traces"),
         ([*op, "--target-loss", "1e999"], "--target-loss must be a finite number"),
         ([*op, "--target-loss", "0.1", "--target-deferral-rate", "0.2"], "exactly one of --target-deferral-rate"),
@@ -145,9 +149,9 @@ def test_evaluate_and_compare_tables_share_their_key_columns(planted):
     from speccascade.deferral import rules as R
     from speccascade.evaluation import offline
 
-    columns = compare_module.read_columns(str(planted), [R.parse("opt"), R.parse("kl:tau=0.9")], [])
+    columns = compare_module.read_columns(str(planted), [R.parse("opt").build(), R.parse("kl:tau=0.9").build()], [])
     result = offline.compare_columns(*columns, rules="opt,kl:tau=0.9", resamples=20)
-    rows = compare_module.point_rows(result)
+    rows = comparison_point_rows(result)
     offline_table = comparison_table(rows, list(rows[0]))
     decoded = [dict.fromkeys(FIELDS, 0.0) | {"rule": "opt", "knob": 0.3}]
     online_table = comparison_table(decoded, [f for f in FIELDS if f not in ("guards", "records")])
@@ -177,3 +181,18 @@ def test_a_fine_tune_recorded_before_the_settings_class_is_still_recognised(tmp_
     (tmp_path / "unfinished" / finetune_module.SETTINGS).write_text(json.dumps(recorded))
     assert finetune_module._prepare_out(tmp_path / "unfinished", finetune_module.resolve(
         finetune_module.FinetuneSettings(out=tmp_path / "unfinished", **options)).recipe) is None  # resumable
+
+
+def test_the_demo_hands_every_setting_it_shares_with_a_step_to_that_step(tmp_path):
+    s = demo_module.DemoSettings(out=tmp_path)
+    sentinels = {f.name: object() for f in dataclasses.fields(s) if f.name != "out"}
+    for name, value in sentinels.items():
+        setattr(s, name, value)
+    steps = {LogTracesSettings: (demo_module._traces(s, "traces", "train", 3), {"max_new_tokens"}),
+             EvaluateSettings: (demo_module._evaluation(s, "never"), {"rules", "overwrite"})}
+    for cls, (step, own) in steps.items():
+        shared = {f.name for f in dataclasses.fields(cls)} & set(sentinels)
+        assert {"drafter_vocab", "drafter_quantize", "temperature", "wandb_group"} <= shared
+        assert all(getattr(step, name) is sentinels[name] for name in shared - own), cls.__name__
+        assert all(getattr(step, name) is not sentinels[name] for name in own), cls.__name__
+    assert demo_module._traces(s, "traces", "train", 3).max_new_tokens == LogTracesSettings.max_new_tokens

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,9 @@ from ..data.tasks import get_task
 from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..outdir import writable
+from ..report import write_json, write_text
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -96,8 +97,8 @@ def run(plan: _Plan) -> dict:
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades))
     s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (s.out / "bench.md").write_text(markdown(result))
+    write_json(s.out / "bench.json", result)
+    write_text(s.out / "bench.md", markdown(result))
     print(markdown(result))
     return result
 
@@ -127,12 +128,13 @@ def cascade_rules(text: str | None, alpha: float) -> list[R.Rule]:
     """The cascade rules to time: ``--rules`` parsed by the one rule parser, else OPT and TokenV3 at ``alpha``."""
     if text is None:
         return [R.OPT(alpha), R.TokenV3(alpha)]
-    return [R.parse(item) for item in R.split_specs(str(text))]
+    return [R.parse(item).build() for item in split_list(text, "--rules")]
 
 
 def _batch_sizes(text: str, prompts: int) -> list[int]:
+    items = split_list(str(text), "--batch-sizes")
     try:
-        sizes = sorted({int(s) for s in str(text).split(",") if s.strip()})
+        sizes = sorted({int(s) for s in items})
     except ValueError:
         raise SpeccascadeError(f"--batch-sizes {text!r}: batch sizes must be comma-separated integers") from None
     if not sizes or sizes[0] < 1 or sizes[-1] > prompts:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ..deferral import features as F
 from ..errors import SpeccascadeError
-from ..outdir import write_atomic as _write_atomic
+from ..report import write_json
 from .schema import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
@@ -120,7 +120,7 @@ class ShardWriter:
         sidecar = {"file": f"{SHARDS}/{path.name}", "rows": table.num_rows, "sha256": _sha256(path), "examples": examples}
         if stats:
             sidecar["stats"] = stats
-        _write_atomic(path.with_suffix(".json"), json.dumps(sidecar).encode())
+        write_json(path.with_suffix(".json"), sidecar, indent=None)
         self.next_index += 1
         return table.num_rows
 
@@ -155,7 +155,7 @@ def write_manifest(directory: Path, header: dict, complete: bool) -> dict:
     }
     manifest["fingerprint"] = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_json(directory / MANIFEST, manifest)
     return manifest
 
 

@@ -18,12 +18,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import SpeccascadeError
+from ..report import write_json
 from . import features as F
 from .features import HIDDEN_INPUTS
 
 KINDS = ("logistic", "mlp")
 CONDITIONING = ("alpha",)  # inputs that are no feature: the trade-off a relaxed head is asked for
 OBJECTIVES = ("gap", "classification", "relaxed", "outcome")
+DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the rates whose thresholds a head records
 
 
 class DeferralHead(nn.Module, PyTorchModelHubMixin):
@@ -79,6 +81,15 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
                 width = hidden
             self.net = nn.Sequential(*layers, nn.Linear(width, 1))
 
+    def record_thresholds(self, thresholds: dict[float, float], default: float) -> None:
+        """Keep the threshold that defers each deferral rate (``config.json`` keys them by the rate as text,
+        ``"0.2"``) and the ``default`` threshold."""
+        self.operating_points = {f"{rate:g}": threshold for rate, threshold in thresholds.items()} | {"default": default}
+
+    def thresholds(self) -> dict[float, float]:
+        """The recorded thresholds by deferral rate, the config's text keys read as numbers (here, once)."""
+        return {float(rate): threshold for rate, threshold in self.operating_points.items() if rate != "default"}
+
     @property
     def granularity(self) -> str:
         """``token`` when any input is a token-level feature."""
@@ -95,7 +106,13 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
 
     def save(self, directory) -> None:
         """Write ``config.json`` + ``model.safetensors`` (no pickle)."""
-        self.save_pretrained(directory, config=self.config())
+        self.save_pretrained(directory)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The weights, then ``config.json`` through the one JSON writer (strict: an undefined metric is null) in
+        the mixin's own format (sorted keys, indent 2), which keeps the mixin from writing it again."""
+        super()._save_pretrained(save_directory)
+        write_json(Path(save_directory) / "config.json", self.config(), sort_keys=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> "DeferralHead":
@@ -181,6 +198,13 @@ def _all_numbers(values, finite: bool = True) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or not finite) for v in values)
 
 
+def _is_rate(key: str) -> bool:
+    try:
+        return 0.0 <= float(key) <= 1.0
+    except ValueError:
+        return False
+
+
 def _config_problem(config: dict) -> str | None:
     """What makes a head config unusable, or None."""
     features = config.get("features")
@@ -206,6 +230,8 @@ def _config_problem(config: dict) -> str | None:
     points = config.get("operating_points") or {}
     if not isinstance(points, dict) or not _all_numbers(list(points.values()), finite=False) or any(v != v for v in points.values()):
         return "'operating_points' must map deferral rates to numeric thresholds"
+    if not all(_is_rate(key) for key in points if key != "default"):
+        return "'operating_points' keys must be deferral rates in [0, 1] (or 'default')"
     return None
 
 

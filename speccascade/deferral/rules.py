@@ -524,32 +524,57 @@ def _number(spec: str, text: str) -> float:
     return value
 
 
-def split_specs(text: str | list[str], what: str = "--rules") -> list[str]:
-    """The rule strings of a comma-separated list (or a list), stripped; an empty list or item is refused."""
-    items = [item.strip() for item in (text.split(",") if isinstance(text, str) else text)]
-    if not any(items):
-        raise SpeccascadeError(f"{what} names no rule; give at least one, e.g. always,opt:0.3")
-    if not all(items):
-        raise SpeccascadeError(f"{what} {text!r} has an empty item (two commas in a row, or a trailing comma)")
-    return items
+@dataclass(frozen=True)
+class Spec:
+    """A rule's spelling, parsed and checked (:func:`parse`): its ``name``, its ``knob`` when one is given (a
+    learned head's threshold), its ``params`` (``PARAM=VALUE`` settings) and, for ``learned``, the ``head``'s
+    directory. Nothing is loaded: :meth:`build` makes the rule."""
+
+    name: str
+    knob: float | None = None
+    params: tuple[tuple[str, float], ...] = ()
+    head: str | None = None
+
+    def build(self) -> Rule:
+        """The rule it spells (a learned head is loaded here). A command's own names (:func:`parse`'s
+        ``others``) are no rules: the command builds what they stand for."""
+        if self.name == "learned":
+            return Learned.from_pretrained(self.head, self.knob)
+        return from_name(self.name, self.knob, **dict(self.params))
 
 
-def parse(spec: str) -> Rule:
+def parse(spec: str, others: Mapping[str, type[Rule] | None] | None = None) -> Spec:
     """The one parser of a rule's command-line spelling: ``name``, ``name:KNOB`` (``opt:0.3``, ``topk:5``),
     ``name:KNOB:PARAM=VALUE`` (``kl:0.2:tau=0.9``), ``name:PARAM=VALUE`` (the default knob) or
-    ``learned:DIR[@THRESHOLD]``. Anything else is a
-    :class:`SpeccascadeError` that names the problem."""
+    ``learned:DIR[@THRESHOLD]``. ``others`` are a command's own names beside the rules (``evaluate``'s
+    ``target``), each with the rule class whose knob and settings it takes, or None for none. Anything else
+    is a :class:`SpeccascadeError` that names the problem."""
     text = spec.strip()
     name, _, rest = text.partition(":")
+    name = name.lower()
+    others = others or {}
     if not name:
         raise SpeccascadeError(f"empty rule {spec!r}; write {SPELLING}")
     if name == "learned":
         path, _, threshold = rest.rpartition("@") if "@" in rest else (rest, "", "")
         if not path:
             raise SpeccascadeError(f"rule {spec!r} names no head directory; write learned:DIR[@THRESHOLD]")
-        return Learned.from_pretrained(path, _number(text, threshold) if threshold else None)
+        return Spec(name, _number(text, threshold) if threshold else None, head=path)
+    if name not in FIXED_RULES and name not in others:
+        raise SpeccascadeError(f"unknown rule {name!r}; known: {', '.join([*others, *FIXED_RULES])}, learned:DIR")
+    cls = others[name] if name in others else FIXED_RULES[name]
+    if rest and (cls is None or cls.knob is None and "=" not in rest.partition(":")[0]):
+        raise SpeccascadeError(f"rule {name!r} takes no knob; write it as {name!r}, not {text!r}")
+    knob, params = _knob_and_params(text, rest)
+    if cls is not None:
+        from_name(cls.name, knob, **params)  # the knob's and the settings' checks, on a rule that is thrown away
+    return Spec(name, knob, tuple(params.items()))
+
+
+def _knob_and_params(text: str, rest: str) -> tuple[float | None, dict[str, float]]:
+    """``KNOB[:PARAM=VALUE...]`` or ``PARAM=VALUE[:...]`` (the default knob) as numbers."""
     if not rest:
-        return from_name(name)
+        return None, {}
     knob, *settings = rest.split(":")
     if "=" in knob:  # no knob, only settings: kl:tau=0.8 (a family whose knob a sweep sets)
         knob, settings = None, [knob, *settings]
@@ -557,6 +582,6 @@ def parse(spec: str) -> Rule:
     for setting in settings:
         key, eq, value = setting.partition("=")
         if not eq or not key:
-            raise SpeccascadeError(f"rule {spec!r}: {setting!r} is not PARAM=VALUE; write {SPELLING}")
+            raise SpeccascadeError(f"rule {text!r}: {setting!r} is not PARAM=VALUE; write {SPELLING}")
         params[key] = _number(text, value)
-    return from_name(name, None if knob is None else _number(text, knob), **params)
+    return (None if knob is None else _number(text, knob)), params

@@ -22,16 +22,18 @@ from ..data.log_traces import LogTracesSettings
 from ..data.log_traces import resolve as resolve_traces
 from ..data.log_traces import run as log_traces
 from ..outdir import OutputDir
-from ..settings import DecodingSettings, PairSettings, TrackingSettings, resolve_groups, setting
+from ..settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, setting
 from ..training.train import TrainSettings
 from ..training.train import resolve as resolve_training
 from ..training.train import run as train
-from .compare import compare
+from .compare import CompareSettings
+from .compare import resolve as resolve_comparison
+from .compare import run as compare
 from .evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluate import resolve as resolve_evaluation
 from .evaluate import run as evaluate
 from ..report import by_rule
-from .report import interval
+from .report import interval_text
 
 
 @dataclass(kw_only=True)
@@ -73,20 +75,14 @@ def demo(**options) -> dict:
 
 
 def _traces(s: DemoSettings, name: str, split: str, limit: int) -> LogTracesSettings:
-    return LogTracesSettings(out=s.out / name, models=s.models, drafter=s.drafter, target=s.target, task=s.task,
-                             split=split, limit=limit, mode="reference", block_size=s.block_size, seed=s.seed,
-                             resume=True, overwrite=s.overwrite, **_tracking(s))
-
-
-def _tracking(s: DemoSettings) -> dict:
-    return {"wandb_mode": s.wandb_mode, "wandb_project": s.wandb_project, "wandb_group": s.wandb_group}
+    """Teacher-forced traces (the demo's --max-new-tokens is the evaluation's, not theirs)."""
+    return derived(LogTracesSettings, s, ("max_new_tokens",), out=s.out / name, split=split, limit=limit, mode="reference",
+                   resume=True)
 
 
 def _evaluation(s: DemoSettings, rules: str) -> EvaluateSettings:
-    return EvaluateSettings(out=s.out / "eval", models=s.models, drafter=s.drafter, target=s.target, task=s.task,
-                            split="test", limit=s.eval_examples, rules=rules, block_size=s.block_size,
-                            temperature=s.temperature, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                            seed=s.seed, margin=s.margin, resume=True, overwrite=True, **_tracking(s))
+    return derived(EvaluateSettings, s, out=s.out / "eval", split="test", limit=s.eval_examples, rules=rules, resume=True,
+                   overwrite=True)
 
 
 def resolve(settings: DemoSettings) -> _Plan:
@@ -95,8 +91,8 @@ def resolve(settings: DemoSettings) -> _Plan:
     s.wandb_group = s.wandb_group or time.strftime("demo-%Y%m%d-%H%M%S")  # the four steps' runs, together in W&B
     traces = resolve_traces(_traces(s, "traces", "train", s.train_examples))
     held_out = resolve_traces(_traces(s, "held-out-traces", "test", s.compare_examples))
-    head = TrainSettings(traces=[str(s.out / "traces")], out=s.out / "head", head="mlp", epochs=s.epochs, batch_size=512,
-                         seed=s.seed, resume=True, overwrite=True, **_tracking(s))
+    head = derived(TrainSettings, s, traces=[str(s.out / "traces")], out=s.out / "head", head="mlp", batch_size=512,
+                   resume=True, overwrite=True)
     resolve_groups(head)
     OutputDir(head.out, "train-deferral", {}, resume=True, overwrite=True).check()  # its settings are checked once the traces exist
     resolve_evaluation(_evaluation(s, s.rules))
@@ -111,11 +107,12 @@ def run(plan: _Plan) -> dict:
     log_traces(plan.traces)
     console.rule("2/4 train-deferral: MLP head, gap regression, early stopping on validation")
     head = train(resolve_training(plan.head))
-    console.print(f"validation AUROC {head.metrics['auroc']:.3f}" + (f", ECE {head.metrics['ece']:.3f}" if "ece" in head.metrics else ""))
+    console.print(f"validation AUROC {_metric(head.metrics['auroc'])}"
+                  + (f", ECE {_metric(head.metrics['ece'])}" if "ece" in head.metrics else ""))
     console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
     log_traces(plan.held_out)
-    offline = compare(str(out / "held-out-traces"), out / "compare", heads=str(out / "head"), seed=s.seed,
-                      **_tracking(s))
+    offline = compare(resolve_comparison(derived(CompareSettings, s, ("rules",), traces=str(out / "held-out-traces"),
+                                                 out=out / "compare", heads=str(out / "head"))))
     console.rule(f"4/4 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
     result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
@@ -134,6 +131,11 @@ def run(plan: _Plan) -> dict:
     return result
 
 
+def _metric(value: float | None) -> str:
+    """A validation metric; an undefined one (one class in the labels) is NaN, or null once read back from disk."""
+    return "undefined" if value is None or value != value else f"{value:.3f}"
+
+
 def results_table(result: dict) -> Table:
     s = result["settings"]
     table = Table(title=f"quality ({s['metric']}) against cost on {s['examples']} examples, target quality "
@@ -141,7 +143,7 @@ def results_table(result: dict) -> Table:
     for header in ("decoder", "quality", "vs target", "deferred", "tokens/call", "latency"):
         table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
     for p in result["points"]:
-        table.add_row(p["label"], interval(p, "quality"), interval(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
+        table.add_row(p["label"], interval_text(p, "quality"), interval_text(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
                       f"{p['tokens_per_target_call']:.2f}", f"{p['relative_latency']:.2f}x")
     return table
 
@@ -158,10 +160,10 @@ def summary_lines(result: dict) -> list[str]:
         if reaching:
             lowest = min(reaching, key=lambda p: p["deferral_rate"])
             lines.append(f"{rule}: reaches the target's quality (within {margin:g}) deferring {lowest['deferral_rate']:.2f} "
-                         f"of drafts ({lowest['label']}: difference {interval(lowest, 'difference', sign='+')})")
+                         f"of drafts ({lowest['label']}: difference {interval_text(lowest, 'difference', sign='+')})")
         else:
             best = max(pts, key=lambda p: p["quality"])
             guards = f"; {'; '.join(best['guards'])}" if best["guards"] else ""
             lines.append(f"{rule}: not shown to reach the target's quality; best {best['label']} quality "
-                         f"{interval(best, 'quality')}, difference {interval(best, 'difference', sign='+')}{guards}")
+                         f"{interval_text(best, 'quality')}, difference {interval_text(best, 'difference', sign='+')}{guards}")
     return lines

@@ -22,6 +22,7 @@ from ..decoding.stats import COUNTERS, DecodeStats
 from ..deferral import rules as R
 from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..outdir import OutputDir
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
@@ -31,8 +32,10 @@ from .points import Point, PointStore, calls_against, empty_records, records_pat
 from .summary import pareto_front, summary
 from .uncertainty import LEVEL, RESAMPLES, resample_weights
 
-LEARNED_RATES = ("0.2", "0.4", "0.6", "0.8")  # a learned head's recommended thresholds swept
-BASELINES = ("target", "drafter", "always", "exact", "sequential")
+LEARNED_RATES = (0.2, 0.4, 0.6, 0.8)  # the deferral rates whose recorded thresholds a learned head is swept at
+# evaluate's names beside the rules (always, a rule, is exact speculative decoding too), each with the rule whose
+# knob it takes (None: no knob)
+BASELINES = {"target": None, "drafter": None, "exact": None, "sequential": R.Chow}
 DEFAULT_MARGIN = 0.02
 
 
@@ -96,7 +99,7 @@ def resolve(settings: EvaluateSettings) -> _Plan:
 def plan_points(rules: str) -> list[_Planned]:
     """The points of ``--rules``, the target first; an empty list, a malformed rule or a point asked for
     twice is an error naming it."""
-    items = R.split_specs(rules)
+    items = split_list(rules, "--rules")
     planned = [p for item in ["target", *[i for i in items if i != "target"]] for p in _points(item)]
     labels = [p.point.label for p in planned]
     twice = sorted({label for label in labels if labels.count(label) > 1})
@@ -106,31 +109,30 @@ def plan_points(rules: str) -> list[_Planned]:
 
 
 def _points(item: str) -> list[_Planned]:
-    name, _, value = item.partition(":")
-    if name in ("target", "drafter"):
-        return [_Planned(Point(name, f"{name} only", None, name), name, None)]
-    if name in ("always", "exact"):
+    spec = R.parse(item, BASELINES)
+    if spec.name in ("target", "drafter"):
+        return [_Planned(Point(spec.name, f"{spec.name} only", None, spec.name), spec.name, None)]
+    if spec.name in ("always", "exact"):
         return [_Planned(Point("speculative", "speculative decoding", None, "speculative"), "speculative", None)]
-    if name == "sequential":  # Chow in the token-level sequential cascade
-        chows = [R.parse(f"chow:{value}")] if value else [R.Chow(alpha=k) for k in R.Chow.SWEEP]
+    if spec.name == "sequential":  # Chow in the token-level sequential cascade
+        chows = [R.Chow(alpha=k) for k in ([spec.knob] if spec.knob is not None else R.Chow.SWEEP)]
         return [_Planned(Point("sequential", f"sequential {c.spec}", c.alpha, f"sequential {c.spec}"), "sequential", c)
                 for c in chows]
-    if name != "learned" and name not in R.FIXED_RULES:
-        raise SpeccascadeError(f"unknown rule {name!r}; known: {', '.join(BASELINES)}, learned:DIR, {', '.join(R.FIXED_RULES)}")
-    rule = R.parse(item)
-    if name == "learned":
-        return _learned_points(rule, value)
-    chosen = [rule] if value else [R.from_name(name, k) for k in rule.SWEEP or (None,)]
-    return [_Planned(Point(name, r.spec, getattr(r, r.knob) if r.knob else None, r.spec), "cascade", r) for r in chosen]
+    rule = spec.build()
+    if spec.name == "learned":
+        return _learned_points(rule, spec)
+    one = spec.knob is not None or spec.params  # name:PARAM=VALUE is one point, at the default knob
+    chosen = [rule] if one else [R.from_name(spec.name, k) for k in rule.SWEEP or (None,)]
+    return [_Planned(Point(spec.name, r.spec, getattr(r, r.knob) if r.knob else None, r.spec), "cascade", r) for r in chosen]
 
 
-def _learned_points(rule: R.Learned, value: str) -> list[_Planned]:
+def _learned_points(rule: R.Learned, spec: R.Spec) -> list[_Planned]:
     """A head at the threshold given (``@T``), else at its recommended thresholds; keyed by its weights."""
-    path = value.rpartition("@")[0] if "@" in value else value
-    key = fingerprint(path)
-    points = rule.head.operating_points
-    knobs = [rule.threshold] if "@" in value else [points[r] for r in LEARNED_RATES if r in points] or [rule.threshold]
-    return [_Planned(Point("learned", f"learned:{Path(path).name}@{k:.3g}", k, f"learned:{key}@{k!r}"),
+    key = fingerprint(spec.head)
+    recorded = rule.head.thresholds()
+    swept = [recorded[r] for r in LEARNED_RATES if r in recorded] or [rule.threshold]
+    knobs = [rule.threshold] if spec.knob is not None else swept
+    return [_Planned(Point("learned", f"learned:{Path(spec.head).name}@{k:.3g}", k, f"learned:{key}@{k!r}"),
                      "cascade", R.Learned(rule.head, k, rule.alpha)) for k in knobs]
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from .uncertainty import LEVEL, Interval, percentile_interval, ratio, resample_weights
 
 QUANTILES = np.linspace(0.0, 1.0, 201)  # knobs at these deferral rates of all positions
@@ -56,10 +57,10 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
                scores: dict[str, np.ndarray] | None = None) -> list[Candidate]:
     """Scores of each rule family (``kl:tau=0.9``: the knob is swept), each head, each precomputed
     score (a model outside the package, judged like a head) and the oracle."""
-    specs = R.split_specs(rules)
+    specs = split_list(rules, "--rules")
     out = []
     for spec in specs:
-        rule = R.parse(spec)
+        rule = R.parse(spec).build()
         if rule.knob is None or isinstance(rule, R.LossySD):
             continue  # always / never are the curves' end points; lossy SD is no deferral rule
         out.append(Candidate(_family(rule), "rule", _numpy(rule.score(columns))))
@@ -74,8 +75,8 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
 
 def available(rules: str | list[str], columns: set[str] | list[str]) -> list[str]:
     """The rule specs whose features are all among ``columns``."""
-    specs = R.split_specs(rules)
-    return [s for s in specs if set(R.parse(s).features) <= set(columns)]
+    specs = split_list(rules, "--rules")
+    return [s for s in specs if set(R.parse(s).build().features) <= set(columns)]
 
 
 def _family(rule: R.Rule) -> str:

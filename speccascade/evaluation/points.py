@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..decoding.stats import COUNTERS, DecodeStats
-from ..outdir import write_atomic
+from ..report import write_json
 from .uncertainty import mean_interval, non_inferior, ratio_interval
 
 POINTS = "points"
@@ -76,7 +76,7 @@ class PointStore:
         pq.write_table(pa.table(records), tmp)
         os.replace(tmp, path)
         sidecar = {"key": point.key, "label": point.label, "examples": len(records["example_id"]), **meta}
-        write_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
+        write_json(path.with_suffix(".json"), sidecar, indent=1)
 
     def load(self, point: Point, example_ids: list[str]) -> tuple[dict[str, np.ndarray], dict] | None:
         """The point's records and meta when it completed for exactly these examples, else None."""

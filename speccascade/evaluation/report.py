@@ -1,12 +1,18 @@
-"""What ``evaluate`` writes: results.json/.csv, the quality-cost plot with 95% error bars, report.md, and
-one offline-first W&B run (written through :mod:`speccascade.report`)."""
+"""What ``evaluate`` writes (results.json/.csv, the quality-cost plot with 95% error bars, report.md, one
+offline-first W&B run) and what ``compare`` and ``train-deferral``'s held-out comparison write (compare.json,
+the budget curves, the summary, the plot, the Markdown report, their W&B tables); how is
+:mod:`speccascade.report`'s."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from ..report import by_rule, comparison_table, pyplot, save_figure, wandb_image, wandb_lines, write_csv, write_json
+from ..report import (by_rule, comparison_table, markdown_table, pyplot, save_figure, text_table, wandb_image, wandb_lines,
+                      wandb_table, write_csv, write_json, write_text)
 from ..tracking import head_artifact, run_path, start_run, use_artifact
+from . import offline
+from .offline import GAP_FRACTIONS, RATES
 from .points import LENGTH_TOLERANCE, LOOPING
 
 FIELDS = ["rule", "label", "knob", "quality", "quality_low", "quality_high", "difference", "difference_low",
@@ -21,10 +27,10 @@ def write_outputs(out: Path, result: dict) -> None:
     write_json(out / "results.json", result)
     write_csv(out / "results.csv", result["points"], FIELDS)
     plot(result, out / "quality_vs_cost.png")
-    (out / "report.md").write_text(markdown(result))
+    write_text(out / "report.md", markdown(result))
 
 
-def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
+def interval_text(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
     """``0.500 [0.250, 0.750]``; ``-`` without an estimate."""
     if p[name] is None or p[name] != p[name]:
         return "-"
@@ -67,21 +73,29 @@ def markdown(result: dict) -> str:
         "",
         "![quality against cost](quality_vs_cost.png)",
         "",
-        "| decoder | quality | difference to target | reaches target | deferral rate | tokens / target call | target calls vs exact SD "
-        "| latency vs target | length vs target | looping |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(["decoder", "quality", "difference to target", "reaches target", "deferral rate",
+                         "tokens / target call", "target calls vs exact SD", "latency vs target", "length vs target",
+                         "looping"], map(_point_cells, result["points"])),
+        "",
+        *markdown_table(["rule", "lowest latency at target quality", "best quality within target latency"],
+                        [[rule, *_summary_cells(v)] for rule, v in result["summary"].items()]),
     ]
-    for p in result["points"]:
-        reached = "yes" if p["reaches_target"] else ("no: " + "; ".join(p["guards"]) if p["guards"] else "no")
-        lines.append(f"| {p['label']} | {interval(p, 'quality')} | {interval(p, 'difference', sign='+')} | {reached} | "
-                     f"{p['deferral_rate']:.2f} | {p['tokens_per_target_call']:.2f} | "
-                     f"{interval(p, 'target_calls_vs_exact')} | {p['relative_latency']:.2f}x | "
-                     f"{interval(p, 'length_ratio', '.2f')} | {p['looping_rate']:.0%} |")
-    lines += ["", "| rule | lowest latency at target quality | best quality within target latency |", "|---|---|---|"]
-    for rule, v in result["summary"].items():
-        low, best = v["lowest_latency_at_target_quality"], v["best_quality_within_target_latency"]
-        lines.append(f"| {rule} | {'-' if low is None else f'{low:.2f}x'} | {'-' if best is None else f'{best:.3f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _point_cells(p: dict) -> list[str]:
+    """A decoded point's row of report.md."""
+    reached = "yes" if p["reaches_target"] else ("no: " + "; ".join(p["guards"]) if p["guards"] else "no")
+    return [p["label"], interval_text(p, "quality"), interval_text(p, "difference", sign="+"), reached,
+            f"{p['deferral_rate']:.2f}", f"{p['tokens_per_target_call']:.2f}", interval_text(p, "target_calls_vs_exact"),
+            f"{p['relative_latency']:.2f}x", interval_text(p, "length_ratio", ".2f"), f"{p['looping_rate']:.0%}"]
+
+
+def _summary_cells(v: dict) -> list[str]:
+    """A rule's summary in report.md: its lowest latency at the target's quality, its best quality within the
+    target's latency."""
+    low, best = v["lowest_latency_at_target_quality"], v["best_quality_within_target_latency"]
+    return ["-" if low is None else f"{low:.2f}x", "-" if best is None else f"{best:.3f}"]
 
 
 def log_to_wandb(result: dict, out: Path, tracking, heads: list[str] = ()) -> None:
@@ -99,3 +113,140 @@ def log_to_wandb(result: dict, out: Path, tracking, heads: list[str] = ()) -> No
     run.log({"quality_vs_cost": wandb_image(out / "quality_vs_cost.png")})
     print(f"W&B run: {run_path(run)}")
     run.finish()
+
+
+def write_comparison(out: Path, result: dict, stem: str) -> None:
+    """``{stem}.json``, ``{stem}.csv`` (budget curves with bands), ``summary.csv``, ``{stem}.png``, ``{stem}.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", result, indent=1)
+    curves = [{"candidate": label, "kind": c["kind"], "deferral_budget": r, "loss": loss, "loss_low": low, "loss_high": high}
+              for label, c in result["candidates"].items()
+              for r, loss, low, high in zip(RATES, c["budget"]["loss"], c["budget"]["low"], c["budget"]["high"])]
+    write_csv(out / f"{stem}.csv", curves, ["candidate", "kind", "deferral_budget", "loss", "loss_low", "loss_high"])
+    rows = comparison_summary_rows(result)
+    write_csv(out / "summary.csv", rows, list(rows[0]))
+    plot_comparison(result, out / f"{stem}.png")
+    write_text(out / f"{stem}.md", comparison_markdown(result, f"{stem}.png"))
+
+
+def comparison_summary_rows(result: dict) -> list[dict]:
+    """One row per candidate: rates to close each gap fraction and the area, with their intervals."""
+    out = []
+    for label, c in result["candidates"].items():
+        row = {"candidate": label, "kind": c["kind"]}
+        for f in GAP_FRACTIONS:
+            i = c["rate_to_close"][f"{f:g}"]
+            row |= {f"rate_{f:g}": i["estimate"], f"rate_{f:g}_low": i["low"], f"rate_{f:g}_high": i["high"]}
+        row |= {"area": c["area"]["estimate"], "area_low": c["area"]["low"], "area_high": c["area"]["high"]}
+        out.append(row)
+    return out
+
+
+def comparison_point_rows(result: dict) -> list[dict]:
+    """Every candidate's curve, one row per knob, keyed like evaluate's points: ``rule`` is the rule's name
+    (``learned`` for a head, ``oracle``), ``candidate`` the family or head it belongs to."""
+    rule = {label: {"head": "learned", "oracle": "oracle"}.get(c["kind"], label.partition(":")[0])
+            for label, c in result["candidates"].items()}
+    return [{"rule": rule[label], "knob": p["knob"], "candidate": label, "kind": c["kind"],
+             "deferral_rate": p["deferral_rate"], "loss": p["loss"]}
+            for label, c in result["candidates"].items() for p in c["points"]]
+
+
+def plot_comparison(result: dict, path: Path) -> Path:
+    """Best loss within each deferral budget, with 95% bands; heads bold, the oracle dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    for label, c in result["candidates"].items():
+        b = c["budget"]
+        style = {"head": dict(linewidth=2.5), "oracle": dict(linestyle="--", color="black")}.get(c["kind"], dict(linewidth=1))
+        line, = ax.plot(RATES, b["loss"], label=label, **style)
+        ax.fill_between(RATES, b["low"], b["high"], color=line.get_color(), alpha=0.15 if c["kind"] != "rule" else 0.06)
+    for name, key in (("keep every draft", "loss_keep_all"), ("defer every draft", "loss_defer_all")):
+        ax.axhline(result[key]["estimate"], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("deferral budget (fraction of positions deferred)")
+    ax.set_ylabel("mean loss of the emitted choice (lower is better)")
+    ax.set_title(f"held-out comparison: {result['examples']} examples, {result['rows']} positions, 95% bands")
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=110)
+
+
+RATE_COLUMNS = [f"rate to close {f:.0%}" for f in GAP_FRACTIONS]  # a comparison table's columns, then "area"
+
+
+def _estimate(d: dict, spec: str = ".3f") -> str:
+    """``0.250 [0.200, 0.300]`` from an interval's JSON form; ``-`` without an estimate."""
+    return "-" if math.isnan(d["estimate"]) else f"{offline.interval(d):{spec}}"
+
+
+def _ranked(result: dict) -> list[tuple[str, dict]]:
+    """The candidates, best first (by the rate that closes 90% of the gap; undefined rates last)."""
+    return sorted(result["candidates"].items(), key=lambda kv: offline._nan_last(kv[1]["rate_to_close"]["0.9"]["estimate"]))
+
+
+def _cells(c: dict) -> list[str]:
+    """A candidate's row of every comparison table: the rate to close each gap fraction, then the area."""
+    return [_estimate(c["rate_to_close"][f"{f:g}"]) for f in GAP_FRACTIONS] + [_estimate(c["area"], ".4f")]
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def comparison_text(result: dict) -> str:
+    """Plain-text table, best first, then each head's verdict against the rules."""
+    lines = text_table(["candidate", *RATE_COLUMNS, "area"], [[label, *_cells(c)] for label, c in _ranked(result)], 22, 24)
+    for label, c in result["candidates"].items():
+        if "against_rules" in c:
+            a = c["against_rules"]
+            lines.append(f"{label}: {_estimate(a['reduction_at_0.9'], '.0%')} fewer deferrals than {a['best_rule']} to close "
+                         f"90% of the gap; from {offline.BAND[0]:.0%} to {offline.BAND[1]:.0%} deferred, at or below every "
+                         f"rule's curve within its interval: {_yes(a['within_intervals_of_every_rule'])}, never "
+                         f"significantly worse than any rule (paired): {_yes(a['never_worse_than_every_rule'])}")
+    return "\n".join(lines)
+
+
+def comparison_markdown(result: dict, image: str) -> str:
+    """The comparison's report: what was compared, the plot, the table (best first), each head's verdict."""
+    t = result.get("traces", {})
+    lines = [f"# Held-out offline comparison: {t.get('task', '')} {t.get('split', '')}".rstrip(), "",
+             f"{result['examples']} examples, {result['rows']} positions; 95% intervals from {result['resamples']} "
+             "bootstrap resamples of the examples. Loss of the emitted choice: keep every draft "
+             f"{_estimate(result['loss_keep_all'], '.4f')}, defer every draft {_estimate(result['loss_defer_all'], '.4f')}."
+             + ("" if result["gap"]["low"] > 0 else " The drafter is not significantly worse than the target here: "
+                "the rates that close its gap mean little."), "",
+             f"![comparison]({image})", "",
+             *markdown_table(["candidate", "kind", *RATE_COLUMNS, "area"],
+                             [[label, c["kind"], *_cells(c)] for label, c in _ranked(result)])]
+    for label, c in result["candidates"].items():
+        if "against_rules" in c:
+            lines += ["", _verdict_markdown(label, c["against_rules"])]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_markdown(label: str, a: dict) -> str:
+    """A head against the rules, in a sentence or three."""
+    above = [r for r, v in a["rules"].items() if not v["within_intervals"]]
+    worse = [r for r, v in a["rules"].items() if not v["never_worse"]]
+    band = f"between deferral rates {offline.BAND[0]} and {offline.BAND[1]}"
+    return (f"**{label}** needs {_estimate(a['reduction_at_0.9'], '.0%')} fewer deferrals than the best rule "
+            f"({a['best_rule']}) to close 90% of the gap. "
+            + (f"Its curve is at or below every rule's curve (within that rule's 95% interval) {band}"
+               if not above else f"Its curve rises above the interval of {', '.join(above)} somewhere {band}")
+            + ("; no paired difference to a rule is significantly positive there." if not worse else
+               f"; paired differences to {', '.join(worse)} are significantly positive somewhere there "
+               f"(at most {max(a['rules'][r]['largest_difference'] for r in worse):.4f} in mean loss)."))
+
+
+def log_comparison(result: dict, out: Path, stem: str, run) -> None:
+    """Into ``run``: the summary as a table, every curve point as a table keyed by rule and knob (joins evaluate's
+    ``points``), the budget curves as a line chart, the plot, the 90% rates."""
+    rows = comparison_summary_rows(result)
+    run.log({f"{stem}_summary": wandb_table(rows, list(rows[0]))})
+    points = comparison_point_rows(result)
+    run.log({f"{stem}_points": comparison_table(points, list(points[0]))})
+    curves = {label: (RATES.tolist(), c["budget"]["loss"]) for label, c in result["candidates"].items()}
+    run.log({f"{stem}_budget_curves": wandb_lines(curves, "best loss within a deferral budget", "deferral budget")})
+    run.log({f"{stem}_plot": wandb_image(out / f"{stem}.png")})
+    run.summary.update({f"{stem}/{k}/rate_to_close_0.9": v["rate_to_close"]["0.9"]["estimate"]
+                        for k, v in result["candidates"].items()})

@@ -12,6 +12,7 @@ import torch.nn.functional as nnf
 
 from ..decoding.pairs import check_same_tokenizer
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..settings import setting
 from .data import IGNORE
 from .models import load_model, lora_wrap, standalone_subset
@@ -39,9 +40,10 @@ def parse_layers(layers: str | list[int] | None) -> list[int] | None:
     if layers is None or isinstance(layers, list):
         return layers
     out: list[int] = []
+    parts = split_list(str(layers), "--layers")
     try:
-        for part in str(layers).split(","):
-            low, dash, high = part.strip().partition("-")
+        for part in parts:
+            low, dash, high = part.partition("-")
             out += list(range(int(low), int(high) + 1)) if dash else [int(low)]
     except ValueError:
         raise SpeccascadeError(f"--layers must look like '0-7,26-29' or [0, 1, 2], got {layers!r}") from None

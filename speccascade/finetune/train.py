@@ -20,6 +20,7 @@ from ..data.tasks import get_task
 from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
+from ..report import write_json
 from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
@@ -146,12 +147,12 @@ def _finetune(plan: _Plan) -> dict:
     }
     if s.eval_examples > 0:
         report = _heldout(s)
-        (out / "heldout.json").write_text(json.dumps(report, indent=2))
+        write_json(out / "heldout.json", report)
         provenance["heldout"] = {k: v for k, v in report.items() if k != "records"}
     if run is not None:  # the held-out numbers join the run, which is closed so that the next one is new
         run.summary.update({"heldout_" + k: v for k, v in _flat(provenance.get("heldout", {})).items()})
         run.finish()
-    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    write_json(out / PROVENANCE, provenance)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / SETTINGS).unlink(missing_ok=True)
     print(summary_line(provenance))
@@ -168,7 +169,7 @@ def _train(plan: _Plan):
     module.model.train()  # the pair put it in eval mode
     data = FinetuneDataModule(pair, s.task, s.steps, s.batch_size, s.examples, s.pack_length, s.data_file, s.seed)
     data.setup()
-    (out / SETTINGS).write_text(json.dumps(plan.recipe, indent=2))
+    write_json(out / SETTINGS, plan.recipe)
     loggers = [CSVLogger(out, name="logs")]
     if s.wandb_mode != "disabled":
         loggers.append(WandbLogger(experiment=start_run(out, s.wandb_project, s.wandb_mode, "finetune", plan.recipe,

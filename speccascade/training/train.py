@@ -10,7 +10,6 @@ non-finite or constant scores) is an error, not an artefact.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,12 +27,13 @@ from .. import __version__
 from ..data import traces as trace_dirs
 from ..deferral import features as F
 from ..deferral import rules
-from ..deferral.heads import HIDDEN_INPUTS, OBJECTIVES, DeferralHead
+from ..deferral.heads import DEFERRAL_RATES, HIDDEN_INPUTS, OBJECTIVES, DeferralHead
 from ..errors import SpeccascadeError
+from ..listing import split_list
 from ..evaluation import offline
-from ..evaluation.compare import log_to_wandb as log_comparison
-from ..evaluation.compare import write as write_comparison
+from ..evaluation.report import log_comparison, write_comparison
 from ..outdir import OutputDir, launched_child
+from ..report import write_json
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import calibration as cal
@@ -46,7 +46,6 @@ HEADS = {  # head name -> (kind, default features)
     "token-mlp": ("mlp", F.POSITION_FEATURES + F.TOKEN_FEATURES),
     "hidden-mlp": ("mlp", F.POSITION_FEATURES + HIDDEN_INPUTS),
 }
-DEFERRAL_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
@@ -112,9 +111,9 @@ def resolve(settings: TrainSettings) -> _Plan:
     """Check every setting, the traces' manifests (complete, readable by this code, one pair) and the
     output directory; load no rows, write nothing."""
     s = resolve_groups(settings)
-    s.traces = [t.strip() for t in (s.traces.split(",") if isinstance(s.traces, str) else s.traces) if t.strip()]
-    if not s.traces or len(set(s.traces)) != len(s.traces):
-        raise SpeccascadeError("--traces must name one or more distinct trace directories")
+    s.traces = split_list(s.traces, "--traces")
+    if len(set(s.traces)) != len(s.traces):
+        raise SpeccascadeError(f"--traces names a trace directory more than once: {', '.join(s.traces)}")
     if s.alpha_range is not None and (s.objective != "relaxed" or s.alpha_range[0] > s.alpha_range[1]):
         raise SpeccascadeError("--alpha-range [low, high] conditions a head on alpha; it needs objective 'relaxed' and low <= high")
     if s.gap_weight and s.objective != "outcome":
@@ -251,7 +250,7 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
         metrics |= cal.report(values, targets, logits)
         cal.reliability_diagram(values, targets, out / "reliability.png")
     # thresholds that defer each rate of the validation positions
-    trained.operating_points = {f"{r:g}": float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES} | {"default": default}
+    trained.record_thresholds({r: float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES}, default)
     trained.metrics = metrics
     trained.provenance = {"speccascade_version": __version__, "traces": [
         {"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer", "schema_version")},
@@ -259,7 +258,7 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
          **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}} for t, m in zip(s.traces, plan.manifests)]}
     comparison = _offline_comparison(trained, data, out, metrics, s.alpha, s.seed)
     trained.save(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
     if wandb_run is not None:
         print(f"W&B run: {run_path(wandb_run)}")
@@ -321,7 +320,7 @@ def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, me
     val = data.val_all
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
     specs = offline.available(offline.DEFAULT_RULES, val.column_names)
-    wanted = {*offline.LOSS_COLUMNS, *learned.features, *(f for spec in specs for f in rules.parse(spec).features)}
+    wanted = {*offline.LOSS_COLUMNS, *learned.features, *(f for spec in specs for f in rules.parse(spec).build().features)}
     if not wanted <= set(val.column_names):
         return None
     table = val.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]

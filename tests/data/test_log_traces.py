@@ -72,7 +72,7 @@ def test_both_modes_write_readable_shards_with_the_stated_rows(tmp_path, mode):
 def test_fixed_rules_recomputed_from_columns_match_the_decoder(tmp_path, spec):
     log_traces(tmp_path, mode="on-policy", rule=spec, temperature=1.0, max_new_tokens=16, **TINY)
     table = read_rows(tmp_path)[1].with_format("torch")[:]
-    decided = rules.parse(spec).decide({name: table[name] for name in F.ALL_FEATURES})
+    decided = rules.parse(spec).build().decide({name: table[name] for name in F.ALL_FEATURES})
     assert torch.equal(decided, table["deferred"])
     assert 0 < int(table["deferred"].sum()) < len(table["deferred"])  # the rule really chose both ways
 

@@ -387,13 +387,25 @@ def test_training_free_baselines_by_hand():
     ("kl:tau=0.8", rules.KLJudge(tau=0.8)), ("js", rules.JS()), (" chow:-inf ", Chow(alpha=float("-inf"))),
 ])
 def test_parse_reads_every_spelling(spec, expected):
-    rule = rules.parse(spec)
+    rule = rules.parse(spec).build()
     assert rule == expected
-    assert rules.parse(rule.spec) == rule  # the spelling round-trips
+    assert rules.parse(rule.spec).build() == rule  # the spelling round-trips
+
+
+def test_parse_returns_the_spec_it_read_and_loads_nothing(tmp_path):
+    assert rules.parse(" KL:0.2:tau=0.8 ") == rules.Spec("kl", 0.2, (("tau", 0.8),))
+    assert rules.parse("kl:tau=0.8") == rules.Spec("kl", None, (("tau", 0.8),))
+    assert rules.parse("always") == rules.Spec("always")
+    head = tmp_path / "no-head-here"  # parsed, not loaded: the directory is read by build()
+    assert rules.parse(f"learned:{head}@0.25") == rules.Spec("learned", 0.25, head=str(head))
+    assert rules.parse("seq:0.4", {"seq": Chow}) == rules.Spec("seq", 0.4)  # a command's own name, with Chow's knob
+    with pytest.raises(SpeccascadeError, match="is not a deferral head"):
+        rules.parse(f"learned:{head}").build()
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("opt:abc", "'abc' is not a number"), ("chow:nan", "not NaN"), ("always:0.3", "has no knob"),
+    ("opt:abc", "'abc' is not a number"), ("chow:nan", "not NaN"), ("always:0.3", "'always' takes no knob"),
+    ("never:abc", "'never' takes no knob"),
     ("topk:2.5", "whole number"), ("kl:0.1:beta=2", "no setting 'beta'"), ("kl:0.1:tau", "is not PARAM=VALUE"),
     ("", "empty rule"), ("learned:", "names no head directory"), ("bogus:1", "unknown rule 'bogus'"),
     ("kl:0.1:tau=2", "tau in \\[0, 1\\]"), ("lossy:1.5", "alpha in \\[0, 1\\]"),
@@ -401,6 +413,15 @@ def test_parse_reads_every_spelling(spec, expected):
 def test_parse_refuses_malformed_rules_in_one_message(spec, message):
     with pytest.raises(SpeccascadeError, match=message):
         rules.parse(spec)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("drafter:xyz", "rule 'drafter' takes no knob"), ("drafter:tau=1", "rule 'drafter' takes no knob"),
+    ("seq:abc", "'abc' is not a number"), ("seq:0.1:tau=1", "no setting 'tau'"), ("nope", "known: drafter, seq, chow"),
+])
+def test_a_commands_own_names_take_the_knob_they_are_given(spec, message):
+    with pytest.raises(SpeccascadeError, match=message):
+        rules.parse(spec, {"drafter": None, "seq": Chow})
 
 
 def test_learned_threshold_must_be_a_number(tmp_path):

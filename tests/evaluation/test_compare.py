@@ -17,6 +17,7 @@ from speccascade.deferral import features as F
 from speccascade.deferral import rules as R
 from speccascade.evaluation import offline
 from speccascade.evaluation.compare import compare
+from speccascade.evaluation.report import comparison_markdown, comparison_text
 from speccascade.training import train_deferral
 
 
@@ -132,3 +133,17 @@ def test_compare_refuses_traces_without_losses(tmp_path, capsys):
     log_traces(tmp_path / "on-policy", models="tiny-random", task="arithmetic", limit=2, mode="on-policy", max_new_tokens=4, topk=0)
     assert main(["compare", "--traces", str(tmp_path / "on-policy"), "--out", str(tmp_path / "cmp"), "--wandb-mode", "disabled"]) == 2
     assert "reference traces" in capsys.readouterr().err
+
+
+def test_the_text_and_markdown_tables_hold_the_same_rows_best_first():
+    columns, ids = synthetic(40, seed=2)
+    result = offline.compare_columns(columns, ids, "chow", resamples=20, scores={"head": -columns["q_top1"].numpy()})
+    result["candidates"]["chow"]["rate_to_close"]["0.9"]["estimate"] = float("nan")  # undefined: last, shown as -
+    text = comparison_text(result).splitlines()
+    markdown = [line.strip("| ").split(" | ") for line in comparison_markdown(result, "c.png").splitlines()
+                if line.startswith("| ")]
+    assert markdown[0] == ["candidate", "kind", "rate to close 50%", "rate to close 75%", "rate to close 90%", "area"]
+    assert [row[0] for row in markdown[1:]] == ["oracle", "head", "chow"]
+    for line, row in zip(text[1:4], markdown[1:]):
+        assert line.split()[0] == row[0] and " ".join(line.split()[1:]) == " ".join(row[2:])
+    assert markdown[3][4] == "-" and text[0].split()[0] == "candidate"

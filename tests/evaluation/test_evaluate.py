@@ -10,8 +10,10 @@ import pytest
 from speccascade.cli import main
 from speccascade.decoding.stats import COUNTERS
 from speccascade.data.log_traces import log_traces
+from speccascade.deferral import features as F
+from speccascade.deferral.heads import DeferralHead
 from speccascade.errors import SpeccascadeError
-from speccascade.evaluation.evaluate import evaluate
+from speccascade.evaluation.evaluate import LEARNED_RATES, evaluate, plan_points
 from speccascade.evaluation.points import Point, calls_against, repetition, summarise
 from speccascade.evaluation.summary import pareto_front, summary
 from speccascade.evaluation.uncertainty import resample_weights
@@ -162,3 +164,15 @@ def test_adaptive_blocks_keep_exact_decoding_exact_and_draft_less(tmp_path):
     assert exact["drafter_calls"] < {r["label"]: r for r in fixed["points"]}["speculative decoding"]["drafter_calls"]
     with pytest.raises(SpeccascadeError, match="draft_stop"):
         evaluate(tmp_path / "adaptive", draft_stop=0.2, resume=True, **options)
+
+
+def test_a_heads_recorded_rates_are_matched_as_numbers_not_text(tmp_path):
+    head = DeferralHead(list(F.POSITION_FEATURES), hidden=4, depth=1,
+                        operating_points={"0.20": 0.7, "4e-1": 0.6, "0.6000": 0.55, "0.9": 0.1, "default": 0.5})
+    head.save(tmp_path / "head")
+    loaded = DeferralHead.load(tmp_path / "head")
+    assert loaded.thresholds() == {0.2: 0.7, 0.4: 0.6, 0.6: 0.55, 0.9: 0.1}
+    knobs = [p.point.knob for p in plan_points(f"learned:{tmp_path / 'head'}") if p.point.rule == "learned"]
+    assert knobs == [0.7, 0.6, 0.55] and 0.8 in LEARNED_RATES  # 0.8 recorded by no head here: left out
+    head.record_thresholds({0.2: 0.3}, default=0.25)
+    assert head.operating_points == {"0.2": 0.3, "default": 0.25} and head.thresholds() == {0.2: 0.3}

@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_decides_the_same_in_the_decoder(tiny_head, pair, 
             for rule in (loaded, in_memory)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert outs[0].stats.deferrals == outs[1].stats.deferrals
-    assert rules.parse(f"learned:{tiny_head}@0.3").threshold == 0.3
+    assert rules.parse(f"learned:{tiny_head}@0.3").build().threshold == 0.3
 
 
 def test_forced_defer_learned_rule_is_exact_speculative_decoding(tiny_head, pair, batch):
@@ -112,7 +112,7 @@ def test_loading_refuses_another_feature_spec_or_a_non_head(tiny_head, tmp_path)
     with pytest.raises(SpeccascadeError, match=f"trained on feature spec {F.SPEC_NAME} v{F.SPEC_VERSION + 1}"):
         rules.Learned.from_pretrained(changed)
     with pytest.raises(SpeccascadeError, match="is not a deferral head"):
-        rules.parse(f"learned:{tmp_path}")
+        rules.parse(f"learned:{tmp_path}").build()
 
 
 @pytest.mark.parametrize("method", ["platt", "isotonic"])
