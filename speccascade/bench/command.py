@@ -14,6 +14,7 @@ from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
+from ..report import say, wrote
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -99,6 +100,7 @@ def run(plan: _Plan) -> dict:
     (s.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (s.out / "bench.md").write_text(markdown(result))
     print(markdown(result))
+    say("bench", wrote(s.out / "bench.md", s.out / "bench.json"))
     return result
 
 
