@@ -1,9 +1,12 @@
 """What ``evaluate`` writes: results.json/.csv, the quality-cost plot with 95% error bars, report.md, and
-one offline-first W&B run (written through :mod:`speccascade.report`)."""
+one offline-first W&B run (written through :mod:`speccascade.report`); and what it (and the demo) prints last."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from ..report import by_rule, comparison_table, pyplot, save_figure, wandb_image, wandb_lines, write_csv, write_json
 from ..report import say, wrote
@@ -36,11 +39,9 @@ def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
 SPEED = "speed: measured side by side (configurations in turns over the same prompts) by `speccascade bench`; see docs/speed.md"
 
 
-def results_table(result: dict):
+def results_table(result: dict) -> Table:
     """The points' quality and cost with 95% intervals, as a rich table; no latency: the points are decoded one
     after another, so their wall times are not compared fairly (``bench`` times speed)."""
-    from rich.table import Table
-
     s = result["settings"]
     table = Table(title=f"quality ({s['metric']}) against cost on {s['examples']} examples, target quality "
                         f"{result['target_quality']:.3f}; [95% intervals], difference paired with the target")
@@ -75,8 +76,6 @@ def summary_lines(result: dict) -> list[str]:
 
 def print_results(result: dict, out: Path) -> None:
     """On stdout: the table, each rule's verdict, where speed is measured, and the files written."""
-    from rich.console import Console
-
     Console(width=max(Console().width, 110)).print(results_table(result))  # wide enough that no column is cut
     for line in [*summary_lines(result), SPEED]:
         print(line)
