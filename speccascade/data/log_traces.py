@@ -124,7 +124,7 @@ def run(plan: _Plan) -> dict:
     s = plan.settings
     with plan.out.claim():
         if plan.out.complete:
-            print(f"log-traces: {s.out} holds complete traces of these settings; nothing to do")
+            say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
             return summarise(s.out, traces.read_manifest(s.out))
         fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
         pair = s.load_pair(device=fabric.device)
@@ -173,7 +173,8 @@ def label_summary(directory: Path, manifest: dict) -> str:
     files = [str(Path(directory) / shard["file"]) for shard in manifest["shards"]]
     if manifest["mode"] == "reference":
         gap = pq.read_table(files, columns=["gap"])["gap"].to_numpy()
-        return f"mean gap (loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} of positions"
+        return (f"mean gap (loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} "
+                "of positions")
     table = pq.read_table(files, columns=["accepted", "examined", "deferred"])
     accepted, examined, deferred = (table[c].to_numpy() for c in ("accepted", "examined", "deferred"))
     return (f"{accepted.mean():.0%} of drafted positions accepted, {deferred[examined].mean():.0%} of the "

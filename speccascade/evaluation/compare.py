@@ -20,8 +20,8 @@ from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..outdir import writable
-from ..report import say, wrote
 from ..report import comparison_table, pyplot, save_figure, wandb_image, wandb_lines, wandb_table, write_csv, write_json
+from ..report import say, wrote
 from ..settings import TrackingSettings, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline

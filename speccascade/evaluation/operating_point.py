@@ -114,8 +114,8 @@ def run(plan: _Plan) -> dict:
         knob, _ = knob_for_loss(chosen, columns, s.target_loss)
     rate = float((torch.from_numpy(_scores(chosen, columns)) > knob).double().mean())
     result = {"rule": s.rule, "knob": knob, "deferral_rate": rate}
-    asked = f"deferral rate {s.target_deferral_rate:g}" if s.target_deferral_rate is not None else f"mean loss <= {s.target_loss:g}"
-    say("operating-point", f"{s.rule} (asked: {asked}): knob {knob:.6g} defers {rate:.3f} of the {len(columns['q_top1'])} "
+    asked = f"deferral rate {s.target_deferral_rate:g}" if s.target_loss is None else f"mean loss <= {s.target_loss:g}"
+    say("operating-point", f"{s.rule} (asked: {asked}): knob {knob:.6g} defers {rate:.3f} of the {len(table['example_id'])} "
         f"positions of {s.traces}", f"decode with {at_knob(chosen, knob).spec} (evaluate --rules, log-traces --rule); "
         "no file written")
     return result

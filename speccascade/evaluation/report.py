@@ -36,7 +36,8 @@ def interval(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
     return f"{p[name]:{sign}{spec}} [{low:{sign}{spec}}, {high:{sign}{spec}}]"
 
 
-SPEED = "speed: measured side by side (configurations in turns over the same prompts) by `speccascade bench`; see docs/speed.md"
+SPEED = ("speed: measured side by side (configurations in turns over the same prompts) by `speccascade bench`; "
+         "see docs/speed.md")
 
 
 def results_table(result: dict) -> Table:

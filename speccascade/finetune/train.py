@@ -113,10 +113,10 @@ def run(plan: _Plan) -> dict:
     with locked(out, "finetune"):  # one writer: a second fine-tune into this --out is refused while this one runs
         done = _prepare_out(out, plan.recipe)
         if done is not None:
-            print(f"finetune: {out} already holds this fine-tune; nothing to do")
+            say("finetune", f"{out} already holds this fine-tune; nothing to do")
         provenance = _finetune(plan) if done is None else done
-    say("finetune", summary_line(provenance),
-        wrote(out, note=f"a Hugging Face model directory; {PROVENANCE}" + (", heldout.json" if "heldout" in provenance else "")))
+    files = ", ".join([PROVENANCE, *(["heldout.json"] if "heldout" in provenance else [])])
+    say("finetune", summary_line(provenance), wrote(out, note=f"a Hugging Face model directory; {files}"))
     return provenance
 
 
