@@ -101,6 +101,18 @@ def by_rule(points: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def say(command: str, *lines: str) -> None:
+    """A command's closing lines on stdout, each ``{command}: ...``: its key numbers, and last :func:`wrote`, so a
+    run ends by saying what it did (also with W&B off)."""
+    for line in lines:
+        print(f"{command}: {line}", flush=True)
+
+
+def wrote(*paths: Path | str, note: str = "") -> str:
+    """``wrote A, B (note)``: the full paths of a command's outputs, to copy into the next command."""
+    return "wrote " + ", ".join(map(str, paths)) + (f" ({note})" if note else "")
+
+
 def wandb_table(rows: list[dict], columns: list[str]):
     """A W&B table of the rows' ``columns`` (NaN and infinities as empty cells)."""
     import wandb

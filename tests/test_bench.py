@@ -59,9 +59,12 @@ def test_bench_times_the_cascade_rules_it_is_given(tmp_path):
     assert all(r["new_tokens"] > 0 for r in cascades) and report["rules"] == ["gain:0.2", "diff:0.1"]
 
 
-def test_bench_without_transformers_times_only_speccascade_rows(tmp_path):
+def test_bench_without_transformers_times_only_speccascade_rows(tmp_path, capsys):
     code = main(["bench", "--models", "tiny-random", "--batch-sizes", "1", "--prompts", "2", "--max-new-tokens", "4",
                  "--repeats", "1", "--rules", "gain:0.2", "--no-transformers", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out  # the table as bench.md holds it, then where both files are
+    assert printed.endswith((tmp_path / "bench.md").read_text() + f"\nbench: wrote {tmp_path / 'bench.md'}, "
+                            f"{tmp_path / 'bench.json'}\n") and "| configuration | implementation |" in printed
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert code == 0 and saved["transformers_rows"] is False
     assert [r["name"] for r in saved["results"]] == ["target alone", "drafter alone", "cascade gain:0.2",

@@ -27,7 +27,7 @@ def test_train_deferral_prints_no_third_party_noise_unless_verbose(tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
     assert not [n for n in NOISE if n in quiet.stdout], quiet.stdout
-    assert f"head written to {tmp_path / 'quiet'}" in quiet.stdout and "W&B run: " in quiet.stdout
+    assert f"train-deferral: wrote {tmp_path / 'quiet'}" in quiet.stdout and "W&B run: " in quiet.stdout
     verbose = _train(traces, tmp_path / "verbose", "-v")
     assert verbose.returncode == 0, verbose.stderr
     assert "GPU available" in verbose.stdout + verbose.stderr and "wandb:" in verbose.stdout + verbose.stderr

@@ -14,7 +14,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
-from ..report import write_json, write_text
+from ..report import say, write_json, write_text, wrote
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
@@ -100,6 +100,7 @@ def run(plan: _Plan) -> dict:
     write_json(s.out / "bench.json", result)
     write_text(s.out / "bench.md", markdown(result))
     print(markdown(result))
+    say("bench", wrote(s.out / "bench.md", s.out / "bench.json"))
     return result
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -26,6 +28,7 @@ from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
+from ..report import say, wrote
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
@@ -121,7 +124,8 @@ def run(plan: _Plan) -> dict:
     s = plan.settings
     with plan.out.claim():
         if plan.out.complete:
-            return traces.read_manifest(s.out)
+            say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
+            return summarise(s.out, traces.read_manifest(s.out))
         fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
         pair = s.load_pair(device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
@@ -142,23 +146,49 @@ def run(plan: _Plan) -> dict:
             if s.outcome:  # the cost over every complete shard, this run's and earlier runs' alike
                 cost = OutcomeCost.from_dict(traces.shard_stats(s.out))
                 header["outcome_labels"] = cost.summary(s.outcome_max_new_tokens)
-                _print_cost(header["outcome_labels"])
             manifest = traces.write_manifest(s.out, header, complete=True)
         fabric.barrier()
         plan.out.finish()
     if manifest and s.wandb_mode != "disabled":
         log_artifact(plan)
+    return summarise(s.out, manifest) if manifest else manifest
+
+
+def summarise(directory: Path, manifest: dict) -> dict:
+    """Print what the traces hold (examples, rows, their labels) and where; returns the manifest."""
+    outcome = manifest.get("outcome_labels")
+    shards, rule = len(manifest["shards"]), manifest["config"].get("rule")
+    say("log-traces", f"{manifest['examples']} examples, {manifest['rows']} positions (rows) in {shards} shard"
+        f"{'s' if shards != 1 else ''}, {manifest['mode']} mode{f' under {rule}' if rule else ''}; "
+        f"{label_summary(directory, manifest)}", *([_cost_line(outcome)] if outcome else []),
+        wrote(directory, note="manifest.json, shards/"))
     return manifest
 
 
-def _print_cost(summary: dict) -> None:
-    print(f"log-traces: outcome labels on {summary['labelled_positions']} examined positions, "
-          f"{summary['decoded_positions']} decoded (draft != target's choice), {summary['harmful_positions']} harmful, "
-          f"{summary['helpful_positions']} helpful; {summary['decoded_positions_where_target_right']} decoded where the "
-          "target's choice scores; "
-          f"label cost {summary['extra_target_tokens']} extra target tokens = "
-          f"{summary['extra_target_tokens_per_labelled_position']:.1f} per labelled position "
-          f"({summary['extra_target_tokens_per_decoded_position']:.1f} per decoded one)")
+def label_summary(directory: Path, manifest: dict) -> str:
+    """The mode's labels in one phrase: reference, the mean gap (loss_q - loss_p) and where the drafter is worse;
+    on-policy, the share of drafts accepted and of examined ones deferred."""
+    if not manifest["rows"]:
+        return "no labels"
+    files = [str(Path(directory) / shard["file"]) for shard in manifest["shards"]]
+    if manifest["mode"] == "reference":
+        gap = pq.read_table(files, columns=["gap"])["gap"].to_numpy()
+        return (f"mean gap (loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} "
+                "of positions")
+    table = pq.read_table(files, columns=["accepted", "examined", "deferred"])
+    accepted, examined, deferred = (table[c].to_numpy() for c in ("accepted", "examined", "deferred"))
+    return (f"{accepted.mean():.0%} of drafted positions accepted, {deferred[examined].mean():.0%} of the "
+            f"{int(examined.sum())} examined ones deferred")
+
+
+def _cost_line(summary: dict) -> str:
+    return (f"outcome labels on {summary['labelled_positions']} examined positions, "
+            f"{summary['decoded_positions']} decoded (draft != target's choice), {summary['harmful_positions']} harmful, "
+            f"{summary['helpful_positions']} helpful; {summary['decoded_positions_where_target_right']} decoded where the "
+            "target's choice scores; "
+            f"label cost {summary['extra_target_tokens']} extra target tokens = "
+            f"{summary['extra_target_tokens_per_labelled_position']:.1f} per labelled position "
+            f"({summary['extra_target_tokens_per_decoded_position']:.1f} per decoded one)")
 
 
 def log_artifact(plan: _Plan) -> None:

@@ -21,6 +21,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
+from ..report import say, wrote
 from ..settings import TrackingSettings, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
@@ -88,7 +89,16 @@ def run(plan: _Plan) -> dict:
     print(comparison_text(result))
     if s.wandb_mode != "disabled":
         log_run(result, s.out, s, s.traces, plan.head_dirs)
+    summarise(result, s.out)
     return result
+
+
+def summarise(result: dict, out: Path) -> None:
+    """The last lines: what was judged, the best rule (the heads' verdicts are the table's last lines) and the files."""
+    best = result.get("best_rule")
+    say("compare", f"{result['examples']} held-out examples, {result['rows']} positions; best rule (least deferral to "
+        f"close 90% of the gap): {best if best else 'none (no rule judged)'}",
+        wrote(*(out / name for name in ("compare.md", "compare.png", "compare.json", "compare.csv", "summary.csv"))))
 
 
 def log_run(result: dict, out: Path, tracking: TrackingSettings, traces: str, head_dirs: list[str]) -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from ..data.log_traces import LogTracesSettings
 from ..data.log_traces import resolve as resolve_traces
@@ -32,8 +31,6 @@ from .compare import run as compare
 from .evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluate import resolve as resolve_evaluation
 from .evaluate import run as evaluate
-from ..report import by_rule
-from .report import interval_text
 
 
 @dataclass(kw_only=True)
@@ -100,15 +97,14 @@ def resolve(settings: DemoSettings) -> _Plan:
 
 
 def run(plan: _Plan) -> dict:
+    """The four steps, each ending with what it did; evaluate's table and verdicts come last."""
     s, out = plan.settings, plan.settings.out
     console = Console(width=max(Console().width, 110))
     started = time.perf_counter()
     console.rule(f"1/4 log-traces: {s.models} on {s.task} (train, {s.train_examples} examples, teacher-forced)")
     log_traces(plan.traces)
     console.rule("2/4 train-deferral: MLP head, gap regression, early stopping on validation")
-    head = train(resolve_training(plan.head))
-    console.print(f"validation AUROC {_metric(head.metrics['auroc'])}"
-                  + (f", ECE {_metric(head.metrics['ece'])}" if "ece" in head.metrics else ""))
+    train(resolve_training(plan.head))
     console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
     log_traces(plan.held_out)
     offline = compare(resolve_comparison(derived(CompareSettings, s, ("rules",), traces=str(out / "held-out-traces"),
@@ -117,53 +113,5 @@ def run(plan: _Plan) -> dict:
     result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
     result["offline"] = {"best_rule": offline.get("best_rule"), "head": offline["candidates"]["head"]}
-    console.print(results_table(result))
-    for line in summary_lines(result):
-        console.print(line)
-    against = result["offline"]["head"].get("against_rules")
-    if against:
-        reduction = against["reduction_at_0.9"]
-        console.print(f"offline, held out: the head needs {reduction['estimate']:.0%} [{reduction['low']:.0%}, "
-                      f"{reduction['high']:.0%}] fewer deferrals than {against['best_rule']} to close 90% of the gap")
-    console.print(f"plot: {out / 'eval' / 'quality_vs_cost.png'}   report: {out / 'eval' / 'report.md'}")
-    console.print(f"offline comparison: {out / 'compare' / 'compare.png'}   {out / 'compare' / 'compare.md'}")
-    console.print(f"demo finished in {result['demo_wall_s'] / 60:.1f} minutes")
+    print(f"demo: finished in {result['demo_wall_s'] / 60:.1f} minutes; every step's outputs under {out}")
     return result
-
-
-def _metric(value: float | None) -> str:
-    """A validation metric; an undefined one (one class in the labels) is NaN, or null once read back from disk."""
-    return "undefined" if value is None or value != value else f"{value:.3f}"
-
-
-def results_table(result: dict) -> Table:
-    s = result["settings"]
-    table = Table(title=f"quality ({s['metric']}) against cost on {s['examples']} examples, target quality "
-                        f"{result['target_quality']:.3f}; [95% intervals], difference paired with the target")
-    for header in ("decoder", "quality", "vs target", "deferred", "tokens/call", "latency"):
-        table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
-    for p in result["points"]:
-        table.add_row(p["label"], interval_text(p, "quality"), interval_text(p, "difference", sign="+"), f"{p['deferral_rate']:.2f}",
-                      f"{p['tokens_per_target_call']:.2f}", f"{p['relative_latency']:.2f}x")
-    return table
-
-
-def summary_lines(result: dict) -> list[str]:
-    """Per rule: the deferral rate at which it reaches the target's quality (paired non-inferiority within the
-    margin, no guard), or its best quality with intervals."""
-    lines = []
-    margin = result["settings"]["margin"]
-    for rule, pts in by_rule(result["points"]).items():
-        if rule == "target":
-            continue
-        reaching = [p for p in pts if p["reaches_target"]]
-        if reaching:
-            lowest = min(reaching, key=lambda p: p["deferral_rate"])
-            lines.append(f"{rule}: reaches the target's quality (within {margin:g}) deferring {lowest['deferral_rate']:.2f} "
-                         f"of drafts ({lowest['label']}: difference {interval_text(lowest, 'difference', sign='+')})")
-        else:
-            best = max(pts, key=lambda p: p["quality"])
-            guards = f"; {'; '.join(best['guards'])}" if best["guards"] else ""
-            lines.append(f"{rule}: not shown to reach the target's quality; best {best['label']} quality "
-                         f"{interval_text(best, 'quality')}, difference {interval_text(best, 'difference', sign='+')}{guards}")
-    return lines

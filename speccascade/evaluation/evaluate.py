@@ -191,6 +191,7 @@ def run(plan: _Plan) -> dict:
             heads = dict.fromkeys(p.rule.head.provenance["path"] for p in plan.points if isinstance(p.rule, R.Learned))
             report.log_to_wandb(result, out, s, heads=list(heads))
         plan.out.finish()
+    report.print_results(result, out)
     return result
 
 

@@ -9,9 +9,9 @@ quantile of the score, and the knob for a quality target is read off the rule's 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ..data.traces import load_traces, read_manifest
 from ..deferral import features as F
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
+from ..report import say
 from ..settings import resolve_groups, setting
 from .offline import curve
 
@@ -113,5 +114,15 @@ def run(plan: _Plan) -> dict:
         knob, _ = knob_for_loss(chosen, columns, s.target_loss)
     rate = float((torch.from_numpy(_scores(chosen, columns)) > knob).double().mean())
     result = {"rule": s.rule, "knob": knob, "deferral_rate": rate}
-    print(f"{s.rule}: knob {knob:.6g} defers {rate:.3f} of positions on {Path(s.traces).name}")
+    asked = f"deferral rate {s.target_deferral_rate:g}" if s.target_loss is None else f"mean loss <= {s.target_loss:g}"
+    say("operating-point", f"{s.rule} (asked: {asked}): knob {knob:.6g} defers {rate:.3f} of the {len(table['example_id'])} "
+        f"positions of {s.traces}", f"decode with {at_knob(chosen, knob).spec} (evaluate --rules, log-traces --rule); "
+        "no file written")
     return result
+
+
+def at_knob(rule: R.Rule, knob: float) -> R.Rule:
+    """A copy of ``rule`` with its knob set to ``knob`` (its spec is what the decoding commands read)."""
+    picked = copy.copy(rule)
+    setattr(picked, rule.knob, knob)
+    return picked

@@ -1,15 +1,18 @@
 """What ``evaluate`` writes (results.json/.csv, the quality-cost plot with 95% error bars, report.md, one
-offline-first W&B run) and what ``compare`` and ``train-deferral``'s held-out comparison write (compare.json,
-the budget curves, the summary, the plot, the Markdown report, their W&B tables); how is
-:mod:`speccascade.report`'s."""
+offline-first W&B run) and prints last (also for the demo), and what ``compare`` and ``train-deferral``'s held-out
+comparison write (compare.json, the budget curves, the summary, the plot, the Markdown report, their W&B tables);
+how is :mod:`speccascade.report`'s."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from ..report import (by_rule, comparison_table, markdown_table, pyplot, save_figure, text_table, wandb_image, wandb_lines,
-                      wandb_table, write_csv, write_json, write_text)
+from rich.console import Console
+from rich.table import Table
+
+from ..report import (by_rule, comparison_table, markdown_table, pyplot, save_figure, say, text_table, wandb_image,
+                      wandb_lines, wandb_table, write_csv, write_json, write_text, wrote)
 from ..tracking import head_artifact, run_path, start_run, use_artifact
 from . import offline
 from .offline import GAP_FRACTIONS, RATES
@@ -36,6 +39,53 @@ def interval_text(p: dict, name: str, spec: str = ".3f", sign: str = "") -> str:
         return "-"
     low, high = p[f"{name}_low"], p[f"{name}_high"]
     return f"{p[name]:{sign}{spec}} [{low:{sign}{spec}}, {high:{sign}{spec}}]"
+
+
+SPEED = ("speed: measured side by side (configurations in turns over the same prompts) by `speccascade bench`; "
+         "see docs/speed.md")
+
+
+def results_table(result: dict) -> Table:
+    """The points' quality and cost with 95% intervals, as a rich table; no latency: the points are decoded one
+    after another, so their wall times are not compared fairly (``bench`` times speed)."""
+    s = result["settings"]
+    table = Table(title=f"quality ({s['metric']}) against cost on {s['examples']} examples, target quality "
+                        f"{result['target_quality']:.3f}; [95% intervals], difference paired with the target")
+    for header in ("decoder", "quality", "vs target", "deferred", "tokens/call"):
+        table.add_column(header, justify="left" if header == "decoder" else "right", no_wrap=True, min_width=len(header))
+    for p in result["points"]:
+        table.add_row(p["label"], interval_text(p, "quality"), interval_text(p, "difference", sign="+"),
+                      f"{p['deferral_rate']:.2f}", f"{p['tokens_per_target_call']:.2f}")
+    return table
+
+
+def summary_lines(result: dict) -> list[str]:
+    """Per rule: the deferral rate at which it reaches the target's quality (paired non-inferiority within the
+    margin, no guard), or its best quality with intervals."""
+    lines = []
+    margin = result["settings"]["margin"]
+    for rule, pts in by_rule(result["points"]).items():
+        if rule == "target":
+            continue
+        reaching = [p for p in pts if p["reaches_target"]]
+        if reaching:
+            lowest = min(reaching, key=lambda p: p["deferral_rate"])
+            lines.append(f"{rule}: reaches the target's quality (within {margin:g}) deferring {lowest['deferral_rate']:.2f} "
+                         f"of drafts ({lowest['label']}: difference {interval_text(lowest, 'difference', sign='+')})")
+        else:
+            best = max(pts, key=lambda p: p["quality"])
+            guards = f"; {'; '.join(best['guards'])}" if best["guards"] else ""
+            lines.append(f"{rule}: not shown to reach the target's quality; best {best['label']} quality "
+                         f"{interval_text(best, 'quality')}, difference {interval_text(best, 'difference', sign='+')}{guards}")
+    return lines
+
+
+def print_results(result: dict, out: Path) -> None:
+    """On stdout: the table, each rule's verdict, where speed is measured, and the files written."""
+    Console(width=max(Console().width, 110)).print(results_table(result))  # wide enough that no column is cut
+    for line in [*summary_lines(result), SPEED]:
+        print(line)
+    say("evaluate", wrote(out / "report.md", out / "quality_vs_cost.png", out / "results.json", out / "results.csv"))
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -70,6 +120,9 @@ def markdown(result: dict) -> str:
         f"(at least {LOOPING:.0%} of a reply's 4-grams repeated). *Target calls vs exact SD* is the point's calls of "
         f"the target over exact speculative decoding's on the same examples (a paired ratio; below 1 saves work). "
         f"Per-example records: `points/*.parquet`.",
+        "",
+        "*Latency vs target* is the wall time of sequential runs (one point decoded after another, not in turns over "
+        "the same prompts), so other work on the machine moves it: speed is measured side by side by `speccascade bench`.",
         "",
         "![quality against cost](quality_vs_cost.png)",
         "",

@@ -20,7 +20,7 @@ from ..data.tasks import get_task
 from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
-from ..report import write_json
+from ..report import say, write_json, wrote
 from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
@@ -113,9 +113,11 @@ def run(plan: _Plan) -> dict:
     with locked(out, "finetune"):  # one writer: a second fine-tune into this --out is refused while this one runs
         done = _prepare_out(out, plan.recipe)
         if done is not None:
-            print(f"{out} already holds this fine-tune; {summary_line(done)}")
-            return done
-        return _finetune(plan)
+            say("finetune", f"{out} already holds this fine-tune; nothing to do")
+        provenance = _finetune(plan) if done is None else done
+    files = ", ".join([PROVENANCE, *(["heldout.json"] if "heldout" in provenance else [])])
+    say("finetune", summary_line(provenance), wrote(out, note=f"a Hugging Face model directory; {files}"))
+    return provenance
 
 
 def _prepare_out(out: Path, recipe: dict) -> dict | None:
@@ -155,7 +157,6 @@ def _finetune(plan: _Plan) -> dict:
     write_json(out / PROVENANCE, provenance)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / SETTINGS).unlink(missing_ok=True)
-    print(summary_line(provenance))
     return provenance
 
 

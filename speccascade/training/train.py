@@ -33,7 +33,7 @@ from ..listing import split_list
 from ..evaluation import offline
 from ..evaluation.report import log_comparison, write_comparison
 from ..outdir import OutputDir, launched_child
-from ..report import write_json
+from ..report import say, write_json, wrote
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import calibration as cal
@@ -155,7 +155,7 @@ def run(plan: _Plan) -> DeferralHead:
     with plan.out.claim():
         if plan.out.complete:
             print(f"train-deferral: {out} holds a finished head of these settings; nothing to do")
-            return DeferralHead.load(out)
+            return summarise(DeferralHead.load(out), out)
         pl.seed_everything(s.seed, workers=True, verbose=False)
         data = TraceDataModule(s.traces, plan.features, s.objective, s.val_fraction, s.batch_size, s.seed)
         data.setup()
@@ -167,7 +167,27 @@ def run(plan: _Plan) -> DeferralHead:
             return module.head
         head = _export(plan, module, data, trainer, wandb_run)
         plan.out.finish()
+    return summarise(head, out)
+
+
+SCORES = {"auroc": "AUROC", "ece": "ECE", "brier": "Brier"}  # the summary's validation metrics, those a head has
+OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "comparison.md", "comparison.png", "reliability.png")
+
+
+def summarise(head: DeferralHead, out: Path) -> DeferralHead:
+    """Print the head's validation metrics, its operating points and where it is; returns the head."""
+    m = head.metrics
+    scores = ", ".join(f"{label} {_score(m[name])}" for name, label in SCORES.items() if name in m)
+    points = ", ".join(f"{rate}: {threshold:.4g}" for rate, threshold in head.operating_points.items())
+    say("train-deferral", f"validation on {m.get('val_rows')} rows ({m.get('train_rows')} trained on): {scores}",
+        f"operating points (deferral rate of validation positions: threshold): {points}",
+        wrote(out, note=", ".join(name for name in OUTPUTS if (out / name).exists())) + f"; decode with learned:{out}")
     return head
+
+
+def _score(value: float | None) -> str:
+    """A metric to 3 decimals; ``undefined`` where it is NaN or null (one class only among the validation rows)."""
+    return "undefined" if value is None or value != value else f"{value:.3f}"
 
 
 def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataModule, config: dict):
@@ -263,7 +283,6 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
     if wandb_run is not None:
         print(f"W&B run: {run_path(wandb_run)}")
         _log_to_wandb(wandb_run, out, metrics, comparison)
-    print(f"train-deferral: head written to {out} (validation AUROC {metrics['auroc']:.3f})")
     return trained
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import load_dataset
 
+from speccascade.cli import main
 from speccascade.data import traces
 from speccascade.data.log_traces import log_traces
 from speccascade.data.schema import ID_COLUMNS, ON_POLICY_LABELS, ORACLE_LABELS, REFERENCE_LABELS
@@ -94,9 +95,26 @@ def test_two_processes_write_the_rows_of_one(tmp_path):
     assert one.wait(timeout=300) == 0, one.stdout.read()
     two = run_cli(cli_args(tmp_path / "two", 8, ["--devices", "2"]))
     assert two.wait(timeout=300) == 0, two.stdout.read()
+    assert two.stdout.read().count(f"log-traces: wrote {tmp_path / 'two'}") == 1  # rank 0 alone says what was written
     manifest = traces.read_manifest(tmp_path / "two")
     assert {Path(s["file"]).name[:4] for s in manifest["shards"]} == {"r000", "r001"}  # both ranks wrote
     assert_same_rows(tmp_path / "one", tmp_path / "two")
+
+
+def test_the_command_ends_by_saying_what_it_logged_and_where(tmp_path, capsys):
+    out = tmp_path / "ref"
+    args = ["log-traces", "--out", str(out), "--models", "tiny-random", "--task", "arithmetic", "--limit", "6", "--batch-size",
+            "4", "--shard-examples", "2", "--topk", "0", "--wandb-mode", "disabled"]
+    assert main(args) == 0
+    manifest, rows = read_rows(out)
+    gap = rows.with_format("numpy")[:]["gap"]
+    summary = [f"log-traces: 6 examples, {rows.num_rows} positions (rows) in 3 shards, reference mode; mean gap "
+               f"(loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} of positions",
+               f"log-traces: wrote {out} (manifest.json, shards/)"]
+    assert manifest["rows"] == rows.num_rows and capsys.readouterr().out.splitlines()[-2:] == summary
+    assert main([*args, "--resume"]) == 0  # nothing left to log: the same summary
+    assert capsys.readouterr().out.splitlines()[-3:] == [f"log-traces: {out} holds complete traces of these settings; "
+                                                         "nothing to do", *summary]
 
 
 def test_bad_input_fails_clearly_and_leaves_no_complete_looking_output(tmp_path):

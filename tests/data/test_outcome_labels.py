@@ -217,9 +217,17 @@ def _cli(out, extra=()):
             "--rule", "opt:0.1", "--batch-size", "2", "--shard-examples", "2", "--topk", "0", "--accelerator", "cpu", *extra]
 
 
-def test_killed_outcome_logging_resumes_to_the_uninterrupted_rows_and_cost(tmp_path):
+def test_killed_outcome_logging_resumes_to_the_uninterrupted_rows_and_cost(tmp_path, capsys):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(_cli(full)) == 0
+    cost, rows = traces.read_manifest(full)["outcome_labels"], read_rows(full)[1].with_format("numpy")[:]
+    numbers, labels, where = capsys.readouterr().out.splitlines()[-3:]
+    accepted, examined, deferred = rows["accepted"], rows["examined"], rows["deferred"]
+    assert numbers.endswith(f"on-policy mode under opt:0.1; {accepted.mean():.0%} of drafted positions accepted, "
+                            f"{deferred[examined].mean():.0%} of the {examined.sum()} examined ones deferred")
+    assert labels.startswith(f"log-traces: outcome labels on {cost['labelled_positions']} examined positions, "
+                             f"{cost['decoded_positions']} decoded") and f"{cost['extra_target_tokens']} extra" in labels
+    assert where == f"log-traces: wrote {full} (manifest.json, shards/)"
     proc = _start(*_cli(killed))
     _wait_for(killed / "shards" / "r000-00000.json", proc)  # killed after its first shard
     proc.kill()

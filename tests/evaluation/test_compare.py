@@ -122,7 +122,14 @@ def test_compare_command_on_tiny_random(tiny_split_traces, tmp_path, capsys):
     assert result["examples"] == 8 and result["traces"]["split"] == "test"
     assert {"head", "oracle", "diff", "kl:tau=0.9", "js", "entropy", "tokenv3"} <= set(result["candidates"])
     assert list((tmp_path / "cmp" / "wandb").glob("offline-run-*"))  # the offline W&B run
-    assert "rate to close 90%" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert "rate to close 90%" in printed[-6 - len(result["candidates"])]  # the table's header, its rows, then:
+    verdicts = [line for line in printed[-5:-3] if line.startswith(("head:", "oracle:"))]  # the head's and the oracle's
+    assert len(verdicts) == 2 and all("fewer deferrals than " + result["best_rule"] in line for line in verdicts)
+    assert printed[-2] == (f"compare: 8 held-out examples, {result['rows']} positions; best rule (least deferral to close "
+                           f"90% of the gap): {result['best_rule']}")
+    assert printed[-1] == "compare: wrote " + ", ".join(str(tmp_path / "cmp" / name) for name in (
+        "compare.md", "compare.png", "compare.json", "compare.csv", "summary.csv"))
     # a head judged on the traces it was trained on is refused, in one line
     assert main(["compare", "--traces", str(root / "train"), "--heads", str(tmp_path / "head"), "--out", str(tmp_path / "bad"),
                  "--wandb-mode", "disabled"]) == 2

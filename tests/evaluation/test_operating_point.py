@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speccascade.cli import main
+from speccascade.deferral import rules as R
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.operating_point import operating_point
 from speccascade.training import train_deferral
@@ -31,6 +32,16 @@ def test_picker_for_a_learned_head_and_a_loss_target(planted, tmp_path):
     assert learned["deferral_rate"] < 0.65
     with pytest.raises(SpeccascadeError, match="reaches no mean loss"):
         operating_point(str(planted), "chow", target_loss=0.05)
+
+
+def test_the_command_ends_with_the_knob_and_the_rule_to_decode_with(planted, capsys):
+    assert main(["operating-point", "--traces", str(planted), "--rule", "chow", "--target-deferral-rate", "0.3"]) == 0
+    picked = operating_point(str(planted), "chow", target_deferral_rate=0.3)
+    knob, use = capsys.readouterr().out.splitlines()[-4:-2]  # the CLI's two lines, then the call's
+    assert knob == (f"operating-point: chow (asked: deferral rate 0.3): knob {picked['knob']:.6g} defers "
+                    f"{picked['deferral_rate']:.3f} of the 2000 positions of {planted}")
+    spec = use.removeprefix("operating-point: decode with ").split(" ")[0]
+    assert R.parse(spec).alpha == pytest.approx(picked["knob"], rel=1e-5) and use.endswith("no file written")
 
 
 def test_picker_bad_input(planted, capsys):

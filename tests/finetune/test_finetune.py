@@ -128,6 +128,21 @@ def test_the_exported_merged_model_computes_what_the_adapter_model_computed(tmp_
         assert torch.equal(merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), greedy)
 
 
+def test_a_finished_run_is_not_redone_and_says_its_quality_and_directory(trained, planted, capsys):
+    args = ["finetune", "--out", str(trained["target"]), "--base", "tiny-random", "--steps", "30", "--task", "translation",
+            "--data-file", str(planted), "--batch-size", "8", "--lr", "0.01", "--warmup-steps", "2", "--eval-split", "train",
+            "--eval-examples", "8", "--max-new-tokens", "8", "--wandb-mode", "disabled"]
+    before = (trained["target"] / "finetune.json").read_text()
+    assert main(args) == 0 and (trained["target"] / "finetune.json").read_text() == before
+    held = json.loads(before)["heldout"]
+    q = held["quality"]
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        f"finetune: {trained['target']} already holds this fine-tune; nothing to do",
+        f"finetune: fine-tuned tiny-random on translation (full, 30 steps); held-out {held['metric']} on train (8 examples, "
+        f"greedy): {q['estimate']:.3f} [95% CI {q['low']:.3f}, {q['high']:.3f}]",
+        f"finetune: wrote {trained['target']} (a Hugging Face model directory; finetune.json, heldout.json)"]
+
+
 def test_a_finished_run_is_not_redone_and_other_settings_are_refused(trained, capsys):
     assert main(["finetune", "--out", str(trained["target"]), "--base", "tiny-random", "--steps", "31"]) == 2
     assert "other settings" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def tiny_traces(tmp_path_factory):
     return root
 
 
-def test_train_deferral_end_to_end_without_wandb(tiny_traces, tmp_path):
+def test_train_deferral_end_to_end_without_wandb(tiny_traces, tmp_path, capsys):
     out = tmp_path / "head"
     code = main(["train-deferral", "--traces", str(tiny_traces / "reference"), "--out", str(out), "--head", "token-mlp",
                  "--epochs", "2", "--wandb-mode", "disabled"])
@@ -37,6 +37,22 @@ def test_train_deferral_end_to_end_without_wandb(tiny_traces, tmp_path):
     assert config["features"][-1] == "p_rank" and config["provenance"]["traces"][0]["fingerprint"]
     assert (out / "model.safetensors").exists() and not (out / "wandb").exists()
     assert (out / "logs" / "version_0" / "metrics.csv").exists()  # local training curves
+    metrics, points = config["metrics"], config["operating_points"]
+    validation, thresholds, where = capsys.readouterr().out.splitlines()[-3:]
+    assert validation == (f"train-deferral: validation on {metrics['val_rows']} rows ({metrics['train_rows']} trained on): "
+                          f"AUROC {metrics['auroc']:.3f}")
+    assert len(points) == 10 and all(f"{rate}: {threshold:.4g}" in thresholds for rate, threshold in points.items())
+    assert where == (f"train-deferral: wrote {out} (config.json, model.safetensors, metrics.json, comparison.md, "
+                     f"comparison.png); decode with learned:{out}")
+
+
+def test_a_classification_head_says_its_calibration(tiny_traces, tmp_path, capsys):
+    train_deferral([str(tiny_traces / "reference")], tmp_path / "head", objective="classification", epochs=1,
+                   wandb_mode="disabled")
+    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    validation, _, where = capsys.readouterr().out.splitlines()[-3:]
+    assert validation.endswith(f"AUROC {metrics['auroc']:.3f}, ECE {metrics['ece']:.3f}, Brier {metrics['brier']:.3f}")
+    assert "reliability.png)" in where  # the calibration plot, which a gap head has not
 
 
 def test_train_deferral_offline_wandb_run_holds_the_logged_files(tiny_traces, tmp_path):
