@@ -41,7 +41,7 @@ def test_the_command_ends_with_the_knob_and_the_rule_to_decode_with(planted, cap
     assert knob == (f"operating-point: chow (asked: deferral rate 0.3): knob {picked['knob']:.6g} defers "
                     f"{picked['deferral_rate']:.3f} of the 2000 positions of {planted}")
     spec = use.removeprefix("operating-point: decode with ").split(" ")[0]
-    assert R.parse(spec).alpha == pytest.approx(picked["knob"], rel=1e-5) and use.endswith("no file written")
+    assert R.parse(spec).build().alpha == pytest.approx(picked["knob"], rel=1e-5) and use.endswith("no file written")
 
 
 def test_picker_bad_input(planted, capsys):
