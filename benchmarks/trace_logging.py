@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from speccascade.data.log_traces import RowLogger
+from speccascade.tracing.log_traces import RowLogger
 from speccascade.data.tasks import get_task
 from speccascade.decoding import load_pair
 from speccascade.deferral import rules

@@ -18,20 +18,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..data.log_traces import LogTracesSettings
-from ..data.log_traces import resolve as resolve_traces
-from ..data.log_traces import run as log_traces
-from ..outdir import OutputDir
-from ..settings import DecodingSettings, PairSettings, TrackingSettings, resolve_groups, setting
-from ..training.train import TrainSettings
-from ..training.train import resolve as resolve_training
-from ..training.train import run as train
-from .compare import compare
-from .evaluate import DEFAULT_MARGIN, EvaluateSettings
-from .evaluate import resolve as resolve_evaluation
-from .evaluate import run as evaluate
-from ..report import by_rule
-from .report import interval
+from .evaluation.compare import compare
+from .evaluation.evaluate import DEFAULT_MARGIN, EvaluateSettings
+from .evaluation.evaluate import resolve as resolve_evaluation
+from .evaluation.evaluate import run as evaluate
+from .evaluation.report import interval
+from .outdir import OutputDir
+from .report import by_rule
+from .settings import DecodingSettings, PairSettings, TrackingSettings, resolve_groups, setting
+from .tracing.log_traces import LogTracesSettings
+from .tracing.log_traces import resolve as resolve_traces
+from .tracing.log_traces import run as log_traces
+from .training.train import TrainSettings
+from .training.train import resolve as resolve_training
+from .training.train import run as train
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSet
 from . import report
 from .points import Point, PointStore, calls_against, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
-from .uncertainty import LEVEL, RESAMPLES, resample_weights
+from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 
 LEARNED_RATES = ("0.2", "0.4", "0.6", "0.8")  # a learned head's recommended thresholds swept
 BASELINES = ("target", "drafter", "always", "exact", "sequential")

@@ -29,10 +29,10 @@ from ..outdir import OutputDir
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
-from . import traces
+from ..data import traces
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
-from .schema import position_rows, to_numpy
-from .tasks import Example, Task, get_task
+from ..data.schema import position_rows, to_numpy
+from ..data.tasks import Example, Task, get_task
 
 MODES = ("reference", "on-policy")
 HIDDEN = ("none", "drafter", "target", "both")

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from speccascade.cli import main
 from speccascade.data import metrics, traces
-from speccascade.data.log_traces import log_traces
-from speccascade.data.outcome import OutcomeLabeller
+from speccascade.tracing.log_traces import log_traces
+from speccascade.tracing.outcome import OutcomeLabeller
 from speccascade.data.tasks import TASKS, Example, Task
 from speccascade.decoding import ModelPair
 from speccascade.decoding.presets import byte_tokenizer
