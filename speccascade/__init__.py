@@ -3,6 +3,6 @@
 from .decoding import Autoregressive, SequentialCascade, SpeculativeCascade, load_pair
 from .deferral import rules
 from .errors import SpeccascadeError
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Autoregressive", "SequentialCascade", "SpeculativeCascade", "SpeccascadeError", "load_pair", "rules"]

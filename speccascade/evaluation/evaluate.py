@@ -15,7 +15,6 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import __version__
 from ..data.tasks import Example, Task
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
 from ..decoding.stats import COUNTERS, DecodeStats
@@ -26,10 +25,11 @@ from ..outdir import OutputDir
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
                         as_config, resolve_groups, setting)
+from ..uncertainty import LEVEL, RESAMPLES, resample_weights
+from ..version import __version__
 from . import report
 from .points import Point, PointStore, calls_against, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
-from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 
 LEARNED_RATES = ("0.2", "0.4", "0.6", "0.8")  # a learned head's recommended thresholds swept
 BASELINES = ("target", "drafter", "always", "exact", "sequential")

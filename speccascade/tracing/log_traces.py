@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..data import traces
+from ..data.schema import position_rows, to_numpy
+from ..data.tasks import Example, Task, get_task
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
@@ -29,10 +31,8 @@ from ..outdir import OutputDir
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
-from ..data import traces
+from ..version import __version__
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
-from ..data.schema import position_rows, to_numpy
-from ..data.tasks import Example, Task, get_task
 
 MODES = ("reference", "on-policy")
 HIDDEN = ("none", "drafter", "target", "both")
