@@ -166,12 +166,6 @@ class PairSettings:
         extra = {"drafter_vocab": self.drafter_vocab, "drafter_quantize": self.drafter_quantize}
         return {"models": self.preset} | {k: v for k, v in extra.items() if v}
 
-    def load_pair(self, device: str | torch.device | None = None):
-        from .decoding import load_pair
-
-        return load_pair(self.preset, drafter=self.drafter, target=self.target, drafter_vocab=self.drafter_vocab,
-                         drafter_quantize=self.drafter_quantize, device=device)
-
 
 @dataclass(kw_only=True)
 class TaskSettings:

@@ -22,6 +22,7 @@ from ..deferral import rules as R
 from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
+from ..pairs import load_settings_pair
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
                         as_config, resolve_groups, setting)
@@ -179,7 +180,7 @@ def run(plan: _Plan) -> dict:
     """Decode the points not yet complete, then summarise, report and log every point."""
     s, out = plan.settings, Path(plan.settings.out)
     with plan.out.claim():
-        pair = s.load_pair()
+        pair = load_settings_pair(s)
         for learned in {id(p.rule.head): p.rule for p in plan.points if isinstance(p.rule, R.Learned)}.values():
             _check_pair(learned, pair)
         done = _decode_points(plan, pair, PointStore(out))

@@ -28,6 +28,7 @@ from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
+from ..pairs import load_settings_pair
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
@@ -123,7 +124,7 @@ def run(plan: _Plan) -> dict:
         if plan.out.complete:
             return traces.read_manifest(s.out)
         fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
-        pair = s.load_pair(device=fabric.device)
+        pair = load_settings_pair(s, device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
