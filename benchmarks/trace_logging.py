@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from speccascade.data.log_traces import RowLogger
+from speccascade import load_pair
 from speccascade.data.tasks import get_task
-from speccascade.decoding import load_pair
 from speccascade.deferral import rules
+from speccascade.tracing.log_traces import RowLogger
 
 
 def main() -> None:

@@ -17,17 +17,18 @@ from typing import Any, Callable
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from . import __version__, runtime
+from . import runtime
 from .bench.command import BenchSettings, bench
-from .data.log_traces import LogTracesSettings, log_traces
+from .demo import DemoSettings, demo
 from .errors import SpeccascadeError
 from .evaluation.compare import CompareSettings, compare
-from .evaluation.demo import DemoSettings, demo
 from .evaluation.evaluate import EvaluateSettings, evaluate
 from .evaluation.operating_point import OperatingPointSettings, operating_point
 from .finetune.train import FinetuneSettings, finetune
 from .settings import flag, hints
+from .tracing.log_traces import LogTracesSettings, log_traces
 from .training.train import TrainSettings, train_deferral
+from .version import __version__
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130

@@ -35,21 +35,21 @@ from typing import Callable, Iterator
 
 from .errors import SpeccascadeError
 from .report import json_text, write_json
-from .settings import changed
+from .version import __version__
 
 MARKER = ".speccascade.json"
 LOCK = ".speccascade.lock"
 
 
+def changed(old: dict, new: dict) -> str:
+    """``limit=6 (now 5), task='gsm8k' (now 'qa')``: the settings that differ between two configurations."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys)
+
+
 def launched_child() -> bool:
     """Whether this process is a non-zero rank started by a launcher (it shares rank 0's directory)."""
     return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _writable_parent(path: Path) -> Path:
@@ -160,7 +160,7 @@ class OutputDir:
         return any(any(self.path.glob(pattern)) for pattern in self.progress)
 
     def _write_marker(self, complete: bool) -> None:
-        marker = {"command": self.command, "config": self.config, "speccascade_version": _version(),
+        marker = {"command": self.command, "config": self.config, "speccascade_version": __version__,
                   "complete": complete, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json(self.path / MARKER, marker)
 

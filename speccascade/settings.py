@@ -114,12 +114,6 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
                 raise SpeccascadeError(f"{flag(f.name)} must be {words} {bound:g}, got {number:g}")
 
 
-def changed(old: dict, new: dict) -> str:
-    """``limit=6 (now 5), task='gsm8k' (now 'qa')``: the settings that differ between two configurations."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys)
-
-
 @dataclass(kw_only=True)
 class OutputSettings:
     """Where a command writes, and what it does with an earlier run's output there."""
@@ -171,12 +165,6 @@ class PairSettings:
         float32 drafter keep the configuration they had)."""
         extra = {"drafter_vocab": self.drafter_vocab, "drafter_quantize": self.drafter_quantize}
         return {"models": self.preset} | {k: v for k, v in extra.items() if v}
-
-    def load_pair(self, device: str | torch.device | None = None):
-        from .decoding import load_pair
-
-        return load_pair(self.preset, drafter=self.drafter, target=self.target, drafter_vocab=self.drafter_vocab,
-                         drafter_quantize=self.drafter_quantize, device=device)
 
 
 @dataclass(kw_only=True)

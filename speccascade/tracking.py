@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .errors import SpeccascadeError
+from .version import __version__
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -35,7 +36,7 @@ def start_run(out: Path, project: str, mode: str, job_type: str, config: dict, g
     version in its config; quiet unless the command line runs verbose (:mod:`speccascade.runtime`)."""
     import wandb
 
-    from . import __version__, runtime
+    from . import runtime
 
     settings = wandb.Settings(silent=runtime.quiet(), console="off" if runtime.quiet() else "auto")
     return wandb.init(project=project, mode=mode, dir=str(out), job_type=job_type, group=group,

@@ -10,7 +10,7 @@ import torch
 from speccascade.bench import bench, ideal_speedup
 from speccascade.bench.measure import Configuration, count_new
 from speccascade.bench.report import speedup_interval
-from speccascade.evaluation.uncertainty import resample_weights
+from speccascade.uncertainty import resample_weights
 from speccascade.cli import main
 
 CONFIGS = {

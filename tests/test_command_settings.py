@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from speccascade import cli
+from speccascade import cli, pairs
 from speccascade.cli import main
 from speccascade.data.log_traces import LogTracesSettings
 from speccascade.errors import SpeccascadeError
@@ -22,7 +22,7 @@ from speccascade.evaluation.report import FIELDS, comparison_point_rows
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune.module import FinetuneModule, ModelRecipe
 from speccascade.report import KEYS, comparison_table
-from speccascade.settings import PairSettings, flag
+from speccascade.settings import flag
 from tests.training.test_train import planted_traces
 
 CONVERTED = ("compare", "operating-point", "bench", "finetune")
@@ -43,7 +43,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(compare_module, "read_columns", forbidden)
     monkeypatch.setattr(op_module, "load_traces", forbidden)
-    monkeypatch.setattr(PairSettings, "load_pair", forbidden)
+    monkeypatch.setattr(pairs, "load_pair", forbidden)
     monkeypatch.setattr(finetune_module, "FinetuneModule", forbidden)
     monkeypatch.setattr(finetune_module, "locked", forbidden)
 

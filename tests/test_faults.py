@@ -19,7 +19,7 @@ import pytest
 
 from speccascade.cli import main
 from speccascade.data import traces
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.outdir import LOCK

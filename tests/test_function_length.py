@@ -7,8 +7,8 @@ from pathlib import Path
 
 import speccascade
 
-COMMAND_MODULES = ("cli.py", "data/log_traces.py", "training/train.py", "evaluation/evaluate.py", "evaluation/compare.py",
-                   "evaluation/demo.py", "evaluation/report.py", "evaluation/operating_point.py", "finetune/train.py",
+COMMAND_MODULES = ("cli.py", "tracing/log_traces.py", "training/train.py", "evaluation/evaluate.py", "evaluation/compare.py",
+                   "demo.py", "evaluation/report.py", "evaluation/operating_point.py", "finetune/train.py",
                    "bench/command.py", "report.py", "tracking.py")
 LIMIT = 50
 

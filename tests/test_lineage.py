@@ -8,7 +8,7 @@ import json
 import pytest
 
 from speccascade import __version__
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral.heads import fingerprint
 from speccascade.evaluation.compare import compare
 from speccascade.evaluation.evaluate import evaluate
@@ -69,7 +69,7 @@ def test_a_pipelines_runs_are_grouped_and_linked_by_artifacts(tmp_path, monkeypa
 
 def test_the_demo_groups_its_four_steps_and_an_empty_group_is_refused(tmp_path):
     from speccascade.errors import SpeccascadeError
-    from speccascade.evaluation.demo import DemoSettings, resolve
+    from speccascade.demo import DemoSettings, resolve
 
     plan = resolve(DemoSettings(out=tmp_path / "demo", models="tiny-random", wandb_mode="offline"))
     group = plan.settings.wandb_group

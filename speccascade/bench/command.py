@@ -14,6 +14,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
+from ..pairs import load_settings_pair
 from ..report import say, write_json, write_text, wrote
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
@@ -89,7 +90,7 @@ def resolve(settings: BenchSettings) -> _Plan:
 def run(plan: _Plan) -> dict:
     """Load the pair, time every configuration, write bench.json and bench.md."""
     s = plan.settings
-    pair = s.load_pair(device=s.device)
+    pair = load_settings_pair(s, device=s.device)
     ids, mask = pair.encode([e.prompt for e in plan.examples])
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
                              {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from ..decoding import ModelPair
-from ..evaluation.uncertainty import Interval, percentile_interval, ratio, resample_weights
+from ..uncertainty import Interval, percentile_interval, ratio, resample_weights
 from .measure import Configuration, exact_name
 
 GOALS = {

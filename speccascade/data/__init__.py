@@ -1,4 +1,4 @@
-"""Tasks and metrics, the trace schema, the trace writer/reader and the log-traces driver."""
+"""Tasks and metrics, the trace schema, and the trace writer and reader."""
 
 from .tasks import TASKS, Example, Task, get_task
 from .traces import load_traces, read_manifest

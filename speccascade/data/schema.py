@@ -12,12 +12,11 @@ import torch
 
 from ..deferral import features as F
 
-SCHEMA_VERSION = 1
 ID_COLUMNS = ("example_id", "example_index", "position", "position_in_block", "draft_token", "target_argmax")
 ORACLE_LABELS = ("soft_accept", "p_gap", "draft_is_target_argmax")  # the target's view of the draft
 REFERENCE_LABELS = ("reference_token", "loss_q", "loss_p", "gap", "loss_q_greedy", "loss_p_greedy", "gap_greedy")
 ON_POLICY_LABELS = ("deferred", "accepted", "examined", "score")
-# on-policy, --labels outcome (speccascade.data.outcome): does the draft instead of the target's choice change the
+# on-policy, --labels outcome (speccascade.tracing.outcome): does the draft instead of the target's choice change the
 # task's answer? 0/1 and the score difference; 0 where they agree, NaN where the position was not examined
 OUTCOME_LABELS = ("outcome_harm", "outcome_delta")
 

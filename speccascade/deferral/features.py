@@ -14,11 +14,10 @@ import math
 
 import torch
 
+from .spec import SPEC_NAME, SPEC_VERSION
+
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
 TOP_K = 3  # top-k probabilities logged per model
-
-SPEC_NAME = "speccascade-features"
-SPEC_VERSION = 2  # v2 added js, the collision sums and the cross-argmax probabilities
 
 POSITION_FEATURES: tuple[str, ...] = (
     *(f"{m}_top{i}" for m in ("q", "p") for i in range(1, TOP_K + 1)),  # q_top1 = max q

@@ -1,5 +1,5 @@
 """Rule comparison: on real decoding (evaluate, Pareto fronts and summaries), offline on held-out traces with
-bootstrap intervals (compare), the operating-point picker, the demo."""
+bootstrap intervals (compare), the operating-point picker."""
 
 from .compare import compare
 from .evaluate import evaluate

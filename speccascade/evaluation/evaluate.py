@@ -15,7 +15,6 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import __version__
 from ..data.tasks import Example, Task
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
 from ..decoding.stats import COUNTERS, DecodeStats
@@ -24,13 +23,15 @@ from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import OutputDir
+from ..pairs import load_settings_pair
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
                         as_config, resolve_groups, setting)
+from ..uncertainty import LEVEL, RESAMPLES, resample_weights
+from ..version import __version__
 from . import report
 from .points import Point, PointStore, calls_against, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
-from .uncertainty import LEVEL, RESAMPLES, resample_weights
 
 LEARNED_RATES = (0.2, 0.4, 0.6, 0.8)  # the deferral rates whose recorded thresholds a learned head is swept at
 # evaluate's names beside the rules (always, a rule, is exact speculative decoding too), each with the rule whose
@@ -181,7 +182,7 @@ def run(plan: _Plan) -> dict:
     """Decode the points not yet complete, then summarise, report and log every point."""
     s, out = plan.settings, Path(plan.settings.out)
     with plan.out.claim():
-        pair = s.load_pair()
+        pair = load_settings_pair(s)
         for learned in {id(p.rule.head): p.rule for p in plan.points if isinstance(p.rule, R.Learned)}.values():
             _check_pair(learned, pair)
         done = _decode_points(plan, pair, PointStore(out))

@@ -9,7 +9,7 @@ true gap ``loss_q - loss_p`` is largest, the bound no rule can beat.
 
 Every number comes with a bootstrap interval that resamples *examples*: a curve point is a ratio
 of per-example sums, recomputed for each resample's example counts
-(:mod:`speccascade.evaluation.uncertainty`). Rates and losses of one resample are read off the
+(:mod:`speccascade.uncertainty`). Rates and losses of one resample are read off the
 same drawn examples for every candidate, so differences between candidates are paired.
 """
 
@@ -23,7 +23,7 @@ import torch
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
-from .uncertainty import LEVEL, Interval, percentile_interval, ratio, resample_weights
+from ..uncertainty import LEVEL, Interval, percentile_interval, ratio, resample_weights
 
 QUANTILES = np.linspace(0.0, 1.0, 201)  # knobs at these deferral rates of all positions
 RATES = np.linspace(0.0, 1.0, 101)  # where budget curves are read: best loss deferring at most rho

@@ -10,7 +10,7 @@ numbers), so a killed evaluation leaves only whole points and ``evaluate --resum
 :func:`summarise` turns records into a point's numbers: quality with its 95% bootstrap interval
 over examples, the *paired* difference to the target (both resampled with the same example
 counts), the decision "reaches the target's quality" (paired non-inferiority within a margin,
-:func:`speccascade.evaluation.uncertainty.non_inferior`), and two guards: mean output length
+:func:`speccascade.uncertainty.non_inferior`), and two guards: mean output length
 relative to the target's (length inflation) and the share of looping replies. :func:`calls_against`
 puts a point's model calls against exact speculative decoding's on the same examples (a paired
 ratio with its interval): the cost a cascade saves, free of timing noise under greedy decoding.
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from ..decoding.stats import COUNTERS, DecodeStats
 from ..report import write_json
-from .uncertainty import mean_interval, non_inferior, ratio_interval
+from ..uncertainty import mean_interval, non_inferior, ratio_interval
 
 POINTS = "points"
 REPETITION_N = 4  # repetition = share of a reply's token 4-grams that already occurred earlier in it

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data.tasks import get_task
 from ..decoding import Autoregressive, ModelPair
-from ..evaluation.uncertainty import mean_interval, paired_difference, ratio_interval, resample_weights
+from ..uncertainty import mean_interval, paired_difference, ratio_interval, resample_weights
 
 
 def greedy_replies(pair: ModelPair, which: str, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str):

@@ -23,7 +23,6 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from .. import __version__
 from ..data import traces as trace_dirs
 from ..deferral import features as F
 from ..deferral import rules
@@ -36,6 +35,7 @@ from ..outdir import OutputDir, launched_child
 from ..report import say, write_json, wrote
 from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
+from ..version import __version__
 from . import calibration as cal
 from .data import TraceDataModule
 from .module import DeferralModule, defer_target

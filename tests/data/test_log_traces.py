@@ -14,7 +14,7 @@ from datasets import load_dataset
 
 from speccascade.cli import main
 from speccascade.data import traces
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.data.schema import ID_COLUMNS, ON_POLICY_LABELS, ORACLE_LABELS, REFERENCE_LABELS
 from speccascade.deferral import features as F
 from speccascade.deferral import rules

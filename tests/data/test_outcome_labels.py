@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from speccascade import pairs
 from speccascade.cli import main
 from speccascade.data import metrics, traces
-from speccascade.data.log_traces import log_traces
-from speccascade.data.outcome import OutcomeLabeller
+from speccascade.tracing.log_traces import log_traces
+from speccascade.tracing.outcome import OutcomeLabeller
 from speccascade.data.tasks import TASKS, Example, Task
 from speccascade.decoding import ModelPair
 from speccascade.decoding.presets import byte_tokenizer
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
-from speccascade.settings import PairSettings
 from speccascade.training import train_deferral
 from tests.data.test_log_traces import assert_same_rows, read_rows
 from tests.test_faults import _start, _wait_for
@@ -87,7 +87,7 @@ def planted(tmp_path_factory):
     """Traces of the planted pair (with both hidden states), logged with outcome labels."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TASKS, "planted", Planted)
-        mp.setattr(PairSettings, "load_pair", lambda self, device=None: planted_pair())
+        mp.setattr(pairs, "load_pair", lambda *_, **__: planted_pair())
         out = tmp_path_factory.mktemp("outcome") / "traces"
         manifest = log_traces(out, hidden_states="both", **OPTIONS)
     return out, manifest
@@ -156,7 +156,7 @@ def test_a_head_trained_on_outcome_labels_defers_there_and_nowhere_else(planted,
 def _planted_logs(out, **options):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TASKS, "planted", Planted)
-        mp.setattr(PairSettings, "load_pair", lambda self, device=None: planted_pair())
+        mp.setattr(pairs, "load_pair", lambda *_, **__: planted_pair())
         log_traces(out, **(OPTIONS | options))
     return read_rows(out)[1].with_format("numpy")[:]
 

@@ -12,7 +12,7 @@ import torch
 
 from speccascade.cli import main
 from speccascade.data import traces
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral import features as F
 from speccascade.deferral import rules as R
 from speccascade.evaluation import offline

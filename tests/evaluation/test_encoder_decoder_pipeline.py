@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset
 
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.evaluation.evaluate import evaluate
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -9,14 +9,14 @@ import pytest
 
 from speccascade.cli import main
 from speccascade.decoding.stats import COUNTERS
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral import features as F
 from speccascade.deferral.heads import DeferralHead
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import LEARNED_RATES, evaluate, plan_points
 from speccascade.evaluation.points import Point, calls_against, repetition, summarise
 from speccascade.evaluation.summary import pareto_front, summary
-from speccascade.evaluation.uncertainty import resample_weights
+from speccascade.uncertainty import resample_weights
 from speccascade.training import train_deferral
 
 GAMMA = 3

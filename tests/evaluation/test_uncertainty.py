@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speccascade.evaluation import uncertainty as U
+from speccascade import uncertainty as U
 
 
 def test_weights_draw_whole_examples():

@@ -12,7 +12,7 @@ import pytest
 
 from speccascade.cli import main
 from speccascade.data import traces
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral import features as F
 from speccascade.errors import SpeccascadeError
 from speccascade.training import train_deferral

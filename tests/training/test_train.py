@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from speccascade import SpeculativeCascade, rules
 from speccascade.data import traces
-from speccascade.data.log_traces import log_traces
+from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral import features as F
 from speccascade.deferral.heads import DeferralHead
 from speccascade.errors import SpeccascadeError

@@ -17,20 +17,20 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..data.log_traces import LogTracesSettings
-from ..data.log_traces import resolve as resolve_traces
-from ..data.log_traces import run as log_traces
-from ..outdir import OutputDir
-from ..settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, setting
-from ..training.train import TrainSettings
-from ..training.train import resolve as resolve_training
-from ..training.train import run as train
-from .compare import CompareSettings
-from .compare import resolve as resolve_comparison
-from .compare import run as compare
-from .evaluate import DEFAULT_MARGIN, EvaluateSettings
-from .evaluate import resolve as resolve_evaluation
-from .evaluate import run as evaluate
+from .evaluation.compare import CompareSettings
+from .evaluation.compare import resolve as resolve_comparison
+from .evaluation.compare import run as compare
+from .evaluation.evaluate import DEFAULT_MARGIN, EvaluateSettings
+from .evaluation.evaluate import resolve as resolve_evaluation
+from .evaluation.evaluate import run as evaluate
+from .outdir import OutputDir
+from .settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, setting
+from .tracing.log_traces import LogTracesSettings
+from .tracing.log_traces import resolve as resolve_traces
+from .tracing.log_traces import run as log_traces
+from .training.train import TrainSettings
+from .training.train import resolve as resolve_training
+from .training.train import run as train
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,7 @@ import torch
 
 from ..decoding import Autoregressive, ModelPair
 from ..decoding.sampling import Sampler, sample
-from .tasks import Example, Task
+from ..data.tasks import Example, Task
 
 CHOICE, CONTINUATION = 1, 2  # the two independent uses of a labelled position's randomness
 

@@ -22,20 +22,21 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..data import traces
+from ..data.schema import position_rows, to_numpy
+from ..data.tasks import Example, Task, get_task
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
+from ..pairs import load_settings_pair
 from ..report import say, wrote
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, setting)
 from ..tracking import run_path, start_run, trace_artifact
-from . import traces
+from ..version import __version__
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
-from .schema import position_rows, to_numpy
-from .tasks import Example, Task, get_task
 
 MODES = ("reference", "on-policy")
 HIDDEN = ("none", "drafter", "target", "both")
@@ -127,7 +128,7 @@ def run(plan: _Plan) -> dict:
             say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
             return summarise(s.out, traces.read_manifest(s.out))
         fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
-        pair = s.load_pair(device=fabric.device)
+        pair = load_settings_pair(s, device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,

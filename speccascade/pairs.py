@@ -1,0 +1,39 @@
+"""Model pairs by preset, built first where the preset needs it: the one ``load_pair`` users and commands call.
+
+The decoder's loader (:func:`speccascade.decoding.load_pair`) only loads. A preset with a fine-tuning recipe
+(``smollm2-135m-arithmetic``) is built here by the fine-tuning stage on first use, cached, and then loaded from
+its built directories under its own name; every other pair goes to the loader as given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .decoding import PRESETS, ModelPair
+from .decoding import load_pair as load_built_pair
+from .settings import PairSettings
+
+
+def load_pair(preset: str | None = None, *, drafter: str | None = None, target: str | None = None, **options: Any) -> ModelPair:
+    """:func:`speccascade.decoding.load_pair`, with a recipe preset built first (once, then cached).
+
+    ``options`` are the loader's (``drafter_layers``, ``drafter_vocab``, ``drafter_quantize``, ``device``, ...).
+    """
+    recipe = PRESETS[preset].recipe if preset in PRESETS else None
+    if recipe is not None:
+        from .finetune.preset import build  # the fine-tuning stack loads only for the presets that need it
+
+        built_target, built_drafter = build(recipe)
+        target = target or str(built_target)
+        if drafter is None and options.get("drafter_layers") is None:
+            drafter = str(built_drafter)
+    return load_built_pair(preset, drafter=drafter, target=target, **options)
+
+
+def load_settings_pair(settings: PairSettings, device: str | torch.device | None = None) -> ModelPair:
+    """The pair a command's settings name (``--models``, or ``--drafter``/``--target``, ``--drafter-vocab``,
+    ``--drafter-quantize``)."""
+    return load_pair(settings.preset, drafter=settings.drafter, target=settings.target, drafter_vocab=settings.drafter_vocab,
+                     drafter_quantize=settings.drafter_quantize, device=device)
