@@ -14,7 +14,7 @@ from .version import __version__
 
 EXPORTS = {"Autoregressive": "decoding", "SequentialCascade": "decoding", "SpeculativeCascade": "decoding",
            "load_pair": "pairs", "rules": "deferral.rules"}  # each public name -> where it is defined (rules: a module)
-__all__ = ["Autoregressive", "SequentialCascade", "SpeculativeCascade", "SpeccascadeError", "load_pair", "rules"]
+__all__ = ["Autoregressive", "SequentialCascade", "SpeculativeCascade", "SpeccascadeError", "__version__", "load_pair", "rules"]
 
 
 def __getattr__(name: str) -> Any:
