@@ -13,16 +13,16 @@ import re
 import pytest
 
 from speccascade import cli, pairs
+from speccascade import demo as demo_module
 from speccascade.cli import main
-from speccascade.data.log_traces import LogTracesSettings
 from speccascade.errors import SpeccascadeError
-from speccascade.evaluation import demo as demo_module
 from speccascade.evaluation.evaluate import EvaluateSettings
 from speccascade.evaluation.report import FIELDS, comparison_point_rows
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune.module import FinetuneModule, ModelRecipe
 from speccascade.report import KEYS, comparison_table
 from speccascade.settings import flag
+from speccascade.tracing.log_traces import LogTracesSettings
 from tests.training.test_train import planted_traces
 
 CONVERTED = ("compare", "operating-point", "bench", "finetune")
