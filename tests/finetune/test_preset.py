@@ -94,8 +94,10 @@ def test_recipe_parses_and_plans_the_drafter_from_the_target_stage(name, tmp_pat
     assert presets.PRESETS[name].recipe == name and preset.BUILD_MINUTES[name] > 0
 
 
-def test_demo_recipe_is_shorter_than_the_published_one_and_evaluates_once():
+def test_demo_recipe_is_shorter_than_the_published_one_and_leaves_the_evaluation_to_the_demo():
     published, demo = preset.recipe(NAME), preset.recipe(DEMO)
     for stage in ("target", "drafter"):
-        assert demo[stage]["steps"] < published[stage]["steps"]
-    assert demo["target"]["eval_examples"] == 0 and demo["drafter"]["eval_examples"] > 0  # the drafter stage evaluates both
+        seen = {name: r[stage]["steps"] * r[stage]["batch_size"] for name, r in (("published", published), ("demo", demo))}
+        assert seen["demo"] < seen["published"]
+        assert demo[stage]["eval_examples"] == 0  # the demo decodes the held-out problems with both models itself
+    assert demo["drafter"]["layers"] == published["drafter"]["layers"]
