@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -173,13 +173,17 @@ def label_summary(directory: Path, manifest: dict) -> str:
         return "no labels"
     files = [str(Path(directory) / shard["file"]) for shard in manifest["shards"]]
     if manifest["mode"] == "reference":
-        gap = pq.read_table(files, columns=["gap"])["gap"].to_numpy()
+        gap = _read(files, ["gap"])["gap"].to_numpy()
         return (f"mean gap (loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} "
                 "of positions")
-    table = pq.read_table(files, columns=["accepted", "examined", "deferred"])
+    table = _read(files, ["accepted", "examined", "deferred"])
     accepted, examined, deferred = (table[c].to_numpy() for c in ("accepted", "examined", "deferred"))
     return (f"{accepted.mean():.0%} of drafted positions accepted, {deferred[examined].mean():.0%} of the "
             f"{int(examined.sum())} examined ones deferred")
+
+
+def _read(files: list[str], columns: list[str]) -> pa.Table:
+    return pa.concat_tables(traces.read_parquet(f, columns) for f in files)
 
 
 def _cost_line(summary: dict) -> str:
