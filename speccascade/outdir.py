@@ -151,6 +151,12 @@ class OutputDir:
         finally:
             _unlock(self.path, handle)
 
+    def reopen(self) -> None:
+        """Record that the run being resumed is unfinished again (it redoes work found damaged)."""
+        if self.previous:
+            self.previous["complete"] = False
+            self._write_marker(complete=False)
+
     def finish(self) -> None:
         """Record that the run completed."""
         if not launched_child():

@@ -3,7 +3,8 @@
 Each process writes its own shards, each holding whole examples. A shard counts once its
 sidecar ``.json`` (rows, sha256, example ids) exists: the parquet file is written under a
 temporary name and renamed first, the sidecar after it, so a killed run leaves at worst a shard
-without a sidecar, which ``--resume`` deletes and redoes. No two processes write the same file;
+without a sidecar, which ``--resume`` deletes and redoes; ``--resume`` also deletes and redoes every shard that
+fails :func:`damaged_files`. No two processes write the same file;
 the first process writes ``manifest.json`` at the start (configuration, not complete) and again
 at the end (every shard, complete).
 """
@@ -87,6 +88,50 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
         return pq.read_table(path, columns=columns)
     except pa.ArrowException as err:
         raise damaged(path, err) from None
+
+
+def damaged_files(directory: Path) -> dict[Path, str]:
+    """The files ``--resume`` must not keep, each with what is wrong: a damaged manifest, and by sidecar every shard
+    whose sidecar is damaged or whose parquet file is missing, differs from the sha256 or row count of its sidecar
+    or of the manifest, or does not parse."""
+    problems, listed = {}, {}
+    if (directory / MANIFEST).is_file():
+        try:
+            listed = {s["file"]: s for s in read_manifest(directory)["shards"]}
+        except SpeccascadeError as err:
+            problems[directory / MANIFEST] = str(err)
+    for path in sorted((directory / SHARDS).glob("r*.json")):
+        try:
+            problem = _shard_problem(directory, path, listed)
+        except SpeccascadeError as err:  # a damaged sidecar or parquet file
+            problem = str(err)
+        if problem:
+            problems[path] = problem
+    return problems
+
+
+def _shard_problem(directory: Path, path: Path, listed: dict[str, dict]) -> str | None:
+    """What is wrong with the shard of sidecar ``path`` (None: nothing)."""
+    sidecar = read_sidecar(path)
+    shard = path.with_suffix(".parquet")
+    if sidecar["file"] != f"{SHARDS}/{shard.name}" or not shard.is_file():
+        return f"shard {shard} is missing"
+    entry = listed.get(sidecar["file"], sidecar)
+    if (entry["rows"], entry["sha256"]) != (sidecar["rows"], sidecar["sha256"]):
+        return f"shard {shard} differs between its sidecar and {directory / MANIFEST}"
+    if _sha256(shard) != sidecar["sha256"]:
+        return f"shard {shard} does not match its checksum (truncated or changed)"
+    if read_parquet(shard, columns=[]).num_rows != sidecar["rows"]:
+        return f"shard {shard} does not hold the rows its sidecar records"
+    return None
+
+
+def discard(path: Path) -> None:
+    """Delete a file :func:`damaged_files` names: a shard's sidecar, then its parquet file (a shard without a
+    sidecar never counts), or the manifest."""
+    path.unlink(missing_ok=True)
+    if path.name != MANIFEST:
+        path.with_suffix(".parquet").unlink(missing_ok=True)
 
 
 def pair_of(manifest: dict) -> tuple:

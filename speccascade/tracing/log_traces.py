@@ -12,6 +12,7 @@ as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,8 @@ def run(plan: _Plan) -> dict:
     """Log the rows of every example not yet in a complete shard; (re)write the manifest."""
     s = plan.settings
     with plan.out.claim():
+        if plan.out.previous:  # a resumed run (rank 0 alone: launched processes have none)
+            _discard_damaged(plan.out)
         if plan.out.complete:
             say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
             return summarise(s.out, traces.read_manifest(s.out))
@@ -153,6 +156,18 @@ def run(plan: _Plan) -> dict:
     if manifest and s.wandb_mode != "disabled":
         log_artifact(plan)
     return summarise(s.out, manifest) if manifest else manifest
+
+
+def _discard_damaged(out: OutputDir) -> None:
+    """Before a resumed run keeps anything: delete every damaged file (:func:`.traces.damaged_files`), the run
+    marked unfinished first, so that the manifest is written again and the examples of a damaged shard logged again."""
+    damaged = traces.damaged_files(out.path)
+    if damaged:
+        out.reopen()
+    for path, problem in damaged.items():
+        again = "writing it again" if path.name == traces.MANIFEST else "logging its examples again"
+        print(f"log-traces: {problem}; {again}", file=sys.stderr, flush=True)
+        traces.discard(path)
 
 
 def summarise(directory: Path, manifest: dict) -> dict:
