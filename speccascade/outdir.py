@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpeccascadeError
-from .report import json_text, write_json
+from .report import json_text, read_json, write_json
 from .version import __version__
 
 MARKER = ".speccascade.json"
@@ -151,6 +151,12 @@ class OutputDir:
         finally:
             _unlock(self.path, handle)
 
+    def reopen(self) -> None:
+        """Record that the run being resumed is unfinished again (it redoes work found damaged)."""
+        if self.previous:
+            self.previous["complete"] = False
+            self._write_marker(complete=False)
+
     def finish(self) -> None:
         """Record that the run completed."""
         if not launched_child():
@@ -184,12 +190,8 @@ def locked(directory: Path, command: str) -> Iterator[None]:
 
 
 def read_marker(path: Path) -> dict | None:
-    """The marker of a directory, or None when it has none (or an unreadable one)."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
+    """The marker of a directory, or None when it has none (a damaged one is a :class:`SpeccascadeError`)."""
+    return read_json(path / MARKER) if (path / MARKER).is_file() else None
 
 
 def _clear(path: Path) -> None:

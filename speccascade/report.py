@@ -5,8 +5,8 @@ The commands decide *what* to report (:mod:`speccascade.evaluation.report` for `
 ``compare`` and ``train-deferral``'s held-out comparison, :mod:`speccascade.training.calibration` for the
 reliability diagram, :mod:`speccascade.bench`); this module decides *how*: matplotlib set up once
 (headless), strict JSON, CSV rows, text and Markdown tables, points grouped by rule, W&B tables, line
-series and images. Every JSON file the package writes goes through :func:`write_json`; the module imports
-nothing of the package, so any layer may write through it.
+series and images. Every JSON file the package writes goes through :func:`write_json` and is read back through
+:func:`read_json`; the module imports nothing of the package but its error type, so any layer may use it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import math
 import os
 from pathlib import Path
 from typing import Iterable
+
+from .errors import SpeccascadeError
 
 
 def pyplot():
@@ -64,6 +66,23 @@ def write_json(path: Path, value, indent: int | None = 2, sort_keys: bool = Fals
     """``value`` as strict JSON (:func:`json_text`), written atomically."""
     write_atomic(Path(path), json_text(value, indent, sort_keys).encode())
     return Path(path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object the package wrote; one that does not parse, or is no object, is a :class:`SpeccascadeError`
+    naming the file (a missing file stays the caller's ``OSError``)."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise damaged(path, err) from None
+    if not isinstance(value, dict):
+        raise damaged(path, f"a JSON object expected, got a {type(value).__name__}")
+    return value
+
+
+def damaged(path: Path | str, detail) -> SpeccascadeError:
+    """The error of a file of the package's that cannot be read: ``FILE is damaged or not a speccascade file``."""
+    return SpeccascadeError(f"{path} is damaged or not a speccascade file ({' '.join(str(detail).split())})")
 
 
 def write_text(path: Path, text: str) -> Path:

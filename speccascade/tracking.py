@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 from pathlib import Path
 
 from .errors import SpeccascadeError
+from .report import read_json
 from .version import __version__
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -72,7 +72,7 @@ def head_artifact(directory: str | Path):
     from .deferral.heads import fingerprint
 
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     artifact = wandb.Artifact(f"deferral-head-{fingerprint(directory)}", type="model",
                               metadata={**config.get("metrics", {}), "provenance": config.get("provenance", {})})
     for name in ("config.json", "model.safetensors", "metrics.json"):

@@ -20,7 +20,7 @@ from speccascade.data import traces
 from speccascade.deferral import features as F
 from speccascade.deferral.heads import DeferralHead
 from speccascade.errors import SpeccascadeError
-from speccascade.outdir import OutputDir
+from speccascade.outdir import MARKER, OutputDir
 from tests.training.test_train import planted_traces
 
 TINY = ["--models", "tiny-random", "--wandb-mode", "disabled"]
@@ -67,6 +67,18 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (paths["list"] / traces.MANIFEST).write_text("[1, 2]")
     paths["no-shards"] = _copy(good, root / "no-shards")
     (paths["no-shards"] / traces.MANIFEST).write_text(json.dumps({"schema_version": 1, "complete": True}))
+    paths["damaged-manifest"] = _copy(good, root / "damaged-manifest")
+    manifest = paths["damaged-manifest"] / traces.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    paths["garbage-shard"] = _copy(good, root / "garbage-shard")  # its checksum entry matches the garbage
+    shard = paths["garbage-shard"] / traces.read_manifest(good)["shards"][0]["file"]
+    shard.write_bytes(b"not parquet" * 100)
+    shards = traces.read_manifest(good)["shards"]
+    shards[0]["sha256"] = traces._sha256(shard)
+    _manifest(paths["garbage-shard"], shards=shards)
+    paths["damaged-marker"] = root / "damaged-marker"
+    paths["damaged-marker"].mkdir()
+    (paths["damaged-marker"] / MARKER).write_text('{"command": "train-deferral", "con')
     paths["invalid-json"] = _head(root / "invalid-json")
     (paths["invalid-json"] / "config.json").write_text('{"features": [')
     paths["operating-points"] = _head(root / "operating-points", operating_points={"0.2": "high"})
@@ -126,7 +138,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         (["evaluate", *TINY, "--out", str(p["good"])], "was not written by speccascade evaluate"),
         (["evaluate", *TINY, "--out", str(p["evaluation"]), "--limit", "3"], "limit=2 (now 3)"),
         (["evaluate", *TINY, "--out", "/proc/speccascade-test", "--rules", "never", "--limit", "1"], "cannot create --out"),
-        ([*ev, "--rules", f"learned:{p['invalid-json']}"], "config.json is not valid JSON"),
+        ([*ev, "--rules", f"learned:{p['invalid-json']}"], f"{p['invalid-json'] / 'config.json'} is damaged or not a speccascade file"),
         ([*ev, "--rules", f"learned:{p['operating-points']}"], "'operating_points' must map deferral rates to numeric"),
         ([*ev, "--rules", f"learned:{p['platt']}"], "Platt calibration needs numeric coefficients"),
         ([*ev, "--rules", f"learned:{p['features']}"], "features do not match its"),
@@ -153,6 +165,9 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*tr, "--traces", str(p["spec"])], f"feature spec {F.SPEC_NAME} v1"),
         ([*tr, "--traces", str(p["list"])], "a JSON object expected, got a list"),
         ([*tr, "--traces", str(p["no-shards"])], "it lists no shards"),
+        ([*tr, "--traces", str(p["damaged-manifest"])], f"{p['damaged-manifest'] / traces.MANIFEST} is damaged or not a speccascade file"),
+        ([*tr, "--traces", str(p["garbage-shard"])], "is damaged or not a speccascade file (Could not open Parquet"),
+        ([*tr, "--out", str(p["damaged-marker"])], f"{p['damaged-marker'] / MARKER} is damaged or not a speccascade file"),
         ([*tr, "--traces", str(p["incomplete"])], "are incomplete"),
         ([*tr, "--out", str(p["evaluation"])], "holds the output of `speccascade evaluate`"),
         ([*tr, "--out", str(p["file"])], "is a file"),
@@ -165,6 +180,10 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         (["demo", *TINY, "--out", str(out), "--rules", "bogus"], "unknown rule 'bogus'"),
         (["demo", *TINY, "--out", str(out), "--eval-examples", "-1"], "--eval-examples must be >= 1"),
         (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-deferral-rate", "1.5"], "in [0, 1]"),
+        (["compare", "--traces", str(p["damaged-manifest"]), "--out", str(out)],
+         f"{p['damaged-manifest'] / traces.MANIFEST} is damaged or not a speccascade file"),
+        (["compare", "--traces", str(p["garbage-shard"]), "--out", str(out)],
+         f"{p['garbage-shard'] / traces.read_manifest(p['good'])['shards'][0]['file']} is damaged or not a speccascade file"),
         (["operating-point", "--traces", str(p["list"]), "--rule", "opt", "--target-deferral-rate", "0.5"], "JSON object"),
         # parser errors: one line and a pointer to --help
         ([*ev, "--block-size", "abc"], "--block-size: expected int, got abc; see `speccascade evaluate --help`"),

@@ -1,5 +1,6 @@
-"""Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; SIGINT during
-training, then --resume; a second writer refused while the first holds the directory."""
+"""Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; damaged shards and
+sidecars, then --resume; SIGINT during training, then --resume; a second writer refused while the first holds the
+directory."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from speccascade.data import traces
 from speccascade.tracing.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
-from speccascade.outdir import LOCK
+from speccascade.outdir import LOCK, MARKER
 from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
 from tests.training.test_train import planted_traces
 
@@ -114,6 +115,62 @@ def test_log_traces_killed_at_random_points_resumes_to_the_uninterrupted_rows(tm
     assert "taking over a stale lock of pid" in output  # reported, then taken over
     assert traces.read_manifest(killed)["complete"] and not (killed / LOCK).exists()
     assert_same_rows(full, killed)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """Traces of 6 examples in 3 shards, logged without interruption."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    assert main(["log-traces", *cli_args(full, 6)]) == 0
+    return full
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _interrupted(directory: Path) -> None:
+    """Leave ``directory`` as a run killed before its last shard: that shard gone, marker and manifest unfinished."""
+    for path in (directory / "shards").glob("r000-00002.*"):
+        path.unlink()
+    for name in (MARKER, traces.MANIFEST):
+        record = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps(record | {"complete": False}))
+
+
+@pytest.mark.parametrize("damage, file", [(_truncate, "r000-00000.parquet"), (_flip_a_bit, "r000-00001.parquet"),
+                                          (_truncate, "r000-00000.json")], ids=["truncated", "bit-flipped", "sidecar"])
+def test_log_traces_resume_relogs_damaged_shards(uninterrupted, tmp_path, capsys, damage, file):
+    """An interrupted run with a damaged shard or sidecar resumes to the rows of an uninterrupted run."""
+    out = tmp_path / "damaged"
+    assert main(["log-traces", *cli_args(out, 6)]) == 0
+    _interrupted(out)
+    damage(out / "shards" / file)
+    assert main(["log-traces", *cli_args(out, 6, ["--resume"])]) == 0
+    assert f"shards/{Path(file).stem}." in capsys.readouterr().err
+    assert traces.read_manifest(out)["complete"] and len(traces.read_manifest(out)["shards"]) == 3
+    assert_same_rows(uninterrupted, out)
+
+
+def test_log_traces_resume_of_finished_traces_relogs_a_damaged_shard(uninterrupted, tmp_path, capsys):
+    """Finished traces with a truncated shard and a damaged manifest are no longer finished: --resume logs that
+    shard's examples again and writes the manifest again."""
+    out = tmp_path / "finished"
+    assert main(["log-traces", *cli_args(out, 6)]) == 0
+    _truncate(out / "shards" / "r000-00001.parquet")
+    _truncate(out / traces.MANIFEST)
+    assert main(["log-traces", *cli_args(out, 6, ["--resume"])]) == 0
+    err = capsys.readouterr().err
+    assert "r000-00001.parquet does not match its checksum (truncated or changed); logging its examples again" in err
+    assert f"{out / traces.MANIFEST} is damaged or not a speccascade file" in err
+    assert json.loads((out / MARKER).read_text())["complete"] and traces.read_manifest(out)["complete"]
+    assert_same_rows(uninterrupted, out)
 
 
 def test_evaluate_killed_at_random_points_resumes_to_the_same_results(tmp_path, capsys):

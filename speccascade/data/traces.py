@@ -3,7 +3,8 @@
 Each process writes its own shards, each holding whole examples. A shard counts once its
 sidecar ``.json`` (rows, sha256, example ids) exists: the parquet file is written under a
 temporary name and renamed first, the sidecar after it, so a killed run leaves at worst a shard
-without a sidecar, which ``--resume`` deletes and redoes. No two processes write the same file;
+without a sidecar, which ``--resume`` deletes and redoes; ``--resume`` also deletes and redoes every shard that
+fails :func:`damaged_files`. No two processes write the same file;
 the first process writes ``manifest.json`` at the start (configuration, not complete) and again
 at the end (every shard, complete).
 """
@@ -11,7 +12,6 @@ at the end (every shard, complete).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ..deferral.spec import SPEC_NAME, SPEC_VERSION
 from ..errors import SpeccascadeError
-from ..report import write_json
+from ..report import damaged, read_json, write_json
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -38,12 +38,12 @@ def _sha256(path: Path) -> str:
 
 def legacy_marker(directory: Path) -> dict | None:
     """The output-directory marker of traces logged before markers existed: their manifest records the same
-    configuration, so ``--resume`` continues them (None where there is no readable manifest)."""
-    try:
-        manifest = json.loads((Path(directory) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    configuration, so ``--resume`` continues them (None where there is no manifest or it records none)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
         return None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+    manifest = read_json(path)
+    if not isinstance(manifest.get("config"), dict):
         return None
     return {"command": "log-traces", "config": manifest["config"], "complete": bool(manifest.get("complete"))}
 
@@ -53,12 +53,7 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise SpeccascadeError(f"{directory} holds no traces: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpeccascadeError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise SpeccascadeError(f"{path} is not a trace manifest: a JSON object expected, got a {type(manifest).__name__}")
+    manifest = read_json(path)
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards):
         raise SpeccascadeError(f"{path} is not a trace manifest: it lists no shards (file, rows, sha256)")
@@ -75,6 +70,68 @@ def check_readable(manifest: dict, directory: str | Path) -> None:
     if (spec.get("name"), spec.get("version")) != (SPEC_NAME, SPEC_VERSION):
         raise SpeccascadeError(f"traces in {directory} were logged with feature spec {spec.get('name')} v{spec.get('version')}; "
                                f"this speccascade computes {SPEC_NAME} v{SPEC_VERSION} (log them again with log-traces)")
+
+
+def read_sidecar(path: Path) -> dict:
+    """A shard's sidecar, checked to record its file, rows, sha256 and example ids."""
+    sidecar = read_json(path)
+    fields = {"file": str, "rows": int, "sha256": str, "examples": list}
+    if not all(isinstance(sidecar.get(name), kind) for name, kind in fields.items()):
+        raise damaged(path, f"a shard sidecar records {', '.join(fields)}")
+    return sidecar
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file the package wrote (``columns=[]``: its row count alone, from the footer); one that does not
+    parse is a :class:`SpeccascadeError` naming it."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except pa.ArrowException as err:
+        raise damaged(path, err) from None
+
+
+def damaged_files(directory: Path) -> dict[Path, str]:
+    """The files ``--resume`` must not keep, each with what is wrong: a damaged manifest, and by sidecar every shard
+    whose sidecar is damaged or whose parquet file is missing, differs from the sha256 or row count of its sidecar
+    or of the manifest, or does not parse."""
+    problems, listed = {}, {}
+    if (directory / MANIFEST).is_file():
+        try:
+            listed = {s["file"]: s for s in read_manifest(directory)["shards"]}
+        except SpeccascadeError as err:
+            problems[directory / MANIFEST] = str(err)
+    for path in sorted((directory / SHARDS).glob("r*.json")):
+        try:
+            problem = _shard_problem(directory, path, listed)
+        except SpeccascadeError as err:  # a damaged sidecar or parquet file
+            problem = str(err)
+        if problem:
+            problems[path] = problem
+    return problems
+
+
+def _shard_problem(directory: Path, path: Path, listed: dict[str, dict]) -> str | None:
+    """What is wrong with the shard of sidecar ``path`` (None: nothing)."""
+    sidecar = read_sidecar(path)
+    shard = path.with_suffix(".parquet")
+    if sidecar["file"] != f"{SHARDS}/{shard.name}" or not shard.is_file():
+        return f"shard {shard} is missing"
+    entry = listed.get(sidecar["file"], sidecar)
+    if (entry["rows"], entry["sha256"]) != (sidecar["rows"], sidecar["sha256"]):
+        return f"shard {shard} differs between its sidecar and {directory / MANIFEST}"
+    if _sha256(shard) != sidecar["sha256"]:
+        return f"shard {shard} does not match its checksum (truncated or changed)"
+    if read_parquet(shard, columns=[]).num_rows != sidecar["rows"]:
+        return f"shard {shard} does not hold the rows its sidecar records"
+    return None
+
+
+def discard(path: Path) -> None:
+    """Delete a file :func:`damaged_files` names: a shard's sidecar, then its parquet file (a shard without a
+    sidecar never counts), or the manifest."""
+    path.unlink(missing_ok=True)
+    if path.name != MANIFEST:
+        path.with_suffix(".parquet").unlink(missing_ok=True)
 
 
 def pair_of(manifest: dict) -> tuple:
@@ -105,7 +162,7 @@ class ShardWriter:
         """Example ids in complete shards of every process."""
         done: set[str] = set()
         for sidecar in self.dir.glob("r*.json"):
-            done.update(json.loads(sidecar.read_text())["examples"])
+            done.update(read_sidecar(sidecar)["examples"])
         return done
 
     def write(self, columns: dict[str, np.ndarray], examples: list[str], stats: dict[str, int] | None = None) -> int:
@@ -137,14 +194,14 @@ def shard_stats(directory: Path) -> dict[str, int]:
     """The sidecars' ``stats`` of every complete shard, summed by name."""
     totals: dict[str, int] = {}
     for sidecar in sorted((directory / SHARDS).glob("r*.json")):
-        for name, value in json.loads(sidecar.read_text()).get("stats", {}).items():
+        for name, value in read_sidecar(sidecar).get("stats", {}).items():
             totals[name] = totals.get(name, 0) + value
     return totals
 
 
 def write_manifest(directory: Path, header: dict, complete: bool) -> dict:
     """(Re)write the manifest from the header and every complete shard's sidecar."""
-    shards = [json.loads(s.read_text()) for s in sorted((directory / SHARDS).glob("r*.json"))] if (directory / SHARDS).exists() else []
+    shards = [read_sidecar(s) for s in sorted((directory / SHARDS).glob("r*.json"))] if (directory / SHARDS).exists() else []
     manifest = {
         "schema_version": SCHEMA_VERSION,
         **header,
@@ -160,7 +217,8 @@ def write_manifest(directory: Path, header: dict, complete: bool) -> dict:
 
 
 def shard_files(directory: str | Path, verify: bool = False) -> list[str]:
-    """Paths of the manifest's shards (checked against their checksums when ``verify``)."""
+    """Paths of the manifest's shards, checked to parse and hold the manifest's rows (and against their checksums
+    when ``verify``)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if not manifest.get("complete"):
@@ -172,6 +230,8 @@ def shard_files(directory: str | Path, verify: bool = False) -> list[str]:
             raise SpeccascadeError(f"shard {path} listed in the manifest is missing")
         if verify and _sha256(path) != shard["sha256"]:
             raise SpeccascadeError(f"shard {path} does not match its checksum (corrupt or changed)")
+        if read_parquet(path, columns=[]).num_rows != shard["rows"]:
+            raise damaged(path, f"{shard['rows']} rows listed in {directory / MANIFEST}")
         files.append(str(path))
     return files
 

@@ -9,7 +9,6 @@ section 6). Inputs are normalised inside ``forward`` with the training split's s
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import SpeccascadeError
-from ..report import write_json
+from ..report import read_json, write_json
 from . import features as F
 from .features import HIDDEN_INPUTS
 
@@ -183,11 +182,8 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file() or not (Path(directory) / "model.safetensors").is_file():
         raise SpeccascadeError(f"{directory} is not a deferral head (config.json and model.safetensors expected)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpeccascadeError(f"{path} is not valid JSON: {err}") from None
-    problem = _config_problem(config) if isinstance(config, dict) else "it is not a JSON object"
+    config = read_json(path)
+    problem = _config_problem(config)
     if problem:
         raise SpeccascadeError(f"{path} is not a usable head config: {problem}")
     return config

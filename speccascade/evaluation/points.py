@@ -19,7 +19,6 @@ ratio with its interval): the cost a cascade saves, free of timing noise under g
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..data.traces import read_parquet
 from ..decoding.stats import COUNTERS, DecodeStats
-from ..report import write_json
+from ..errors import SpeccascadeError
+from ..report import read_json, write_json
 from ..uncertainty import mean_interval, non_inferior, ratio_interval
 
 POINTS = "points"
@@ -82,9 +83,9 @@ class PointStore:
         """The point's records and meta when it completed for exactly these examples, else None."""
         path = self.dir / f"{point.stem}.parquet"
         try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-            records = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
-        except (OSError, ValueError, pa.ArrowException):
+            meta = read_json(path.with_suffix(".json"))
+            records = {k: np.asarray(v) for k, v in read_parquet(path).to_pydict().items()}
+        except (OSError, SpeccascadeError):  # missing or damaged: the point is decoded again
             return None
         if meta.get("key") != point.key or records.get("example_id", np.array([])).tolist() != example_ids:
             return None

@@ -3,7 +3,6 @@ an ordinary Hugging Face directory, with a provenance file and its held-out qual
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from ..data.tasks import get_task
 from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
-from ..report import say, write_json, wrote
+from ..report import read_json, say, write_json, wrote
 from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
@@ -123,12 +122,12 @@ def run(plan: _Plan) -> dict:
 def _prepare_out(out: Path, recipe: dict) -> dict | None:
     """The finished run's provenance when ``out`` already holds this fine-tune; refuses another run's directory."""
     if (out / PROVENANCE).exists():
-        done = json.loads((out / PROVENANCE).read_text())
+        done = read_json(out / PROVENANCE)
         if done.get("recipe") != recipe:
             raise SpeccascadeError(f"{out} holds a fine-tune with other settings; choose another --out")
         return done
     if (out / SETTINGS).exists():
-        if json.loads((out / SETTINGS).read_text()) != recipe:
+        if read_json(out / SETTINGS) != recipe:
             raise SpeccascadeError(f"{out} holds an unfinished fine-tune with other settings; choose another --out or delete it")
     elif any(child.name != LOCK for child in out.iterdir()):
         raise SpeccascadeError(f"{out} exists and is not a fine-tune directory; choose an empty or new --out")

@@ -12,13 +12,14 @@ as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` 
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -124,6 +125,8 @@ def run(plan: _Plan) -> dict:
     """Log the rows of every example not yet in a complete shard; (re)write the manifest."""
     s = plan.settings
     with plan.out.claim():
+        if plan.out.previous:  # a resumed run (rank 0 alone: launched processes have none)
+            _discard_damaged(plan.out)
         if plan.out.complete:
             say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
             return summarise(s.out, traces.read_manifest(s.out))
@@ -155,6 +158,18 @@ def run(plan: _Plan) -> dict:
     return summarise(s.out, manifest) if manifest else manifest
 
 
+def _discard_damaged(out: OutputDir) -> None:
+    """Before a resumed run keeps anything: delete every damaged file (:func:`.traces.damaged_files`), the run
+    marked unfinished first, so that the manifest is written again and the examples of a damaged shard logged again."""
+    damaged = traces.damaged_files(out.path)
+    if damaged:
+        out.reopen()
+    for path, problem in damaged.items():
+        again = "writing it again" if path.name == traces.MANIFEST else "logging its examples again"
+        print(f"log-traces: {problem}; {again}", file=sys.stderr, flush=True)
+        traces.discard(path)
+
+
 def summarise(directory: Path, manifest: dict) -> dict:
     """Print what the traces hold (examples, rows, their labels) and where; returns the manifest."""
     outcome = manifest.get("outcome_labels")
@@ -173,13 +188,17 @@ def label_summary(directory: Path, manifest: dict) -> str:
         return "no labels"
     files = [str(Path(directory) / shard["file"]) for shard in manifest["shards"]]
     if manifest["mode"] == "reference":
-        gap = pq.read_table(files, columns=["gap"])["gap"].to_numpy()
+        gap = _read(files, ["gap"])["gap"].to_numpy()
         return (f"mean gap (loss_q - loss_p) {gap.mean():.4f}, drafter worse than the target at {(gap > 0).mean():.0%} "
                 "of positions")
-    table = pq.read_table(files, columns=["accepted", "examined", "deferred"])
+    table = _read(files, ["accepted", "examined", "deferred"])
     accepted, examined, deferred = (table[c].to_numpy() for c in ("accepted", "examined", "deferred"))
     return (f"{accepted.mean():.0%} of drafted positions accepted, {deferred[examined].mean():.0%} of the "
             f"{int(examined.sum())} examined ones deferred")
+
+
+def _read(files: list[str], columns: list[str]) -> pa.Table:
+    return pa.concat_tables(traces.read_parquet(f, columns) for f in files)
 
 
 def _cost_line(summary: dict) -> str:

@@ -189,6 +189,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("name", ["finetune.json", "finetune-settings.json"])
+def test_a_damaged_record_of_the_fine_tune_is_bad_input(tmp_path, capsys, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text('{"recipe": {"base": "tiny-ran')
+    code = main(["finetune", "--base", "tiny-random", "--out", str(out), "--steps", "2", "--eval-examples", "0",
+                 "--wandb-mode", "disabled"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {out / name} is damaged or not a speccascade file") and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == [name]  # left as it was
+
+
 def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["finetune", "--base", "tiny-random", "--out", str(tmp_path / "file"), "--wandb-mode", "disabled"]) == 2
