@@ -1,5 +1,5 @@
-"""Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; SIGINT during
-training, then --resume; a second writer refused while the first holds the directory."""
+"""Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; SIGKILL and SIGINT
+during training, then --resume; a second writer refused while the first holds the directory."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from speccascade.cli import main
 from speccascade.data import traces
@@ -23,6 +25,7 @@ from speccascade.tracing.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.outdir import LOCK
+from speccascade.training.train import KeepBest
 from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
 from tests.training.test_train import planted_traces
 
@@ -177,3 +180,40 @@ def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, 
     with (out / "logs" / "version_0" / "metrics.csv").open() as f:
         epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")]
     assert epochs == list(range(12))  # every epoch validated exactly once across the two runs
+
+
+def _training(traces: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "8", "--batch-size", "32",
+            "--wandb-mode", "disabled", *extra]
+
+
+def _wait_for_epoch(checkpoint: Path, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> int:
+    """Until ``checkpoint`` holds ``epoch`` or a later one (its epoch) or the process ends (-1)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if checkpoint.exists():
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
+            if saved >= epoch:
+                return saved
+        time.sleep(0.05)
+    return -1
+
+
+def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    traces = planted_traces(tmp_path / "traces", examples=100, rows=20)
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    proc = _start(*_training(traces, killed))
+    epoch = _wait_for_epoch(killed / "checkpoints" / "last.ckpt", proc, 1)
+    proc.kill()
+    assert epoch >= 1, _ended(proc, "no checkpoint of epoch 1 before the run ended")
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed; make it longer"
+    started = []
+    monkeypatch.setattr(KeepBest, "on_train_start", lambda self, trainer, module: started.append(trainer.current_epoch),
+                        raising=False)
+    assert main(_training(traces, killed, "--resume")) == 0
+    assert started == [epoch + 1]  # continued after the checkpoint's epoch, not from epoch 0
+    assert main(_training(traces, full)) == 0
+    resumed, uninterrupted = load_file(killed / "model.safetensors"), load_file(full / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)

@@ -206,7 +206,8 @@ def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataMod
     for step, metrics in earlier:  # the curves of the epochs before the checkpoint, kept in logs/version_0
         loggers[0].log_metrics(metrics, step)
     steps = -(-len(data.train_rows) // s.batch_size)
-    callbacks = [ModelCheckpoint(dirpath=out / CHECKPOINT.parent, save_last=True, save_top_k=0), best]
+    every_epoch = ModelCheckpoint(dirpath=out / CHECKPOINT.parent, filename=CHECKPOINT.stem, enable_version_counter=False)
+    callbacks = [every_epoch, best]
     if s.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=s.patience))
     trainer = pl.Trainer(max_epochs=s.epochs, logger=loggers, deterministic=True, enable_model_summary=False,
