@@ -24,7 +24,7 @@ from speccascade.data import traces
 from speccascade.tracing.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
-from speccascade.outdir import LOCK
+from speccascade.outdir import LOCK, MARKER
 from speccascade.training.train import KeepBest
 from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
 from tests.training.test_train import planted_traces
@@ -158,30 +158,6 @@ def _untimed(point: dict) -> dict:
     return {k: v for k, v in point.items() if k not in TIMING}
 
 
-def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, capsys):
-    traces = planted_traces(tmp_path / "traces", examples=200, rows=20)
-    out = tmp_path / "head"
-    args = ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "12", "--batch-size", "32",
-            "--wandb-mode", "disabled"]
-    proc = _start(*args)
-    assert _wait_for(out / "checkpoints" / "last.ckpt", proc), proc.communicate()[0]
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output
-    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"]
-    assert "Traceback" not in output and not (out / "model.safetensors").exists()
-    assert main(args) == 2  # the half-written directory is refused without --resume
-    assert "holds an interrupted run" in capsys.readouterr().err
-    resumed = _start(*args, "--resume")
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
-    assert (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
-    assert os.listdir(out / "logs") == ["version_0"]  # one training curve, continued
-    with (out / "logs" / "version_0" / "metrics.csv").open() as f:
-        epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")]
-    assert epochs == list(range(12))  # every epoch validated exactly once across the two runs
-
-
 def _training(traces: Path, out: Path, *extra: str) -> list[str]:
     return ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "8", "--batch-size", "32",
             "--wandb-mode", "disabled", *extra]
@@ -197,6 +173,31 @@ def _wait_for_epoch(checkpoint: Path, proc: subprocess.Popen, epoch: int, timeou
                 return saved
         time.sleep(0.05)
     return -1
+
+
+def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, capsys):
+    traces = planted_traces(tmp_path / "traces", examples=100, rows=20)
+    out = tmp_path / "head"
+    args = _training(traces, out)
+    proc = _start(*args)
+    epoch = _wait_for_epoch(out / "checkpoints" / "last.ckpt", proc, 1)
+    proc.send_signal(signal.SIGINT)
+    assert epoch >= 1, _ended(proc, "no checkpoint of epoch 1 before the run ended")
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"]
+    assert "Traceback" not in output and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / MARKER).is_file()  # what was written is kept
+    assert main(args) == 2  # the half-written directory is refused without --resume
+    assert "holds an interrupted run" in capsys.readouterr().err
+    resumed = _start(*args, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+    assert os.listdir(out / "logs") == ["version_0"]  # one training curve, continued
+    with (out / "logs" / "version_0" / "metrics.csv").open() as f:
+        epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert epochs == list(range(8))  # every epoch validated exactly once across the two runs
 
 
 def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupted_weights(tmp_path, monkeypatch):

@@ -167,6 +167,7 @@ def run(plan: _Plan) -> DeferralHead:
             return module.head
         head = _export(plan, module, data, trainer, wandb_run)
         plan.out.finish()
+        shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)  # once marked complete: an interrupt keeps one or the other
     return summarise(head, out)
 
 
@@ -280,7 +281,6 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
     comparison = _offline_comparison(trained, data, out, metrics, s.alpha, s.seed)
     trained.save(out)
     write_json(out / "metrics.json", metrics)
-    shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
     if wandb_run is not None:
         print(f"W&B run: {run_path(wandb_run)}")
         _log_to_wandb(wandb_run, out, metrics, comparison)
