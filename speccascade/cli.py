@@ -11,6 +11,7 @@ inside :func:`main`), and an unexpected exception 1, named, with its traceback b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import traceback
@@ -26,26 +27,25 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
 
+@functools.cache
 def commands() -> dict[str, tuple[Callable, type]]:
     """name -> (function, its settings class: the command's options, their help and their checks), imported on
     first use (``cli.COMMANDS`` is the same dict)."""
-    if "COMMANDS" not in globals():
-        from .bench.command import BenchSettings, bench
-        from .demo import DemoSettings, demo
-        from .evaluation.compare import CompareSettings, compare
-        from .evaluation.evaluate import EvaluateSettings, evaluate
-        from .evaluation.operating_point import OperatingPointSettings, operating_point
-        from .finetune.train import FinetuneSettings, finetune
-        from .tracing.log_traces import LogTracesSettings, log_traces
-        from .training.train import TrainSettings, train_deferral
+    from .bench.command import BenchSettings, bench
+    from .demo import DemoSettings, demo
+    from .evaluation.compare import CompareSettings, compare
+    from .evaluation.evaluate import EvaluateSettings, evaluate
+    from .evaluation.operating_point import OperatingPointSettings, operating_point
+    from .finetune.train import FinetuneSettings, finetune
+    from .tracing.log_traces import LogTracesSettings, log_traces
+    from .training.train import TrainSettings, train_deferral
 
-        globals()["COMMANDS"] = {
-            "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
-            "evaluate": (evaluate, EvaluateSettings), "compare": (compare, CompareSettings),
-            "operating-point": (operating_point, OperatingPointSettings), "demo": (demo, DemoSettings),
-            "bench": (bench, BenchSettings), "finetune": (finetune, FinetuneSettings),
-        }
-    return globals()["COMMANDS"]
+    return {
+        "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
+        "evaluate": (evaluate, EvaluateSettings), "compare": (compare, CompareSettings),
+        "operating-point": (operating_point, OperatingPointSettings), "demo": (demo, DemoSettings),
+        "bench": (bench, BenchSettings), "finetune": (finetune, FinetuneSettings),
+    }
 
 
 def __getattr__(name: str) -> Any:
