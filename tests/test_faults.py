@@ -167,10 +167,12 @@ def _wait_for_epoch(checkpoint: Path, proc: subprocess.Popen, epoch: int, timeou
     """Until ``checkpoint`` holds ``epoch`` or a later one (its epoch) or the process ends (-1)."""
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
-        if checkpoint.exists():
+        try:
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
-            if saved >= epoch:
-                return saved
+        except FileNotFoundError:  # not written yet, or removed by a run that finished
+            saved = -1
+        if saved >= epoch:
+            return saved
         time.sleep(0.05)
     return -1
 
