@@ -202,10 +202,12 @@ def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, 
     assert epochs == list(range(8))  # every epoch validated exactly once across the two runs
 
 
-def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head", [(), ("--objective", "relaxed", "--alpha-range", "[0,2]")], ids=["gap", "alpha-range"])
+def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupted_weights(tmp_path, monkeypatch, head):
+    """The alpha-range head draws random alphas while it trains: the checkpoint carries the random state."""
     traces = planted_traces(tmp_path / "traces", examples=100, rows=20)
     killed, full = tmp_path / "killed", tmp_path / "full"
-    proc = _start(*_training(traces, killed))
+    proc = _start(*_training(traces, killed, *head))
     epoch = _wait_for_epoch(killed / "checkpoints" / "last.ckpt", proc, 1)
     proc.kill()
     assert epoch >= 1, _ended(proc, "no checkpoint of epoch 1 before the run ended")
@@ -214,9 +216,9 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupte
     started = []
     monkeypatch.setattr(KeepBest, "on_train_start", lambda self, trainer, module: started.append(trainer.current_epoch),
                         raising=False)
-    assert main(_training(traces, killed, "--resume")) == 0
+    assert main(_training(traces, killed, *head, "--resume")) == 0
     assert started == [epoch + 1]  # continued after the checkpoint's epoch, not from epoch 0
-    assert main(_training(traces, full)) == 0
+    assert main(_training(traces, full, *head)) == 0
     resumed, uninterrupted = load_file(killed / "model.safetensors"), load_file(full / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
