@@ -3,13 +3,15 @@
 Options are spelled with dashes (``--block-size``); YAML keys with underscores (``block_size``).
 Every failure ends with exactly one ``error: ...`` line on stderr: bad input (settings, files,
 a busy or foreign output directory) exits 2, an interrupt (Ctrl-C, SIGINT) 130 with
-``error: interrupted``, and an unexpected exception 1, named, with its traceback behind
+``error: interrupted`` (from the start: the commands, and with them torch and Lightning, are imported
+inside :func:`main`), and an unexpected exception 1, named, with its traceback behind
 ``-v/--verbose``. Third-party output is quiet unless ``-v`` (:mod:`speccascade.runtime`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import traceback
@@ -18,32 +20,44 @@ from typing import Any, Callable
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from . import runtime
-from .bench.command import BenchSettings, bench
-from .demo import DemoSettings, demo
 from .errors import SpeccascadeError
-from .evaluation.compare import CompareSettings, compare
-from .evaluation.evaluate import EvaluateSettings, evaluate
-from .evaluation.operating_point import OperatingPointSettings, operating_point
-from .finetune.train import FinetuneSettings, finetune
-from .settings import flag, hints
-from .tracing.log_traces import LogTracesSettings, log_traces
-from .training.train import TrainSettings, train_deferral
 from .version import __version__
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
-# name -> (function, its settings class: the command's options, their help and their checks)
-COMMANDS: dict[str, tuple[Callable, type]] = {
-    "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
-    "evaluate": (evaluate, EvaluateSettings), "compare": (compare, CompareSettings),
-    "operating-point": (operating_point, OperatingPointSettings), "demo": (demo, DemoSettings),
-    "bench": (bench, BenchSettings), "finetune": (finetune, FinetuneSettings),
-}
+
+@functools.cache
+def commands() -> dict[str, tuple[Callable, type]]:
+    """name -> (function, its settings class: the command's options, their help and their checks), imported on
+    first use (``cli.COMMANDS`` is the same dict)."""
+    from .bench.command import BenchSettings, bench
+    from .demo import DemoSettings, demo
+    from .evaluation.compare import CompareSettings, compare
+    from .evaluation.evaluate import EvaluateSettings, evaluate
+    from .evaluation.operating_point import OperatingPointSettings, operating_point
+    from .finetune.train import FinetuneSettings, finetune
+    from .tracing.log_traces import LogTracesSettings, log_traces
+    from .training.train import TrainSettings, train_deferral
+
+    return {
+        "log-traces": (log_traces, LogTracesSettings), "train-deferral": (train_deferral, TrainSettings),
+        "evaluate": (evaluate, EvaluateSettings), "compare": (compare, CompareSettings),
+        "operating-point": (operating_point, OperatingPointSettings), "demo": (demo, DemoSettings),
+        "bench": (bench, BenchSettings), "finetune": (finetune, FinetuneSettings),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":
+        return commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) -> None:
     """One option, spelled with dashes; a boolean is a switch (``--resume``, ``--no-resume``)."""
+    from .settings import flag
+
     kwargs: dict[str, Any] = {"dest": name, "help": help}
     if default is dataclasses.MISSING:
         kwargs["required"] = True
@@ -57,6 +71,8 @@ def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) 
 
 def _options(settings: type) -> list[tuple[str, Any, Any, str]]:
     """``(name, type, default, help)`` of each field of a settings class."""
+    from .settings import hints
+
     types = hints(settings)
     return [(f.name, types[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(settings)]
 
@@ -67,7 +83,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"speccascade {__version__}")
     parser.add_argument(*VERBOSE_FLAGS, action="store_true", help="show third-party output and tracebacks (anywhere on the line)")
     subcommands = parser.add_subcommands(dest="command")
-    for name, (function, settings) in COMMANDS.items():
+    for name, (function, settings) in commands().items():
         sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0], exit_on_error=False,
                              print_config="--print-config")
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options (keys with underscores); flags override it")
@@ -83,6 +99,8 @@ def _one_line(text: str) -> str:
 
 def _parse_error(err: Exception) -> str:
     """jsonargparse's message, on one line and in the command line's spelling."""
+    from .settings import flag
+
     text = str(err)
     key = re.match(r'Parser key "([\w.]+)":\s*(.*)', text, flags=re.S)
     if key:
@@ -102,11 +120,23 @@ def train_deferral_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """The command line; an interrupt while torch and Lightning load is ``error: interrupted`` too."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("error: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _main(args: list[str]) -> int:
     verbose = any(a in VERBOSE_FLAGS for a in args)
     args = [a for a in args if a not in VERBOSE_FLAGS]
     runtime.configure(verbose)
-    command = next((a for a in args if a in COMMANDS), None)
+    command = next((a for a in args if a in commands()), None)
     try:
         cfg = build_parser().parse_args(args)
     except SystemExit as done:  # --help, --version
@@ -125,13 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(command: str, options: dict, verbose: bool = False) -> int:
     """Run one command; turn every way it can end into an exit code and at most one ``error:`` line."""
     try:
-        COMMANDS[command][0](**options)
+        commands()[command][0](**options)
     except SpeccascadeError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as err:
         if verbose:
             traceback.print_exc()

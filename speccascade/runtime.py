@@ -23,6 +23,8 @@ HARMLESS_WARNINGS = (
      "pytorch_lightning's own pytree helper on torch >= 2.10; nothing of ours uses LeafSpec"),
     (UserWarning, r"The '\w+_dataloader' does not have many workers",
      "trace rows are memory-mapped slices: worker processes would only copy them"),
+    (UserWarning, r"Checkpoint directory .* exists and is not empty",
+     "train-deferral --resume: the directory holds the run's own last.ckpt, which it continues and overwrites"),
 )
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 

@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL at random points of log-traces and evaluate, then --resume; damaged shards and
-sidecars, then --resume; SIGINT during training, then --resume; a second writer refused while the first holds the
-directory."""
+sidecars, then --resume; SIGKILL and SIGINT during training, then --resume; a second writer refused while the
+first holds the directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from speccascade.cli import main
 from speccascade.data import traces
@@ -24,6 +26,7 @@ from speccascade.tracing.log_traces import log_traces
 from speccascade.errors import SpeccascadeError
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.outdir import LOCK, MARKER
+from speccascade.training.train import KeepBest
 from tests.data.test_log_traces import TINY, assert_same_rows, cli_args
 from tests.training.test_train import planted_traces
 
@@ -212,18 +215,38 @@ def _untimed(point: dict) -> dict:
     return {k: v for k, v in point.items() if k not in TIMING}
 
 
+def _training(traces: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "8", "--batch-size", "32",
+            "--wandb-mode", "disabled", *extra]
+
+
+def _wait_for_epoch(checkpoint: Path, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> int:
+    """Until ``checkpoint`` holds ``epoch`` or a later one (its epoch) or the process ends (-1)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
+        except FileNotFoundError:  # not written yet, or removed by a run that finished
+            saved = -1
+        if saved >= epoch:
+            return saved
+        time.sleep(0.05)
+    return -1
+
+
 def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, capsys):
-    traces = planted_traces(tmp_path / "traces", examples=200, rows=20)
+    traces = planted_traces(tmp_path / "traces", examples=100, rows=20)
     out = tmp_path / "head"
-    args = ["train-deferral", "--traces", str(traces), "--out", str(out), "--epochs", "12", "--batch-size", "32",
-            "--wandb-mode", "disabled"]
+    args = _training(traces, out)
     proc = _start(*args)
-    assert _wait_for(out / "checkpoints" / "last.ckpt", proc), proc.communicate()[0]
+    epoch = _wait_for_epoch(out / "checkpoints" / "last.ckpt", proc, 1)
     proc.send_signal(signal.SIGINT)
+    assert epoch >= 1, _ended(proc, "no checkpoint of epoch 1 before the run ended")
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"]
     assert "Traceback" not in output and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / MARKER).is_file()  # what was written is kept
     assert main(args) == 2  # the half-written directory is refused without --resume
     assert "holds an interrupted run" in capsys.readouterr().err
     resumed = _start(*args, "--resume")
@@ -233,4 +256,39 @@ def test_sigint_during_training_exits_130_and_resume_finishes_the_run(tmp_path, 
     assert os.listdir(out / "logs") == ["version_0"]  # one training curve, continued
     with (out / "logs" / "version_0" / "metrics.csv").open() as f:
         epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val_loss")]
-    assert epochs == list(range(12))  # every epoch validated exactly once across the two runs
+    assert epochs == list(range(8))  # every epoch validated exactly once across the two runs
+
+
+@pytest.mark.parametrize("head", [(), ("--objective", "relaxed", "--alpha-range", "[0,2]")], ids=["gap", "alpha-range"])
+def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupted_weights(tmp_path, monkeypatch, head):
+    """The alpha-range head draws random alphas while it trains: the checkpoint carries the random state."""
+    traces = planted_traces(tmp_path / "traces", examples=100, rows=20)
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    proc = _start(*_training(traces, killed, *head))
+    epoch = _wait_for_epoch(killed / "checkpoints" / "last.ckpt", proc, 1)
+    proc.kill()
+    assert epoch >= 1, _ended(proc, "no checkpoint of epoch 1 before the run ended")
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed; make it longer"
+    started = []
+    monkeypatch.setattr(KeepBest, "on_train_start", lambda self, trainer, module: started.append(trainer.current_epoch),
+                        raising=False)
+    assert main(_training(traces, killed, *head, "--resume")) == 0
+    assert started == [epoch + 1]  # continued after the checkpoint's epoch, not from epoch 0
+    assert main(_training(traces, full, *head)) == 0
+    resumed, uninterrupted = load_file(killed / "model.safetensors"), load_file(full / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
+
+
+@pytest.mark.parametrize("after", [1.0, 2.5, 4.0])
+def test_sigint_while_the_command_starts_exits_130_with_one_line(tmp_path, after):
+    """SIGINT while torch and Lightning are still being imported: the same one line as during the run."""
+    traces = planted_traces(tmp_path / "traces", examples=20, rows=5)
+    proc = _start(*_training(traces, tmp_path / "head"))
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"], output
+    assert "Traceback" not in output and not (tmp_path / "head").exists()

@@ -54,6 +54,23 @@ def input_matrix(columns, features: list[str]) -> np.ndarray:
     return np.concatenate([p if p.ndim == 2 else p[:, None] for p in parts], axis=1)
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """A shuffle that is a function of (seed, epoch): a run resumed at epoch k sees the rows in the order
+    an uninterrupted run does (Lightning calls :meth:`set_epoch` before each epoch)."""
+
+    def __init__(self, rows: int, seed: int) -> None:
+        self.rows, self.seed, self.epoch = rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self):
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.rows).tolist())
+
+
 def _identity(batch):
     return batch
 
@@ -118,7 +135,7 @@ class TraceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Batches(self.train_rows, self.hparams.features, self.labels), batch_size=self.hparams.batch_size,
-                          shuffle=True, collate_fn=_identity, generator=torch.Generator().manual_seed(self.hparams.seed))
+                          sampler=EpochShuffle(len(self.train_rows), self.hparams.seed), collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Batches(self.val_rows, self.hparams.features, self.labels), batch_size=self.hparams.batch_size,

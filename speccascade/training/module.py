@@ -92,5 +92,13 @@ class DeferralModule(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, batch_size=len(batch["x"]), sync_dist=True)
         self.log("val_auroc", self.val_auroc, prog_bar=True, batch_size=len(batch["x"]))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The random state travels in the checkpoint: a resumed run draws the alphas an uninterrupted run does."""
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

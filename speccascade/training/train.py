@@ -167,6 +167,7 @@ def run(plan: _Plan) -> DeferralHead:
             return module.head
         head = _export(plan, module, data, trainer, wandb_run)
         plan.out.finish()
+        shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)  # once marked complete: an interrupt keeps one or the other
     return summarise(head, out)
 
 
@@ -206,7 +207,8 @@ def _fit(s: TrainSettings, out: Path, module: DeferralModule, data: TraceDataMod
     for step, metrics in earlier:  # the curves of the epochs before the checkpoint, kept in logs/version_0
         loggers[0].log_metrics(metrics, step)
     steps = -(-len(data.train_rows) // s.batch_size)
-    callbacks = [ModelCheckpoint(dirpath=out / CHECKPOINT.parent, save_last=True, save_top_k=0), best]
+    every_epoch = ModelCheckpoint(dirpath=out / CHECKPOINT.parent, filename=CHECKPOINT.stem, enable_version_counter=False)
+    callbacks = [every_epoch, best]
     if s.patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=s.patience))
     trainer = pl.Trainer(max_epochs=s.epochs, logger=loggers, deterministic=True, enable_model_summary=False,
@@ -279,7 +281,6 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
     comparison = _offline_comparison(trained, data, out, metrics, s.alpha, s.seed)
     trained.save(out)
     write_json(out / "metrics.json", metrics)
-    shutil.rmtree(out / CHECKPOINT.parent, ignore_errors=True)
     if wandb_run is not None:
         print(f"W&B run: {run_path(wandb_run)}")
         _log_to_wandb(wandb_run, out, metrics, comparison)
