@@ -22,6 +22,7 @@ deferral rate falls as the knob grows, the knob for a deferral budget is a quant
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,7 +509,7 @@ def from_name(name: str, value: float | None = None, **params: float) -> Rule:
         return cls(**params)
     if cls.knob is None:
         raise SpeccascadeError(f"rule {cls.name!r} has no knob; write it as {cls.name!r}")
-    if cls.knob == "k" and float(value) != int(value):
+    if cls.knob == "k" and not (math.isfinite(value) and float(value) == int(value)):
         raise SpeccascadeError(f"rule {cls.name!r} needs a whole number k, got {value:g}")
     return cls(**{cls.knob: int(value) if cls.knob == "k" else float(value)}, **params)
 
