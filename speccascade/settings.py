@@ -23,6 +23,7 @@ from .errors import SpeccascadeError
 from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+SEED_HIGH = 2**32 - 1  # the largest seed numpy and Lightning's seed_everything take
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
@@ -31,6 +32,11 @@ def setting(default: Any = MISSING, help: str = "", *, low: float | None = None,
     inclusive, ``above``/``below`` exclusive); numbers must be finite unless ``finite=False``."""
     checks = {"low": low, "high": high, "above": above, "below": below, "finite": finite}
     return field(default=default, metadata={"help": help, **checks})
+
+
+def seed_setting(help: str) -> Any:
+    """A seed setting (default 0): a whole number that numpy, torch and Lightning all take."""
+    return setting(0, help, low=0, high=SEED_HIGH)
 
 
 def flag(name: str) -> str:
@@ -102,6 +108,11 @@ def _numbers(value: Any) -> list[float]:
     return []
 
 
+def _show(number: float) -> str:
+    """A bound or a value as given: whole numbers in full (a seed's 4294967295), others short."""
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
 def _check_range(f: dataclasses.Field, value: Any) -> None:
     m = f.metadata
     for number in _numbers(value):
@@ -111,7 +122,7 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
                                   ("above", lambda x, b: x <= b, ">"), ("below", lambda x, b: x >= b, "<")):
             bound = m.get(key)
             if bound is not None and (number != number or fails(number, bound)):
-                raise SpeccascadeError(f"{flag(f.name)} must be {words} {bound:g}, got {number:g}")
+                raise SpeccascadeError(f"{flag(f.name)} must be {words} {_show(bound)}, got {_show(number)}")
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,7 @@ from ..outdir import OutputDir
 from ..pairs import load_settings_pair
 from ..report import say, wrote
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
-                        TrackingSettings, as_config, resolve_groups, setting)
+                        TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from ..version import __version__
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
@@ -59,7 +59,7 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
     outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
                                           "reply after a swapped token", low=1)
     shard_examples: int = setting(32, "examples per shard (the unit of --resume)", low=1)
-    seed: int = setting(0, "sampling seed (example i decodes with seed + i) and task-generator seed", low=0)
+    seed: int = seed_setting("sampling seed (example i decodes with seed + i) and task-generator seed")
 
     def config(self, rule: rules_module.Rule) -> dict:
         """What the rows depend on: a directory written with another config is refused."""

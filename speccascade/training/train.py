@@ -33,7 +33,7 @@ from ..evaluation import offline
 from ..evaluation.report import log_comparison, write_comparison
 from ..outdir import OutputDir, launched_child
 from ..report import say, write_json, wrote
-from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
+from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from ..version import __version__
 from . import calibration as cal
@@ -75,7 +75,7 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     lr: float = setting(3e-3, "AdamW learning rate", above=0.0)
     val_fraction: float = setting(0.2, "fraction of examples (not rows) held out for validation and calibration", above=0.0, below=1.0)
     calibration: Literal[cal.METHODS] = setting("platt", "platt, isotonic or none (gap heads are not calibrated)")
-    seed: int = setting(0, "seed of the split, the initialisation and the shuffling", low=0)
+    seed: int = seed_setting("seed of the split, the initialisation and the shuffling")
     strategy: str = setting("auto", "Lightning strategy (auto, ddp, ...)")
     accelerator: Literal[ACCELERATORS] = setting("cpu", "cpu, cuda (gpu), mps or auto (the heads are small: cpu is the default)")
     mix_pairs: bool = setting(False, "allow traces of different model pairs in one training run")
