@@ -153,6 +153,8 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*tr, "--lr", "0"], "--lr must be > 0"),
         ([*tr, "--epochs", "0"], "--epochs must be >= 1"),
         ([*tr, "--hidden", "0"], "--hidden must be >= 1"),
+        ([*tr, "--hidden", str(10**12)], "--hidden must be <= 4096, got 1000000000000"),
+        ([*tr, "--depth", "1000000"], "--depth must be <= 8"),
         ([*tr, "--objective", "relaxed", "--alpha", "-5"], "--alpha must be >= 0"),
         ([*tr, "--objective", "relaxed", "--alpha-range", "[2, 0]"], "low <= high"),
         ([*tr, "--alpha-range", "[0, 1]"], "needs objective 'relaxed'"),

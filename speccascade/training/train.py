@@ -66,8 +66,8 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
     alpha_range: tuple[float, float] | None = setting(None, "relaxed objective only: train one head conditioned on alpha drawn "
                                                       "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
-    hidden: int = setting(64, "hidden width of the MLP", low=1)
-    depth: int = setting(2, "hidden layers of the MLP", low=1)
+    hidden: int = setting(64, "hidden width of the MLP (at most 4096: a head is small beside the models)", low=1, high=4096)
+    depth: int = setting(2, "hidden layers of the MLP (at most 8)", low=1, high=8)
     epochs: int = setting(30, "the most passes over the training rows", low=1)
     patience: int | None = setting(3, "stop when the validation loss has not improved for this many epochs and keep the "
                                    "best epoch's weights (null: train every epoch and keep the last)", low=1)
