@@ -210,6 +210,15 @@ def test_bad_input_table(inputs, tmp_path, capsys):
         assert not out.exists() and _tree(inputs["good"].parent) == before, f"{argv} left files behind"
 
 
+def test_a_topk_beyond_the_vocabulary_is_refused_once_the_pair_is_known(tmp_path, capsys):
+    """The vocabulary's size is known once the pair loads: a larger --topk is refused there, before a row is logged."""
+    out = tmp_path / "out"
+    code = main(["log-traces", *TINY, "--out", str(out), "--limit", "1", "--topk", "100000"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--topk 100000 is more than the vocabulary" in errors[0], errors
+    assert not out.exists()
+
+
 def test_an_unexpected_exception_is_one_named_line_with_the_traceback_behind_verbose(monkeypatch, tmp_path, capsys):
     def broken(**_):
         raise RuntimeError("disk on fire\nsecond line")

@@ -131,6 +131,8 @@ def run(plan: _Plan) -> dict:
         pair = load_settings_pair(s, device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
+        if s.topk > pair.vocab_size:
+            raise SpeccascadeError(f"--topk {s.topk} is more than the vocabulary of {pair.name!r} ({pair.vocab_size} tokens)")
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
                   "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
