@@ -98,6 +98,32 @@ def _conform(value: Any, hint: Any, name: str) -> Any:
     raise SpeccascadeError(f"{flag(name)} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}")
 
 
+NOUNS = {int: ("an int", "ints"), float: ("a number", "numbers"), str: ("a string", "strings"), Path: ("a path", "paths"),
+         bool: ("true or false", "booleans"), type(None): ("null", "nulls")}
+
+
+def accepts(cls: type, name: str) -> str:
+    """What a setting of ``cls`` accepts, in words (``an int >= 1 or null``): what a refusal of its value names."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    bounds = " and ".join(f"{words} {_show(f.metadata[key])}" for key, words in
+                          (("low", ">="), ("above", ">"), ("below", "<"), ("high", "<=")) if f.metadata.get(key) is not None)
+    return _accepts(hints(cls)[name], bounds)
+
+
+def _accepts(hint: Any, bounds: str) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_accepts(a, bounds) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        count = "" if origin is list or args[-1] is Ellipsis else f"{len(args)} "
+        plural = NOUNS.get(args[0], (None, getattr(args[0], "__name__", str(args[0]))))[1]
+        return f"a list of {count}{plural}" + (f" {bounds}" if bounds and args[0] in (int, float) else "")
+    noun = NOUNS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
+    return f"{noun} {bounds}" if bounds and hint in (int, float) else noun
+
+
 def _numbers(value: Any) -> list[float]:
     if isinstance(value, bool):
         return []

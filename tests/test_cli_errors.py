@@ -190,8 +190,16 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-deferral-rate", "1.5"], "in [0, 1]"),
         (["operating-point", "--traces", str(p["list"]), "--rule", "opt", "--target-deferral-rate", "0.5"], "JSON object"),
         # parser errors: one line and a pointer to --help
-        ([*ev, "--block-size", "abc"], "--block-size: expected int, got abc; see `speccascade evaluate --help`"),
-        ([*ev, "--wandb-mode", "bogus"], "--wandb-mode"),
+        ([*ev, "--block-size", "abc"], "--block-size: expected an int >= 1, got abc; see `speccascade evaluate --help`"),
+        ([*ev, "--wandb-mode", "bogus"], "--wandb-mode: expected one of offline, online, disabled or null, got bogus"),
+        # union-typed settings: the flag and every accepted form
+        ([*ev, "--limit", "abc"], "--limit: expected an int >= 1 or null, got abc; see `speccascade evaluate --help`"),
+        ([*tr, "--patience", "1.5"], "--patience: expected an int >= 1 or null, got 1.5"),
+        ([*tr, "--alpha-range", "[1]"], "--alpha-range: expected a list of 2 numbers >= 0 or null, got [1]"),
+        (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-loss", "low"],
+         "--target-loss: expected a number or null, got low"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--examples", "many"],
+         "--examples: expected an int >= 1 or null, got many"),
         ([*tr, "--accelerator", "bogus"], "--accelerator: expected one of auto, cpu, cuda, gpu, mps"),
         ([*lt, "--mode", "offline"], "--mode: expected one of reference, on-policy"),
         ([*ev, "--block_size", "3"], "options are spelled with dashes"),
