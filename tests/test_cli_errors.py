@@ -168,6 +168,9 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*tr, "--alpha-range", "[0, 1]"], "needs objective 'relaxed'"),
         ([*tr, "--val-fraction", "1"], "--val-fraction must be < 1"),
         ([*tr, "--features", "[q_top1, nope]"], "unknown: ['nope']"),
+        ([*tr, "--features", "[]"], "--features names nothing"),
+        ([*tr, "--features", "q_top1,"], "--features 'q_top1,' has an empty item"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--lora-targets", "[]"], "--lora-targets names nothing"),
         ([*tr, "--strategy", "bogus"], "unknown strategy 'bogus'"),
         ([*tr, "--traces", ","], "--traces names nothing"),
         ([*tr, "--traces", f"{p['good']}, {p['good']}"], "names a trace directory more than once"),
@@ -224,6 +227,22 @@ def test_bad_input_table(inputs, tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], (argv, err)
         assert "Traceback" not in err, argv
         assert not out.exists() and _tree(inputs["good"].parent) == before, f"{argv} left files behind"
+
+
+@pytest.mark.parametrize("command, flag, resolve", [
+    ("train-deferral", "--features", "speccascade.training.train"), ("finetune", "--lora-targets", "speccascade.finetune.train")])
+def test_a_list_setting_takes_one_element(inputs, tmp_path, command, flag, resolve):
+    """``--features q_top1`` is a one-element list (the parser refused it); settings resolve, nothing is trained."""
+    import importlib
+
+    from speccascade.cli import COMMANDS, build_parser
+
+    given = {"--features": "q_top1", "--lora-targets": "q_proj"}[flag]
+    argv = [command, "--out", str(tmp_path / "out"), flag, given, "--wandb-mode", "disabled"]
+    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else []))
+    settings = COMMANDS[command][1](**{k: v for k, v in cfg[command].as_dict().items() if k != "config"})
+    importlib.import_module(resolve).resolve(settings)
+    assert getattr(settings, flag[2:].replace("-", "_")) == [given]
 
 
 def test_a_topk_beyond_the_vocabulary_is_refused_once_the_pair_is_known(tmp_path, capsys):

@@ -62,7 +62,8 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
                                              "needs on-policy traces logged with --labels outcome)")
     gap_weight: float = setting(0.0, "outcome objective: weight of the target-as-oracle gap p_gap in the BCE label "
                                 "(1 - w) * outcome_harm + w * p_gap (0: outcome labels alone)", low=0.0, high=1.0)
-    features: list[str] | None = setting(None, "feature names (default: every position feature; token-mlp adds the token features)")
+    features: list[str] | str | None = setting(None, "feature names, a list or comma-separated (default: every position "
+                                               "feature; token-mlp adds the token features)")
     alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
     alpha_range: tuple[float, float] | None = setting(None, "relaxed objective only: train one head conditioned on alpha drawn "
                                                       "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
@@ -120,6 +121,8 @@ def resolve(settings: TrainSettings) -> _Plan:
         raise SpeccascadeError(f"--gap-weight mixes p_gap into the outcome labels; it needs objective 'outcome' (got {s.objective!r})")
     if s.strategy != "auto" and s.strategy not in pl.strategies.StrategyRegistry.available_strategies():
         raise SpeccascadeError(f"unknown strategy {s.strategy!r}; choose auto, ddp or another Lightning strategy")
+    if s.features is not None:
+        s.features = split_list(s.features, "--features")
     kind, default_features = HEADS[s.head]
     features = list(s.features or default_features)
     unknown = sorted(set(features) - set(F.ALL_FEATURES + HIDDEN_INPUTS))
