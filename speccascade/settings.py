@@ -20,6 +20,7 @@ import torch
 
 from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
+from .outdir import fits
 from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -219,7 +220,7 @@ class TaskSettings:
         from .data.tasks import get_task
 
         task = get_task(self.task)
-        if self.data_file is not None and not Path(self.data_file).is_file():
+        if self.data_file is not None and not fits(self.data_file, "--data-file").is_file():
             raise SpeccascadeError(f"data file {self.data_file} not found")
         return task, task.examples(self.split, limit=self.limit, data_file=self.data_file, seed=seed, few_shot=self.few_shot)
 

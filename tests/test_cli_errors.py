@@ -94,7 +94,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
     ev = ["evaluate", *TINY, "--out", str(out), "--limit", "2"]
     tr = ["train-deferral", "--traces", str(p["good"]), "--out", str(out), "--wandb-mode", "disabled"]
     lt = ["log-traces", "--models", "tiny-random", "--out", str(out), "--limit", "2"]
-    name, deep = out / ("n" * 256), out.joinpath(*["d" * 250] * 16)  # a name, a path the file system cannot hold
+    name, deep = out / ("n" * 256), out.joinpath(*["d" * 250] * 17)  # a name, a path the file system cannot hold
     return [
         (["evaluate", *TINY, "--out", str(name)], "a name of 256 bytes; the file system takes at most 255"),
         (["log-traces", *TINY, "--out", str(deep)], "bytes long; keep it to 3840"),
@@ -103,6 +103,10 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         (["demo", *TINY, "--out", str(name)], "a name of 256 bytes"),
         (["bench", "--models", "tiny-random", "--out", str(deep)], "bytes long"),
         (["finetune", "--base", "tiny-random", "--out", str(name)], "a name of 256 bytes"),
+        ([*tr, "--traces", str(name)], "trace directory /"),
+        (["operating-point", "--traces", str(deep), "--rule", "opt", "--target-deferral-rate", "0.5"], "bytes long; keep it to 4095"),
+        ([*ev, "--rules", f"learned:{name}"], "head directory /"),
+        ([*ev, "--task", "gsm8k", "--data-file", str(name)], "--data-file /"),
         ([*ev, "--rules", "opt:abc"], "'abc' is not a number"),
         ([*ev, "--rules", f"learned:{p['head']}@notanumber"], "'notanumber' is not a number"),
         ([*ev, "--rules", "chow:nan"], "not NaN"),
