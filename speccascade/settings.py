@@ -25,6 +25,7 @@ from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SEED_HIGH = 2**32 - 1  # the largest seed numpy and Lightning's seed_everything take
+INT_HIGH = 2**63 - 1  # the largest whole number torch and Python's indices (sys.maxsize) take
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
@@ -150,6 +151,8 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
             bound = m.get(key)
             if bound is not None and (number != number or fails(number, bound)):
                 raise SpeccascadeError(f"{flag(f.name)} must be {words} {_show(bound)}, got {_show(number)}")
+        if isinstance(number, int) and abs(number) > INT_HIGH:
+            raise SpeccascadeError(f"{flag(f.name)} must be a 64-bit whole number (at most {INT_HIGH}), got {number}")
 
 
 @dataclass(kw_only=True)

@@ -136,6 +136,8 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--margin", "-0.1"], "--margin must be >= 0"),
         ([*ev, "--seed", "-1"], "--seed must be >= 0"),
         ([*ev, "--seed", str(2**64)], f"--seed must be <= 4294967295, got {2**64}"),
+        ([*ev, "--limit", str(10**20)], "--limit must be a 64-bit whole number (at most 9223372036854775807)"),
+        ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
         ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
         ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["compare", "--traces", str(p["good"]), "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
