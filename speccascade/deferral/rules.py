@@ -544,16 +544,22 @@ class Spec:
         return from_name(self.name, self.knob, **dict(self.params))
 
 
-def parse(spec: str, others: Mapping[str, type[Rule] | None] | None = None) -> Spec:
+def parse(spec: str, others: Mapping[str, type[Rule] | None] | None = None, setting: str = "--rules") -> Spec:
     """The one parser of a rule's command-line spelling: ``name``, ``name:KNOB`` (``opt:0.3``, ``topk:5``),
     ``name:KNOB:PARAM=VALUE`` (``kl:0.2:tau=0.9``), ``name:PARAM=VALUE`` (the default knob) or
     ``learned:DIR[@THRESHOLD]``. ``others`` are a command's own names beside the rules (``evaluate``'s
     ``target``), each with the rule class whose knob and settings it takes, or None for none. Anything else
-    is a :class:`SpeccascadeError` that names the problem."""
+    is a :class:`SpeccascadeError` that names ``setting`` (the flag that gave the rule) and the problem."""
+    try:
+        return _parse(spec, others or {})
+    except SpeccascadeError as err:
+        raise SpeccascadeError(f"{setting}: {err}") from None
+
+
+def _parse(spec: str, others: Mapping[str, type[Rule] | None]) -> Spec:
     text = spec.strip()
     name, _, rest = text.partition(":")
     name = name.lower()
-    others = others or {}
     if not name:
         raise SpeccascadeError(f"empty rule {spec!r}; write {SPELLING}")
     if name == "learned":

@@ -112,7 +112,7 @@ def resolve(settings: LogTracesSettings) -> _Plan:
     """Check every setting, the task's data and the output directory; load no model, write nothing."""
     resolve_groups(settings)
     settings.check_labels()
-    rule = rules_module.parse(settings.rule).build()
+    rule = rules_module.parse(settings.rule, setting="--rule").build()
     task, examples = settings.examples(settings.seed)
     config = settings.config(rule)
     out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",),
