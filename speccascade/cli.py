@@ -97,18 +97,19 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _parse_error(err: Exception) -> str:
-    """jsonargparse's message, on one line and in the command line's spelling."""
-    from .settings import flag
+def _parse_error(err: Exception, command: str | None) -> str:
+    """jsonargparse's message, on one line and in the command line's spelling; a refused value of a setting
+    names what the setting accepts (:func:`~speccascade.settings.accepts`), union-typed ones' included."""
+    from .settings import accepts, flag
 
     text = str(err)
     key = re.match(r'Parser key "([\w.]+)":\s*(.*)', text, flags=re.S)
-    if key:
-        detail = key.group(2).strip().splitlines()[0]
-        detail = re.sub(r"<class '(\w+)'>", r"\1", detail)
-        detail = re.sub(r"typing\.Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace("'", ""), detail)
-        detail = re.sub(r"^Expected an? (.*?)\. Got value: (.*)$", r"expected \1, got \2", detail)
-        text = f"{flag(key.group(1).split('.')[-1])}: {detail}"
+    given = re.search(r"(?:Got|Given) value: (.*)$", text)
+    if key and given and command:  # a value the setting's type refuses
+        name = key.group(1).split(".")[-1]
+        text = f"{flag(name)}: expected {accepts(commands()[command][1], name)}, got {given.group(1)}"
+    elif key:  # --config: a file that is missing or no YAML
+        text = f"{flag(key.group(1).split('.')[-1])}: {key.group(2).strip().splitlines()[0]}"
     if re.search(r"(arguments|accept option).*_", text):
         text += " (options are spelled with dashes, e.g. --block-size)"
     return _one_line(text).rstrip(".")
@@ -143,7 +144,7 @@ def _main(args: list[str]) -> int:
         return int(done.code or 0)
     except Exception as err:  # jsonargparse's ArgumentError and its kin
         where = f"speccascade {command} --help" if command else "speccascade --help"
-        print(f"error: {_parse_error(err)}; see `{where}`", file=sys.stderr)
+        print(f"error: {_parse_error(err, command)}; see `{where}`", file=sys.stderr)
         return EXIT_BAD_INPUT
     if cfg.command is None:
         print("error: name a command; see `speccascade --help`", file=sys.stderr)

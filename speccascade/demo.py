@@ -24,7 +24,7 @@ from .evaluation.evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluation.evaluate import resolve as resolve_evaluation
 from .evaluation.evaluate import run as evaluate
 from .outdir import OutputDir
-from .settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, setting
+from .settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, seed_setting, setting
 from .tracing.log_traces import LogTracesSettings
 from .tracing.log_traces import resolve as resolve_traces
 from .tracing.log_traces import run as log_traces
@@ -52,7 +52,7 @@ class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
     max_new_tokens: int = setting(80, "new tokens per evaluated example", low=1)
     epochs: int = setting(30, "training epochs of the head (early stopping on validation)", low=1)
     margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin of 'reaches the target's quality'", low=0.0)
-    seed: int = setting(0, "seed of data, training and sampling", low=0)
+    seed: int = seed_setting("seed of data, training and sampling")
     overwrite: bool = setting(False, "replace traces in --out that were logged with other settings")
 
 

@@ -39,6 +39,8 @@ from .version import __version__
 
 MARKER = ".speccascade.json"
 LOCK = ".speccascade.lock"
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: the longest file name, and PATH_MAX (the longest path and its NUL) of Linux
+ROOM = 255  # bytes of a path kept for the files a command writes under --out
 
 
 def changed(old: dict, new: dict) -> str:
@@ -64,9 +66,24 @@ def _writable_parent(path: Path) -> Path:
     return parent
 
 
-def writable(path: str | Path) -> Path:
-    """Refuse an output path that is a file, or that lies below no writable directory; writes nothing."""
+def fits(path: str | Path, what: str, room: int = 0) -> Path:
+    """Refuse a path the file system cannot hold, naming ``what`` it is (``--out``, ``--data-file``): a name over
+    ``NAME_MAX`` bytes, or a path that leaves less than ``room`` bytes of ``PATH_MAX`` for the files written in it."""
     path = Path(path)
+    shown = str(path) if len(str(path)) <= 60 else f"{str(path)[:60]}..."
+    name = max(path.parts, key=lambda part: len(os.fsencode(part)), default="")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise SpeccascadeError(f"{what} {shown}: a name of {len(os.fsencode(name))} bytes; the file system takes at most {NAME_MAX}")
+    size = len(os.fsencode(path.absolute()))
+    if size > PATH_MAX - 1 - room:
+        raise SpeccascadeError(f"{what} {shown}: the path is {size} bytes long; keep it to {PATH_MAX - 1 - room} (the file "
+                               f"system takes {PATH_MAX - 1}{', and the files written in it need room' if room else ''})")
+    return path
+
+
+def writable(path: str | Path) -> Path:
+    """Refuse an output path that is too long, is a file, or lies below no writable directory; writes nothing."""
+    path = fits(path, "--out", ROOM)
     if path.exists() and not path.is_dir():
         raise SpeccascadeError(f"--out {path} is a file, not a directory")
     _writable_parent(path)

@@ -20,9 +20,12 @@ import torch
 
 from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
+from .outdir import fits
 from .tracking import WANDB_MODES
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+SEED_HIGH = 2**32 - 1  # the largest seed numpy and Lightning's seed_everything take
+INT_HIGH = 2**63 - 1  # the largest whole number torch and Python's indices (sys.maxsize) take
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
@@ -31,6 +34,11 @@ def setting(default: Any = MISSING, help: str = "", *, low: float | None = None,
     inclusive, ``above``/``below`` exclusive); numbers must be finite unless ``finite=False``."""
     checks = {"low": low, "high": high, "above": above, "below": below, "finite": finite}
     return field(default=default, metadata={"help": help, **checks})
+
+
+def seed_setting(help: str) -> Any:
+    """A seed setting (default 0): a whole number that numpy, torch and Lightning all take."""
+    return setting(0, help, low=0, high=SEED_HIGH)
 
 
 def flag(name: str) -> str:
@@ -92,6 +100,32 @@ def _conform(value: Any, hint: Any, name: str) -> Any:
     raise SpeccascadeError(f"{flag(name)} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value!r}")
 
 
+NOUNS = {int: ("an int", "ints"), float: ("a number", "numbers"), str: ("a string", "strings"), Path: ("a path", "paths"),
+         bool: ("true or false", "booleans"), type(None): ("null", "nulls")}
+
+
+def accepts(cls: type, name: str) -> str:
+    """What a setting of ``cls`` accepts, in words (``an int >= 1 or null``): what a refusal of its value names."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    bounds = " and ".join(f"{words} {_show(f.metadata[key])}" for key, words in
+                          (("low", ">="), ("above", ">"), ("below", "<"), ("high", "<=")) if f.metadata.get(key) is not None)
+    return _accepts(hints(cls)[name], bounds)
+
+
+def _accepts(hint: Any, bounds: str) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_accepts(a, bounds) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple):
+        count = "" if origin is list or args[-1] is Ellipsis else f"{len(args)} "
+        plural = NOUNS.get(args[0], (None, getattr(args[0], "__name__", str(args[0]))))[1]
+        return f"a list of {count}{plural}" + (f" {bounds}" if bounds and args[0] in (int, float) else "")
+    noun = NOUNS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
+    return f"{noun} {bounds}" if bounds and hint in (int, float) else noun
+
+
 def _numbers(value: Any) -> list[float]:
     if isinstance(value, bool):
         return []
@@ -100,6 +134,11 @@ def _numbers(value: Any) -> list[float]:
     if isinstance(value, (list, tuple)):
         return [v for item in value for v in _numbers(item)]
     return []
+
+
+def _show(number: float) -> str:
+    """A bound or a value as given: whole numbers in full (a seed's 4294967295), others short."""
+    return f"{number:g}" if isinstance(number, float) else str(number)
 
 
 def _check_range(f: dataclasses.Field, value: Any) -> None:
@@ -111,7 +150,9 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
                                   ("above", lambda x, b: x <= b, ">"), ("below", lambda x, b: x >= b, "<")):
             bound = m.get(key)
             if bound is not None and (number != number or fails(number, bound)):
-                raise SpeccascadeError(f"{flag(f.name)} must be {words} {bound:g}, got {number:g}")
+                raise SpeccascadeError(f"{flag(f.name)} must be {words} {_show(bound)}, got {_show(number)}")
+        if isinstance(number, int) and abs(number) > INT_HIGH:
+            raise SpeccascadeError(f"{flag(f.name)} must be a 64-bit whole number (at most {INT_HIGH}), got {number}")
 
 
 @dataclass(kw_only=True)
@@ -182,7 +223,7 @@ class TaskSettings:
         from .data.tasks import get_task
 
         task = get_task(self.task)
-        if self.data_file is not None and not Path(self.data_file).is_file():
+        if self.data_file is not None and not fits(self.data_file, "--data-file").is_file():
             raise SpeccascadeError(f"data file {self.data_file} not found")
         return task, task.examples(self.split, limit=self.limit, data_file=self.data_file, seed=seed, few_shot=self.few_shot)
 

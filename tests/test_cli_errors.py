@@ -106,7 +106,19 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
     ev = ["evaluate", *TINY, "--out", str(out), "--limit", "2"]
     tr = ["train-deferral", "--traces", str(p["good"]), "--out", str(out), "--wandb-mode", "disabled"]
     lt = ["log-traces", "--models", "tiny-random", "--out", str(out), "--limit", "2"]
+    name, deep = out / ("n" * 256), out.joinpath(*["d" * 250] * 17)  # a name, a path the file system cannot hold
     return [
+        (["evaluate", *TINY, "--out", str(name)], "a name of 256 bytes; the file system takes at most 255"),
+        (["log-traces", *TINY, "--out", str(deep)], "bytes long; keep it to 3840"),
+        (["train-deferral", "--traces", str(p["good"]), "--out", str(name)], "a name of 256 bytes"),
+        (["compare", "--traces", str(p["good"]), "--out", str(deep)], "bytes long"),
+        (["demo", *TINY, "--out", str(name)], "a name of 256 bytes"),
+        (["bench", "--models", "tiny-random", "--out", str(deep)], "bytes long"),
+        (["finetune", "--base", "tiny-random", "--out", str(name)], "a name of 256 bytes"),
+        ([*tr, "--traces", str(name)], "trace directory /"),
+        (["operating-point", "--traces", str(deep), "--rule", "opt", "--target-deferral-rate", "0.5"], "bytes long; keep it to 4095"),
+        ([*ev, "--rules", f"learned:{name}"], "head directory /"),
+        ([*ev, "--task", "gsm8k", "--data-file", str(name)], "--data-file /"),
         ([*ev, "--rules", "opt:abc"], "'abc' is not a number"),
         ([*ev, "--rules", f"learned:{p['head']}@notanumber"], "'notanumber' is not a number"),
         ([*ev, "--rules", "chow:nan"], "not NaN"),
@@ -121,6 +133,13 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--rules", "target:0"], "rule 'target' takes no knob"),
         ([*ev, "--rules", "sequential:abc"], "'abc' is not a number"),
         ([*ev, "--rules", "kl:0.1:tau=2"], "tau in [0, 1]"),
+        ([*ev, "--rules", "topk:inf"], "--rules: rule 'topk' needs a whole number k, got inf"),
+        ([*lt, "--rule", "topk:-inf"], "--rule: rule 'topk' needs a whole number k, got -inf"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--rules", "topk:inf"], "--rules: rule"),
+        (["operating-point", "--traces", str(p["good"]), "--rule", "topk:nan", "--target-deferral-rate", "0.5"],
+         "--rule: rule 'topk:nan': the knob must be a number, not NaN"),
+        (["demo", *TINY, "--out", str(out), "--rules", "topk:inf"], "--rules: rule"),
+        (["bench", "--models", "tiny-random", "--out", str(out), "--rules", "topk:inf"], "--rules: rule"),
         ([*ev, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         ([*ev, "--limit", "-1"], "--limit must be >= 1"),
         ([*ev, "--temperature", "-1"], "--temperature must be >= 0"),
@@ -129,6 +148,15 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--block-size", "0"], "--block-size must be >= 1"),
         ([*ev, "--margin", "-0.1"], "--margin must be >= 0"),
         ([*ev, "--seed", "-1"], "--seed must be >= 0"),
+        ([*ev, "--seed", str(2**64)], f"--seed must be <= 4294967295, got {2**64}"),
+        ([*ev, "--limit", str(10**20)], "--limit must be a 64-bit whole number (at most 9223372036854775807)"),
+        ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
+        ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
+        ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["demo", *TINY, "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--eval-seed", str(2**32)], "--eval-seed must be <= 4294967295"),
         (["evaluate", "--models", "nope", "--out", str(out)], "unknown preset 'nope'"),
         (["evaluate", "--drafter", "x/y", "--out", str(out)], "--drafter needs --target"),
         ([*ev, "--task", "gsm8k", "--data-file", str(p["good"] / "missing.jsonl")], "not found"),
@@ -152,11 +180,16 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*tr, "--lr", "0"], "--lr must be > 0"),
         ([*tr, "--epochs", "0"], "--epochs must be >= 1"),
         ([*tr, "--hidden", "0"], "--hidden must be >= 1"),
+        ([*tr, "--hidden", str(10**12)], "--hidden must be <= 4096, got 1000000000000"),
+        ([*tr, "--depth", "1000000"], "--depth must be <= 8"),
         ([*tr, "--objective", "relaxed", "--alpha", "-5"], "--alpha must be >= 0"),
         ([*tr, "--objective", "relaxed", "--alpha-range", "[2, 0]"], "low <= high"),
         ([*tr, "--alpha-range", "[0, 1]"], "needs objective 'relaxed'"),
         ([*tr, "--val-fraction", "1"], "--val-fraction must be < 1"),
         ([*tr, "--features", "[q_top1, nope]"], "unknown: ['nope']"),
+        ([*tr, "--features", "[]"], "--features names nothing"),
+        ([*tr, "--features", "q_top1,"], "--features 'q_top1,' has an empty item"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--lora-targets", "[]"], "--lora-targets names nothing"),
         ([*tr, "--strategy", "bogus"], "unknown strategy 'bogus'"),
         ([*tr, "--traces", ","], "--traces names nothing"),
         ([*tr, "--traces", f"{p['good']}, {p['good']}"], "names a trace directory more than once"),
@@ -186,8 +219,16 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
          f"{p['garbage-shard'] / traces.read_manifest(p['good'])['shards'][0]['file']} is damaged or not a speccascade file"),
         (["operating-point", "--traces", str(p["list"]), "--rule", "opt", "--target-deferral-rate", "0.5"], "JSON object"),
         # parser errors: one line and a pointer to --help
-        ([*ev, "--block-size", "abc"], "--block-size: expected int, got abc; see `speccascade evaluate --help`"),
-        ([*ev, "--wandb-mode", "bogus"], "--wandb-mode"),
+        ([*ev, "--block-size", "abc"], "--block-size: expected an int >= 1, got abc; see `speccascade evaluate --help`"),
+        ([*ev, "--wandb-mode", "bogus"], "--wandb-mode: expected one of offline, online, disabled or null, got bogus"),
+        # union-typed settings: the flag and every accepted form
+        ([*ev, "--limit", "abc"], "--limit: expected an int >= 1 or null, got abc; see `speccascade evaluate --help`"),
+        ([*tr, "--patience", "1.5"], "--patience: expected an int >= 1 or null, got 1.5"),
+        ([*tr, "--alpha-range", "[1]"], "--alpha-range: expected a list of 2 numbers >= 0 or null, got [1]"),
+        (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-loss", "low"],
+         "--target-loss: expected a number or null, got low"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--examples", "many"],
+         "--examples: expected an int >= 1 or null, got many"),
         ([*tr, "--accelerator", "bogus"], "--accelerator: expected one of auto, cpu, cuda, gpu, mps"),
         ([*lt, "--mode", "offline"], "--mode: expected one of reference, on-policy"),
         ([*ev, "--block_size", "3"], "options are spelled with dashes"),
@@ -212,6 +253,31 @@ def test_bad_input_table(inputs, tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], (argv, err)
         assert "Traceback" not in err, argv
         assert not out.exists() and _tree(inputs["good"].parent) == before, f"{argv} left files behind"
+
+
+@pytest.mark.parametrize("command, flag, resolve", [
+    ("train-deferral", "--features", "speccascade.training.train"), ("finetune", "--lora-targets", "speccascade.finetune.train")])
+def test_a_list_setting_takes_one_element(inputs, tmp_path, command, flag, resolve):
+    """``--features q_top1`` is a one-element list (the parser refused it); settings resolve, nothing is trained."""
+    import importlib
+
+    from speccascade.cli import COMMANDS, build_parser
+
+    given = {"--features": "q_top1", "--lora-targets": "q_proj"}[flag]
+    argv = [command, "--out", str(tmp_path / "out"), flag, given, "--wandb-mode", "disabled"]
+    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else []))
+    settings = COMMANDS[command][1](**{k: v for k, v in cfg[command].as_dict().items() if k != "config"})
+    importlib.import_module(resolve).resolve(settings)
+    assert getattr(settings, flag[2:].replace("-", "_")) == [given]
+
+
+def test_a_topk_beyond_the_vocabulary_is_refused_once_the_pair_is_known(tmp_path, capsys):
+    """The vocabulary's size is known once the pair loads: a larger --topk is refused there, before a row is logged."""
+    out = tmp_path / "out"
+    code = main(["log-traces", *TINY, "--out", str(out), "--limit", "1", "--topk", "100000"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--topk 100000 is more than the vocabulary" in errors[0], errors
+    assert not out.exists()
 
 
 def test_an_unexpected_exception_is_one_named_line_with_the_traceback_behind_verbose(monkeypatch, tmp_path, capsys):

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from ..deferral.spec import SPEC_NAME, SPEC_VERSION
 from ..errors import SpeccascadeError
+from ..outdir import fits
 from ..report import damaged, read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -50,7 +51,7 @@ def legacy_marker(directory: Path) -> dict | None:
 
 def read_manifest(directory: str | Path) -> dict:
     """A trace directory's manifest, checked to be a JSON object that lists its shards."""
-    path = Path(directory) / MANIFEST
+    path = fits(directory, "trace directory") / MANIFEST
     if not path.is_file():
         raise SpeccascadeError(f"{directory} holds no traces: {MANIFEST} is missing")
     manifest = read_json(path)

@@ -17,6 +17,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import SpeccascadeError
+from ..outdir import fits
 from ..report import read_json, write_json
 from . import features as F
 from .features import HIDDEN_INPUTS
@@ -179,7 +180,7 @@ def fingerprint(directory: str | Path) -> str:
 def read_config(directory: str | Path) -> dict:
     """A head's ``config.json``, checked: a JSON object whose features, input statistics, calibration
     and operating points are consistent (the weights are checked against it by :meth:`DeferralHead.load`)."""
-    path = Path(directory) / "config.json"
+    path = fits(directory, "head directory") / "config.json"
     if not path.is_file() or not (Path(directory) / "model.safetensors").is_file():
         raise SpeccascadeError(f"{directory} is not a deferral head (config.json and model.safetensors expected)")
     config = read_json(path)

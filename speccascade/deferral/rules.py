@@ -22,6 +22,7 @@ deferral rate falls as the knob grows, the knob for a deferral budget is a quant
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,7 +509,7 @@ def from_name(name: str, value: float | None = None, **params: float) -> Rule:
         return cls(**params)
     if cls.knob is None:
         raise SpeccascadeError(f"rule {cls.name!r} has no knob; write it as {cls.name!r}")
-    if cls.knob == "k" and float(value) != int(value):
+    if cls.knob == "k" and not (math.isfinite(value) and float(value) == int(value)):
         raise SpeccascadeError(f"rule {cls.name!r} needs a whole number k, got {value:g}")
     return cls(**{cls.knob: int(value) if cls.knob == "k" else float(value)}, **params)
 
@@ -543,16 +544,22 @@ class Spec:
         return from_name(self.name, self.knob, **dict(self.params))
 
 
-def parse(spec: str, others: Mapping[str, type[Rule] | None] | None = None) -> Spec:
+def parse(spec: str, others: Mapping[str, type[Rule] | None] | None = None, setting: str = "--rules") -> Spec:
     """The one parser of a rule's command-line spelling: ``name``, ``name:KNOB`` (``opt:0.3``, ``topk:5``),
     ``name:KNOB:PARAM=VALUE`` (``kl:0.2:tau=0.9``), ``name:PARAM=VALUE`` (the default knob) or
     ``learned:DIR[@THRESHOLD]``. ``others`` are a command's own names beside the rules (``evaluate``'s
     ``target``), each with the rule class whose knob and settings it takes, or None for none. Anything else
-    is a :class:`SpeccascadeError` that names the problem."""
+    is a :class:`SpeccascadeError` that names ``setting`` (the flag that gave the rule) and the problem."""
+    try:
+        return _parse(spec, others or {})
+    except SpeccascadeError as err:
+        raise SpeccascadeError(f"{setting}: {err}") from None
+
+
+def _parse(spec: str, others: Mapping[str, type[Rule] | None]) -> Spec:
     text = spec.strip()
     name, _, rest = text.partition(":")
     name = name.lower()
-    others = others or {}
     if not name:
         raise SpeccascadeError(f"empty rule {spec!r}; write {SPELLING}")
     if name == "learned":

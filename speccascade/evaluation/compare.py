@@ -22,7 +22,7 @@ from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
 from ..report import say, wrote
-from ..settings import TrackingSettings, resolve_groups, setting
+from ..settings import TrackingSettings, resolve_groups, seed_setting, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
 from .offline import DEFAULT_RULES
@@ -41,7 +41,7 @@ class CompareSettings(TrackingSettings):
                                 "default: every position and token rule, kl at several tau, js and entropy, those whose "
                                 "features the traces hold)")
     resamples: int = setting(1000, "bootstrap resamples of the examples", low=10)
-    seed: int = setting(0, "seed of the resampling", low=0)
+    seed: int = seed_setting("seed of the resampling")
 
 
 @dataclass

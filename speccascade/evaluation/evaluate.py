@@ -26,7 +26,7 @@ from ..outdir import OutputDir
 from ..pairs import load_settings_pair
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
-                        as_config, resolve_groups, setting)
+                        as_config, resolve_groups, seed_setting, setting)
 from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 from ..version import __version__
 from . import report
@@ -52,7 +52,7 @@ class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, TaskSe
                          "target, drafter, always (exact speculative decoding) and sequential")
     margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin in the task metric's units: a point reaches the target's "
                             "quality when the 95% interval of its paired difference to the target lies above -margin", low=0.0)
-    seed: int = setting(0, "sampling seed (example i uses seed + i), task-generator seed and bootstrap seed", low=0)
+    seed: int = seed_setting("sampling seed (example i uses seed + i), task-generator seed and bootstrap seed")
 
     def config(self) -> dict:
         """What every point depends on; --resume with another config is refused (the rules may change)."""

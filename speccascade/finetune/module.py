@@ -69,8 +69,8 @@ class ModelRecipe:
     lora_rank: int = setting(0, "0 = full fine-tuning; r > 0 trains rank-r LoRA adapters (peft), merged on export", low=0)
     lora_alpha: float = setting(32.0, "LoRA scaling numerator")
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0.0, high=1.0)
-    lora_targets: list[str] | None = setting(None, "module names that get adapters (default: every attention and MLP "
-                                             "projection)")
+    lora_targets: list[str] | str | None = setting(None, "module names that get adapters, a list or comma-separated "
+                                                   "(default: every attention and MLP projection)")
     teacher: str | None = setting(None, "model directory (or preset / hub id) whose distribution the model is distilled "
                                   "towards, and whose held-out quality and greedy agreement are reported beside the model's")
     distill_weight: float = setting(0.0, "w in (1 - w) x cross-entropy + w x KL(teacher || model) (DistillSpec-style)",
@@ -78,8 +78,11 @@ class ModelRecipe:
     distill_temperature: float = setting(1.0, "temperature of both distributions in the KL term", above=0.0)
 
     def check_recipe(self) -> None:
-        """Parse ``layers`` into indices; refuse repeated or negative ones, and distillation without a teacher."""
+        """Parse ``layers`` into indices and ``lora_targets`` into names; refuse repeated or negative indices, an empty
+        list, and distillation without a teacher."""
         self.layers = parse_layers(self.layers)
+        if self.lora_targets is not None:
+            self.lora_targets = split_list(self.lora_targets, "--lora-targets")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0):
             raise SpeccascadeError(f"--layers must be distinct indices >= 0, got {self.layers}")
         if self.distill_weight > 0 and not self.teacher:

@@ -20,7 +20,7 @@ from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
 from ..report import read_json, say, write_json, wrote
-from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, setting
+from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
 from .models import export, load_model
@@ -57,9 +57,9 @@ class FinetuneSettings(TrackingSettings, ModelRecipe):
     eval_examples: int = setting(256, "held-out examples (0 skips the evaluation)", low=0)
     eval_batch_size: int = setting(16, "examples decoded together in the evaluation", low=1)
     max_new_tokens: int = setting(96, "new tokens per held-out example", low=1)
-    eval_seed: int = setting(0, "seed of the held-out examples (0: the ones `speccascade evaluate` decodes by default), "
-                             "independent of the training seed", low=0)
-    seed: int = setting(0, "seed of the training examples (generated tasks), their order and the initialisation", low=0)
+    eval_seed: int = seed_setting("seed of the held-out examples (0: the ones `speccascade evaluate` decodes by default), "
+                                  "independent of the training seed")
+    seed: int = seed_setting("seed of the training examples (generated tasks), their order and the initialisation")
     accelerator: Literal[ACCELERATORS] = setting("auto", "cpu, cuda (gpu), mps or auto")
 
     def recipe(self) -> dict:

@@ -34,7 +34,7 @@ from ..outdir import OutputDir
 from ..pairs import load_settings_pair
 from ..report import say, wrote
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
-                        TrackingSettings, as_config, resolve_groups, setting)
+                        TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from ..version import __version__
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
@@ -60,7 +60,7 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
     outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
                                           "reply after a swapped token", low=1)
     shard_examples: int = setting(32, "examples per shard (the unit of --resume)", low=1)
-    seed: int = setting(0, "sampling seed (example i decodes with seed + i) and task-generator seed", low=0)
+    seed: int = seed_setting("sampling seed (example i decodes with seed + i) and task-generator seed")
 
     def config(self, rule: rules_module.Rule) -> dict:
         """What the rows depend on: a directory written with another config is refused."""
@@ -113,7 +113,7 @@ def resolve(settings: LogTracesSettings) -> _Plan:
     """Check every setting, the task's data and the output directory; load no model, write nothing."""
     resolve_groups(settings)
     settings.check_labels()
-    rule = rules_module.parse(settings.rule).build()
+    rule = rules_module.parse(settings.rule, setting="--rule").build()
     task, examples = settings.examples(settings.seed)
     config = settings.config(rule)
     out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",),
@@ -134,6 +134,8 @@ def run(plan: _Plan) -> dict:
         pair = load_settings_pair(s, device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
+        if s.topk > pair.vocab_size:
+            raise SpeccascadeError(f"--topk {s.topk} is more than the vocabulary of {pair.name!r} ({pair.vocab_size} tokens)")
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
                   "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,

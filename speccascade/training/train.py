@@ -33,7 +33,7 @@ from ..evaluation import offline
 from ..evaluation.report import log_comparison, write_comparison
 from ..outdir import OutputDir, launched_child
 from ..report import say, write_json, wrote
-from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, setting
+from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from ..version import __version__
 from . import calibration as cal
@@ -62,12 +62,13 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
                                              "needs on-policy traces logged with --labels outcome)")
     gap_weight: float = setting(0.0, "outcome objective: weight of the target-as-oracle gap p_gap in the BCE label "
                                 "(1 - w) * outcome_harm + w * p_gap (0: outcome labels alone)", low=0.0, high=1.0)
-    features: list[str] | None = setting(None, "feature names (default: every position feature; token-mlp adds the token features)")
+    features: list[str] | str | None = setting(None, "feature names, a list or comma-separated (default: every position "
+                                               "feature; token-mlp adds the token features)")
     alpha: float = setting(0.0, "the relaxed objective's cost of deferring, per unit of D_TV (validation's alpha when conditioned)", low=0.0)
     alpha_range: tuple[float, float] | None = setting(None, "relaxed objective only: train one head conditioned on alpha drawn "
                                                       "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
-    hidden: int = setting(64, "hidden width of the MLP", low=1)
-    depth: int = setting(2, "hidden layers of the MLP", low=1)
+    hidden: int = setting(64, "hidden width of the MLP (at most 4096: a head is small beside the models)", low=1, high=4096)
+    depth: int = setting(2, "hidden layers of the MLP (at most 8)", low=1, high=8)
     epochs: int = setting(30, "the most passes over the training rows", low=1)
     patience: int | None = setting(3, "stop when the validation loss has not improved for this many epochs and keep the "
                                    "best epoch's weights (null: train every epoch and keep the last)", low=1)
@@ -75,7 +76,7 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     lr: float = setting(3e-3, "AdamW learning rate", above=0.0)
     val_fraction: float = setting(0.2, "fraction of examples (not rows) held out for validation and calibration", above=0.0, below=1.0)
     calibration: Literal[cal.METHODS] = setting("platt", "platt, isotonic or none (gap heads are not calibrated)")
-    seed: int = setting(0, "seed of the split, the initialisation and the shuffling", low=0)
+    seed: int = seed_setting("seed of the split, the initialisation and the shuffling")
     strategy: str = setting("auto", "Lightning strategy (auto, ddp, ...)")
     accelerator: Literal[ACCELERATORS] = setting("cpu", "cpu, cuda (gpu), mps or auto (the heads are small: cpu is the default)")
     mix_pairs: bool = setting(False, "allow traces of different model pairs in one training run")
@@ -120,6 +121,8 @@ def resolve(settings: TrainSettings) -> _Plan:
         raise SpeccascadeError(f"--gap-weight mixes p_gap into the outcome labels; it needs objective 'outcome' (got {s.objective!r})")
     if s.strategy != "auto" and s.strategy not in pl.strategies.StrategyRegistry.available_strategies():
         raise SpeccascadeError(f"unknown strategy {s.strategy!r}; choose auto, ddp or another Lightning strategy")
+    if s.features is not None:
+        s.features = split_list(s.features, "--features")
     kind, default_features = HEADS[s.head]
     features = list(s.features or default_features)
     unknown = sorted(set(features) - set(F.ALL_FEATURES + HIDDEN_INPUTS))

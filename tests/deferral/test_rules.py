@@ -409,6 +409,8 @@ def test_parse_returns_the_spec_it_read_and_loads_nothing(tmp_path):
     ("topk:2.5", "whole number"), ("kl:0.1:beta=2", "no setting 'beta'"), ("kl:0.1:tau", "is not PARAM=VALUE"),
     ("", "empty rule"), ("learned:", "names no head directory"), ("bogus:1", "unknown rule 'bogus'"),
     ("kl:0.1:tau=2", "tau in \\[0, 1\\]"), ("lossy:1.5", "alpha in \\[0, 1\\]"),
+    ("topk:inf", "whole number k, got inf"), ("topk:-inf", "whole number"), ("topk:-1", "k >= 0"),
+    ("kl:0.1:tau=inf", "tau in \\[0, 1\\]"), ("lossy:-inf", "alpha in \\[0, 1\\]"),
 ])
 def test_parse_refuses_malformed_rules_in_one_message(spec, message):
     with pytest.raises(SpeccascadeError, match=message):
