@@ -280,15 +280,3 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupte
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
 
-
-@pytest.mark.parametrize("after", [1.0, 2.5, 4.0])
-def test_sigint_while_the_command_starts_exits_130_with_one_line(tmp_path, after):
-    """SIGINT while torch and Lightning are still being imported: the same one line as during the run."""
-    traces = planted_traces(tmp_path / "traces", examples=20, rows=5)
-    proc = _start(*_training(traces, tmp_path / "head"))
-    time.sleep(after)
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output
-    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"], output
-    assert "Traceback" not in output and not (tmp_path / "head").exists()
