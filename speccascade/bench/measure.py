@@ -35,7 +35,7 @@ class Configuration:
     stats: DecodeStats = field(default_factory=DecodeStats)  # totals of the last round
     peak_mib: float = 0.0
     forward_share: float = float("nan")
-    step_ms: dict[str, float] = field(default_factory=dict)  # ms per decoder step: drafter forwards, target forward, rest
+    split_ms: dict[str, float] = field(default_factory=dict)  # ms per decoder step: drafter forwards, target forward, rest
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
@@ -150,6 +150,8 @@ def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: to
     split of a decoder step (a block; a token for the single-model rows) into the drafter's forwards, the
     target's forward and the rest. Steps are counted as the target's forwards (the drafter's where the
     target never runs), which for transformers' rows counts its calls the same way."""
+    if not config.models:  # nothing to time inside
+        return
     with ForwardClock(pair) as clock:
         sync(pair.device)
         start = time.perf_counter()
@@ -160,8 +162,8 @@ def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: to
     inside = sum(clock.seconds.values())
     config.forward_share = inside / wall
     steps = clock.calls["target"] or clock.calls["drafter"]
-    config.step_ms = {"drafter": clock.seconds["drafter"], "target": clock.seconds["target"], "rest": wall - inside}
-    config.step_ms = {name: 1000 * s / steps for name, s in config.step_ms.items()}
+    spent = {"drafter": clock.seconds["drafter"], "target": clock.seconds["target"], "rest": wall - inside}
+    config.split_ms = {name: 1000 * s / steps for name, s in spent.items()}
 
 
 class ForwardClock:

@@ -176,7 +176,8 @@ class SpeculativeCascade(Decoder):
         """
         slots, out, greedy = state.slots, state.out, self.sampler.greedy
         block = slots.block
-        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), block.positions[:, :1])
+        columns = block.positions.split(1, dim=1)  # each step's [B, 1] positions
+        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), columns[0])
         limit = torch.full_like(out.emitted, gamma)
         u = None if greedy else state.streams.draft.gather(1, out.emitted.unsqueeze(1) + slots.slot[:gamma])
         drafts, logits, sampled, hidden = [], [], [], []
@@ -190,15 +191,15 @@ class SpeculativeCascade(Decoder):
                 if not bool((active & (limit == gamma)).any()):
                     break
             if i < gamma:
-                token = step_logits[:, -1].argmax(-1) if greedy else sample(sampled[-1][:, -1], u[:, i])
+                token = step_logits.argmax(-1) if greedy else sample(sampled[-1][:, -1], u[:, i]).unsqueeze(1)
                 drafts.append(token)
-                x, positions = token.unsqueeze(1), block.positions[:, i + 1 : i + 2]
+                x, positions = token, columns[i + 1]
         out.counts.forwards["drafter"] += len(logits)
         lag = len(drafts) + 1 - len(logits)
         if lag:
             logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
-        drafts = torch.stack(drafts, 1)
+        drafts = torch.cat(drafts, 1)
         return drafts, self.distributions(torch.cat(logits, 1), sampled), limit.clamp_max(drafts.shape[1]), lag
 
     def distributions(self, logits: torch.Tensor, sampled: list[torch.Tensor | None]) -> Dists:
