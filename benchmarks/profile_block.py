@@ -2,6 +2,7 @@
 
     python benchmarks/profile_block.py --models tiny-random --batch-sizes 1,8
     python benchmarks/profile_block.py --models tiny-random --batch-sizes 1 --cache static --compile
+    python benchmarks/profile_block.py --models tiny-random --prompts 2 --max-new-tokens 32 --layouts
 
 Decodes the bench's prompts (arithmetic test split, greedy, gamma 5) with exact speculative decoding
 and prints, per batch size:
@@ -13,6 +14,10 @@ and prints, per batch size:
 - the rest broken down by the function of speccascade that spends it (cProfile: each function's
   own time plus that of the torch calls it makes directly; cProfile slows Python calls, so read
   these as proportions).
+
+``--layouts`` instead times the dynamic cache, the static cache and the static cache with compiled
+decode steps side by side at batch 1 (taking turns, no hooks: ``torch.compile`` would trace them),
+and checks that the three give the same tokens.
 """
 
 from __future__ import annotations
@@ -117,6 +122,29 @@ def breakdown(decoder, pair, ids, mask, size: int, new: int, top: int) -> list[t
     return [(name, 1000 * s / blocks) for name, s in ranked]
 
 
+def layouts(pair, ids, mask, size: int, new: int, repeats: int, gamma: int) -> None:
+    """ms per block of the dynamic cache, the static cache and compiled static decode steps, taking turns."""
+    decoders = {name: SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, cache=cache, compile=compile)
+                for name, cache, compile in (("dynamic", "dynamic", False), ("static", "static", False),
+                                             ("static, compiled", "static", True))}
+    tokens, seconds = {}, {name: [] for name in decoders}
+    for name, decoder in decoders.items():
+        began = time.perf_counter()
+        tokens[name] = [decoder.generate(i, m, max_new_tokens=new).sequences for i, m in batches(ids, mask, size)]
+        print(f"{name}: first decode {time.perf_counter() - began:.1f} s (compiling included)")
+    same = all(torch.equal(a, b) for name in decoders for a, b in zip(tokens["dynamic"], tokens[name]))
+    for _ in range(repeats):
+        for name, decoder in decoders.items():
+            began = time.perf_counter()
+            blocks = decode(decoder, ids, mask, size, new)
+            seconds[name].append(time.perf_counter() - began)
+    base = statistics.median(seconds["dynamic"])
+    for name in decoders:
+        ms = 1000 * statistics.median(seconds[name]) / blocks
+        print(f"{name}: {ms:.2f} ms per block, {statistics.median(seconds[name]) / base:.2f}x the dynamic cache's time")
+    print(f"same tokens: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny-random")
@@ -128,9 +156,12 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="dynamic or static (default: the decoder's)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="functions listed in the breakdown")
+    parser.add_argument("--layouts", action="store_true", help="time dynamic, static and compiled static side by side")
     args = parser.parse_args()
     pair = load_pair(args.models)
     ids, mask = pair.encode([e.prompt for e in get_task("arithmetic").examples("test", limit=args.prompts)])
+    if args.layouts:
+        return layouts(pair, ids, mask, 1, args.max_new_tokens, args.repeats, args.block_size)
     decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=args.block_size, cache=args.cache, compile=args.compile)
     print(f"{args.models}, exact SD, gamma {args.block_size}, cache {decoder.cache}, compile {args.compile}, "
           f"{args.prompts} prompts x {args.max_new_tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -51,8 +51,10 @@ class Counters:
         ``deferred`` [B, gamma] at each draft, and the drafter steps the batch ran."""
         self.blocks.append((active, n, limit, deferred, forwards))
 
+    @torch.inference_mode()
     def count_blocks(self) -> None:
-        """Add the recorded blocks to the counters (accepted drafts and the first rejected one are examined)."""
+        """Add the recorded blocks to the counters (accepted drafts and the first rejected one are examined);
+        in inference mode, as the counters were made (a caller may finish a decode outside it)."""
         if not self.blocks:
             return
         width = self.block_size
