@@ -136,7 +136,7 @@ class SpeculativeCascade(Decoder):
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
         at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
         emit = mix.emit if self.bonus == "mix" else torch.where(at_bonus, p.sampled, mix.emit)
