@@ -9,11 +9,12 @@ A rule turns one block into a :class:`Mix`: the decoder accepts a draft ``x`` wi
 ``min(1, accept(x) / q~(x))``, draws a rejected position's token from ``norm(max(0, emit - q~))``
 and the bonus token from ``emit``. For the cascaded rules ``accept = emit = pi``.
 
-Each rule class names its knob (``alpha``, or ``k`` for :class:`TopK`) and owns its knob
+Each rule class names its knob (``alpha``; ``k`` for :class:`TopK`, ``theta`` for :class:`FLy`) and owns its knob
 metadata: ``EXACT`` and ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding
 and one at which it accepts every draft, and ``SWEEP``, the knobs a decoding sweep tries by default.
 
-A rule with a knob is a *score* compared with it: it defers iff ``score(features) > knob``
+A rule with a knob is a *score* compared with it (block rules such as :class:`FLy`, which read the whole
+block's drafts, excepted): it defers iff ``score(features) > knob``
 (:class:`TopK`: ``p_rank > k - 1/2``). The formula is written once, in ``score``, over named
 features of :mod:`speccascade.deferral.features`: the decoder feeds it features of live
 distributions, offline comparisons feed it the same columns read from traces, and since the

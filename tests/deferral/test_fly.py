@@ -167,3 +167,14 @@ def test_decoder_keeps_exactly_the_mismatches_the_rule_keeps(pair, batch):
         assert torch.equal(e.n_accepted[e.active], first[e.active])
         kept_mismatches += int((~e.deferred & ~top1)[e.active].sum())
     assert kept_mismatches > 0
+
+
+def test_greedy_blocks_are_never_cut_for_fly(pair, batch):
+    """The window reads drafts past the tokens a row still needs, so FLy's blocks stay whole: the
+    dynamic cache decodes what the static cache (whole blocks by construction) decodes."""
+    ids, mask = batch
+    rule = FLy(theta=-math.inf, window=1)
+    for new in (6, 9, 11):
+        cut = SpeculativeCascade(pair, rule, block_size=4).generate(ids, mask, max_new_tokens=new)
+        full = SpeculativeCascade(pair, rule, block_size=4, cache="static").generate(ids, mask, max_new_tokens=new)
+        assert torch.equal(cut.sequences, full.sequences) and cut.stats.drafted == full.stats.drafted
