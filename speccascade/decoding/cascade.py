@@ -137,7 +137,8 @@ class SpeculativeCascade(Decoder):
         fed = torch.cat([state.slots.pending.unsqueeze(1), drafts], dim=1)
         p = self.verify(state, fed)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_positions(gamma, self.block_size, drafts.device), hidden)
+        rel_position = rel_positions(gamma, self.block_size, drafts.device)
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
         emit = mix.emit
         if self.bonus == "target":
@@ -160,9 +161,10 @@ class SpeculativeCascade(Decoder):
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
         are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
-        (sampled tokens would use other random draws), and where shapes may change: the dynamic cache,
-        no hook reading blocks. The count left is the one the last rollback read on the host."""
-        if self.cache == "static" or self.hook is not None or not self.sampler.greedy:
+        (sampled tokens would use other random draws; a block rule's look-ahead reads drafts past the
+        cut), and where shapes may change: the dynamic cache, no hook reading blocks. The count left is
+        the one the last rollback read on the host."""
+        if self.cache == "static" or self.hook is not None or not self.sampler.greedy or self.rule.needs_drafts:
             return self.block_size
         return max(1, min(self.block_size, state.out.left - 1))
 

@@ -1,6 +1,6 @@
 """The task registry: where examples come from, how they are prompted, and how a reply is scored.
 
-``get_task(name)`` for ``arithmetic`` (generated), ``gsm8k``, ``summarisation`` (XSum), ``cnn-dm``, ``translation``
+``get_task(name)`` for ``arithmetic`` and ``worked-arithmetic`` (generated), ``gsm8k``, ``summarisation`` (XSum), ``cnn-dm``, ``translation``
 and ``qa`` (from the hub, or from a local file with the hub dataset's fields).
 """
 
@@ -10,8 +10,10 @@ from ...errors import SpeccascadeError
 from .arithmetic import Arithmetic
 from .base import Example, Task
 from .corpora import GSM8K, QA, CNNDailyMail, Summarisation, Translation
+from .worked import WorkedArithmetic
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, CNNDailyMail, Translation, QA)}
+TASKS[WorkedArithmetic.name] = WorkedArithmetic  # arithmetic's problems, GSM8K-style worked replies
 
 
 def get_task(name: str) -> Task:
