@@ -39,12 +39,18 @@ def test_bench_smoke_writes_every_configuration(tmp_path):
         assert (ci is None) == (r["batch_size"] != 1)  # prompts are the resampled unit: batch-1 rows only
         assert ci is None or ci["low"] <= ci["estimate"] <= ci["high"]
     assert results[("target alone", 1)]["speedup_vs_target_ci"] == {"estimate": 1.0, "low": 1.0, "high": 1.0}
+    for r in saved["results"]:  # every row's time split: each model's forwards are timed on their own
+        ms = r["split_ms"]
+        assert 0 <= r["overhead_share"] < 1 and min(ms.values()) >= 0, r["name"]
+        assert (ms["drafter"] > 0) == (r["name"] not in ("target, generate", "target alone")), r["name"]
+        assert (ms["target"] > 0) == (r["name"] != "drafter alone"), r["name"]
     for name in ("exact speculative decoding", "cascade opt:0.3"):
         assert 0 < results[(name, 1)]["forward_share"] <= 1
         assert 1 <= results[(name, 1)]["tokens_per_target_call"] <= 6
     assert saved["cost_ratio_c"] > 0 and saved["ideal_speedup"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| exact speculative decoding | speccascade | 2 |" in table and "assisted generation" in table
+    assert "| exact speculative decoding | 2 | " in table.split("Time per decoder step")[1]
     for name in ("cascade opt:0.3", "cascade tokenv3:0.3"):  # paired with exact decoding on the same prompts
         ci = results[(name, 1)]["speedup_vs_exact_sd_ci"]
         assert ci["low"] <= ci["estimate"] <= ci["high"] and f"- {name}: {ci['estimate']:.2f}x [" in table

@@ -15,8 +15,9 @@ prompts (paired with the target alone, and for the cascades with exact decoding)
 Derived numbers (docs/algorithms.md section 7): the cost ratio ``c`` = drafter step / target step
 (single cached forwards, timed interleaved), per-token acceptance ``a``, the ideal speed-up
 ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))`` and efficiency = measured / ideal speed-up, and the
-share of decode wall time spent outside the two models' forward passes (one extra timed run per
-speccascade configuration, forward hooks on both models).
+share of decode wall time spent outside the two models' forward passes, with each decoder step's
+time split into drafter forwards, target forward and the rest (one extra timed run per
+configuration, transformers' included, forward hooks on both models).
 """
 
 from .command import bench

@@ -35,6 +35,7 @@ class Configuration:
     stats: DecodeStats = field(default_factory=DecodeStats)  # totals of the last round
     peak_mib: float = 0.0
     forward_share: float = float("nan")
+    split_ms: dict[str, float] = field(default_factory=dict)  # ms per decoder step: drafter forwards, target forward, rest
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
@@ -145,30 +146,62 @@ def begin_round(config: Configuration) -> None:
 
 
 def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """One more run with timing hooks on the models: the share of wall time inside their forwards."""
-    if config.implementation != "speccascade":
+    """One more run with timing hooks on the models: the share of wall time inside their forwards and the
+    split of a decoder step (a block; a token for the single-model rows) into the drafter's forwards, the
+    target's forward and the rest. Steps are counted as the target's forwards (the drafter's where the
+    target never runs), which for transformers' rows counts its calls the same way."""
+    if not config.models:  # nothing to time inside
         return
-    spent = [0.0]
-    starts: list[float] = []
-
-    def before(*_):
-        sync(pair.device)
-        starts.append(time.perf_counter())
-
-    def after(*_):
-        sync(pair.device)
-        spent[0] += time.perf_counter() - starts.pop()
-
-    handles = [h for m in set(config.models) for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
+    with ForwardClock(pair) as clock:
         sync(pair.device)
         start = time.perf_counter()
         for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
             config.run(batch_ids, batch_mask)
         sync(pair.device)
-        config.forward_share = spent[0] / (time.perf_counter() - start)
-    finally:
-        for handle in handles:
+        wall = time.perf_counter() - start
+    inside = sum(clock.seconds.values())
+    config.forward_share = inside / wall
+    steps = clock.calls["target"] or clock.calls["drafter"]
+    spent = {"drafter": clock.seconds["drafter"], "target": clock.seconds["target"], "rest": wall - inside}
+    config.split_ms = {name: 1000 * s / steps for name, s in spent.items()}
+
+
+class ForwardClock:
+    """Seconds and calls inside each model's forward passes while the ``with`` block runs (hooks on the
+    pair's drafter and target), and whether a forward is running now (``inside``)."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.models = {"drafter": pair.drafter, "target": pair.target}
+        self.device = pair.device
+        self.started: list[float] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = {name: 0.0 for name in self.models}
+        self.calls = {name: 0 for name in self.models}
+
+    @property
+    def inside(self) -> bool:
+        return bool(self.started)
+
+    def __enter__(self) -> ForwardClock:
+        def before(*_) -> None:
+            sync(self.device)
+            self.started.append(time.perf_counter())
+
+        def after(name: str) -> Callable[..., None]:
+            def hook(*_) -> None:
+                sync(self.device)
+                self.seconds[name] += time.perf_counter() - self.started.pop()
+                self.calls[name] += 1
+            return hook
+
+        self.handles = [h for name, m in self.models.items()
+                        for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after(name)))]
+        return self
+
+    def __exit__(self, *_) -> None:
+        for handle in self.handles:
             handle.remove()
 
 

@@ -32,7 +32,8 @@ def row(c: Configuration) -> dict:
     return {"name": c.name, "implementation": c.implementation, "batch_size": c.batch_size,
             "tokens_per_s": stats.tokens_per_s, "seconds": c.seconds, "batch_seconds": c.batch_seconds,
             "batch_tokens": c.batch_tokens, "new_tokens": stats.new_tokens,
-            "peak_memory_mib": c.peak_mib, "forward_share": c.forward_share,
+            "peak_memory_mib": c.peak_mib, "forward_share": c.forward_share, "overhead_share": 1 - c.forward_share,
+            "split_ms": c.split_ms,
             **{key: value if math.isfinite(value) else None for key, value in rates.items()}}
 
 
@@ -95,6 +96,18 @@ def ideal_speedup(a: float, gamma: int, c: float) -> float:
     return tokens / (gamma * c + 1)
 
 
+def step_split(results: list[dict]) -> list[str]:
+    """Where each configuration's time goes, per decoder step (one profiled run with hooks on both models)."""
+    lines = ["", "Time per decoder step (a block; a token for single-model rows), from one more run with hooks on both "
+             "models:", "", "| configuration | batch | drafter forwards ms | target forward ms | rest ms | outside forwards |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ms = r["split_ms"]
+        lines.append(f"| {r['name']} | {r['batch_size']} | {ms['drafter']:.3f} | {ms['target']:.3f} | {ms['rest']:.3f} | "
+                     f"{r['overhead_share']:.2f} |")
+    return lines
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -136,6 +149,7 @@ def markdown(report: dict) -> str:
     for g in report["goals"].values():
         sign = "<=" if g["what"].endswith("(at most)") else ">="
         lines.append(f"| {g['what']} | {g['value']:.2f} | {sign} {g['goal']} | {'yes' if g['met'] else 'no'} |")
+    lines += step_split(report["results"])
     cascades = [r for r in report["results"] if "speedup_vs_exact_sd_ci" in r]
     if cascades:
         lines += ["", f"Cascades against {exact_name(report['draft_stop'])} (batch 1, paired over prompts, 95% CI):", ""]

@@ -61,14 +61,20 @@ class Decoder(ABC):
     ) -> GenerateOutput:
         """Decode a batch of prompts; see :class:`GenerateOutput`.
 
-        On CUDA the loop reads the all-done flag one step late (copied while the next step runs),
-        so the host never waits for the device; a finished batch runs at most one idle step.
+        A step that read the host anyway leaves the tokens still to emit there (``out.left``), which
+        ends the loop without another read. Otherwise, on CUDA the loop reads the all-done flag one step
+        late (copied while the next step runs), so the host never waits for the device; a finished batch
+        runs at most one idle step.
         """
         state = self.start(input_ids, attention_mask, max_new_tokens, seed)
         late: tuple[torch.Tensor, torch.cuda.Event] | None = None
         while True:
             self.step(state)
             done = state.out.done
+            if state.out.left is not None:
+                if state.out.left == 0:
+                    break
+                continue
             if done.device.type != "cuda":
                 if bool(done.all()):
                     break
@@ -108,8 +114,7 @@ class Decoder(ABC):
         capacity = ids.shape[1] + (2 * max_new_tokens + 2 * steady if static else steady * (max_new_tokens + 1))
         caches = {name: KVCache(model, pair.vocab_size, capacity if static else None, self.compile, encoded[name], steady)
                   for name, model in self.models.items()}
-        slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, device if static else "cpu",
-                                  contiguous=pair.is_encoder_decoder)
+        slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, static, contiguous=pair.is_encoder_decoder)
         width = max_new_tokens + self.block_size + 1
         out = Output.empty(ids.shape[0], width, self.block_size, max_new_tokens, pair.eos_token_ids, pair.pad_token_id, device)
         streams = RandomStreams(RandomStreams.row_seeds(seed, ids.shape[0]), width, device)

@@ -35,13 +35,13 @@ class Autoregressive(Decoder):
     def step(self, state: DecodeState) -> None:
         slots, out = state.slots, state.out
         active = ~out.done
-        slots.reserve(1)
-        ids, positions = slots.catch_up(self.which, slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
-        logits, _ = slots.caches[self.which].forward(ids, positions, slots.window(1), logits_to_keep=1)
+        block = slots.open(1)
+        ids, positions = slots.catch_up(self.which, slots.pending.unsqueeze(1), block.positions)
+        logits, _ = slots.caches[self.which].forward(ids, positions, block.window, logits_to_keep=1)
         token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, out.emitted])
         out.counts.add(f"{self.which}_calls", active.long())
         out.counts.forwards[self.which] += 1
-        out.emit(token.unsqueeze(1), torch.ones_like(token))
+        out.emit(token.unsqueeze(1), active.long())
         slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
 
 
@@ -71,10 +71,9 @@ class SequentialCascade(Decoder):
     def step(self, state: DecodeState) -> None:
         slots, out = state.slots, state.out
         active = ~out.done
-        slots.reserve(1)
-        window = slots.window(1)
-        ids, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
-        logits, _ = slots.caches["drafter"].forward(ids, positions, window, logits_to_keep=1)
+        block = slots.open(1)
+        ids, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), block.positions)
+        logits, _ = slots.caches["drafter"].forward(ids, positions, block.window, logits_to_keep=1)
         q = logits[:, 0].softmax(-1)
         dist = self.sampler(logits[:, 0], q)
         r = self.rule.defer(q.unsqueeze(1), None)[:, 0] & active
@@ -83,18 +82,18 @@ class SequentialCascade(Decoder):
         out.counts.add("decided", active.long())
         out.counts.add("deferrals", r.long())
         if bool(r.any()):
-            dist = torch.where(r.unsqueeze(1), self._catch_up(state, window), dist)
+            dist = torch.where(r.unsqueeze(1), self._catch_up(state), dist)
             out.counts.add("target_calls", r.long())
             out.counts.forwards["target"] += 1
         else:
             slots.behind["target"] += 1  # the target skips this token; it catches up when next deferred to
         token = sample(dist, state.streams.draft[state.rows, out.emitted])
-        out.emit(token.unsqueeze(1), torch.ones_like(token))
+        out.emit(token.unsqueeze(1), active.long())
         slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
 
-    def _catch_up(self, state: DecodeState, window: torch.Tensor) -> torch.Tensor:
+    def _catch_up(self, state: DecodeState) -> torch.Tensor:
         """Feed the target every token it has not seen, the pending one last; return ``p~`` there."""
         slots = state.slots
-        ids, positions = slots.catch_up("target", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
-        logits, _ = slots.caches["target"].forward(ids, positions, window, logits_to_keep=1)
+        ids, positions = slots.catch_up("target", slots.pending.unsqueeze(1), slots.block.positions)
+        logits, _ = slots.caches["target"].forward(ids, positions, slots.block.window, logits_to_keep=1)
         return self.sampler(logits[:, -1])

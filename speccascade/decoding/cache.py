@@ -99,19 +99,20 @@ class KVCache:
                 **{self._cache_arg: self.cache},
             )
             hidden = out.hidden_states[-1] if hidden_states else None
-        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
-        hidden = hidden[:, -logits_to_keep:] if hidden is not None and logits_to_keep else hidden
-        logits = logits if self.vocab_size is None else logits[..., : self.vocab_size]
-        return logits.float(), hidden
+        logits = out.logits  # cut only where the model computed more than asked for (no operator otherwise)
+        logits = logits[:, -logits_to_keep:] if 0 < logits_to_keep < logits.shape[1] else logits
+        hidden = hidden[:, -logits_to_keep:] if hidden is not None and 0 < logits_to_keep < hidden.shape[1] else hidden
+        logits = logits if self.vocab_size in (None, logits.shape[-1]) else logits[..., : self.vocab_size]
+        return (logits if logits.dtype == torch.float32 else logits.float()), hidden
 
     @torch.inference_mode()
-    def rollback(self, n: torch.Tensor) -> None:
-        """Drop the newest ``n`` slots (0-dim): on the device for the static cache, by a host count for the dynamic one."""
+    def rollback(self, n: torch.Tensor | int) -> None:
+        """Drop the newest ``n`` slots: a 0-dim tensor on the device for the static cache (its fill counters drop
+        in place), a host int for the dynamic one (whose layers are cut to a view, no copy)."""
         if self.static:
             for layer in self.cache.layers:
                 layer.cumulative_length.sub_(n)
             return
-        n = int(n)
         if n > 0:
             self.cache.crop(-n)
 

@@ -22,6 +22,7 @@ With :class:`~speccascade.deferral.rules.AlwaysDefer` this is exact speculative 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -130,82 +131,93 @@ class SpeculativeCascade(Decoder):
         """One block: draft, verify, accept, resample, rollback."""
         gamma = self.drafts_needed(state)
         active = ~state.out.done
-        state.slots.reserve(gamma + 1)
+        state.slots.open(gamma + 1)
         drafts, q, limit, lag = self.draft(state, gamma, active)
         gamma = drafts.shape[1]
-        p = self.verify(state, drafts)
-        rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
+        fed = torch.cat([state.slots.pending.unsqueeze(1), drafts], dim=1)
+        p = self.verify(state, fed)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
+        rel_position = rel_positions(gamma, self.block_size, drafts.device)
         mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
-        at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
-        emit = mix.emit if self.bonus == "mix" else torch.where(at_bonus, p.sampled, mix.emit)
+        emit = mix.emit
+        if self.bonus == "target":
+            at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
+            emit = torch.where(at_bonus, p.sampled, mix.emit)
         next_token = self.resample(state, n, limit, q.sampled, emit)
 
         tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
         deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)
-        self.count(state, active, n, limit, deferred, forwards=gamma + 1 - lag)
+        state.out.counts.block(active, n, limit, deferred, forwards=gamma + 1 - lag)
         if self.hook is not None:
             self.hook(
                 BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
                            state.out.emitted.clone(), active, q.hidden, p.hidden)
             )
-        state.out.emit(tokens, n + 1)
-        self.rollback(state, drafts, torch.where(active, n + 1, 0), next_token, lag)
+        valid = torch.where(active, n + 1, 0)
+        state.out.emit(tokens, valid)
+        self.rollback(state, fed, valid, next_token, lag)
 
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
         are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
         (sampled tokens would use other random draws; a block rule's look-ahead reads drafts past the
-        cut), and where shapes may change and the host may read the device: the dynamic cache, no hook
-        reading blocks."""
+        cut), and where shapes may change: the dynamic cache, no hook reading blocks. The count left is
+        the one the last rollback read on the host."""
         if self.cache == "static" or self.hook is not None or not self.sampler.greedy or self.rule.needs_drafts:
             return self.block_size
-        out = state.out
-        left = int(torch.where(out.done, 0, out.max_new_tokens - out.emitted).max())
-        return max(1, min(self.block_size, left - 1))
+        return max(1, min(self.block_size, state.out.left - 1))
 
     def draft(self, state: DecodeState, gamma: int, active: torch.Tensor) -> tuple[torch.Tensor, Dists, torch.Tensor, int]:
         """Up to gamma drafts from ``q~``, the drafter's distributions at one position more, each row's
         draft count (``limit``, [B]: gamma unless ``draft_stop`` ended the row's block) and the drafter's lag.
 
-        Without the last step (``drafter_lag``) the bonus-position distribution is a copy of
-        ``q_gamma``, which nothing reads.
+        Per step only the forward and the draw run (greedy: the argmax, which is the draw from the one-hot
+        ``q~``); the distributions are computed once over the block's logits. Without the last step
+        (``drafter_lag``) the bonus-position distribution is a copy of ``q_gamma``, which nothing reads.
         """
-        slots = state.slots
-        window = slots.window(gamma + 1)
-        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), slots.pos.unsqueeze(1))
-        limit = torch.full_like(state.out.emitted, gamma)
-        drafts, probs, sampled, hidden = [], [], [], []
+        slots, out, greedy = state.slots, state.out, self.sampler.greedy
+        block = slots.block
+        columns = block.positions.split(1, dim=1)  # each step's [B, 1] positions
+        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), columns[0])
+        limit = torch.full_like(out.emitted, gamma)
+        u = None if greedy else state.streams.draft.gather(1, out.emitted.unsqueeze(1) + slots.slot[:gamma])
+        drafts, logits, sampled, hidden = [], [], [], []
         for i in range(gamma + 1 - self.drafter_lag):
-            logits, h = slots.caches["drafter"].forward(x, positions, window, self.wants_hidden, logits_to_keep=1)
-            q = logits[:, -1].softmax(-1)
-            q_s = self.sampler(logits[:, -1], q)
-            probs.append(q), sampled.append(q_s), hidden.append(h)
+            step_logits, h = slots.caches["drafter"].forward(x, positions, block.window, self.wants_hidden, logits_to_keep=1)
+            logits.append(step_logits), hidden.append(h)
+            sampled.append(None if greedy else self.sampler(step_logits))
             if 0 < i < gamma and self.draft_stop:
-                limit = torch.where((limit == gamma) & (q.max(-1).values < self.draft_stop), i, limit)
+                top1 = step_logits[:, -1].softmax(-1).max(-1).values
+                limit = torch.where((limit == gamma) & (top1 < self.draft_stop), i, limit)
                 if not bool((active & (limit == gamma)).any()):
                     break
             if i < gamma:
-                token = sample(q_s, state.streams.draft[state.rows, state.out.emitted + i])
+                token = step_logits.argmax(-1) if greedy else sample(sampled[-1][:, -1], u[:, i]).unsqueeze(1)
                 drafts.append(token)
-                x, positions = token.unsqueeze(1), (slots.pos + i + 1).unsqueeze(1)
-        state.out.counts.forwards["drafter"] += len(probs)
-        lag = len(drafts) + 1 - len(probs)
+                x, positions = token, columns[i + 1]
+        out.counts.forwards["drafter"] += len(logits)
+        lag = len(drafts) + 1 - len(logits)
         if lag:
-            probs.append(probs[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
+            logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
-        drafts = torch.stack(drafts, 1)
-        return drafts, Dists(torch.stack(probs, 1), torch.stack(sampled, 1), q_hidden), limit.clamp_max(drafts.shape[1]), lag
+        drafts = torch.cat(drafts, 1)
+        return drafts, self.distributions(torch.cat(logits, 1), sampled), limit.clamp_max(drafts.shape[1]), lag
 
-    def verify(self, state: DecodeState, drafts: torch.Tensor) -> Dists:
-        """One target call over the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
-        slots, gamma = state.slots, drafts.shape[1]
-        ids = torch.cat([slots.pending.unsqueeze(1), drafts], dim=1)
-        positions = slots.pos.unsqueeze(1) + torch.arange(gamma + 1, device=ids.device)
-        ids, positions = slots.catch_up("target", ids, positions)
-        logits, hidden = slots.caches["target"].forward(ids, positions, slots.window(gamma + 1), self.wants_hidden,
-                                                        logits_to_keep=gamma + 1)
+    def distributions(self, logits: torch.Tensor, sampled: list[torch.Tensor | None]) -> Dists:
+        """The drafter's ``q`` and ``q~`` over a block from its logits ``[B, T, V]`` (``q~`` from the steps that
+        sampled, where they did)."""
+        if self.sampler.greedy:
+            q = logits.softmax(-1)
+            return Dists(q, self.sampler(logits, q), None)
+        q_s = torch.cat(sampled, 1)
+        return Dists(q_s if self.sampler.is_identity else logits.softmax(-1), q_s, None)
+
+    def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
+        """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
+        slots, n = state.slots, fed.shape[1]
+        ids, positions = slots.catch_up("target", fed, slots.block.positions[:, :n])
+        logits, hidden = slots.caches["target"].forward(ids, positions, slots.block.window, self.wants_hidden, logits_to_keep=n)
         state.out.counts.forwards["target"] += 1
         p = logits.softmax(-1)
         return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
@@ -216,13 +228,12 @@ class SpeculativeCascade(Decoder):
         """Accept each of a row's first ``limit`` drafts with ``min(1, accept(x) / q~(x))``; return leading accepts
         ``n`` and the probabilities."""
         gamma = drafts.shape[1]
-        x = drafts.unsqueeze(-1)
-        q_x = q_s[:, :gamma].gather(-1, x).squeeze(-1)
-        a_x = accept[:, :gamma].gather(-1, x).squeeze(-1)
-        accept_prob = (a_x / q_x.clamp_min(EPS)).clamp_max(1.0)
-        offsets = torch.arange(gamma, device=drafts.device)
-        index = state.out.emitted.unsqueeze(1) + offsets
-        accepted = (state.streams.accept.gather(1, index) < accept_prob) & (offsets < limit.unsqueeze(1))
+        x = drafts.unsqueeze(-1)  # gathers read the first gamma positions of the gamma + 1
+        accept_prob = (accept.gather(-1, x) / q_s.gather(-1, x).clamp_min(EPS)).clamp_max(1.0).squeeze(-1)
+        offsets = state.slots.slot[:gamma]
+        accepted = state.streams.accept.gather(1, state.out.emitted.unsqueeze(1) + offsets) < accept_prob
+        if self.draft_stop:  # fixed blocks draft gamma everywhere
+            accepted &= offsets < limit.unsqueeze(1)
         n = accepted.long().cumprod(1).sum(1)
         return n, accept_prob
 
@@ -240,35 +251,29 @@ class SpeculativeCascade(Decoder):
         u = torch.where(rejected, state.streams.resample[rows, index], state.streams.draft[rows, index])
         return sample(residual, u)
 
-    def count(self, state: DecodeState, active: torch.Tensor, n: torch.Tensor, limit: torch.Tensor,
-              deferred: torch.Tensor, forwards: int) -> None:
-        """Add a block to each active row's counters; ``forwards``: the drafter steps the batch ran."""
-        gamma, counts = deferred.shape[1], state.out.counts
-        a = active.long()
-        offsets = torch.arange(gamma, device=n.device)
-        examined = (offsets <= n.unsqueeze(1)) & (offsets < limit.unsqueeze(1))  # accepted drafts, the first rejected one
-        counts.add("target_calls", a)
-        counts.add("drafter_calls", a * forwards)
-        counts.add("drafted", a * limit)
-        counts.add("accepted", a * n)
-        counts.add("decided", a * examined.sum(1))
-        counts.add("deferrals", a * (deferred & examined).sum(1))
-        counts.add("rejections", a * (n < limit).long())
-        counts.reached_at[:, :gamma] += a.unsqueeze(1) * examined
-        counts.accepted_at[:, :gamma] += a.unsqueeze(1) * (offsets < n.unsqueeze(1))
-
-    def rollback(self, state: DecodeState, drafts: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor,
+    def rollback(self, state: DecodeState, fed: torch.Tensor, valid: torch.Tensor, next_token: torch.Tensor,
                  lag: int) -> None:
-        """Keep each row's pending token and accepted drafts in both caches; mask the rest out.
+        """Keep each row's pending token and accepted drafts (the first ``valid`` of ``fed``) in both caches;
+        mask the rest out.
 
         Both caches drop the same count: a drafter that skipped its last step holds one slot less
-        before the rollback and lags one slot behind after it.
+        before the rollback and lags one slot behind after it. With the dynamic cache the count kept
+        and the tokens still to emit are read on the host together: the block's one wait for the device.
         """
-        slots = state.slots
-        fed = torch.cat([slots.pending.unsqueeze(1), drafts], dim=1)
-        kept = slots.rollback(fed.shape[1], valid)
+        slots, out = state.slots, state.out
+        kept = valid.max()
+        if self.cache == "dynamic":
+            kept, out.left = torch.stack([kept, out.remaining()]).tolist()
+        slots.rollback(fed.shape[1], kept)
         slots.behind["drafter"] = lag
         slots.advance(fed, valid, kept, next_token)
+
+
+@functools.lru_cache(maxsize=64)
+def rel_positions(gamma: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """``[gamma + 1]``: each block position's (index + 1) / block size, capped at 1 (built once per shape)."""
+    with torch.inference_mode():
+        return ((torch.arange(gamma + 1, device=device) + 1) / block_size).clamp_max(1.0)
 
 
 def check_draft_stop(draft_stop: float, cache: str | None, hook: Hook | None) -> None:

@@ -8,9 +8,9 @@ The decoder's words, defined once:
 - **hole**: a slot that holds no real token of a row (its left padding, or a draft that row
   rejected while another row kept its own). Holes are masked out of attention, never zero-filled,
   and every row carries its own position ids, so they change nothing.
-- **length**: slots in use, the same for every row. A 0-dim tensor that lives where the caches keep
-  their own length: on the device for the static cache (no step waits for the host), on the host
-  for the dynamic one (whose crop takes a host count).
+- **length**: slots in use, the same for every row. Kept where the caches keep their own length: a
+  0-dim tensor on the device for the static cache (no step waits for the host), a Python int for the
+  dynamic one (whose crop takes a host count).
 - **pending token**: a row's last emitted token. No cache holds it yet: the next step feeds it
   first. ``pos`` is its position id, which is also the number of real tokens cached before it.
 - **behind** (lag): how many slots at the end of the layout a cache still lacks. ``catch_up``
@@ -20,6 +20,8 @@ The decoder's words, defined once:
   nothing read (``drafter_lag``: it skipped that step).
 - **window**: the attention mask of a forward: each row's real slots plus the ``n`` new slots it
   fills.
+- **open**: make room for a step's ``n`` new slots and compute, once per step, its window and the
+  position ids of the tokens it will feed (``Slots.block``).
 - **advance**: record the slots a step fed (the pending token first; row ``b``'s first ``valid[b]``
   are its tokens, the rest holes) and make the next token pending.
 - **rollback**: drop from every cache the newest slots that no row kept.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -55,6 +58,14 @@ class GenerateOutput:
         return self.sequences[:, self.prompt_length :]
 
 
+class Block(NamedTuple):
+    """The ``n`` new slots a step fills: its attention ``window`` ``[B, capacity]`` and the ``positions``
+    ``[B, n]`` of the tokens it feeds (the pending token's, then one more per slot)."""
+
+    window: torch.Tensor
+    positions: torch.Tensor
+
+
 @dataclass
 class Slots:
     """The slot layout every KV cache of a batch shares, and the caches laid out in it."""
@@ -63,20 +74,25 @@ class Slots:
     mask: torch.Tensor  # [B, capacity] bool: slots holding a real token of the row
     tokens: torch.Tensor  # [B, capacity] the token id in each slot
     positions: torch.Tensor  # [B, capacity] its position id
-    length: torch.Tensor  # 0-dim: slots in use (on the device for the static cache, on the host for the dynamic one)
+    length: torch.Tensor | int  # slots in use (a 0-dim tensor on the device for the static cache, an int for the dynamic one)
     pending: torch.Tensor  # [B] each row's pending token
     pos: torch.Tensor  # [B] its position id
     behind: dict[str, int]  # slots at the end each cache still lacks
     contiguous: bool = False  # compact after every step (models whose attention reads slot distances)
     bound: int = 0  # host-side upper bound on ``length``: overflow is checked without a sync
+    block: Block | None = None  # the slots the current step fills (set by ``open``)
+
+    def __post_init__(self) -> None:
+        self.slot = torch.arange(self.mask.shape[1], device=self.mask.device)  # slot indices, built once
 
     @classmethod
     def for_prompts(
         cls, ids: torch.Tensor, mask: torch.Tensor, caches: dict[str, KVCache], capacity: int, pad_token_id: int,
-        length_device: torch.device | str, contiguous: bool = False,
+        static: bool, contiguous: bool = False,
     ) -> Slots:
         """Lay out left-padded prompts: every token but the last in the slots (no cache holds them yet:
-        each cache starts behind by all of them), the last one pending."""
+        each cache starts behind by all of them), the last one pending. ``static``: the length lives on
+        the device (a static cache's fill counter) rather than on the host."""
         batch, width = ids.shape
         context = mask[:, :-1].bool()
         slots = torch.zeros(batch, capacity, dtype=torch.bool, device=ids.device)
@@ -85,14 +101,17 @@ class Slots:
         tokens[:, : width - 1] = ids[:, :-1]
         positions = torch.zeros_like(tokens)
         positions[:, : width - 1] = (context.cumsum(1) - 1).clamp_min(0)
-        return cls(caches, slots, tokens, positions, torch.tensor(width - 1, device=length_device),
+        length = torch.tensor(width - 1, device=ids.device) if static else width - 1
+        return cls(caches, slots, tokens, positions, length,
                    pending=ids[:, -1].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
                    contiguous=contiguous, bound=width - 1)
 
-    def window(self, n: int) -> torch.Tensor:
-        """Attention mask ``[B, capacity]`` over the used slots plus ``n`` new ones that each row fills."""
-        slot = torch.arange(self.mask.shape[1], device=self.mask.device)
-        return self.mask | ((slot >= self.length) & (slot < self.length + n))
+    def open(self, n: int) -> Block:
+        """Make room for a step's ``n`` new slots; its window and positions, computed once for all its forwards."""
+        self.reserve(n)
+        new = (self.slot >= self.length) & (self.slot < self.length + n)
+        self.block = Block(self.mask | new, self.pos.unsqueeze(1) + self.slot[:n])
+        return self.block
 
     def catch_up(self, name: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids``/``positions`` ``[B, n]`` for cache ``name``, preceded by the slots it lacks; it lacks none after."""
@@ -100,8 +119,9 @@ class Slots:
         if k == 0:
             return ids, positions
         self.behind[name] = 0
-        index = (self.length - k + torch.arange(k, device=ids.device)).expand(ids.shape[0], k)
-        return torch.cat([self.tokens.gather(1, index), ids], 1), torch.cat([self.positions.gather(1, index), positions], 1)
+        index = self.slot[:k] + (self.length - k)
+        return (torch.cat([self.tokens.index_select(1, index), ids], 1),
+                torch.cat([self.positions.index_select(1, index), positions], 1))
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more slots, compacting the caches when the buffer would overflow."""
@@ -111,24 +131,22 @@ class Slots:
                 raise SpeccascadeError(f"the KV cache of {self.mask.shape[1]} slots cannot hold {n} more")
         self.bound += n
 
-    def rollback(self, fed: int, valid: torch.Tensor) -> torch.Tensor:
-        """Of the ``fed`` slots a step added, keep the ``kept = max_b valid[b]`` that some row still uses: every
-        cache drops the rest. Returns ``kept`` where ``length`` lives (for the dynamic cache, moving it to the
-        host is the step's one wait for the device)."""
-        kept = valid.max().to(self.length.device)
+    def rollback(self, fed: int, kept: int | torch.Tensor) -> None:
+        """Of the ``fed`` slots a step added, keep the ``kept`` that some row still uses (an int for the dynamic
+        cache, a 0-dim device tensor for the static one): every cache drops the rest."""
         for cache in self.caches.values():
             cache.rollback(fed - kept)
-        return kept
 
     def advance(self, fed: torch.Tensor, valid: torch.Tensor, kept: int | torch.Tensor, next_token: torch.Tensor) -> None:
         """Record ``kept`` new slots holding ``fed`` ``[B, n]`` (the pending token first; row ``b``'s first
-        ``valid[b]`` are its tokens, the rest holes), and make ``next_token`` pending where ``valid > 0``."""
-        slot = torch.arange(self.mask.shape[1], device=valid.device)
-        self.mask |= (slot >= self.length) & (slot < self.length + valid.unsqueeze(1))
-        offsets = torch.arange(fed.shape[1], device=fed.device)
-        index = (self.length + offsets).expand_as(fed)
-        self.tokens.scatter_(1, index, fed)
-        self.positions.scatter_(1, index, self.pos.unsqueeze(1) + offsets)
+        ``valid[b]`` are its tokens, the rest holes), at the positions the step opened, and make
+        ``next_token`` pending where ``valid > 0``. Slots past ``length`` are never real, so the ``n``
+        slots are written whole, in place."""
+        offsets = self.slot[: fed.shape[1]]
+        index = offsets + self.length
+        self.mask.index_copy_(1, index, offsets < valid.unsqueeze(1))
+        self.tokens.index_copy_(1, index, fed)
+        self.positions.index_copy_(1, index, self.block.positions[:, : fed.shape[1]])
         self.length = self.length + kept
         self.pos += valid
         self.pending = torch.where(valid > 0, next_token, self.pending)
@@ -156,7 +174,7 @@ class Slots:
         self.mask[:, keep:] = False
         self.tokens[:, :keep] = self.tokens.gather(1, order)
         self.positions[:, :keep] = self.positions.gather(1, order)
-        self.length = torch.tensor(keep, device=self.length.device)
+        self.length = torch.full_like(self.length, keep) if isinstance(self.length, torch.Tensor) else keep
 
 
 @dataclass
@@ -170,6 +188,7 @@ class Output:
     max_new_tokens: int
     eos: torch.Tensor  # [E] end-of-sequence token ids (may be empty)
     pad_token_id: int
+    left: int | None = None  # the most new tokens a row still lacks, as read on the host after the last step
 
     @classmethod
     def empty(cls, batch: int, width: int, block_size: int, max_new_tokens: int, eos: list[int], pad_token_id: int,
@@ -182,28 +201,32 @@ class Output:
             max_new_tokens=max_new_tokens,
             eos=torch.tensor(eos, dtype=torch.long, device=device),
             pad_token_id=pad_token_id,
+            left=max_new_tokens,
         )
 
     def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Append the first ``count[b]`` of ``tokens[b]`` to each active row; return how many were kept.
+        """Append the first ``count[b]`` of ``tokens[b]`` to each row (``count`` is 0 for done rows); return
+        how many were kept.
 
-        A row stops at its first end-of-sequence token (kept) or at ``max_new_tokens``.
+        A row stops at its first end-of-sequence token (kept) or at ``max_new_tokens``. All of ``tokens``
+        is written after each row's kept tokens (the buffer has room for a block past the limit); what
+        lies past ``emitted`` is overwritten later or cut by :meth:`new_tokens`.
         """
-        k = tokens.shape[1]
-        offsets = torch.arange(k, device=tokens.device)
-        active = ~self.done
-        count = torch.where(active, count, 0)
+        offsets = torch.arange(tokens.shape[1], device=tokens.device)
         is_eos = torch.isin(tokens, self.eos) & (offsets < count.unsqueeze(1))
         hit_eos = is_eos.any(1)
         count = torch.where(hit_eos, is_eos.int().argmax(1) + 1, count)
         count = torch.minimum(count, self.max_new_tokens - self.emitted)
-        index = (self.emitted.unsqueeze(1) + offsets).clamp_max(self.tokens.shape[1] - 1)
-        keep = offsets < count.unsqueeze(1)
-        self.tokens.scatter_(1, index, torch.where(keep, tokens, self.tokens.gather(1, index)))
+        self.tokens.scatter_(1, self.emitted.unsqueeze(1) + offsets, tokens)
         self.emitted += count
-        self.done |= active & (hit_eos | (self.emitted >= self.max_new_tokens))
+        self.done |= hit_eos | (self.emitted >= self.max_new_tokens)
         self.counts.add("new_tokens", count)
+        self.left = None
         return count
+
+    def remaining(self) -> torch.Tensor:
+        """0-dim: the most new tokens an unfinished row still lacks (0 once every row is done)."""
+        return torch.where(self.done, 0, self.max_new_tokens - self.emitted).max()
 
     def new_tokens(self) -> torch.Tensor:
         """``[B, max emitted]``: each row's new tokens, right-padded."""
@@ -223,11 +246,11 @@ class DecodeState:
     streams: RandomStreams
     started: float = field(default_factory=time.perf_counter)
 
-    @property
-    def rows(self) -> torch.Tensor:
-        return torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)
+    def __post_init__(self) -> None:
+        self.rows = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
 
     def finish(self) -> GenerateOutput:
+        self.out.counts.count_blocks()
         wall = time.perf_counter() - self.started
         sequences = torch.cat([self.prompt_ids, self.out.new_tokens()], dim=1)
         return GenerateOutput(sequences=sequences, stats=self.out.counts.finish(wall), prompt_length=self.prompt_ids.shape[1])

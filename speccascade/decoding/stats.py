@@ -27,18 +27,53 @@ RATES = ("tokens_per_target_call", "acceptance_rate", "deferral_rate", "rejectio
 
 
 class Counters:
-    """Device-side per-row counters, accumulated without host syncs, plus the batched forwards per model."""
+    """Device-side per-row counters, plus the batched forwards per model.
+
+    The cascade records each block's outcome with :meth:`block` (references to tensors it made
+    anyway, no operator runs) and the counters are computed from all blocks at once in :meth:`finish`;
+    the baselines :meth:`add` to the counters directly.
+    """
 
     def __init__(self, batch_size: int, block_size: int, device: torch.device) -> None:
         self.rows = {name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in COUNTERS}
-        self.reached_at = torch.zeros(batch_size, max(block_size, 1), dtype=torch.long, device=device)
+        self.block_size = max(block_size, 1)
+        self.reached_at = torch.zeros(batch_size, self.block_size, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros_like(self.reached_at)
         self.forwards = {"drafter": 0, "target": 0}
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.rows[name] += value
 
+    def block(self, active: torch.Tensor, n: torch.Tensor, limit: torch.Tensor, deferred: torch.Tensor,
+              forwards: int) -> None:
+        """Record a block: rows ``active`` at its start, accepted drafts ``n``, drafts ``limit``, the rule's
+        ``deferred`` [B, gamma] at each draft, and the drafter steps the batch ran."""
+        self.blocks.append((active, n, limit, deferred, forwards))
+
+    @torch.inference_mode()
+    def count_blocks(self) -> None:
+        """Add the recorded blocks to the counters (accepted drafts and the first rejected one are examined);
+        in inference mode, as the counters were made (a caller may finish a decode outside it)."""
+        if not self.blocks:
+            return
+        width = self.block_size
+        active, n, limit, deferred, forwards = zip(*self.blocks)
+        deferred = torch.stack([torch.nn.functional.pad(d, (0, width - d.shape[1])) for d in deferred])  # [N, B, width]
+        a, n, limit = torch.stack(active).long(), torch.stack(n), torch.stack(limit)  # [N, B]
+        forwards = torch.tensor(forwards, device=n.device).unsqueeze(1)
+        offsets = torch.arange(width, device=n.device)
+        examined = (offsets <= n.unsqueeze(-1)) & (offsets < limit.unsqueeze(-1))
+        for name, value in (("target_calls", a), ("drafter_calls", a * forwards), ("drafted", a * limit),
+                            ("accepted", a * n), ("decided", a * examined.sum(-1)),
+                            ("deferrals", a * (deferred & examined).sum(-1)), ("rejections", a * (n < limit).long())):
+            self.rows[name] += value.sum(0)
+        self.reached_at += (a.unsqueeze(-1) * examined).sum(0)
+        self.accepted_at += (a.unsqueeze(-1) * (offsets < n.unsqueeze(-1))).sum(0)
+        self.blocks = []
+
     def finish(self, wall_s: float) -> DecodeStats:
+        self.count_blocks()
         rows = {name: t.tolist() for name, t in self.rows.items()}
         return DecodeStats(
             **{name: sum(values) for name, values in rows.items()},

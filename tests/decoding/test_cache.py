@@ -117,3 +117,39 @@ def test_static_compiled_path_equals_the_eager_path(device):
             eager = SpeculativeCascade(pair, rule, cache="dynamic", **options).generate(ids, mask, 24, seed=1)
             fast = SpeculativeCascade(pair, rule, cache="static", compile=True, **options).generate(ids, mask, 24, seed=1)
             assert torch.equal(eager.sequences, fast.sequences), (rule, temperature)
+
+
+@pytest.mark.parametrize("cache, reads", [("dynamic", 1), ("static", 0)])
+def test_a_block_reads_the_host_at_most_once(pair, batch, monkeypatch, cache, reads):
+    """Outside the models' forwards a block reads a tensor on the host once with the dynamic cache (the
+    count its rollback crops, read with the tokens still to emit) and never with the static cache."""
+    ids, mask = batch
+    dec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4, temperature=0, cache=cache)
+    state = dec.start(ids, mask, max_new_tokens=24)
+    inside, seen = [], []
+
+    def enter(*_) -> None:
+        inside.append(1)
+
+    def leave(*_) -> None:
+        inside.pop()
+
+    def counted(name: str, method):
+        def read(tensor, *args):
+            if not inside:
+                seen.append(name)
+            return method(tensor, *args)
+        return read
+
+    handles = [h for m in dec.models.values() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    try:
+        for _ in range(3):
+            dec.step(state)
+    finally:
+        monkeypatch.undo()
+        for handle in handles:
+            handle.remove()
+    assert not bool(state.out.done.any())  # three full blocks, every row still decoding
+    assert len(seen) == 3 * reads, seen

@@ -65,5 +65,5 @@ def test_bad_vocabularies_are_refused(tmp_path, capsys):
         restrict_vocabulary(tiny_random_pair(seed=5, vocab_size=V).drafter, [0, 8])
     assert main(["log-traces", "--out", str(tmp_path / "x"), "--models", "tiny-random", "--drafter-vocab", "poetry"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --drafter-vocab: unknown task 'poetry'; choose one of arithmetic, "
-                                               "gsm8k, summarisation, cnn-dm, translation, qa")
+                                               "gsm8k, summarisation, cnn-dm, translation, qa, worked-arithmetic")
     assert not (tmp_path / "x").exists()
