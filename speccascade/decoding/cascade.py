@@ -202,16 +202,16 @@ class SpeculativeCascade(Decoder):
             logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         drafts = torch.cat(drafts, 1)
-        return drafts, self.distributions(torch.cat(logits, 1), sampled), limit.clamp_max(drafts.shape[1]), lag
+        return drafts, self.distributions(torch.cat(logits, 1), sampled, q_hidden), limit.clamp_max(drafts.shape[1]), lag
 
-    def distributions(self, logits: torch.Tensor, sampled: list[torch.Tensor | None]) -> Dists:
+    def distributions(self, logits: torch.Tensor, sampled: list[torch.Tensor | None], hidden: torch.Tensor | None) -> Dists:
         """The drafter's ``q`` and ``q~`` over a block from its logits ``[B, T, V]`` (``q~`` from the steps that
-        sampled, where they did)."""
+        sampled, where they did), with its ``hidden`` states."""
         if self.sampler.greedy:
             q = logits.softmax(-1)
-            return Dists(q, self.sampler(logits, q), None)
+            return Dists(q, self.sampler(logits, q), hidden)
         q_s = torch.cat(sampled, 1)
-        return Dists(q_s if self.sampler.is_identity else logits.softmax(-1), q_s, None)
+        return Dists(q_s if self.sampler.is_identity else logits.softmax(-1), q_s, hidden)
 
     def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
         """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
