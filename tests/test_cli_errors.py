@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from speccascade import __version__
@@ -347,3 +348,78 @@ def test_python_api_checks_the_same_settings(tmp_path):
     with pytest.raises(SpeccascadeError, match="--limit must be an int"):
         evaluate(tmp_path / "x", models="tiny-random", limit="ten")
     assert not (tmp_path / "x").exists()
+
+
+def _hidden_traces(directory: Path, width: int) -> Path:
+    """Planted traces with both models' hidden states, ``width`` wide."""
+    planted_traces(directory, examples=20, rows=5)
+    table = traces.load_traces(directory).to_pandas()
+    columns = {c: table[c].to_numpy() for c in table.columns}
+    rng = np.random.default_rng(width)
+    columns |= {name: rng.random((len(table), width)).astype(np.float16) for name in ("q_hidden", "p_hidden")}
+    for path in (directory / "shards").glob("*"):
+        path.unlink()
+    traces.ShardWriter(directory, 0).write(columns, sorted(set(table["example_id"])))
+    traces.write_manifest(directory, {"config": {}, "feature_spec": F.spec()}, complete=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mismatched(inputs, tmp_path_factory) -> dict[str, Path]:
+    """Heads that cannot read the tiny-random pair or the traces, and traces with hidden states of two widths."""
+    root = tmp_path_factory.mktemp("mismatched")
+    scalars = list(F.POSITION_FEATURES)
+    paths = {"hidden-head": root / "hidden-head", "token-head": root / "token-head", "schema-head": root / "schema-head"}
+    DeferralHead(scalars + ["q_hidden", "p_hidden"], hidden=8, depth=1, mean=[0.0] * (len(scalars) + 16),
+                 std=[1.0] * (len(scalars) + 16)).save(paths["hidden-head"])  # reads 8-wide hidden states
+    DeferralHead(scalars + list(F.TOKEN_FEATURES), hidden=8, depth=1,
+                 provenance={"traces": [{"tokenizer": "another-vocabulary"}]}).save(paths["token-head"])
+    DeferralHead(scalars, hidden=8, depth=1, provenance={"traces": [{"schema_version": 0}]}).save(paths["schema-head"])
+    assert main(["log-traces", "--models", "tiny-random", "--out", str(root / "pair-traces"), "--limit", "2",
+                 "--hidden-states", "both", "--wandb-mode", "disabled"]) == 0  # the pair's 64-wide hidden states
+    paths |= {"pair-traces": root / "pair-traces", "narrow": _hidden_traces(root / "narrow", 4),
+              "wide": _hidden_traces(root / "wide", 6)}
+    return paths
+
+
+def _compatibility_cases(p: dict[str, Path], m: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
+    """(argv, a part of the error) of a head, traces or a pair that do not fit together, in every command."""
+    widths = "reads hidden states of width q_hidden 8, p_hidden 8"
+    op = ["operating-point", "--target-deferral-rate", "0.5"]
+    return [
+        (["evaluate", *TINY, "--out", str(out), "--limit", "1", "--rules", f"learned:{m['hidden-head']}"],
+         f"{widths}; pair 'tiny-random' gives q_hidden 64, p_hidden 64"),
+        (["log-traces", *TINY, "--out", str(out), "--limit", "1", "--mode", "on-policy", "--rule", f"learned:{m['hidden-head']}"],
+         f"{widths}; pair 'tiny-random' gives q_hidden 64, p_hidden 64"),
+        (["compare", "--traces", str(m["pair-traces"]), "--out", str(out), "--heads", str(m["hidden-head"])],
+         f"{widths}; traces in {m['pair-traces']} give q_hidden 64, p_hidden 64"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--heads", str(m["hidden-head"])],
+         "give q_hidden none, p_hidden none (log them with --hidden-states both)"),
+        ([*op, "--traces", str(m["pair-traces"]), "--rule", f"learned:{m['hidden-head']}"],
+         f"{widths}; traces in {m['pair-traces']} give q_hidden 64"),
+        (["train-deferral", "--traces", f"{m['narrow']},{m['wide']}", "--head", "hidden-mlp", "--out", str(out)],
+         f"q_hidden differs in width between the trace directories (traces in {m['narrow']}: 4; traces in {m['wide']}: 6)"),
+        (["train-deferral", "--traces", str(p["good"]), "--head", "hidden-mlp", "--out", str(out)],
+         f"the head reads q_hidden, which traces in {p['good']} do not hold"),
+        (["evaluate", *TINY, "--out", str(out), "--limit", "1", "--rules", f"learned:{m['token-head']}"],
+         "reads token features over the vocabulary of tokenizer another-vocabulary; pair 'tiny-random' is of tokenizer"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--heads", str(m["schema-head"])],
+         f"was trained on traces of schema version 0; traces in {p['good']} have schema version 1"),
+        (["compare", "--traces", str(p["schema"]), "--out", str(out)], "have schema version 99"),
+        (["compare", "--traces", str(p["spec"]), "--out", str(out)], f"feature spec {F.SPEC_NAME} v1"),
+        ([*op, "--traces", str(p["schema"]), "--rule", "opt"], "have schema version 99"),
+        ([*op, "--traces", str(p["spec"]), "--rule", "opt"], f"feature spec {F.SPEC_NAME} v1"),
+    ]
+
+
+def test_a_head_that_cannot_read_its_inputs_is_refused_by_every_command(inputs, mismatched, tmp_path):
+    """Item 2 of issue 27, through the real command line: one line naming both sides, exit 2, nothing written."""
+    out = tmp_path / "out"
+    before = _tree(inputs["good"].parent) | _tree(mismatched["pair-traces"].parent)
+    for argv, message in _compatibility_cases(inputs, mismatched, out):
+        proc = _cli(*argv, "--wandb-mode", "disabled") if argv[0] != "operating-point" else _cli(*argv)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout, argv
+        assert not out.exists(), f"{argv} left {out} behind"
+    assert _tree(inputs["good"].parent) | _tree(mismatched["pair-traces"].parent) == before

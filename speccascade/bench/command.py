@@ -14,7 +14,7 @@ from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
-from ..pairs import load_settings_pair
+from ..pairs import check_heads, load_settings_pair
 from ..report import say, write_json, write_text, wrote
 from ..settings import BlockSettings, PairSettings, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
@@ -91,6 +91,7 @@ def run(plan: _Plan) -> dict:
     """Load the pair, time every configuration, write bench.json and bench.md."""
     s = plan.settings
     pair = load_settings_pair(s, device=s.device)
+    check_heads(plan.cascades, pair)
     ids, mask = pair.encode([e.prompt for e in plan.examples])
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
                              {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.traces import load_traces, read_manifest
+from ..data.traces import check_readable, load_traces, read_manifest, source
 from ..deferral import features as F
 from ..deferral import rules as R
+from ..deferral.spec import check_head
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import writable
@@ -69,7 +70,8 @@ def resolve(settings: CompareSettings) -> _Plan:
     writable(s.out)
     head_dirs = split_list(s.heads, "--heads") if s.heads is not None else []
     manifest = read_manifest(s.traces)
-    learned = load_heads(head_dirs, manifest)
+    check_readable(manifest, s.traces)
+    learned = load_heads(head_dirs, manifest, s.traces)
     rules = s.rules if s.rules is not None else ",".join(offline.available(DEFAULT_RULES, load_traces(s.traces).column_names))
     for spec in split_list(rules, "--rules"):
         R.parse(spec).build()
@@ -113,12 +115,14 @@ def log_run(result: dict, out: Path, tracking: TrackingSettings, traces: str, he
     run.finish()
 
 
-def load_heads(head_dirs: list[str], manifest: dict) -> dict[str, R.Learned]:
-    """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces."""
-    learned = {}
+def load_heads(head_dirs: list[str], manifest: dict, traces: str) -> dict[str, R.Learned]:
+    """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces or
+    unable to read them (:func:`~speccascade.deferral.spec.check_head`)."""
+    learned, given = {}, source(traces, manifest)
     for directory in head_dirs:
         rule = R.parse(f"learned:{directory}").build()
         check_held_out(rule, manifest, directory)
+        check_head(directory, rule.head.config(), given)
         learned[_unique(Path(directory).name, learned)] = rule
     return learned
 
