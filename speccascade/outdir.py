@@ -1,8 +1,8 @@
 """One writer per output directory, and a record of what wrote it.
 
-Every command that writes under ``--out`` (log-traces, train-deferral, evaluate) goes through
-:class:`OutputDir` (``finetune``, which records its own recipe, takes the same lock with :func:`locked`;
-:func:`writable` is the path check alone, for ``finetune``, ``compare`` and ``bench``):
+Every command that writes under ``--out`` (log-traces, train-deferral, evaluate, compare, bench, and demo, whose
+steps have their own directories below its own) goes through :class:`OutputDir` (``finetune``, which records its own
+recipe, takes the same lock with :func:`locked`; :func:`writable` is the path check alone):
 
 - :meth:`OutputDir.check` (while settings are resolved, before anything is written) refuses a
   path that is a file or cannot be written, a directory another command wrote, one written with

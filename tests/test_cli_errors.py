@@ -423,3 +423,39 @@ def test_a_head_that_cannot_read_its_inputs_is_refused_by_every_command(inputs, 
         assert "Traceback" not in proc.stderr + proc.stdout, argv
         assert not out.exists(), f"{argv} left {out} behind"
     assert _tree(inputs["good"].parent) | _tree(mismatched["pair-traces"].parent) == before
+
+
+def _one_error(proc: subprocess.CompletedProcess, code: int, message: str) -> None:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == code and len(errors) == (code != 0) and all(message in e for e in errors), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_compare_bench_and_demo_take_the_marker_and_the_lock(inputs, tmp_path):
+    """Item 5 of issue 27: compare, bench and demo refuse another command's directory, and compare (the quick one)
+    refuses its own finished run without --resume or --overwrite, and a directory being written."""
+    import fcntl
+
+    from speccascade.outdir import LOCK
+
+    foreign, before = inputs["evaluation"], _tree(inputs["evaluation"])
+    for argv in (["compare", "--traces", str(inputs["good"]), "--resamples", "10"],
+                 ["bench", "--models", "tiny-random", "--prompts", "1", "--batch-sizes", "1"], ["demo", *TINY]):
+        _one_error(_cli(*argv, "--out", str(foreign)), 2, "holds the output of `speccascade evaluate`")
+        assert _tree(foreign) == before, argv
+    out = tmp_path / "compare"
+    argv = ["compare", "--traces", str(inputs["good"]), "--out", str(out), "--resamples", "10", "--wandb-mode", "disabled"]
+    _one_error(_cli(*argv), 0, "")
+    marker, written = json.loads((out / MARKER).read_text()), (out / "compare.json").read_bytes()
+    assert marker["command"] == "compare" and marker["complete"]
+    _one_error(_cli(*argv), 2, "already holds a finished run of these settings; pass --resume")
+    _one_error(_cli(*argv, "--seed", "1"), 2, "was written with a different configuration: seed=0 (now 1)")
+    resumed = _cli(*argv, "--resume")
+    _one_error(resumed, 0, "")
+    assert "holds this comparison; nothing to do" in resumed.stdout
+    assert (out / "compare.json").read_bytes() == written
+    with open(out / LOCK, "w") as held:  # another writer holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _one_error(_cli(*argv, "--overwrite"), 2, "is being written by pid")
+    _one_error(_cli(*argv, "--overwrite"), 0, "")
+    assert not (out / LOCK).exists()

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..deferral.spec import SPEC_NAME, SPEC_VERSION, Source
+from ..deferral.spec import HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION, Source
 from ..errors import SpeccascadeError
 from ..outdir import fits
 from ..report import damaged, read_json, write_json
@@ -83,7 +83,7 @@ def source(directory: str | Path, manifest: dict) -> Source:
             schema = pq.read_schema(path)
         except (OSError, pa.ArrowException) as err:
             raise damaged(path, err) from None
-        widths = {f.name: f.type.list_size for f in schema if f.name.endswith("_hidden") and pa.types.is_fixed_size_list(f.type)}
+        widths = {f.name: f.type.list_size for f in schema if f.name in HIDDEN_INPUTS and pa.types.is_fixed_size_list(f.type)}
     return Source(f"traces in {directory}", manifest.get("feature_spec"), manifest.get("schema_version"), widths,
                   manifest.get("tokenizer"))
 

@@ -14,6 +14,7 @@ from ..errors import SpeccascadeError
 
 SPEC_NAME = "speccascade-features"
 SPEC_VERSION = 2  # v2 added js, the collision sums and the cross-argmax probabilities
+HIDDEN_INPUTS: tuple[str, ...] = ("q_hidden", "p_hidden")  # last-layer hidden states: vector inputs of hidden heads
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,6 @@ def spec_name(spec: Mapping | None) -> str:
 def head_widths(config: Mapping) -> dict[str, int]:
     """The width a head reads of each hidden-state input: as training recorded it (``provenance.hidden_widths``), or,
     for a head trained before that, its input statistics' width shared equally among its hidden inputs."""
-    from .features import HIDDEN_INPUTS
-
     hidden = [f for f in config["features"] if f in HIDDEN_INPUTS]
     recorded = (config.get("provenance") or {}).get("hidden_widths") or {}
     if not hidden:
@@ -54,8 +53,6 @@ def check_head(directory: str, config: Mapping, source: Source) -> None:
     """Refuse a head (its ``config.json`` as ``config``) that cannot read what ``source`` gives: another feature spec,
     traces of a schema version it was not trained on, hidden states of another width (or none), or token features
     over another vocabulary. The error names the head and the source, and what each has."""
-    from .features import TOKEN_FEATURES
-
     head = f"head {directory}"
     if spec_name(config.get("feature_spec")) != spec_name(source.feature_spec):
         raise SpeccascadeError(f"{head} was trained on feature spec {spec_name(config.get('feature_spec'))}; "
@@ -73,7 +70,7 @@ def check_head(directory: str, config: Mapping, source: Source) -> None:
         raise SpeccascadeError(f"{head} reads hidden states of width {_widths(needs)}; {source.name} {verb} {given}"
                                + (" (log them with --hidden-states both)" if source.schema_version is not None else ""))
     tokenizers = sorted({t["tokenizer"] for t in trained if t.get("tokenizer")})
-    token_level = any(f in TOKEN_FEATURES for f in config["features"])
+    token_level = bool(set(config["features"]) & set((config.get("feature_spec") or {}).get("token", ())))
     if token_level and tokenizers and source.tokenizer and source.tokenizer not in tokenizers:
         raise SpeccascadeError(f"{head} reads token features over the vocabulary of tokenizer {', '.join(tokenizers)}; "
                                f"{source.name} {'are' if source.schema_version is not None else 'is'} of tokenizer "
