@@ -459,3 +459,19 @@ def test_compare_bench_and_demo_take_the_marker_and_the_lock(inputs, tmp_path):
         _one_error(_cli(*argv, "--overwrite"), 2, "is being written by pid")
     _one_error(_cli(*argv, "--overwrite"), 0, "")
     assert not (out / LOCK).exists()
+
+
+def test_finetune_checks_every_setting_before_it_writes(tmp_path):
+    """Item 6 of issue 27: a bad teacher, evaluation split or LoRA setting is refused before training, not after
+    it (the directory stayed behind), through the real command line."""
+    out = tmp_path / "out"
+    ft = ["finetune", "--base", "tiny-random", "--out", str(out), "--steps", "1", "--eval-examples", "1", "--wandb-mode", "disabled"]
+    for extra, message in (
+        (["--teacher", str(tmp_path / "no-such-model")], f"--teacher {tmp_path / 'no-such-model'}: cannot load model"),
+        (["--teacher", "tiny-random-t5"], "--teacher tiny-random-t5: finetune trains decoder-only models"),
+        (["--base", "tiny-random-t5"], "--base tiny-random-t5: finetune trains decoder-only models"),
+        (["--eval-split", "bogus"], "--eval-split bogus: unknown split 'bogus' for arithmetic"),
+        (["--lora-targets", "q_proj"], "--lora-targets names the modules LoRA adapts; it needs --lora-rank > 0"),
+    ):
+        _one_error(_cli(*ft, *extra), 2, message)
+        assert not out.exists(), f"{extra} left {out} behind"

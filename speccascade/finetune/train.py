@@ -23,7 +23,7 @@ from ..report import read_json, say, write_json, wrote
 from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
-from .models import export, load_model
+from .models import check_model, export, load_model
 from .module import FinetuneModule, ModelRecipe
 from .quality import heldout_report
 
@@ -86,11 +86,20 @@ def finetune(out: Path, **options) -> dict:
 
 
 def resolve(settings: FinetuneSettings) -> _Plan:
-    """Check every setting, the output path and the task; load no model, write nothing."""
+    """Check every setting, the output path, the task's splits and the models' names; load no weights, write nothing."""
     s = resolve_groups(settings)
     s.check_recipe()
     writable(s.out)
-    get_task(s.task)  # an unknown task fails before any model loads
+    task = get_task(s.task)  # an unknown task, split or data file fails before any model loads
+    task.examples("train", limit=1, data_file=s.data_file, seed=s.seed)
+    if s.eval_examples > 0:
+        try:
+            task.examples(s.eval_split, limit=1, data_file=s.data_file, seed=s.eval_seed)
+        except SpeccascadeError as err:
+            raise SpeccascadeError(f"--eval-split {s.eval_split}: {err}") from None
+    for flag, name in (("--base", s.base), ("--teacher", s.teacher)):
+        if name is not None:
+            check_model(name, flag)
     return _Plan(s, s.recipe(), resolve_precision(s.precision, s.accelerator))
 
 
