@@ -310,3 +310,32 @@ def test_a_start_that_fails_on_a_full_disk_leaves_nothing_that_blocks_the_next_r
     assert (os.listdir(out) == []) if existing else not out.exists()
     monkeypatch.undo()
     assert main(args) == 0 and json.loads((out / MARKER).read_text())["complete"] and not (out / LOCK).exists()
+
+
+def _loading_torch(proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until the process maps torch's library (True: its command line is loading the commands, under main's SIGINT
+    handler) or ends (False). The readiness marker needs no hook in the package: Linux's /proc/PID/maps."""
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
+def test_sigint_while_the_command_starts_exits_130_with_one_line(tmp_path, delay):
+    """SIGINT while torch and Lightning are still being imported: the same one line as during the run, exit 130
+    (not death by SIGINT while the interpreter exits), and nothing written."""
+    traces_dir = planted_traces(tmp_path / "traces", examples=20, rows=5)
+    proc = _start(*_training(traces_dir, tmp_path / "head"))
+    assert _loading_torch(proc), _ended(proc, "the command never loaded torch")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"], output
+    assert "Traceback" not in output and not (tmp_path / "head").exists()
