@@ -37,16 +37,16 @@ def spec_name(spec: Mapping | None) -> str:
 
 
 def head_widths(config: Mapping) -> dict[str, int]:
-    """The width a head reads of each hidden-state input: as training recorded it (``provenance.hidden_widths``), or,
-    for a head trained before that, its input statistics' width shared equally among its hidden inputs."""
+    """The width a head reads of each hidden-state input: as training recorded it (``provenance.hidden_widths``, where
+    that adds up to its input statistics), or, for a head trained before that, the statistics' width shared equally."""
     hidden = [f for f in config["features"] if f in HIDDEN_INPUTS]
-    recorded = (config.get("provenance") or {}).get("hidden_widths") or {}
     if not hidden:
         return {}
-    if set(recorded) == set(hidden):
+    total = len(config["mean"]) - (len(config["features"]) - len(hidden))  # the statistics' width of the hidden inputs
+    recorded = (config.get("provenance") or {}).get("hidden_widths") or {}
+    if set(recorded) == set(hidden) and sum(recorded.values()) == total:
         return {name: int(recorded[name]) for name in hidden}
-    width = (len(config["mean"]) - (len(config["features"]) - len(hidden))) // len(hidden)
-    return {name: width for name in hidden}
+    return {name: total // len(hidden) for name in hidden}
 
 
 def check_head(directory: str, config: Mapping, source: Source) -> None:
