@@ -155,6 +155,15 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
         ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["compare", "--traces", str(p["good"]), "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--resamples", str(2**62)],
+         f"--resamples must be <= 20000, got {2**62}"),  # was a numpy "array is too big", exit 1
+        ([*ev, "--batch-size", str(10**20)], "--batch-size must be a 64-bit whole number"),
+        ([*tr, "--batch-size", str(10**20)], "--batch-size must be a 64-bit whole number"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--batch-size", str(2**62)], "--batch-size must be <= 65536"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--examples", str(2**62)],
+         f"finetune prepares its {2**62} training examples"),  # both generated examples until killed
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--steps", str(10**7), "--batch-size", "2"],
+         "(--examples, else --steps x --batch-size) before the first step; at most 10000000"),
         (["demo", *TINY, "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["finetune", "--base", "tiny-random", "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["finetune", "--base", "tiny-random", "--out", str(out), "--eval-seed", str(2**32)], "--eval-seed must be <= 4294967295"),

@@ -30,6 +30,7 @@ from .quality import heldout_report
 PRECISIONS = ("auto", "bf16-mixed", "32-true", "16-mixed")
 PROVENANCE = "finetune.json"  # written last: its presence marks a finished fine-tune
 SETTINGS = "finetune-settings.json"  # the settings of a run in progress (a resume must match them)
+MAX_EXAMPLES = 10_000_000  # distinct training examples, read or generated and encoded before the first step
 RECIPE = ("base", "task", "data_file", "layers", "steps", "batch_size", "examples", "pack_length", "lr", "warmup_steps",
           "min_lr_ratio", "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "teacher",
           "distill_weight", "distill_temperature", "precision", "checkpoint_every", "eval_split", "eval_examples",
@@ -45,7 +46,8 @@ class FinetuneSettings(TrackingSettings, ModelRecipe):
                         "logs/ (CSV curves) and wandb/. A killed run continues from its last checkpoint when rerun")
     task: str = setting("arithmetic", "task whose train split is learned (arithmetic is generated: no data needed)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
-    batch_size: int = setting(16, "examples per step (data seen = steps x batch_size examples)", low=1)
+    batch_size: int = setting(16, "examples per step (data seen = steps x batch_size examples; at most 65536)", low=1,
+                              high=65536)
     examples: int | None = setting(None, "distinct training examples, cycled in a new order each pass (default: steps x "
                                    "batch_size, every step sees new ones)", low=1)
     pack_length: int = setting(512, "tokens per packed row; a step's examples are packed into as few rows as fit", low=1)
@@ -90,6 +92,10 @@ def resolve(settings: FinetuneSettings) -> _Plan:
     s = resolve_groups(settings)
     s.check_recipe()
     writable(s.out)
+    if (s.examples or s.steps * s.batch_size) > MAX_EXAMPLES:
+        raise SpeccascadeError(f"finetune prepares its {s.examples or s.steps * s.batch_size} training examples (--examples, "
+                               f"else --steps x --batch-size) before the first step; at most {MAX_EXAMPLES} (they are cycled: "
+                               "pass a smaller --examples)")
     task = get_task(s.task)  # an unknown task, split or data file fails before any model loads
     task.examples("train", limit=1, data_file=s.data_file, seed=s.seed)
     if s.eval_examples > 0:
