@@ -275,7 +275,7 @@ def test_a_list_setting_takes_one_element(inputs, tmp_path, command, flag, resol
 
     given = {"--features": "q_top1", "--lora-targets": "q_proj"}[flag]
     argv = [command, "--out", str(tmp_path / "out"), flag, given, "--wandb-mode", "disabled"]
-    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else []))
+    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else ["--lora-rank", "4"]))
     settings = COMMANDS[command][1](**{k: v for k, v in cfg[command].as_dict().items() if k != "config"})
     importlib.import_module(resolve).resolve(settings)
     assert getattr(settings, flag[2:].replace("-", "_")) == [given]
