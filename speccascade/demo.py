@@ -24,7 +24,8 @@ from .evaluation.evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluation.evaluate import resolve as resolve_evaluation
 from .evaluation.evaluate import run as evaluate
 from .outdir import MARKER, OutputDir
-from .settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, seed_setting, setting
+from .settings import (EXAMPLES_HIGH, DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups,
+                       seed_setting, setting)
 from .tracing.log_traces import LogTracesSettings
 from .tracing.log_traces import resolve as resolve_traces
 from .tracing.log_traces import run as log_traces
@@ -43,10 +44,11 @@ class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
                                  "shorter recipe of smollm2-135m-arithmetic, is built from the embedded weights on "
                                  "first use: no network needed)")
     task: str = setting("arithmetic", "task name (arithmetic is generated: no data needed)")
-    train_examples: int = setting(128, "training examples whose traces are logged (train split)", low=1)
+    train_examples: int = setting(128, "training examples whose traces are logged (train split)", low=1,
+                                  high=EXAMPLES_HIGH)
     compare_examples: int = setting(64, "held-out examples (test split) whose teacher-forced traces judge the head "
-                                    "offline", low=1)
-    eval_examples: int = setting(24, "held-out examples decoded per rule and knob (test split)", low=1)
+                                    "offline", low=1, high=EXAMPLES_HIGH)
+    eval_examples: int = setting(24, "held-out examples decoded per rule and knob (test split)", low=1, high=EXAMPLES_HIGH)
     rules: str = setting("always,drafter,diff:0.2,tokenv3:0.5",
                          "rules compared with the learned head (each name:value is one decode of the split)")
     max_new_tokens: int = setting(80, "new tokens per evaluated example", low=1)

@@ -150,7 +150,10 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--margin", "-0.1"], "--margin must be >= 0"),
         ([*ev, "--seed", "-1"], "--seed must be >= 0"),
         ([*ev, "--seed", str(2**64)], f"--seed must be <= 4294967295, got {2**64}"),
-        ([*ev, "--limit", str(10**20)], "--limit must be a 64-bit whole number (at most 9223372036854775807)"),
+        ([*ev, "--limit", str(10**20)], f"--limit must be <= 10000000, got {10**20}"),
+        ([*ev, "--task", "arithmetic", "--limit", str(2**62)], "--limit must be <= 10000000"),  # generated until killed
+        (["demo", *TINY, "--out", str(out), "--train-examples", str(2**62)], "--train-examples must be <= 10000000"),
+        (["bench", "--models", "tiny-random", "--out", str(out), "--prompts", str(2**62)], "--prompts must be <= 10000000"),
         ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
         ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
         ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
@@ -481,6 +484,7 @@ def test_finetune_checks_every_setting_before_it_writes(tmp_path):
         (["--base", "tiny-random-t5"], "--base tiny-random-t5: finetune trains decoder-only models"),
         (["--eval-split", "bogus"], "--eval-split bogus: unknown split 'bogus' for arithmetic"),
         (["--lora-targets", "q_proj"], "--lora-targets names the modules LoRA adapts; it needs --lora-rank > 0"),
+        (["--max-new-tokens", str(2**62)], f"--max-new-tokens {2**62} does not fit the context of"),  # once the model loads
     ):
         _one_error(_cli(*ft, *extra), 2, message)
         assert not out.exists(), f"{extra} left {out} behind"

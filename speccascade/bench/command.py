@@ -16,7 +16,7 @@ from ..listing import split_list
 from ..outdir import OutputDir, writable
 from ..pairs import check_heads, load_settings_pair
 from ..report import read_json, say, write_json, write_text, wrote
-from ..settings import BlockSettings, OutputSettings, PairSettings, as_config, resolve_groups, setting
+from ..settings import EXAMPLES_HIGH, BlockSettings, OutputSettings, PairSettings, as_config, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
 
@@ -32,7 +32,8 @@ class BenchSettings(BlockSettings, PairSettings, OutputSettings):
     alpha: float = setting(0.3, "the cascades' OPT and TokenV3 knob (when --rules is not given)")
     rules: str | None = setting(None, "cascade rules timed beside exact decoding, comma-separated "
                                 "(gain:0.23,learned:DIR@0.25); default: opt and tokenv3 at --alpha")
-    prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1)
+    prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1,
+                           high=EXAMPLES_HIGH)
     max_new_tokens: int = setting(64, "new tokens per prompt", low=1)
     repeats: int = setting(3, "timed rounds after one warm-up round; medians are reported", low=1)
     task: str = setting("arithmetic", "task whose test prompts are decoded")

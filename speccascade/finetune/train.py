@@ -20,7 +20,7 @@ from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
 from ..report import read_json, say, write_json, wrote
-from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, seed_setting, setting
+from ..settings import ACCELERATORS, EXAMPLES_HIGH, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
 from .models import check_model, export, load_model
@@ -30,7 +30,6 @@ from .quality import heldout_report
 PRECISIONS = ("auto", "bf16-mixed", "32-true", "16-mixed")
 PROVENANCE = "finetune.json"  # written last: its presence marks a finished fine-tune
 SETTINGS = "finetune-settings.json"  # the settings of a run in progress (a resume must match them)
-MAX_EXAMPLES = 10_000_000  # distinct training examples, read or generated and encoded before the first step
 RECIPE = ("base", "task", "data_file", "layers", "steps", "batch_size", "examples", "pack_length", "lr", "warmup_steps",
           "min_lr_ratio", "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "teacher",
           "distill_weight", "distill_temperature", "precision", "checkpoint_every", "eval_split", "eval_examples",
@@ -56,7 +55,7 @@ class FinetuneSettings(TrackingSettings, ModelRecipe):
     checkpoint_every: int = setting(25, "steps between checkpoints (the last one is kept for resuming; removed when done)",
                                     low=1)
     eval_split: str = setting("test", "held-out split decoded greedily at the end")
-    eval_examples: int = setting(256, "held-out examples (0 skips the evaluation)", low=0)
+    eval_examples: int = setting(256, "held-out examples (0 skips the evaluation)", low=0, high=EXAMPLES_HIGH)
     eval_batch_size: int = setting(16, "examples decoded together in the evaluation", low=1)
     max_new_tokens: int = setting(96, "new tokens per held-out example", low=1)
     eval_seed: int = seed_setting("seed of the held-out examples (0: the ones `speccascade evaluate` decodes by default), "
@@ -92,9 +91,9 @@ def resolve(settings: FinetuneSettings) -> _Plan:
     s = resolve_groups(settings)
     s.check_recipe()
     writable(s.out)
-    if (s.examples or s.steps * s.batch_size) > MAX_EXAMPLES:
+    if (s.examples or s.steps * s.batch_size) > EXAMPLES_HIGH:
         raise SpeccascadeError(f"finetune prepares its {s.examples or s.steps * s.batch_size} training examples (--examples, "
-                               f"else --steps x --batch-size) before the first step; at most {MAX_EXAMPLES} (they are cycled: "
+                               f"else --steps x --batch-size) before the first step; at most {EXAMPLES_HIGH} (they are cycled: "
                                "pass a smaller --examples)")
     task = get_task(s.task)  # an unknown task, split or data file fails before any model loads
     task.examples("train", limit=1, data_file=s.data_file, seed=s.seed)
@@ -179,6 +178,10 @@ def _train(plan: _Plan):
     s, out = plan.settings, plan.settings.out
     pl.seed_everything(s.seed, workers=True, verbose=False)
     module = FinetuneModule(s)
+    context = getattr(module.model.config, "max_position_embeddings", None)
+    if s.eval_examples and context and s.max_new_tokens >= context:  # refused before training, not after it
+        raise SpeccascadeError(f"--max-new-tokens {s.max_new_tokens} does not fit the context of {module.base_id!r} "
+                               f"({context} tokens), and the held-out evaluation decodes that many after each prompt")
     plain = module.model.get_base_model() if s.lora_rank > 0 else module.model
     pair = ModelPair(plain, plain, module.tokenizer, "finetune", module.base_id, module.base_id)
     module.model.train()  # the pair put it in eval mode
