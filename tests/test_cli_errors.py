@@ -151,7 +151,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--seed", "-1"], "--seed must be >= 0"),
         ([*ev, "--seed", str(2**64)], f"--seed must be <= 4294967295, got {2**64}"),
         ([*ev, "--limit", str(10**20)], "--limit must be a 64-bit whole number (at most 9223372036854775807)"),
-        ([*ev, "--task", "arithmetic", "--limit", str(2**62)], "--limit must be <= 10000000"),  # generated until killed
+        ([*lt, "--task", "arithmetic", "--limit", str(2**62)], "--limit must be <= 10000000"),  # generated until killed
         (["demo", *TINY, "--out", str(out), "--train-examples", str(2**62)], "--train-examples must be <= 10000000"),
         (["bench", "--models", "tiny-random", "--out", str(out), "--prompts", str(2**62)], "--prompts must be <= 10000000"),
         ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
