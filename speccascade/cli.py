@@ -2,22 +2,29 @@
 
 Options are spelled with dashes (``--block-size``); YAML keys with underscores (``block_size``).
 Every failure ends with exactly one ``error: ...`` line on stderr: bad input (settings, files,
-a busy or foreign output directory) exits 2, an interrupt (Ctrl-C, SIGINT) 130 with
-``error: interrupted`` (from the start: the commands, and with them torch and Lightning, are imported
-inside :func:`main`), and an unexpected exception 1, named, with its traceback behind
+a busy or foreign output directory, a full disk) exits 2, an interrupt (Ctrl-C, SIGINT) 130 with
+``error: interrupted``, and an unexpected exception 1, named, with its traceback behind
 ``-v/--verbose``. Third-party output is quiet unless ``-v`` (:mod:`speccascade.runtime`).
+
+Interrupts, as a process (:func:`main` without arguments): this module imports nothing heavy, and :func:`main`
+installs its SIGINT handler first. Until the command starts (the parser, torch and Lightning loading) nothing is
+written, so an interrupt prints the line and ends the process at once; once it runs, an interrupt raises
+``KeyboardInterrupt`` so that the command keeps or removes what it wrote. Either way SIGINT is ignored from the
+first interrupt on, and once the exit code is known, so that a second one cannot cut the cleanup short or turn the
+exit code into death by signal while the interpreter exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import os
 import re
+import signal
 import sys
 import traceback
-from typing import Any, Callable
-
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import runtime
 from .errors import SpeccascadeError
@@ -25,6 +32,10 @@ from .version import __version__
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
 
 
 @functools.cache
@@ -56,6 +67,8 @@ def __getattr__(name: str) -> Any:
 
 def _add(parser: ArgumentParser, name: str, hint: Any, default: Any, help: str) -> None:
     """One option, spelled with dashes; a boolean is a switch (``--resume``, ``--no-resume``)."""
+    from jsonargparse import ActionYesNo
+
     from .settings import flag
 
     kwargs: dict[str, Any] = {"dest": name, "help": help}
@@ -78,6 +91,8 @@ def _options(settings: type) -> list[tuple[str, Any, Any, str]]:
 
 
 def build_parser() -> ArgumentParser:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     parser = ArgumentParser(prog="speccascade", description="Speculative cascades with learned deferral rules.",
                             exit_on_error=False, print_config="--print-config")
     parser.add_argument("--version", action="version", version=f"speccascade {__version__}")
@@ -121,11 +136,39 @@ def train_deferral_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; an interrupt while torch and Lightning load is ``error: interrupted`` too."""
+    """The command line (``argv`` None: this process's, with its SIGINT handling; see the module docstring)."""
+    if argv is not None:
+        return _guarded(list(argv))
+    signal.signal(signal.SIGINT, _stop_at_once)
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        return _guarded(sys.argv[1:])
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _guarded(args: list[str]) -> int:
+    """:func:`_main`, with an interrupt while the commands load as ``error: interrupted`` too."""
+    try:
+        return _main(args)
     except KeyboardInterrupt:
         return _interrupted()
+
+
+def _stop_at_once(signum: int, frame: Any) -> None:
+    """SIGINT before the command runs: nothing is written yet, so print the line and end the process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, b"error: interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGINT while the command runs: ``KeyboardInterrupt``, once (the command's cleanup must not be cut short)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _interrupted() -> int:
@@ -155,20 +198,35 @@ def _main(args: list[str]) -> int:
 
 def run(command: str, options: dict, verbose: bool = False) -> int:
     """Run one command; turn every way it can end into an exit code and at most one ``error:`` line."""
+    function = commands()[command][0]
+    if signal.getsignal(signal.SIGINT) is _stop_at_once:  # the process's command line: the command starts now
+        signal.signal(signal.SIGINT, _raise_interrupt)
     try:
-        commands()[command][0](**options)
+        function(**options)
     except SpeccascadeError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return _interrupted()
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            return _unexpected(err, verbose)
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {os.strerror(err.errno).lower()}{where}; free some space and run again (--resume keeps the work "
+              "that was finished)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as err:
-        if verbose:
-            traceback.print_exc()
-        hint = "" if verbose else " (run with -v for the traceback)"
-        print(f"error: {type(err).__name__}: {_one_line(err) or 'no message'}{hint}", file=sys.stderr)
-        return EXIT_UNEXPECTED
+        return _unexpected(err, verbose)
     return 0
+
+
+def _unexpected(err: Exception, verbose: bool) -> int:
+    """An exception that is no bad input: named on one line, its traceback behind ``-v``."""
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (run with -v for the traceback)"
+    print(f"error: {type(err).__name__}: {_one_line(err) or 'no message'}{hint}", file=sys.stderr)
+    return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from .evaluation.compare import run as compare
 from .evaluation.evaluate import DEFAULT_MARGIN, EvaluateSettings
 from .evaluation.evaluate import resolve as resolve_evaluation
 from .evaluation.evaluate import run as evaluate
-from .outdir import OutputDir
-from .settings import DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups, seed_setting, setting
+from .outdir import MARKER, OutputDir
+from .settings import (EXAMPLES_HIGH, DecodingSettings, PairSettings, TrackingSettings, derived, resolve_groups,
+                       seed_setting, setting)
 from .tracing.log_traces import LogTracesSettings
 from .tracing.log_traces import resolve as resolve_traces
 from .tracing.log_traces import run as log_traces
@@ -43,10 +44,11 @@ class DemoSettings(TrackingSettings, DecodingSettings, PairSettings):
                                  "shorter recipe of smollm2-135m-arithmetic, is built from the embedded weights on "
                                  "first use: no network needed)")
     task: str = setting("arithmetic", "task name (arithmetic is generated: no data needed)")
-    train_examples: int = setting(128, "training examples whose traces are logged (train split)", low=1)
+    train_examples: int = setting(128, "training examples whose traces are logged (train split)", low=1,
+                                  high=EXAMPLES_HIGH)
     compare_examples: int = setting(64, "held-out examples (test split) whose teacher-forced traces judge the head "
-                                    "offline", low=1)
-    eval_examples: int = setting(24, "held-out examples decoded per rule and knob (test split)", low=1)
+                                    "offline", low=1, high=EXAMPLES_HIGH)
+    eval_examples: int = setting(24, "held-out examples decoded per rule and knob (test split)", low=1, high=EXAMPLES_HIGH)
     rules: str = setting("always,drafter,diff:0.2,tokenv3:0.5",
                          "rules compared with the learned head (each name:value is one decode of the split)")
     max_new_tokens: int = setting(80, "new tokens per evaluated example", low=1)
@@ -62,6 +64,7 @@ class _Plan:
     traces: object
     held_out: object
     head: TrainSettings
+    out: OutputDir
 
 
 def demo(**options) -> dict:
@@ -83,9 +86,20 @@ def _evaluation(s: DemoSettings, rules: str) -> EvaluateSettings:
                    overwrite=True)
 
 
+STEPS = ("traces", "head", "held-out-traces", "compare", "eval")  # the steps' directories under --out
+
+
+def _legacy_marker(directory: Path) -> dict | None:
+    """A demo directory written before it had a marker of its own: it holds the steps' directories alone."""
+    children = {child.name for child in directory.iterdir()}
+    return {"command": "demo", "config": {}, "complete": False} if children <= set(STEPS) else None
+
+
 def resolve(settings: DemoSettings) -> _Plan:
     """Check all four steps' settings before the first one starts (a bad rule must not cost a trained head)."""
     s = resolve_groups(settings)
+    # the demo's own marker and lock: a rerun continues (each step checks its settings in its own directory)
+    out = OutputDir(s.out, "demo", {}, resume=True, progress=(f"*/{MARKER}",), legacy=_legacy_marker).check()
     s.wandb_group = s.wandb_group or time.strftime("demo-%Y%m%d-%H%M%S")  # the four steps' runs, together in W&B
     traces = resolve_traces(_traces(s, "traces", "train", s.train_examples))
     held_out = resolve_traces(_traces(s, "held-out-traces", "test", s.compare_examples))
@@ -94,11 +108,21 @@ def resolve(settings: DemoSettings) -> _Plan:
     resolve_groups(head)
     OutputDir(head.out, "train-deferral", {}, resume=True, overwrite=True).check()  # its settings are checked once the traces exist
     resolve_evaluation(_evaluation(s, s.rules))
-    return _Plan(s, traces, held_out, head)
+    return _Plan(s, traces, held_out, head, out)
 
 
 def run(plan: _Plan) -> dict:
-    """The four steps, each ending with what it did; evaluate's table and verdicts come last."""
+    """The four steps under the directory's lock, each ending with what it did; evaluate's table and verdicts come last."""
+    with plan.out.claim():
+        plan.out.reopen()  # unfinished until every step is done again
+        result = _steps(plan)
+        plan.out.finish()
+    print(f"demo: finished in {result['demo_wall_s'] / 60:.1f} minutes; every step's outputs under {plan.settings.out}")
+    return result
+
+
+def _steps(plan: _Plan) -> dict:
+    """log-traces, train-deferral, log-traces and compare on held-out examples, evaluate."""
     s, out = plan.settings, plan.settings.out
     console = Console(width=max(Console().width, 110))
     started = time.perf_counter()
@@ -109,10 +133,9 @@ def run(plan: _Plan) -> dict:
     console.rule(f"3/4 compare offline: the head against every rule on {s.compare_examples} held-out examples (test), 95% CIs")
     log_traces(plan.held_out)
     offline = compare(resolve_comparison(derived(CompareSettings, s, ("rules",), traces=str(out / "held-out-traces"),
-                                                 out=out / "compare", heads=str(out / "head"))))
+                                                 out=out / "compare", heads=str(out / "head"), resume=True, overwrite=True)))
     console.rule(f"4/4 evaluate: {s.eval_examples} held-out examples (test) per rule and knob")
     result = evaluate(resolve_evaluation(_evaluation(s, f"{s.rules},learned:{out / 'head'}")))
     result["demo_wall_s"] = time.perf_counter() - started
     result["offline"] = {"best_rule": offline.get("best_rule"), "head": offline["candidates"]["head"]}
-    print(f"demo: finished in {result['demo_wall_s'] / 60:.1f} minutes; every step's outputs under {out}")
     return result

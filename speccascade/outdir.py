@@ -1,8 +1,8 @@
 """One writer per output directory, and a record of what wrote it.
 
-Every command that writes under ``--out`` (log-traces, train-deferral, evaluate) goes through
-:class:`OutputDir` (``finetune``, which records its own recipe, takes the same lock with :func:`locked`;
-:func:`writable` is the path check alone, for ``finetune``, ``compare`` and ``bench``):
+Every command that writes under ``--out`` (log-traces, train-deferral, evaluate, compare, bench, and demo, whose
+steps have their own directories below its own) goes through :class:`OutputDir` (``finetune``, which records its own
+recipe, takes the same lock with :func:`locked`; :func:`writable` is the path check alone):
 
 - :meth:`OutputDir.check` (while settings are resolved, before anything is written) refuses a
   path that is a file or cannot be written, a directory another command wrote, one written with
@@ -29,7 +29,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -147,12 +147,8 @@ class OutputDir:
             return
         if not self._checked:
             self.check()
-        created = not self.path.exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise SpeccascadeError(f"cannot create --out {self.path}: {err.strerror}") from None
-        handle = _lock(self.path, self.command)
+        created = _create(self.path)
+        handle = _lock(self.path, self.command, created)
         fresh = created or self.previous is None  # nothing of an earlier run is kept
         try:
             if self.previous is None:
@@ -192,18 +188,24 @@ class OutputDir:
 def locked(directory: Path, command: str) -> Iterator[None]:
     """Hold ``directory``'s lock (created if missing) while the body runs, for a command that keeps its own
     record of what it wrote (``finetune``); a directory this created and the body left empty is removed."""
-    created = not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SpeccascadeError(f"cannot create --out {directory}: {err.strerror}") from None
-    handle = _lock(directory, command)
+    created = _create(directory)
+    handle = _lock(directory, command, created)
     try:
         yield
     finally:
         _unlock(directory, handle)
         if created and not any(directory.iterdir()):
             directory.rmdir()
+
+
+def _create(directory: Path) -> bool:
+    """Create ``--out`` (and its parents) if missing; whether this call created it."""
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpeccascadeError(f"cannot create --out {directory}: {err.strerror}") from None
+    return created
 
 
 def read_marker(path: Path) -> dict | None:
@@ -245,8 +247,20 @@ def _describe(owner: dict) -> str:
             f"(speccascade {owner.get('command', '?')}, since {owner.get('started', '?')})")
 
 
-def _lock(directory: Path, command: str) -> int:
-    """Take the directory's lock or refuse, naming the owner; report and take over a stale lock."""
+def _lock(directory: Path, command: str, created: bool) -> int:
+    """Take the directory's lock or refuse, naming the owner; report and take over a stale lock. A lock that cannot
+    be taken or recorded (a busy directory, a full disk) leaves no lock file of this run's behind, nor a directory
+    this run ``created`` and left empty, so the next run finds nothing in its way."""
+    try:
+        return _take(directory, command)
+    except BaseException:
+        if created:
+            with suppress(OSError):
+                directory.rmdir()  # only if empty: a busy directory holds its owner's lock file
+        raise
+
+
+def _take(directory: Path, command: str) -> int:
     path = directory / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -266,6 +280,16 @@ def _lock(directory: Path, command: str) -> int:
         if same_file:  # else the previous owner removed the file between our open and flock: try again
             break
         os.close(fd)
+    try:
+        _record_owner(directory, fd, command)
+    except BaseException:
+        _unlock(directory, fd)  # the lock file goes with the failed start (a full disk): the next run takes it afresh
+        raise
+    return fd
+
+
+def _record_owner(directory: Path, fd: int, command: str) -> None:
+    """Report a stale owner in the held lock file, then write this process's record into it (no rename)."""
     previous = _owner(os.pread(fd, 1 << 16, 0).decode(errors="replace"))
     if previous:
         dead = previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int) and not _alive(previous["pid"])
@@ -274,8 +298,7 @@ def _lock(directory: Path, command: str) -> int:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json_text(owner, indent=None).encode(), 0)  # into the held lock file: no rename
-    return fd
+    os.pwrite(fd, json_text(owner, indent=None).encode(), 0)
 
 
 def _unlock(directory: Path, fd: int) -> None:

@@ -7,12 +7,15 @@ its built directories under its own name; every other pair goes to the loader as
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from .decoding import PRESETS, ModelPair
 from .decoding import load_pair as load_built_pair
+from .deferral import features as F
+from .deferral import rules as R
+from .deferral.spec import Source, check_head
 from .settings import PairSettings
 
 
@@ -37,3 +40,23 @@ def load_settings_pair(settings: PairSettings, device: str | torch.device | None
     ``--drafter-quantize``)."""
     return load_pair(settings.preset, drafter=settings.drafter, target=settings.target, drafter_vocab=settings.drafter_vocab,
                      drafter_quantize=settings.drafter_quantize, device=device)
+
+
+def pair_source(pair: ModelPair) -> Source:
+    """What a pair gives a head while decoding: this code's feature spec, each model's last hidden states (its width)
+    and the tokenizer's fingerprint."""
+    configs = {name: getattr(model, "config", None) for name, model in (("q_hidden", pair.drafter), ("p_hidden", pair.target))}
+    widths = {name: getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
+              for name, config in configs.items()}
+    return Source(f"pair {pair.name!r}", F.spec(), None, {k: v for k, v in widths.items() if v is not None},
+                  pair.tokenizer_fingerprint)
+
+
+def check_heads(rules: Iterable[R.Rule], pair: ModelPair) -> None:
+    """Refuse any learned rule whose head cannot read what ``pair`` gives (:func:`~speccascade.deferral.spec.check_head`),
+    before anything is decoded."""
+    source = None
+    for rule in rules:
+        if isinstance(rule, R.Learned):
+            source = source or pair_source(pair)
+            check_head(rule.head.provenance.get("path", "?"), rule.head.config(), source)

@@ -26,6 +26,7 @@ from .tracking import WANDB_MODES
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SEED_HIGH = 2**32 - 1  # the largest seed numpy and Lightning's seed_everything take
 INT_HIGH = 2**63 - 1  # the largest whole number torch and Python's indices (sys.maxsize) take
+EXAMPLES_HIGH = 10_000_000  # examples a command reads or generates before it starts (a generated task never runs out)
 
 
 def setting(default: Any = MISSING, help: str = "", *, low: float | None = None, high: float | None = None,
@@ -215,7 +216,7 @@ class TaskSettings:
     task: str = setting("arithmetic", "task name (arithmetic, worked-arithmetic, gsm8k, summarisation, cnn-dm, translation, qa)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
     split: str = setting("train", "data split")
-    limit: int | None = setting(64, "number of examples (all when null)", low=1)
+    limit: int | None = setting(64, f"number of examples (all when null; at most {EXAMPLES_HIGH})", low=1, high=EXAMPLES_HIGH)
     few_shot: int = setting(0, "solved examples put in each prompt (tasks that support it)", low=0)
 
     def examples(self, seed: int):

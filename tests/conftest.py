@@ -6,6 +6,17 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# A new machine's arithmetic, on demand: SPECCASCADE_TEST_THREADS=1 trains on one thread (subprocesses: OMP_NUM_THREADS),
+# SPECCASCADE_TEST_BF16=off computes without bf16 autocast where the CPU would use it (finetune --precision auto).
+if os.environ.get("SPECCASCADE_TEST_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["SPECCASCADE_TEST_THREADS"]
+    import torch
+
+    torch.set_num_threads(int(os.environ["SPECCASCADE_TEST_THREADS"]))
+if os.environ.get("SPECCASCADE_TEST_BF16") == "off":
+    import torch
+
+    torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False
 
 import pytest
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from speccascade import __version__
@@ -150,10 +151,22 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--seed", "-1"], "--seed must be >= 0"),
         ([*ev, "--seed", str(2**64)], f"--seed must be <= 4294967295, got {2**64}"),
         ([*ev, "--limit", str(10**20)], "--limit must be a 64-bit whole number (at most 9223372036854775807)"),
+        ([*lt, "--task", "arithmetic", "--limit", str(2**62)], "--limit must be <= 10000000"),  # generated until killed
+        (["demo", *TINY, "--out", str(out), "--train-examples", str(2**62)], "--train-examples must be <= 10000000"),
+        (["bench", "--models", "tiny-random", "--out", str(out), "--prompts", str(2**62)], "--prompts must be <= 10000000"),
         ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
         ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
         ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["compare", "--traces", str(p["good"]), "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--resamples", str(2**62)],
+         f"--resamples must be <= 20000, got {2**62}"),  # was a numpy "array is too big", exit 1
+        ([*ev, "--batch-size", str(10**20)], "--batch-size must be a 64-bit whole number"),
+        ([*tr, "--batch-size", str(10**20)], "--batch-size must be a 64-bit whole number"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--batch-size", str(2**62)], "--batch-size must be <= 65536"),
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--examples", str(2**62)],
+         f"finetune prepares its {2**62} training examples"),  # both generated examples until killed
+        (["finetune", "--base", "tiny-random", "--out", str(out), "--steps", str(10**7), "--batch-size", "2"],
+         "(--examples, else --steps x --batch-size) before the first step; at most 10000000"),
         (["demo", *TINY, "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["finetune", "--base", "tiny-random", "--out", str(out), "--seed", str(2**64)], "--seed must be <= 4294967295"),
         (["finetune", "--base", "tiny-random", "--out", str(out), "--eval-seed", str(2**32)], "--eval-seed must be <= 4294967295"),
@@ -265,7 +278,7 @@ def test_a_list_setting_takes_one_element(inputs, tmp_path, command, flag, resol
 
     given = {"--features": "q_top1", "--lora-targets": "q_proj"}[flag]
     argv = [command, "--out", str(tmp_path / "out"), flag, given, "--wandb-mode", "disabled"]
-    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else []))
+    cfg = build_parser().parse_args(argv + (["--traces", str(inputs["good"])] if command == "train-deferral" else ["--lora-rank", "4"]))
     settings = COMMANDS[command][1](**{k: v for k, v in cfg[command].as_dict().items() if k != "config"})
     importlib.import_module(resolve).resolve(settings)
     assert getattr(settings, flag[2:].replace("-", "_")) == [given]
@@ -347,3 +360,131 @@ def test_python_api_checks_the_same_settings(tmp_path):
     with pytest.raises(SpeccascadeError, match="--limit must be an int"):
         evaluate(tmp_path / "x", models="tiny-random", limit="ten")
     assert not (tmp_path / "x").exists()
+
+
+def _hidden_traces(directory: Path, width: int) -> Path:
+    """Planted traces with both models' hidden states, ``width`` wide."""
+    planted_traces(directory, examples=20, rows=5)
+    table = traces.load_traces(directory).to_pandas()
+    columns = {c: table[c].to_numpy() for c in table.columns}
+    rng = np.random.default_rng(width)
+    columns |= {name: rng.random((len(table), width)).astype(np.float16) for name in ("q_hidden", "p_hidden")}
+    for path in (directory / "shards").glob("*"):
+        path.unlink()
+    traces.ShardWriter(directory, 0).write(columns, sorted(set(table["example_id"])))
+    traces.write_manifest(directory, {"config": {}, "feature_spec": F.spec()}, complete=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mismatched(inputs, tmp_path_factory) -> dict[str, Path]:
+    """Heads that cannot read the tiny-random pair or the traces, and traces with hidden states of two widths."""
+    root = tmp_path_factory.mktemp("mismatched")
+    scalars = list(F.POSITION_FEATURES)
+    paths = {"hidden-head": root / "hidden-head", "token-head": root / "token-head", "schema-head": root / "schema-head"}
+    DeferralHead(scalars + ["q_hidden", "p_hidden"], hidden=8, depth=1, mean=[0.0] * (len(scalars) + 16),
+                 std=[1.0] * (len(scalars) + 16)).save(paths["hidden-head"])  # reads 8-wide hidden states
+    DeferralHead(scalars + list(F.TOKEN_FEATURES), hidden=8, depth=1,
+                 provenance={"traces": [{"tokenizer": "another-vocabulary"}]}).save(paths["token-head"])
+    DeferralHead(scalars, hidden=8, depth=1, provenance={"traces": [{"schema_version": 0}]}).save(paths["schema-head"])
+    assert main(["log-traces", "--models", "tiny-random", "--out", str(root / "pair-traces"), "--limit", "2",
+                 "--hidden-states", "both", "--wandb-mode", "disabled"]) == 0  # the pair's 64-wide hidden states
+    paths |= {"pair-traces": root / "pair-traces", "narrow": _hidden_traces(root / "narrow", 4),
+              "wide": _hidden_traces(root / "wide", 6)}
+    return paths
+
+
+def _compatibility_cases(p: dict[str, Path], m: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
+    """(argv, a part of the error) of a head, traces or a pair that do not fit together, in every command."""
+    widths = "reads hidden states of width q_hidden 8, p_hidden 8"
+    op = ["operating-point", "--target-deferral-rate", "0.5"]
+    return [
+        (["evaluate", *TINY, "--out", str(out), "--limit", "1", "--rules", f"learned:{m['hidden-head']}"],
+         f"{widths}; pair 'tiny-random' gives q_hidden 64, p_hidden 64"),
+        (["log-traces", *TINY, "--out", str(out), "--limit", "1", "--mode", "on-policy", "--rule", f"learned:{m['hidden-head']}"],
+         f"{widths}; pair 'tiny-random' gives q_hidden 64, p_hidden 64"),
+        (["compare", "--traces", str(m["pair-traces"]), "--out", str(out), "--heads", str(m["hidden-head"])],
+         f"{widths}; traces in {m['pair-traces']} give q_hidden 64, p_hidden 64"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--heads", str(m["hidden-head"])],
+         "give q_hidden none, p_hidden none (log them with --hidden-states both)"),
+        ([*op, "--traces", str(m["pair-traces"]), "--rule", f"learned:{m['hidden-head']}"],
+         f"{widths}; traces in {m['pair-traces']} give q_hidden 64"),
+        (["train-deferral", "--traces", f"{m['narrow']},{m['wide']}", "--head", "hidden-mlp", "--out", str(out)],
+         f"q_hidden differs in width between the trace directories (traces in {m['narrow']}: 4; traces in {m['wide']}: 6)"),
+        (["train-deferral", "--traces", str(p["good"]), "--head", "hidden-mlp", "--out", str(out)],
+         f"the head reads q_hidden, which traces in {p['good']} do not hold"),
+        (["evaluate", *TINY, "--out", str(out), "--limit", "1", "--rules", f"learned:{m['token-head']}"],
+         "reads token features over the vocabulary of tokenizer another-vocabulary; pair 'tiny-random' is of tokenizer"),
+        (["compare", "--traces", str(p["good"]), "--out", str(out), "--heads", str(m["schema-head"])],
+         f"was trained on traces of schema version 0; traces in {p['good']} have schema version 1"),
+        (["compare", "--traces", str(p["schema"]), "--out", str(out)], "have schema version 99"),
+        (["compare", "--traces", str(p["spec"]), "--out", str(out)], f"feature spec {F.SPEC_NAME} v1"),
+        ([*op, "--traces", str(p["schema"]), "--rule", "opt"], "have schema version 99"),
+        ([*op, "--traces", str(p["spec"]), "--rule", "opt"], f"feature spec {F.SPEC_NAME} v1"),
+    ]
+
+
+def test_a_head_that_cannot_read_its_inputs_is_refused_by_every_command(inputs, mismatched, tmp_path):
+    """Item 2 of issue 27, through the real command line: one line naming both sides, exit 2, nothing written."""
+    out = tmp_path / "out"
+    before = _tree(inputs["good"].parent) | _tree(mismatched["pair-traces"].parent)
+    for argv, message in _compatibility_cases(inputs, mismatched, out):
+        proc = _cli(*argv, "--wandb-mode", "disabled") if argv[0] != "operating-point" else _cli(*argv)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout, argv
+        assert not out.exists(), f"{argv} left {out} behind"
+    assert _tree(inputs["good"].parent) | _tree(mismatched["pair-traces"].parent) == before
+
+
+def _one_error(proc: subprocess.CompletedProcess, code: int, message: str) -> None:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == code and len(errors) == (code != 0) and all(message in e for e in errors), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_compare_bench_and_demo_take_the_marker_and_the_lock(inputs, tmp_path):
+    """Item 5 of issue 27: compare, bench and demo refuse another command's directory, and compare (the quick one)
+    refuses its own finished run without --resume or --overwrite, and a directory being written."""
+    import fcntl
+
+    from speccascade.outdir import LOCK
+
+    foreign, before = inputs["evaluation"], _tree(inputs["evaluation"])
+    for argv in (["compare", "--traces", str(inputs["good"]), "--resamples", "10"],
+                 ["bench", "--models", "tiny-random", "--prompts", "1", "--batch-sizes", "1"], ["demo", *TINY]):
+        _one_error(_cli(*argv, "--out", str(foreign)), 2, "holds the output of `speccascade evaluate`")
+        assert _tree(foreign) == before, argv
+    out = tmp_path / "compare"
+    argv = ["compare", "--traces", str(inputs["good"]), "--out", str(out), "--resamples", "10", "--wandb-mode", "disabled"]
+    _one_error(_cli(*argv), 0, "")
+    marker, written = json.loads((out / MARKER).read_text()), (out / "compare.json").read_bytes()
+    assert marker["command"] == "compare" and marker["complete"]
+    _one_error(_cli(*argv), 2, "already holds a finished run of these settings; pass --resume")
+    _one_error(_cli(*argv, "--seed", "1"), 2, "was written with a different configuration: seed=0 (now 1)")
+    resumed = _cli(*argv, "--resume")
+    _one_error(resumed, 0, "")
+    assert "holds this comparison; nothing to do" in resumed.stdout
+    assert (out / "compare.json").read_bytes() == written
+    with open(out / LOCK, "w") as held:  # another writer holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _one_error(_cli(*argv, "--overwrite"), 2, "is being written by pid")
+    _one_error(_cli(*argv, "--overwrite"), 0, "")
+    assert not (out / LOCK).exists()
+
+
+def test_finetune_checks_every_setting_before_it_writes(tmp_path):
+    """Item 6 of issue 27: a bad teacher, evaluation split or LoRA setting is refused before training, not after
+    it (the directory stayed behind), through the real command line."""
+    out = tmp_path / "out"
+    ft = ["finetune", "--base", "tiny-random", "--out", str(out), "--steps", "1", "--eval-examples", "1", "--wandb-mode", "disabled"]
+    for extra, message in (
+        (["--teacher", str(tmp_path / "no-such-model")], f"--teacher {tmp_path / 'no-such-model'}: cannot load model"),
+        (["--teacher", "tiny-random-t5"], "--teacher tiny-random-t5: finetune trains decoder-only models"),
+        (["--base", "tiny-random-t5"], "--base tiny-random-t5: finetune trains decoder-only models"),
+        (["--eval-split", "bogus"], "--eval-split bogus: unknown split 'bogus' for arithmetic"),
+        (["--lora-targets", "q_proj"], "--lora-targets names the modules LoRA adapts; it needs --lora-rank > 0"),
+        (["--max-new-tokens", str(2**62)], f"--max-new-tokens {2**62} does not fit the context of"),  # once the model loads
+    ):
+        _one_error(_cli(*ft, *extra), 2, message)
+        assert not out.exists(), f"{extra} left {out} behind"

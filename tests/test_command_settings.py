@@ -122,8 +122,8 @@ def test_finetune_recipe_keeps_its_keys_and_values(tmp_path):
     """finetune.json's ``recipe`` (and finetune-settings.json) as before the settings class: an existing fine-tune
     directory is still recognised, an unfinished one still resumable."""
     plan = finetune_module.resolve(finetune_module.FinetuneSettings(
-        out=tmp_path / "x", base="tiny-random", layers="0-1,3", steps=7, lr=3e-4, teacher="t", distill_weight=0.5,
-        lora_targets=["q_proj"], accelerator="cpu", wandb_mode="disabled"))
+        out=tmp_path / "x", base="tiny-random", layers="0-1,3", steps=7, lr=3e-4, teacher="tiny-random",
+        distill_weight=0.5, lora_rank=4, lora_targets=["q_proj"], accelerator="cpu", wandb_mode="disabled"))
     assert list(plan.recipe) == [
         "base", "task", "data_file", "layers", "steps", "batch_size", "examples", "pack_length", "lr", "warmup_steps",
         "min_lr_ratio", "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "teacher",
@@ -132,7 +132,7 @@ def test_finetune_recipe_keeps_its_keys_and_values(tmp_path):
     assert plan.recipe == {
         "base": "tiny-random", "task": "arithmetic", "data_file": None, "layers": [0, 1, 3], "steps": 7, "batch_size": 16,
         "examples": None, "pack_length": 512, "lr": 3e-4, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.0,
-        "lora_rank": 0, "lora_alpha": 32.0, "lora_dropout": 0.0, "lora_targets": ["q_proj"], "teacher": "t",
+        "lora_rank": 4, "lora_alpha": 32.0, "lora_dropout": 0.0, "lora_targets": ["q_proj"], "teacher": "tiny-random",
         "distill_weight": 0.5, "distill_temperature": 1.0, "precision": "auto", "checkpoint_every": 25,
         "eval_split": "test", "eval_examples": 256, "eval_batch_size": 16, "max_new_tokens": 96, "eval_seed": 0, "seed": 0}
 
@@ -164,11 +164,11 @@ def test_a_fine_tune_recorded_before_the_settings_class_is_still_recognised(tmp_
     """finetune.json written by the flat-parameter finetune (ints given for float settings kept as ints) holds this
     fine-tune: nothing is trained again."""
     monkeypatch.setattr(finetune_module, "FinetuneModule", None)  # training would fail
-    options = dict(base="tiny-random", layers=[0], teacher="t", distill_weight=0.5, steps=15, seed=1, lora_rank=8,
+    options = dict(base="tiny-random", layers=[0], teacher="tiny-random", distill_weight=0.5, steps=15, seed=1, lora_rank=8,
                    lora_targets=["q_proj"], weight_decay=0, lora_alpha=16, examples=40, wandb_mode="disabled")
     recorded = {"base": "tiny-random", "task": "arithmetic", "data_file": None, "layers": [0], "steps": 15, "batch_size": 16,
                 "examples": 40, "pack_length": 512, "lr": 0.0001, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0,
-                "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": ["q_proj"], "teacher": "t",
+                "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": ["q_proj"], "teacher": "tiny-random",
                 "distill_weight": 0.5, "distill_temperature": 1.0, "precision": "auto", "checkpoint_every": 25,
                 "eval_split": "test", "eval_examples": 256, "eval_batch_size": 16, "max_new_tokens": 96, "eval_seed": 0,
                 "seed": 1}  # as af69378 recorded these options

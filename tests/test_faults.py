@@ -5,6 +5,7 @@ first holds the directory."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import random
@@ -280,3 +281,61 @@ def test_training_killed_mid_run_resumes_from_its_last_epoch_to_the_uninterrupte
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
 
+
+
+@pytest.mark.parametrize("fails, existing", [("lock", False), ("marker", True)], ids=["lock-record", "marker-in-own-dir"])
+def test_a_start_that_fails_on_a_full_disk_leaves_nothing_that_blocks_the_next_run(tmp_path, monkeypatch, capsys, fails,
+                                                                                    existing):
+    """The disk fills while the lock's owner record or the marker is written: one line, exit 2, and the next run with
+    the same --out starts (no lock file or half-made directory left in its way)."""
+    from speccascade import outdir
+
+    traces_dir = planted_traces(tmp_path / "traces", examples=20, rows=5)
+    out = tmp_path / "compare"
+    if existing:  # a directory the user made: kept, and left empty
+        out.mkdir()
+    args = ["compare", "--traces", str(traces_dir), "--out", str(out), "--resamples", "10", "--wandb-mode", "disabled"]
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / (LOCK if fails == "lock" else MARKER)))
+
+    if fails == "lock":
+        monkeypatch.setattr(outdir.os, "pwrite", full)
+    else:
+        monkeypatch.setattr(outdir, "write_json", full)
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on device writing {out / (LOCK if fails == 'lock' else MARKER)}; free some "
+                      "space and run again (--resume keeps the work that was finished)"]
+    assert (os.listdir(out) == []) if existing else not out.exists()
+    monkeypatch.undo()
+    assert main(args) == 0 and json.loads((out / MARKER).read_text())["complete"] and not (out / LOCK).exists()
+
+
+def _loading_torch(proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until the process maps torch's library (True: its command line is loading the commands, under main's SIGINT
+    handler) or ends (False). The readiness marker needs no hook in the package: Linux's /proc/PID/maps."""
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
+def test_sigint_while_the_command_starts_exits_130_with_one_line(tmp_path, delay):
+    """SIGINT while torch and Lightning are still being imported: the same one line as during the run, exit 130
+    (not death by SIGINT while the interpreter exits), and nothing written."""
+    traces_dir = planted_traces(tmp_path / "traces", examples=20, rows=5)
+    proc = _start(*_training(traces_dir, tmp_path / "head"))
+    assert _loading_torch(proc), _ended(proc, "the command never loaded torch")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted"], output
+    assert "Traceback" not in output and not (tmp_path / "head").exists()

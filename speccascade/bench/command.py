@@ -13,16 +13,16 @@ from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
 from ..listing import split_list
-from ..outdir import writable
-from ..pairs import load_settings_pair
-from ..report import say, write_json, write_text, wrote
-from ..settings import BlockSettings, PairSettings, resolve_groups, setting
+from ..outdir import OutputDir, writable
+from ..pairs import check_heads, load_settings_pair
+from ..report import read_json, say, write_json, write_text, wrote
+from ..settings import EXAMPLES_HIGH, BlockSettings, OutputSettings, PairSettings, as_config, resolve_groups, setting
 from .measure import begin_round, configurations, profiled, step_times, timed
 from .report import markdown, report
 
 
 @dataclass(kw_only=True)
-class BenchSettings(BlockSettings, PairSettings):
+class BenchSettings(BlockSettings, PairSettings, OutputSettings):
     """Settings of ``bench`` (the pair and block groups, then its own); the block group applies to every
     speccascade row that drafts (exact decoding and the cascades)."""
 
@@ -32,7 +32,8 @@ class BenchSettings(BlockSettings, PairSettings):
     alpha: float = setting(0.3, "the cascades' OPT and TokenV3 knob (when --rules is not given)")
     rules: str | None = setting(None, "cascade rules timed beside exact decoding, comma-separated "
                                 "(gain:0.23,learned:DIR@0.25); default: opt and tokenv3 at --alpha")
-    prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1)
+    prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1,
+                           high=EXAMPLES_HIGH)
     max_new_tokens: int = setting(64, "new tokens per prompt", low=1)
     repeats: int = setting(3, "timed rounds after one warm-up round; medians are reported", low=1)
     task: str = setting("arithmetic", "task whose test prompts are decoded")
@@ -67,6 +68,7 @@ class _Plan:
     cascades: list[R.Rule]
     sizes: list[int]
     examples: list
+    out: OutputDir
 
 
 def bench(out: Path, **options) -> dict:
@@ -84,20 +86,34 @@ def resolve(settings: BenchSettings) -> _Plan:
     writable(s.out)
     cascades = cascade_rules(s.rules, s.alpha)
     sizes = _batch_sizes(s.batch_sizes, s.prompts)
-    return _Plan(s, cascades, sizes, get_task(s.task).examples("test", limit=s.prompts))
+    config = s.config(cascades) | as_config(s, ("drafter", "target", "batch_sizes")) | s.pair_config()
+    out = OutputDir(s.out, "bench", config, s.resume, s.overwrite).check()
+    return _Plan(s, cascades, sizes, get_task(s.task).examples("test", limit=s.prompts), out)
 
 
 def run(plan: _Plan) -> dict:
+    """Load the pair, time every configuration, write bench.json and bench.md (under the directory's lock)."""
+    s = plan.settings
+    with plan.out.claim():
+        if plan.out.complete:
+            say("bench", f"{s.out} holds this bench; nothing to do")
+            return read_json(s.out / "bench.json")
+        result = _timed(plan)
+        plan.out.finish()
+    return result
+
+
+def _timed(plan: _Plan) -> dict:
     """Load the pair, time every configuration, write bench.json and bench.md."""
     s = plan.settings
     pair = load_settings_pair(s, device=s.device)
+    check_heads(plan.cascades, pair)
     ids, mask = pair.encode([e.prompt for e in plan.examples])
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
                              {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)
     measure(configs, pair, ids, mask, s.repeats)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades))
-    s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "bench.json", result)
     write_text(s.out / "bench.md", markdown(result))
     print(markdown(result))

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..deferral.spec import SPEC_NAME, SPEC_VERSION
+from ..deferral.spec import HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION, Source
 from ..errors import SpeccascadeError
 from ..outdir import fits
 from ..report import damaged, read_json, write_json
@@ -71,6 +71,21 @@ def check_readable(manifest: dict, directory: str | Path) -> None:
     if (spec.get("name"), spec.get("version")) != (SPEC_NAME, SPEC_VERSION):
         raise SpeccascadeError(f"traces in {directory} were logged with feature spec {spec.get('name')} v{spec.get('version')}; "
                                f"this speccascade computes {SPEC_NAME} v{SPEC_VERSION} (log them again with log-traces)")
+
+
+def source(directory: str | Path, manifest: dict) -> Source:
+    """What these traces give a head (:func:`speccascade.deferral.spec.check_head`): their feature spec, schema
+    version, tokenizer and the width of each hidden-state column (read off the first shard's schema)."""
+    widths = {}
+    if manifest["shards"]:
+        path = Path(directory) / manifest["shards"][0]["file"]
+        try:
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as err:
+            raise damaged(path, err) from None
+        widths = {f.name: f.type.list_size for f in schema if f.name in HIDDEN_INPUTS and pa.types.is_fixed_size_list(f.type)}
+    return Source(f"traces in {directory}", manifest.get("feature_spec"), manifest.get("schema_version"), widths,
+                  manifest.get("tokenizer"))
 
 
 def read_sidecar(path: Path) -> dict:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .spec import SPEC_NAME, SPEC_VERSION
+from .spec import HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION
 
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
 TOP_K = 3  # top-k probabilities logged per model
@@ -40,7 +40,6 @@ TOKEN_FEATURES: tuple[str, ...] = (
     "q_rank", "p_rank",  # tokens strictly more likely than v (0 = the argmax)
 )
 ALL_FEATURES = POSITION_FEATURES + TOKEN_FEATURES
-HIDDEN_INPUTS: tuple[str, ...] = ("q_hidden", "p_hidden")  # last-layer hidden states: vector inputs of hidden heads
 
 
 def spec() -> dict:

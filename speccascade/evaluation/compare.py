@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.traces import load_traces, read_manifest
+from ..data.traces import check_readable, load_traces, read_manifest, source
 from ..deferral import features as F
 from ..deferral import rules as R
+from ..deferral.spec import check_head
 from ..errors import SpeccascadeError
 from ..listing import split_list
-from ..outdir import writable
-from ..report import say, wrote
-from ..settings import TrackingSettings, resolve_groups, seed_setting, setting
+from ..deferral.heads import fingerprint
+from ..outdir import OutputDir, writable
+from ..report import read_json, say, wrote
+from ..settings import OutputSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from . import offline
 from .offline import DEFAULT_RULES
@@ -30,8 +32,8 @@ from .report import comparison_text, log_comparison, write_comparison
 
 
 @dataclass(kw_only=True)
-class CompareSettings(TrackingSettings):
-    """Settings of ``compare`` (the tracking group, then its own)."""
+class CompareSettings(TrackingSettings, OutputSettings):
+    """Settings of ``compare`` (the tracking and output groups, then its own)."""
 
     traces: str = setting(help="a reference trace directory the heads never saw (for example GSM8K test when the heads "
                           "were trained on GSM8K train)")
@@ -40,8 +42,14 @@ class CompareSettings(TrackingSettings):
     rules: str | None = setting(None, "rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; "
                                 "default: every position and token rule, kl at several tau, js and entropy, those whose "
                                 "features the traces hold)")
-    resamples: int = setting(1000, "bootstrap resamples of the examples", low=10)
+    resamples: int = setting(1000, "bootstrap resamples of the examples (at most 20000: their counts are held in memory, "
+                             "and more move no interval by a digit worth reporting)", low=10, high=20000)
     seed: int = seed_setting("seed of the resampling")
+
+    def config(self, manifest: dict, head_dirs: list[str]) -> dict:
+        """What the comparison depends on (the traces and heads by their fingerprints): another one in --out is refused."""
+        return as_config(self, ("traces", "heads", "rules", "resamples", "seed")) | {
+            "trace_fingerprint": manifest.get("fingerprint"), "head_fingerprints": [fingerprint(d) for d in head_dirs]}
 
 
 @dataclass
@@ -53,6 +61,7 @@ class _Plan:
     learned: dict[str, R.Learned]
     rules: str
     manifest: dict
+    out: OutputDir
 
 
 def compare(traces: str, out: Path, **options) -> dict:
@@ -69,15 +78,34 @@ def resolve(settings: CompareSettings) -> _Plan:
     writable(s.out)
     head_dirs = split_list(s.heads, "--heads") if s.heads is not None else []
     manifest = read_manifest(s.traces)
-    learned = load_heads(head_dirs, manifest)
+    check_readable(manifest, s.traces)
+    learned = load_heads(head_dirs, manifest, s.traces)
     rules = s.rules if s.rules is not None else ",".join(offline.available(DEFAULT_RULES, load_traces(s.traces).column_names))
     for spec in split_list(rules, "--rules"):
         R.parse(spec).build()
-    return _Plan(s, head_dirs, learned, rules, manifest)
+    out = OutputDir(s.out, "compare", s.config(manifest, head_dirs), s.resume, s.overwrite, legacy=_legacy_marker)
+    return _Plan(s, head_dirs, learned, rules, manifest, out.check())
+
+
+def _legacy_marker(directory: Path) -> dict | None:
+    """A comparison written before output directories had markers: refused as one of other settings (--overwrite)."""
+    return {"command": "compare", "config": {}, "complete": True} if (directory / "compare.json").is_file() else None
 
 
 def run(plan: _Plan) -> dict:
-    """Judge every candidate, write the report, print its table and log the W&B run."""
+    """Judge every candidate, write the report, print its table and log the W&B run (under the directory's lock)."""
+    with plan.out.claim():
+        if plan.out.complete:
+            say("compare", f"{plan.settings.out} holds this comparison; nothing to do")
+            return read_json(plan.settings.out / "compare.json")
+        result = _judge(plan)
+        plan.out.finish()
+    summarise(result, plan.settings.out)
+    return result
+
+
+def _judge(plan: _Plan) -> dict:
+    """Score every candidate on the traces, write the report, print its table, log the W&B run."""
     s = plan.settings
     rules = [R.parse(spec).build() for spec in split_list(plan.rules, "--rules")]
     columns, example_ids = read_columns(s.traces, rules, plan.learned.values())
@@ -89,7 +117,6 @@ def run(plan: _Plan) -> dict:
     print(comparison_text(result))
     if s.wandb_mode != "disabled":
         log_run(result, s.out, s, s.traces, plan.head_dirs)
-    summarise(result, s.out)
     return result
 
 
@@ -113,12 +140,14 @@ def log_run(result: dict, out: Path, tracking: TrackingSettings, traces: str, he
     run.finish()
 
 
-def load_heads(head_dirs: list[str], manifest: dict) -> dict[str, R.Learned]:
-    """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces."""
-    learned = {}
+def load_heads(head_dirs: list[str], manifest: dict, traces: str) -> dict[str, R.Learned]:
+    """Each head as a learned rule, labelled by its directory's name, refused when trained on these traces or
+    unable to read them (:func:`~speccascade.deferral.spec.check_head`)."""
+    learned, given = {}, source(traces, manifest)
     for directory in head_dirs:
         rule = R.parse(f"learned:{directory}").build()
         check_held_out(rule, manifest, directory)
+        check_head(directory, rule.head.config(), given)
         learned[_unique(Path(directory).name, learned)] = rule
     return learned
 

@@ -23,7 +23,7 @@ from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..outdir import OutputDir
-from ..pairs import load_settings_pair
+from ..pairs import check_heads, load_settings_pair
 from ..report import by_rule
 from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
                         as_config, resolve_groups, seed_setting, setting)
@@ -183,6 +183,7 @@ def run(plan: _Plan) -> dict:
     s, out = plan.settings, Path(plan.settings.out)
     with plan.out.claim():
         pair = load_settings_pair(s)
+        check_heads((p.rule for p in plan.points), pair)
         for learned in {id(p.rule.head): p.rule for p in plan.points if isinstance(p.rule, R.Learned)}.values():
             _check_pair(learned, pair)
         done = _decode_points(plan, pair, PointStore(out))

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.traces import load_traces, read_manifest
+from ..data.traces import check_readable, load_traces, read_manifest, source
 from ..deferral import features as F
 from ..deferral import rules as R
+from ..deferral.spec import check_head
 from ..errors import SpeccascadeError
 from ..report import say
 from ..settings import resolve_groups, setting
@@ -97,7 +98,10 @@ def resolve(settings: OperatingPointSettings) -> _Plan:
     s = resolve_groups(settings)
     s.check_target()
     chosen = _rule(s.rule)
-    read_manifest(s.traces)
+    manifest = read_manifest(s.traces)
+    check_readable(manifest, s.traces)
+    if isinstance(chosen, R.Learned):
+        check_head(chosen.head.provenance["path"], chosen.head.config(), source(s.traces, manifest))
     return _Plan(s, chosen)
 
 

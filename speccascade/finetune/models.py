@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..decoding.pairs import layer_subset
+from ..decoding.presets import PRESETS
 from ..decoding.presets import load_model as _load
 from ..errors import SpeccascadeError
 
@@ -25,6 +26,29 @@ def load_model(name: str, device: str | torch.device = "cpu") -> tuple[PreTraine
     if tokenizer is None:
         raise SpeccascadeError(f"model {model_id!r} has no tokenizer")
     return model, tokenizer, model_id
+
+
+def check_model(name: str, flag: str) -> None:
+    """Refuse a model ``finetune`` could not load (``--base``, ``--teacher``) before anything is written: one no preset,
+    directory or cached hub id names, or an encoder-decoder one, read from its config alone (a tiny preset, built in
+    code, and a recipe preset, refused until built, go through :func:`load_model` itself)."""
+    spec = PRESETS.get(name)
+    try:
+        if spec is not None and (spec.recipe or spec.target.startswith("tiny-random")):
+            load_model(name)
+            return
+        if spec is not None and spec.gguf_package:  # loaded from its package's GGUF file
+            return
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec.target if spec else name)
+        except (OSError, ValueError) as err:
+            raise SpeccascadeError(f"cannot load model {name!r}: {(str(err).strip() or type(err).__name__).splitlines()[0]}") from None
+        if config.is_encoder_decoder:
+            raise SpeccascadeError(f"finetune trains decoder-only models; {name!r} is encoder-decoder")
+    except SpeccascadeError as err:
+        raise SpeccascadeError(f"{flag} {name}: {err}") from None
 
 
 def check_layers(model: PreTrainedModel, layers: list[int] | None) -> None:

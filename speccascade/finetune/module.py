@@ -87,6 +87,8 @@ class ModelRecipe:
             raise SpeccascadeError(f"--layers must be distinct indices >= 0, got {self.layers}")
         if self.distill_weight > 0 and not self.teacher:
             raise SpeccascadeError("--distill-weight > 0 needs a teacher model (--teacher DIR)")
+        if self.lora_targets is not None and self.lora_rank == 0:
+            raise SpeccascadeError("--lora-targets names the modules LoRA adapts; it needs --lora-rank > 0")
 
 
 class FinetuneModule(pl.LightningModule):

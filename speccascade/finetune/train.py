@@ -20,10 +20,10 @@ from ..decoding import ModelPair
 from ..errors import SpeccascadeError
 from ..outdir import LOCK, locked, writable
 from ..report import read_json, say, write_json, wrote
-from ..settings import ACCELERATORS, TrackingSettings, as_config, resolve_groups, seed_setting, setting
+from ..settings import ACCELERATORS, EXAMPLES_HIGH, TrackingSettings, as_config, resolve_groups, seed_setting, setting
 from ..tracking import start_run
 from .data import FinetuneDataModule
-from .models import export, load_model
+from .models import check_model, export, load_model
 from .module import FinetuneModule, ModelRecipe
 from .quality import heldout_report
 
@@ -45,7 +45,8 @@ class FinetuneSettings(TrackingSettings, ModelRecipe):
                         "logs/ (CSV curves) and wandb/. A killed run continues from its last checkpoint when rerun")
     task: str = setting("arithmetic", "task whose train split is learned (arithmetic is generated: no data needed)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
-    batch_size: int = setting(16, "examples per step (data seen = steps x batch_size examples)", low=1)
+    batch_size: int = setting(16, "examples per step (data seen = steps x batch_size examples; at most 65536)", low=1,
+                              high=65536)
     examples: int | None = setting(None, "distinct training examples, cycled in a new order each pass (default: steps x "
                                    "batch_size, every step sees new ones)", low=1)
     pack_length: int = setting(512, "tokens per packed row; a step's examples are packed into as few rows as fit", low=1)
@@ -54,7 +55,7 @@ class FinetuneSettings(TrackingSettings, ModelRecipe):
     checkpoint_every: int = setting(25, "steps between checkpoints (the last one is kept for resuming; removed when done)",
                                     low=1)
     eval_split: str = setting("test", "held-out split decoded greedily at the end")
-    eval_examples: int = setting(256, "held-out examples (0 skips the evaluation)", low=0)
+    eval_examples: int = setting(256, "held-out examples (0 skips the evaluation)", low=0, high=EXAMPLES_HIGH)
     eval_batch_size: int = setting(16, "examples decoded together in the evaluation", low=1)
     max_new_tokens: int = setting(96, "new tokens per held-out example", low=1)
     eval_seed: int = seed_setting("seed of the held-out examples (0: the ones `speccascade evaluate` decodes by default), "
@@ -86,11 +87,24 @@ def finetune(out: Path, **options) -> dict:
 
 
 def resolve(settings: FinetuneSettings) -> _Plan:
-    """Check every setting, the output path and the task; load no model, write nothing."""
+    """Check every setting, the output path, the task's splits and the models' names; load no weights, write nothing."""
     s = resolve_groups(settings)
     s.check_recipe()
     writable(s.out)
-    get_task(s.task)  # an unknown task fails before any model loads
+    if (s.examples or s.steps * s.batch_size) > EXAMPLES_HIGH:
+        raise SpeccascadeError(f"finetune prepares its {s.examples or s.steps * s.batch_size} training examples (--examples, "
+                               f"else --steps x --batch-size) before the first step; at most {EXAMPLES_HIGH} (they are cycled: "
+                               "pass a smaller --examples)")
+    task = get_task(s.task)  # an unknown task, split or data file fails before any model loads
+    task.examples("train", limit=1, data_file=s.data_file, seed=s.seed)
+    if s.eval_examples > 0:
+        try:
+            task.examples(s.eval_split, limit=1, data_file=s.data_file, seed=s.eval_seed)
+        except SpeccascadeError as err:
+            raise SpeccascadeError(f"--eval-split {s.eval_split}: {err}") from None
+    for flag, name in (("--base", s.base), ("--teacher", s.teacher)):
+        if name is not None:
+            check_model(name, flag)
     return _Plan(s, s.recipe(), resolve_precision(s.precision, s.accelerator))
 
 
@@ -164,6 +178,10 @@ def _train(plan: _Plan):
     s, out = plan.settings, plan.settings.out
     pl.seed_everything(s.seed, workers=True, verbose=False)
     module = FinetuneModule(s)
+    context = getattr(module.model.config, "max_position_embeddings", None)
+    if s.eval_examples and context and s.max_new_tokens >= context:  # refused before training, not after it
+        raise SpeccascadeError(f"--max-new-tokens {s.max_new_tokens} does not fit the context of {module.base_id!r} "
+                               f"({context} tokens), and the held-out evaluation decodes that many after each prompt")
     plain = module.model.get_base_model() if s.lora_rank > 0 else module.model
     pair = ModelPair(plain, plain, module.tokenizer, "finetune", module.base_id, module.base_id)
     module.model.train()  # the pair put it in eval mode

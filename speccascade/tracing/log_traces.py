@@ -31,7 +31,7 @@ from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
 from ..outdir import OutputDir
-from ..pairs import load_settings_pair
+from ..pairs import check_heads, load_settings_pair
 from ..report import say, wrote
 from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, seed_setting, setting)
@@ -136,6 +136,7 @@ def run(plan: _Plan) -> dict:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
         if s.topk > pair.vocab_size:
             raise SpeccascadeError(f"--topk {s.topk} is more than the vocabulary of {pair.name!r} ({pair.vocab_size} tokens)")
+        check_heads([plan.rule], pair)
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
                   "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,

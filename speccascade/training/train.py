@@ -98,6 +98,7 @@ class _Plan:
     features: list[str]
     manifests: list[dict]
     out: OutputDir
+    hidden_widths: dict[str, int]  # of each hidden-state input the head reads, the same in every trace directory
 
 
 def train_deferral(traces: list[str] | str, out, **options) -> DeferralHead:
@@ -138,8 +139,28 @@ def resolve(settings: TrainSettings) -> _Plan:
     if len(pairs) > 1 and not s.mix_pairs:
         names = "; ".join(f"{t}: {m.get('drafter')} -> {m.get('target')}" for t, m in zip(s.traces, manifests))
         raise SpeccascadeError(f"the traces come from different model pairs ({names}); pass --mix-pairs to train on them together")
+    widths = _hidden_widths(features, s.traces, manifests)
     out = OutputDir(s.out, "train-deferral", s.config(manifests), s.resume, s.overwrite, progress=(str(CHECKPOINT),))
-    return _Plan(s, kind, features, manifests, out.check())
+    return _Plan(s, kind, features, manifests, out.check(), widths)
+
+
+def _hidden_widths(features: list[str], directories: list[str], manifests: list[dict]) -> dict[str, int]:
+    """The width of each hidden-state feature, which every trace directory must hold at one width (read off the
+    shards' schema, before any row is loaded)."""
+    hidden = [f for f in features if f in HIDDEN_INPUTS]
+    if not hidden:
+        return {}
+    sources = [trace_dirs.source(d, m) for d, m in zip(directories, manifests)]
+    for name in hidden:
+        bare = [s.name for s in sources if name not in s.hidden_widths]
+        if bare:
+            raise SpeccascadeError(f"the head reads {name}, which {', '.join(bare)} do not hold (log them with "
+                                   "log-traces --hidden-states both)")
+        widths = {s.hidden_widths[name] for s in sources}
+        if len(widths) > 1:
+            named = "; ".join(f"{s.name}: {s.hidden_widths[name]}" for s in sources)
+            raise SpeccascadeError(f"{name} differs in width between the trace directories ({named}); one head reads one width")
+    return {name: sources[0].hidden_widths[name] for name in hidden}
 
 
 def _trainable(directory: str) -> dict:
@@ -277,7 +298,7 @@ def _export(plan: _Plan, module: DeferralModule, data: TraceDataModule, trainer:
     # thresholds that defer each rate of the validation positions
     trained.record_thresholds({r: float(np.quantile(values, 1 - r)) for r in DEFERRAL_RATES}, default)
     trained.metrics = metrics
-    trained.provenance = {"speccascade_version": __version__, "traces": [
+    trained.provenance = {"speccascade_version": __version__, "hidden_widths": plan.hidden_widths, "traces": [
         {"path": str(t), **{k: m.get(k) for k in ("fingerprint", "drafter", "target", "tokenizer", "schema_version")},
          "feature_spec": (m.get("feature_spec") or {}).get("version"),
          **{k: m.get("config", {}).get(k) for k in ("task", "split", "data_file")}} for t, m in zip(s.traces, plan.manifests)]}
