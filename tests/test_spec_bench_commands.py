@@ -53,6 +53,11 @@ def test_bench_writes_spec_benchs_table_by_category(tmp_path, small):
     assert [r["name"] for r in table["ratios"]] == ["exact speculative decoding / assisted generation",
                                                     "cascade opt:0.3 / exact speculative decoding"]
     assert set(table["goal"]["met_by_category"]) == {"mt_bench", "translation", "rag"}
+    records = {(r["example_id"], r["configuration"]): r for r in table["records"]}  # a record per prompt and row
+    assert len(records) == 3 * 4 and records[("writing-81", "target alone")]["turns"] == 2
+    assert {r["category"] for r in table["records"]} == {"mt_bench", "translation", "rag"}
+    assert sum(r["new_tokens"] for r in table["records"] if r["configuration"] == "target alone") == sum(
+        next(r for r in saved["results"] if r["name"] == "target alone")["batch_tokens"])
     assert (saved["categories"], saved["limit_per_category"], saved["prompts"], saved["turns"]) == (
         "mt_bench,translation,rag", 1, 3, 4)
     text = (out / "bench.md").read_text()

@@ -126,7 +126,7 @@ def run(plan: _Plan) -> dict:
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades, plan.examples) | {"turns": len(prompts)})
     if spec:
-        result["spec_bench"] = spec_bench(configs, [e.category for e in plan.examples], owners, s.draft_stop)
+        result["spec_bench"] = spec_bench(configs, plan.examples, owners, s.draft_stop)
     text = (spec_bench_markdown(result) + "\n" if spec else "") + markdown(result)
     s.out.mkdir(parents=True, exist_ok=True)
     write_json(s.out / "bench.json", result)

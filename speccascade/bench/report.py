@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import transformers
 
+from ..data.tasks import Example
 from ..data.tasks.spec_bench import CATEGORIES
 from ..decoding import ModelPair
 from ..uncertainty import Interval, percentile_interval, ratio, resample_weights
@@ -156,17 +157,18 @@ def markdown(report: dict) -> str:
 SPEC_BENCH_GOAL = ("exact speculative decoding / transformers assisted generation, batch 1, in every category", 1.2)
 
 
-def spec_bench(configs: list[Configuration], categories: list[str], owners: list[int], draft_stop: float) -> dict:
+def spec_bench(configs: list[Configuration], examples: list[Example], owners: list[int], draft_stop: float) -> dict:
     """Spec-Bench's table: each batch-1 configuration's speed-up over the target alone per category and overall,
     with 95% bootstrap intervals over that category's prompts (a prompt's turns timed together, by their median
     rounds), and its mean accepted tokens per target call; then the paired ratios the goals read (exact decoding
-    over assisted generation, each cascade over exact decoding with the same blocks), per category.
+    over assisted generation, each cascade over exact decoding with the same blocks), per category; and a record
+    per prompt and configuration (its id, category, turns, new tokens and seconds).
 
-    ``categories`` holds each example's category, ``owners`` the example of each decoded turn.
+    ``owners`` holds the index in ``examples`` of each decoded turn.
     """
     single = {c.name: c for c in configs if c.batch_size == 1}
-    names = np.asarray(categories)
-    groups = {c: np.flatnonzero(names == c) for c in CATEGORIES if c in categories} | {"overall": np.arange(len(names))}
+    names = np.asarray([e.category for e in examples])
+    groups = {c: np.flatnonzero(names == c) for c in CATEGORIES if c in names} | {"overall": np.arange(len(names))}
     weights = {g: resample_weights(len(idx)) for g, idx in groups.items()}
     sums = {}
     for name, c in single.items():
@@ -192,7 +194,11 @@ def spec_bench(configs: list[Configuration], categories: list[str], owners: list
                 "met": all(by_category.values())}
     counts = {g: len(idx) for g, idx in groups.items()}
     turns = {g: int(np.isin(owners, idx).sum()) for g, idx in groups.items()}
-    return {"columns": list(groups), "prompts": counts, "turns": turns, "rows": rows, "ratios": ratios, "goal": goal}
+    records = [{"example_id": e.id, "category": e.category, "turns": 1 + len(e.followups), "configuration": name,
+                "new_tokens": int(tokens[i]), "seconds": float(seconds[i])}
+               for name, (tokens, seconds) in sums.items() for i, e in enumerate(examples)]
+    return {"columns": list(groups), "prompts": counts, "turns": turns, "rows": rows, "ratios": ratios, "goal": goal,
+            "records": records}
 
 
 def _cell(interval: dict) -> str:
