@@ -213,7 +213,8 @@ class PairSettings:
 class TaskSettings:
     """Which examples of which task."""
 
-    task: str = setting("arithmetic", "task name (arithmetic, gsm8k, summarisation, cnn-dm, translation, qa, spec-bench)")
+    task: str = setting("arithmetic", "task name (arithmetic, worked-arithmetic, gsm8k, summarisation, cnn-dm, translation, qa, "
+                        "spec-bench)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
     split: str = setting("train", "data split")
     limit: int | None = setting(64, "number of examples (all when null)", low=1)

@@ -136,7 +136,7 @@ class SpeculativeCascade(Decoder):
         p = self.verify(state, drafts)
         rel_position = ((torch.arange(gamma + 1, device=drafts.device) + 1) / self.block_size).clamp_max(1.0)
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden)
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
         at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
         emit = mix.emit if self.bonus == "mix" else torch.where(at_bonus, p.sampled, mix.emit)
@@ -156,9 +156,10 @@ class SpeculativeCascade(Decoder):
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
         are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
-        (sampled tokens would use other random draws), and where shapes may change and the host may
-        read the device: the dynamic cache, no hook reading blocks."""
-        if self.cache == "static" or self.hook is not None or not self.sampler.greedy:
+        (sampled tokens would use other random draws; a block rule's look-ahead reads drafts past the
+        cut), and where shapes may change and the host may read the device: the dynamic cache, no hook
+        reading blocks."""
+        if self.cache == "static" or self.hook is not None or not self.sampler.greedy or self.rule.needs_drafts:
             return self.block_size
         out = state.out
         left = int(torch.where(out.done, 0, out.max_new_tokens - out.emitted).max())

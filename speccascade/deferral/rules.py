@@ -9,11 +9,12 @@ A rule turns one block into a :class:`Mix`: the decoder accepts a draft ``x`` wi
 ``min(1, accept(x) / q~(x))``, draws a rejected position's token from ``norm(max(0, emit - q~))``
 and the bonus token from ``emit``. For the cascaded rules ``accept = emit = pi``.
 
-Each rule class names its knob (``alpha``, or ``k`` for :class:`TopK`) and owns its knob
+Each rule class names its knob (``alpha``; ``k`` for :class:`TopK`, ``theta`` for :class:`FLy`) and owns its knob
 metadata: ``EXACT`` and ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding
 and one at which it accepts every draft, and ``SWEEP``, the knobs a decoding sweep tries by default.
 
-A rule with a knob is a *score* compared with it: it defers iff ``score(features) > knob``
+A rule with a knob is a *score* compared with it (block rules such as :class:`FLy`, which read the whole
+block's drafts, excepted): it defers iff ``score(features) > knob``
 (:class:`TopK`: ``p_rank > k - 1/2``). The formula is written once, in ``score``, over named
 features of :mod:`speccascade.deferral.features`: the decoder feeds it features of live
 distributions, offline comparisons feed it the same columns read from traces, and since the
@@ -55,6 +56,7 @@ class Rule(ABC):
     needs_target: ClassVar[bool] = True  # False: decides from q alone (sequential cascade)
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
+    needs_drafts: ClassVar[bool] = False  # True: decides from the whole block's drafts (no per-position score)
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``score``/``decide`` read
     EXACT: ClassVar[float | None] = None
@@ -81,6 +83,10 @@ class Rule(ABC):
 
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The quantity compared with the knob; larger means defer sooner."""
+        if self.needs_drafts:
+            raise SpeccascadeError(
+                f"rule {self.name!r} decides from a whole block's drafts (a look-ahead window), which trace rows "
+                "(one position each) do not hold: use it where the decoder runs (evaluate, bench), not on traces")
         raise SpeccascadeError(f"rule {self.name!r} has no knob, so no score")
 
     def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -96,11 +102,13 @@ class Rule(ABC):
         p_s: torch.Tensor,
         rel_position: torch.Tensor | float = 1.0,
         hidden: Mapping[str, torch.Tensor] | None = None,
+        drafts: torch.Tensor | None = None,
     ) -> Mix:
         """The block's :class:`Mix` from unscaled ``q``, ``p`` and sampling ``q_s``, ``p_s``.
 
         ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it;
-        ``hidden``: ``q_hidden``/``p_hidden`` ``[B, T, H]``, for rules that ``needs_hidden``.
+        ``hidden``: ``q_hidden``/``p_hidden`` ``[B, T, H]``, for rules that ``needs_hidden``;
+        ``drafts`` ``[B, T - 1]``: the block's drafted tokens, for rules that ``needs_drafts``.
         """
 
     @staticmethod
@@ -121,7 +129,7 @@ class PositionRule(Rule):
         names = tuple(n for n in self.features if n not in HIDDEN_INPUTS)
         return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}))
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
         r = self.defer(q, p, rel_position, hidden)
         pi = torch.where(r.unsqueeze(-1), p_s, q_s)
         return Mix(pi, pi, r)
@@ -145,7 +153,7 @@ class TokenRule(Rule):
         f.update({name: value.unsqueeze(-2) for name, value in (hidden or {}).items()})  # [B, T, 1, H]
         return self.decide(f)
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
         r = self.defer_tokens(q, p, rel_position, hidden)
         deferred_q = torch.where(r, q_s, 0.0)
         eta = deferred_q.sum(-1, keepdim=True)
@@ -315,6 +323,61 @@ class Gain(PositionRule):
 
 
 @dataclass
+class FLy(Rule):
+    """FLy, training-free loosely speculative decoding (Li et al., ICLR 2026): keep a draft the target
+    would not have chosen where the target is unsure and, having read it, goes on with the drafter.
+
+    A draft ``x_t`` is a *mismatch* where it is not a top-1 token of ``p_t``. A mismatch is kept
+    (``r = 0``, ``pi = q~``) iff the target's top-3 entropy ``-sum_{i<=3} p_(i) log p_(i)`` exceeds
+    ``theta`` (the entropy gate) and each of the next ``window`` drafts is a top-1 token of its ``p``
+    (the deferred window; a window that runs past the block's last draft keeps nothing). Every other
+    position defers (``pi = p~``), so matches pass speculative decoding's own test. The deferral rate
+    *grows* with ``theta``; above log 3 no mismatch passes the gate: exact speculative decoding.
+    Reading the block's drafts, it has no per-position score (algorithms.md, "Block rules").
+    """
+
+    theta: float = 0.3
+    window: int = 2
+    name = "fly"
+    granularity = "position"
+    needs_bonus_drafter = False
+    needs_drafts = True
+    knob = "theta"
+    features = ("p_top1", "p_top2", "p_top3")
+    EXACT = 1.1  # the top-3 entropy is at most log 3 < 1.1
+    SWEEP = (0.1, 0.3, 0.6)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.window) and self.window == int(self.window) and self.window >= 1):
+            raise SpeccascadeError(f"fly needs a whole number window >= 1, got {self.window:g}")
+        self.window = int(self.window)
+
+    def defer(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        """Boolean ``r`` ``[B, T]`` from unscaled ``p`` ``[B, T, V]`` and ``drafts`` ``[B, G]``, G <= T;
+        positions past the drafts (the bonus) defer."""
+        gamma = drafts.shape[1]
+        p_d = p[:, :gamma]
+        f = position_features(p_d, p_d, names=self.features)
+        top = torch.stack([f[name] for name in self.features], -1)
+        uncertain = -(top * top.clamp_min(EPS).log()).sum(-1) > self.theta
+        agree = p_d.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) >= f["p_top1"]
+        agreed = torch.nn.functional.pad(agree.long().cumsum(1), (1, 0))  # [B, G + 1]: among the first j drafts
+        t = torch.arange(gamma, device=p.device)
+        end = t + 1 + self.window  # one past the window's last draft
+        confirmed = (end <= gamma) & (agreed[:, end.clamp_max(gamma)] - agreed[:, t + 1] == self.window)
+        keep = ~agree & uncertain & confirmed
+        bonus = torch.ones_like(p[:, gamma:, 0], dtype=torch.bool)
+        return torch.cat([~keep, bonus], dim=1)
+
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
+        if drafts is None:
+            raise SpeccascadeError("rule 'fly' reads the block's drafts: pass drafts to mix")
+        r = self.defer(p, drafts)
+        pi = torch.where(r.unsqueeze(-1), p_s, q_s)
+        return Mix(pi, pi, r)
+
+
+@dataclass
 class TokenV1(TokenRule):
     """Defer token ``v`` iff ``q(v) < max p - alpha``."""
 
@@ -406,7 +469,7 @@ class LossySD(Rule):
     def decide(self, f):
         return torch.ones_like(f["q_top1"], dtype=torch.bool)
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
         accept = p_s / max(1.0 - self.alpha, EPS)
         defer = torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
         return Mix(accept, p_s, defer)
@@ -464,7 +527,7 @@ class Learned(Rule):
     def needs_hidden(self) -> bool:
         return self.head.needs_hidden
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None) -> Mix:
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
         base = TokenRule if self.granularity == "token" else PositionRule
         return base.mix(self, q, p, q_s, p_s, rel_position, hidden)
 
@@ -490,7 +553,7 @@ class Learned(Rule):
 
 FIXED_RULES: dict[str, type[Rule]] = {
     cls.name: cls
-    for cls in (Chow, Diff, OPT, BiLD, Gain, KLJudge, JS, Entropy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
+    for cls in (Chow, Diff, OPT, BiLD, Gain, KLJudge, JS, Entropy, FLy, TokenV1, TokenV2, TokenV3, TopK, LossySD, AlwaysDefer,
                 NeverDefer)
 }
 SPELLING = "name, name:KNOB, name:KNOB:PARAM=VALUE or learned:DIR[@THRESHOLD]"

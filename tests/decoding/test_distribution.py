@@ -68,8 +68,10 @@ class PlainResidual(SpeculativeCascade):
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5)], ids=["T=1", "T=0.7,top5"])
-def test_forced_defer_emits_the_target_distribution(small_pair, sampling):
-    dec = SpeculativeCascade(small_pair, rules.AlwaysDefer(), block_size=GAMMA, **sampling)
+@pytest.mark.parametrize("rule", [rules.AlwaysDefer(), rules.FLy(theta=rules.FLy.EXACT, window=1)], ids=repr)
+def test_forced_defer_emits_the_target_distribution(small_pair, sampling, rule):
+    """Always defer, and FLy at its exact knob (a block rule, which reads the drafts)."""
+    dec = SpeculativeCascade(small_pair, rule, block_size=GAMMA, **sampling)
     expected = target_joint(small_pair, dec.sampler)
     observed = empirical_joint(dec)
     assert chi_square_p(observed, expected) > 1e-3

@@ -32,21 +32,26 @@ LOSSES = ("gives away", "loses", "sells", "donates", "trades away")
 
 
 @dataclass(frozen=True)
-class WordProblem:
-    """A question, its worked steps (``"a op b = c."``, in order) and the integer answer."""
+class Scene:
+    """Who and what a problem is about (the worked-solution task retells it)."""
 
-    question: str
-    steps: tuple[str, ...]
-    answer: int
-
-
-@dataclass(frozen=True)
-class _Scene:
     name: str
     other: str
     things: str
     gains: str
     loses: str
+
+
+@dataclass(frozen=True)
+class WordProblem:
+    """A question, its worked steps (``"a op b = c."``, in order), the integer answer, and the template
+    (``kind``, e.g. ``"gain"``) and ``scene`` it was written from."""
+
+    question: str
+    steps: tuple[str, ...]
+    answer: int
+    kind: str
+    scene: Scene
 
 
 class _Work:
@@ -63,29 +68,29 @@ class _Work:
         return self.result
 
 
-Template = Callable[[random.Random, _Work, _Scene], str]
+Template = Callable[[random.Random, _Work, Scene], str]
 
 
-def _gain(r: random.Random, w: _Work, s: _Scene) -> str:
+def _gain(r: random.Random, w: _Work, s: Scene) -> str:
     a, b = r.randint(2, 20), r.randint(1, 9)
     w(a, "+", b)
     return f"{s.name} has {a} {s.things} and {s.gains} {b} more. How many {s.things} does {s.name} have now?"
 
 
-def _loss(r: random.Random, w: _Work, s: _Scene) -> str:
+def _loss(r: random.Random, w: _Work, s: Scene) -> str:
     b = r.randint(1, 9)
     a = b + r.randint(1, 11)
     w(a, "-", b)
     return f"{s.name} has {a} {s.things} and {s.loses} {b} of them. How many {s.things} does {s.name} have left?"
 
 
-def _together(r: random.Random, w: _Work, s: _Scene) -> str:
+def _together(r: random.Random, w: _Work, s: Scene) -> str:
     a, b = r.randint(1, 20), r.randint(1, 20)
     w(a, "+", b)
     return f"{s.name} has {a} {s.things} and {s.other} has {b}. How many {s.things} do they have altogether?"
 
 
-def _compare(r: random.Random, w: _Work, s: _Scene) -> str:
+def _compare(r: random.Random, w: _Work, s: Scene) -> str:
     b = r.randint(1, 15)
     a = b + r.randint(1, 5)
     w(a, "-", b)
@@ -93,66 +98,66 @@ def _compare(r: random.Random, w: _Work, s: _Scene) -> str:
             f"How many more {s.things} does {s.name} have than {s.other}?")
 
 
-def _gain_then_loss(r: random.Random, w: _Work, s: _Scene) -> str:
+def _gain_then_loss(r: random.Random, w: _Work, s: Scene) -> str:
     a, b, c = r.randint(10, 40), r.randint(2, 20), r.randint(1, 9)
     w(w(a, "+", b), "-", c)
     return (f"{s.name} has {a} {s.things}, {s.gains} {b} more and then {s.loses} {c}. "
             f"How many {s.things} does {s.name} have now?")
 
 
-def _more_than(r: random.Random, w: _Work, s: _Scene) -> str:
+def _more_than(r: random.Random, w: _Work, s: Scene) -> str:
     a, b = r.randint(3, 30), r.randint(2, 15)
     w(a, "+", w(a, "+", b))
     return (f"{s.name} has {a} {s.things}. {s.other} has {b} more than {s.name}. "
             f"How many {s.things} do they have altogether?")
 
 
-def _box(r: random.Random, w: _Work, s: _Scene) -> str:
+def _box(r: random.Random, w: _Work, s: Scene) -> str:
     a, b, c = r.randint(15, 40), r.randint(2, 14), r.randint(2, 20)
     w(w(a, "-", b), "+", c)
     return (f"A box holds {a} {s.things}. {s.name} takes out {b} and {s.other} puts in {c}. "
             f"How many {s.things} are in the box now?")
 
 
-def _three_days(r: random.Random, w: _Work, s: _Scene) -> str:
+def _three_days(r: random.Random, w: _Work, s: Scene) -> str:
     a, b, c = r.randint(2, 20), r.randint(2, 20), r.randint(2, 20)
     w(w(a, "+", b), "+", c)
     return (f"{s.name} collects {a} {s.things} on Monday, {b} on Tuesday and {c} on Wednesday. "
             f"How many {s.things} does {s.name} collect in the three days?")
 
 
-def _packs(r: random.Random, w: _Work, s: _Scene) -> str:
+def _packs(r: random.Random, w: _Work, s: Scene) -> str:
     k, n = r.randint(2, 12), r.randint(2, 12)
     w(k, "*", n)
     return f"{s.name} buys {k} packs of {s.things} with {n} in each pack. How many {s.things} does {s.name} buy?"
 
 
-def _share(r: random.Random, w: _Work, s: _Scene) -> str:
+def _share(r: random.Random, w: _Work, s: Scene) -> str:
     k, n = r.randint(2, 12), r.randint(2, 12)
     w(k * n, "/", k)
     return f"{s.name} shares {k * n} {s.things} equally among {k} friends. How many {s.things} does each friend get?"
 
 
-def _bags(r: random.Random, w: _Work, s: _Scene) -> str:
+def _bags(r: random.Random, w: _Work, s: Scene) -> str:
     k, n = r.randint(2, 12), r.randint(2, 12)
     w(k * n, "/", n)
     return f"{s.name} puts {k * n} {s.things} into bags of {n}. How many bags does {s.name} fill?"
 
 
-def _shelves(r: random.Random, w: _Work, s: _Scene) -> str:
+def _shelves(r: random.Random, w: _Work, s: Scene) -> str:
     k, n = r.randint(2, 12), r.randint(2, 12)
     w(k, "*", n)
     return f"There are {k} shelves with {n} {s.things} on each shelf. How many {s.things} are there in total?"
 
 
-def _shop(r: random.Random, w: _Work, s: _Scene) -> str:
+def _shop(r: random.Random, w: _Work, s: Scene) -> str:
     a, b, c, k, n = r.randint(200, 999), r.randint(10, 99), r.randint(10, 99), r.randint(2, 9), r.randint(10, 50)
     w(w(w(a, "-", b), "-", c), "+", w(k, "*", n))
     return (f"A shop has {a} {s.things}. It sells {b} in the morning and {c} in the afternoon, then receives "
             f"{k} boxes of {n} {s.things}. How many {s.things} does the shop have now?")
 
 
-def _crates(r: random.Random, w: _Work, s: _Scene) -> str:
+def _crates(r: random.Random, w: _Work, s: Scene) -> str:
     k, n = r.randint(3, 9), r.randint(40, 99)
     b, c = r.randint(10, k * n // 2), r.randint(10, 99)
     w(w(w(k, "*", n), "-", b), "+", c)
@@ -160,7 +165,7 @@ def _crates(r: random.Random, w: _Work, s: _Scene) -> str:
             f"How many {s.things} does {s.name} have now?")
 
 
-def _times_as_many(r: random.Random, w: _Work, s: _Scene) -> str:
+def _times_as_many(r: random.Random, w: _Work, s: Scene) -> str:
     a, m = r.randint(20, 99), r.randint(5, 9)
     b = r.randint(10, m * a // 2)
     w(a, "+", w(w(m, "*", a), "-", b))
@@ -168,7 +173,7 @@ def _times_as_many(r: random.Random, w: _Work, s: _Scene) -> str:
             f"How many {s.things} do {s.name} and {s.other} have altogether now?")
 
 
-def _boxes_shared(r: random.Random, w: _Work, s: _Scene) -> str:
+def _boxes_shared(r: random.Random, w: _Work, s: Scene) -> str:
     g, per = r.randint(2, 6), r.randint(50, 150)
     total = g * per
     n = r.randint(10, min(50, (total - 1) // 2))
@@ -190,10 +195,11 @@ TEMPLATES: dict[int, tuple[Template, ...]] = {
 def make_problem(rng: random.Random, level: int) -> WordProblem:
     """A random word problem of difficulty ``level`` (1-4)."""
     name, other = rng.sample(NAMES, 2)
-    scene = _Scene(name, other, rng.choice(THINGS), rng.choice(GAINS), rng.choice(LOSSES))
+    scene = Scene(name, other, rng.choice(THINGS), rng.choice(GAINS), rng.choice(LOSSES))
     work = _Work()
-    question = rng.choice(TEMPLATES[level])(rng, work, scene)
-    return WordProblem(question, tuple(work.steps), work.result)
+    template = rng.choice(TEMPLATES[level])
+    question = template(rng, work, scene)
+    return WordProblem(question, tuple(work.steps), work.result, template.__name__.lstrip("_"), scene)
 
 
 def split_of(question: str) -> str:
@@ -202,13 +208,19 @@ def split_of(question: str) -> str:
     return SPLITS[int.from_bytes(digest, "big") % len(SPLITS)]
 
 
-def problems(split: str, seed: int) -> Iterator[Problem]:
-    """The endless, deterministic stream of ``split``'s problems for ``seed``."""
+def word_problems(split: str, seed: int) -> Iterator[WordProblem]:
+    """The endless, deterministic stream of ``split``'s word problems for ``seed`` (levels take turns)."""
     rng = random.Random(f"arithmetic/{split}/{seed}")
     for i in count():
         problem = make_problem(rng, LEVELS[i % len(LEVELS)])
         while split_of(problem.question) != split:
             problem = make_problem(rng, LEVELS[i % len(LEVELS)])
+        yield problem
+
+
+def problems(split: str, seed: int) -> Iterator[Problem]:
+    """The endless, deterministic stream of ``split``'s problems for ``seed``."""
+    for i, problem in enumerate(word_problems(split, seed)):
         reference = " ".join(problem.steps) + f" The answer is {problem.answer}."
         yield Problem(f"arithmetic-{split}-{i:05d}", f"Question: {problem.question}", reference, str(problem.answer))
 
@@ -225,14 +237,18 @@ class Arithmetic(Task):
 
     def examples(self, split, limit=None, data_file=None, seed=0, few_shot=0):
         if data_file is not None:
-            raise SpeccascadeError("arithmetic generates its own problems; it takes no data file")
+            raise SpeccascadeError(f"{self.name} generates its own problems; it takes no data file")
         if split not in SPLITS:
-            raise SpeccascadeError(f"unknown split {split!r} for arithmetic; choose one of {', '.join(SPLITS)}")
+            raise SpeccascadeError(f"unknown split {split!r} for {self.name}; choose one of {', '.join(SPLITS)}")
         check_counts(limit, few_shot)
         start = few_shot if split == "train" else 0
-        chosen = list(islice(problems(split, seed), start, start + (DEFAULT_COUNT if limit is None else limit)))
-        shots = list(islice(problems("train", seed), few_shot))
-        return assemble(chosen, shots, STEP_BY_STEP, "Answer:", f"arithmetic (split {split!r})")
+        chosen = list(islice(self.problems(split, seed), start, start + (DEFAULT_COUNT if limit is None else limit)))
+        shots = list(islice(self.problems("train", seed), few_shot))
+        return assemble(chosen, shots, STEP_BY_STEP, "Answer:", f"{self.name} (split {split!r})")
+
+    def problems(self, split: str, seed: int) -> Iterator[Problem]:
+        """The stream of ``split``'s problems, which ``examples`` prompts (a subclass may word them otherwise)."""
+        return problems(split, seed)
 
     def score(self, prediction, example):
         return metrics.number_match(prediction, example.answer)
