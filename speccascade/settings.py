@@ -14,12 +14,13 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import torch
 
 from .decoding.cascade import BONUS
 from .errors import SpeccascadeError
+from .listing import split_list
 from .outdir import fits
 from .tracking import WANDB_MODES
 
@@ -213,20 +214,48 @@ class PairSettings:
 class TaskSettings:
     """Which examples of which task."""
 
-    task: str = setting("arithmetic", "task name (arithmetic, worked-arithmetic, gsm8k, summarisation, cnn-dm, translation, qa)")
+    task: str = setting("arithmetic", "task name (arithmetic, worked-arithmetic, gsm8k, summarisation, cnn-dm, translation, qa, "
+                        "spec-bench)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records instead of the hub dataset")
     split: str = setting("train", "data split")
     limit: int | None = setting(64, f"number of examples (all when null; at most {EXAMPLES_HIGH})", low=1, high=EXAMPLES_HIGH)
     few_shot: int = setting(0, "solved examples put in each prompt (tasks that support it)", low=0)
 
-    def examples(self, seed: int):
-        """The task and its examples (reads the data: a missing or malformed file is an error here)."""
+    def examples(self, seed: int, pick: Callable[[list], list] | None = None):
+        """The task and its examples (reads the data: a missing or malformed file is an error here); ``pick``
+        chooses among all of the split's examples first, and ``--limit`` then keeps the first of those chosen."""
         from .data.tasks import get_task
 
         task = get_task(self.task)
         if self.data_file is not None and not fits(self.data_file, "--data-file").is_file():
             raise SpeccascadeError(f"data file {self.data_file} not found")
-        return task, task.examples(self.split, limit=self.limit, data_file=self.data_file, seed=seed, few_shot=self.few_shot)
+        if pick is None:
+            return task, task.examples(self.split, limit=self.limit, data_file=self.data_file, seed=seed, few_shot=self.few_shot)
+        chosen = pick(task.examples(self.split, data_file=self.data_file, seed=seed, few_shot=self.few_shot))
+        return task, chosen[: self.limit]
+
+
+@dataclass(kw_only=True)
+class CategorySettings:
+    """Which categories of a task whose examples have them (spec-bench), and how many examples of each."""
+
+    categories: str | None = setting(None, "comma-separated categories to run (spec-bench: mt_bench, translation, "
+                                     "summarization, qa, math_reasoning, rag; default: all)")
+    limit_per_category: int | None = setting(None, "at most this many examples of each category (all when null)", low=1)
+
+    @property
+    def picks(self) -> bool:
+        """Whether a category or a count per category is asked for."""
+        return self.categories is not None or self.limit_per_category is not None
+
+    def by_category(self, examples: list) -> list:
+        """The examples of the chosen categories, at most ``limit_per_category`` of each, in their order."""
+        from .data.tasks.spec_bench import select
+
+        if self.picks and not any(e.category for e in examples):
+            raise SpeccascadeError("--categories and --limit-per-category need a task with categories (spec-bench)")
+        chosen = None if self.categories is None else split_list(self.categories, "--categories")
+        return select(examples, chosen, self.limit_per_category)
 
 
 @dataclass(kw_only=True)

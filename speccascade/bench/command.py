@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.tasks import get_task
+from ..data.tasks import Example, get_task
+from ..data.tasks.base import conversation
+from ..decoding import Autoregressive
 from ..decoding.cache import LAYOUTS
 from ..deferral import rules as R
 from ..errors import SpeccascadeError
@@ -16,27 +18,35 @@ from ..listing import split_list
 from ..outdir import OutputDir, writable
 from ..pairs import check_heads, load_settings_pair
 from ..report import read_json, say, write_json, write_text, wrote
-from ..settings import EXAMPLES_HIGH, BlockSettings, OutputSettings, PairSettings, as_config, resolve_groups, setting
+from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, OutputSettings, PairSettings, as_config,
+                        resolve_groups, setting)
 from .measure import begin_round, configurations, profiled, step_times, timed
-from .report import markdown, report
+from .report import markdown, report, spec_bench, spec_bench_markdown
+
+SPEC_BENCH = "spec-bench"
+DEFAULT_PROMPTS, DEFAULT_BATCH_SIZES = 8, "1,4,8"
 
 
 @dataclass(kw_only=True)
-class BenchSettings(BlockSettings, PairSettings, OutputSettings):
-    """Settings of ``bench`` (the pair and block groups, then its own); the block group applies to every
-    speccascade row that drafts (exact decoding and the cascades)."""
+class BenchSettings(CategorySettings, BlockSettings, PairSettings, OutputSettings):
+    """Settings of ``bench`` (the pair, block and category groups, then its own); the block group applies to every
+    speccascade row that drafts (exact decoding and the cascades), the category group to spec-bench."""
 
     out: Path = setting(help="output directory (bench.json, bench.md)")
-    batch_sizes: str = setting("1,4,8", "comma-separated batch sizes for exact speculative decoding")
+    batch_sizes: str | None = setting(None, "comma-separated batch sizes for exact speculative decoding (default "
+                                      f"{DEFAULT_BATCH_SIZES}; spec-bench runs at batch 1, as Spec-Bench does)")
     block_size: int = setting(5, "drafts per block (gamma), also transformers' num_assistant_tokens", low=1)
     alpha: float = setting(0.3, "the cascades' OPT and TokenV3 knob (when --rules is not given)")
     rules: str | None = setting(None, "cascade rules timed beside exact decoding, comma-separated "
                                 "(gain:0.23,learned:DIR@0.25); default: opt and tokenv3 at --alpha")
-    prompts: int = setting(8, "prompts from the task's test split; each batch size decodes all of them", low=1,
-                           high=EXAMPLES_HIGH)
+    prompts: int | None = setting(None, f"prompts from the task's test split (default {DEFAULT_PROMPTS}; spec-bench: "
+                                  "all those of --categories and --limit-per-category); each batch size decodes all of them",
+                                  low=1, high=EXAMPLES_HIGH)
     max_new_tokens: int = setting(64, "new tokens per prompt", low=1)
     repeats: int = setting(3, "timed rounds after one warm-up round; medians are reported", low=1)
-    task: str = setting("arithmetic", "task whose test prompts are decoded")
+    task: str = setting("arithmetic", "task whose test prompts are decoded (spec-bench: Spec-Bench's table by category)")
+    data_file: str | None = setting(None, "local JSONL/parquet file of the task's records (spec-bench: a copy of "
+                                    "Spec-Bench's question.jsonl)")
     cache: str | None = setting(None, "speccascade KV cache, dynamic or static (default: static on CUDA, dynamic on the CPU)")
     compile: bool = setting(False, "torch.compile the models' single-step forward passes (needs --cache static)")
     device: str | None = setting(None, "cuda, cuda:N or cpu (default: cuda when present)")
@@ -51,13 +61,17 @@ class BenchSettings(BlockSettings, PairSettings, OutputSettings):
             raise SpeccascadeError("--compile needs the static cache (--cache static)")
         if self.draft_stop and self.cache == "static":
             raise SpeccascadeError("--draft-stop needs the dynamic cache (--cache dynamic): blocks change length")
+        if self.task == SPEC_BENCH and self.batch_sizes not in (None, "1", 1):
+            raise SpeccascadeError(f"--batch-sizes {self.batch_sizes!r}: spec-bench runs at batch 1, as Spec-Bench does")
         _check_device(self.device)
 
-    def config(self, cascades: list[R.Rule]) -> dict:
+    def config(self, cascades: list[R.Rule], examples: list[Example]) -> dict:
         """The settings recorded in bench.json."""
+        picked = {"data_file": self.data_file, "categories": self.categories, "limit_per_category": self.limit_per_category}
         return {"task": self.task, "block_size": self.block_size, "rules": [r.spec for r in cascades], **self.block_options(),
-                "prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "repeats": self.repeats,
-                "cache": self.cache or "default", "compile": self.compile, "transformers_rows": self.transformers}
+                "prompts": len(examples), "max_new_tokens": self.max_new_tokens, "repeats": self.repeats,
+                "cache": self.cache or "default", "compile": self.compile, "transformers_rows": self.transformers,
+                **{k: v for k, v in picked.items() if v is not None}}
 
 
 @dataclass
@@ -85,10 +99,20 @@ def resolve(settings: BenchSettings) -> _Plan:
     s.check_bench()
     writable(s.out)
     cascades = cascade_rules(s.rules, s.alpha)
-    sizes = _batch_sizes(s.batch_sizes, s.prompts)
-    config = s.config(cascades) | as_config(s, ("drafter", "target", "batch_sizes")) | s.pair_config()
+    examples = _examples(s)
+    sizes = _batch_sizes(s.batch_sizes or ("1" if s.task == SPEC_BENCH else DEFAULT_BATCH_SIZES), len(examples))
+    config = s.config(cascades, examples) | as_config(s, ("drafter", "target", "batch_sizes")) | s.pair_config()
     out = OutputDir(s.out, "bench", config, s.resume, s.overwrite).check()
-    return _Plan(s, cascades, sizes, get_task(s.task).examples("test", limit=s.prompts), out)
+    return _Plan(s, cascades, sizes, examples, out)
+
+
+def _examples(s: BenchSettings) -> list[Example]:
+    """The test prompts: those of the chosen categories (spec-bench), then the first ``--prompts`` of them."""
+    limit = s.prompts or (None if s.task == SPEC_BENCH else DEFAULT_PROMPTS)
+    task = get_task(s.task)
+    if not s.picks:
+        return task.examples("test", limit=limit, data_file=s.data_file)
+    return s.by_category(task.examples("test", data_file=s.data_file))[:limit]
 
 
 def run(plan: _Plan) -> dict:
@@ -104,42 +128,76 @@ def run(plan: _Plan) -> dict:
 
 
 def _timed(plan: _Plan) -> dict:
-    """Load the pair, time every configuration, write bench.json and bench.md."""
+    """Load the pair, time every configuration, write bench.json and bench.md (spec-bench's table first)."""
     s = plan.settings
     pair = load_settings_pair(s, device=s.device)
     check_heads(plan.cascades, pair)
-    ids, mask = pair.encode([e.prompt for e in plan.examples])
+    prompts, owners = turn_prompts(pair, plan.examples, s.max_new_tokens)
+    ids, mask = pair.encode(prompts)
     configs = configurations(pair, plan.sizes, s.block_size, plan.cascades, s.max_new_tokens,
                              {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)
-    measure(configs, pair, ids, mask, s.repeats)
+    spec = s.task == SPEC_BENCH
+    if spec:
+        configs = [c for c in configs if _in_spec_bench(c.name)]
+    measure(configs, pair, ids, mask, s.repeats, warm_up=1 if spec else None)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
-    result = report(configs, steps, pair, s.config(plan.cascades))
+    result = report(configs, steps, pair, s.config(plan.cascades, plan.examples) | {"turns": len(prompts)})
+    if spec:
+        result["spec_bench"] = spec_bench(configs, plan.examples, owners, s.draft_stop)
+    text = (spec_bench_markdown(result) + "\n" if spec else "") + markdown(result)
     write_json(s.out / "bench.json", result)
-    write_text(s.out / "bench.md", markdown(result))
-    print(markdown(result))
+    write_text(s.out / "bench.md", text)
+    print(text)
     say("bench", wrote(s.out / "bench.md", s.out / "bench.json"))
     return result
 
 
-def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> None:
+def _in_spec_bench(name: str) -> bool:
+    """Spec-Bench's rows: the target alone, assisted generation, exact speculative decoding and the cascades (the
+    other rows are left out to keep its long prompts affordable)."""
+    return name in ("target alone", "assisted generation") or name.startswith(("exact speculative decoding", "cascade "))
+
+
+def turn_prompts(pair, examples: list[Example], max_new_tokens: int) -> tuple[list, list[int]]:
+    """Every turn of every example as a prompt, and the index of the example each belongs to.
+
+    A later turn of a multi-turn example is the conversation so far, holding the target's greedy replies to
+    the turns before it (decoded here, untimed), so that every configuration decodes the same prompts.
+    """
+    target = Autoregressive(pair, "target")
+    prompts, owners = [], []
+    for i, example in enumerate(examples):
+        replies: list[str] = []
+        for turn in range(1 + len(example.followups)):
+            prompts.append(conversation(example, replies))
+            owners.append(i)
+            if turn < len(example.followups):
+                ids, mask = pair.encode(prompts[-1:])
+                replies.append(pair.decode(target.generate(ids, mask, max_new_tokens=max_new_tokens).new_tokens)[0])
+    return prompts, owners
+
+
+def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int, warm_up: int | None = None) -> None:
     """Time every configuration over one warm-up round and ``repeats`` timed rounds, then profile each once.
 
     Within a round the configurations take turns on each chunk of prompts (one largest batch), so a
     slow spell of a shared machine hits every configuration on the same prompts, not whichever
-    configuration happened to run then; the paired intervals over prompts rest on that.
+    configuration happened to run then; the paired intervals over prompts rest on that. ``warm_up``
+    prompts (all when None) make the warm-up round and the profiled run.
     """
     chunk = max(config.batch_size for config in configs)
     for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
         for config in configs:
             begin_round(config)
-        for start in range(0, ids.shape[0], chunk):
+        stop = ids.shape[0] if round_ or warm_up is None else warm_up
+        for start in range(0, stop, chunk):
             for config in configs:
                 timed(config, pair, ids[start : start + chunk], mask[start : start + chunk])
         if round_ == 0:  # the warm-up round: first-use costs (weights paged in, kernels chosen) are not counted
             for config in configs:
                 config.seconds, config.batch_seconds, config.peak_mib = [], [], 0.0
     for config in configs:
-        profiled(config, pair, ids, mask)
+        profiled(config, pair, ids[:warm_up], mask[:warm_up])
 
 
 def cascade_rules(text: str | None, alpha: float) -> list[R.Rule]:

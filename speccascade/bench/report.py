@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import transformers
 
+from ..data.tasks import Example
+from ..data.tasks.spec_bench import CATEGORIES
 from ..decoding import ModelPair
 from ..uncertainty import Interval, percentile_interval, ratio, resample_weights
 from .measure import Configuration, exact_name
@@ -82,10 +84,17 @@ def speedup_interval(config: Configuration, base: Configuration, weights: np.nda
     and recomputes both sides' tokens/s on the same draw (paired), so the interval says how much the
     ratio depends on which prompts were decoded, and round-to-round noise is damped by the median.
     """
-    def per_prompt(c: Configuration) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(c.batch_tokens, float), np.median(np.asarray(c.batch_seconds, float), axis=0)
+    return paired_speedup(per_prompt(config), per_prompt(base), weights)
 
-    (tokens, seconds), (base_tokens, base_seconds) = per_prompt(config), per_prompt(base)
+
+def per_prompt(c: Configuration) -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt's (batch's) new tokens and its median wall time over the timed rounds."""
+    return np.asarray(c.batch_tokens, float), np.median(np.asarray(c.batch_seconds, float), axis=0)
+
+
+def paired_speedup(timed: tuple[np.ndarray, np.ndarray], base: tuple[np.ndarray, np.ndarray], weights: np.ndarray) -> Interval:
+    """Tokens/s of ``timed`` over ``base`` (each per-prompt tokens and seconds), both resampled with ``weights``."""
+    (tokens, seconds), (base_tokens, base_seconds) = timed, base
     estimate = ratio(tokens, seconds) / ratio(base_tokens, base_seconds)
     return percentile_interval(estimate, ratio(tokens, seconds, weights) / ratio(base_tokens, base_seconds, weights))
 
@@ -156,4 +165,83 @@ def markdown(report: dict) -> str:
         for r in cascades:
             ci = r["speedup_vs_exact_sd_ci"]
             lines.append(f"- {r['name']}: {ci['estimate']:.2f}x [{ci['low']:.2f}, {ci['high']:.2f}]")
+    return "\n".join(lines) + "\n"
+
+
+SPEC_BENCH_GOAL = ("exact speculative decoding / transformers assisted generation, batch 1, in every category", 1.2)
+
+
+def spec_bench(configs: list[Configuration], examples: list[Example], owners: list[int], draft_stop: float) -> dict:
+    """Spec-Bench's table: each batch-1 configuration's speed-up over the target alone per category and overall,
+    with 95% bootstrap intervals over that category's prompts (a prompt's turns timed together, by their median
+    rounds), and its mean accepted tokens per target call; then the paired ratios the goals read (exact decoding
+    over assisted generation, each cascade over exact decoding with the same blocks), per category; and a record
+    per prompt and configuration (its id, category, turns, new tokens and seconds).
+
+    ``owners`` holds the index in ``examples`` of each decoded turn.
+    """
+    single = {c.name: c for c in configs if c.batch_size == 1}
+    names = np.asarray([e.category for e in examples])
+    groups = {c: np.flatnonzero(names == c) for c in CATEGORIES if c in names} | {"overall": np.arange(len(names))}
+    weights = {g: resample_weights(len(idx)) for g, idx in groups.items()}
+    sums = {}
+    for name, c in single.items():
+        tokens, seconds = per_prompt(c)
+        sums[name] = (np.bincount(owners, tokens, len(names)), np.bincount(owners, seconds, len(names)))
+
+    def over(name: str, base: str) -> dict:
+        return {g: paired_speedup(tuple(a[idx] for a in sums[name]), tuple(a[idx] for a in sums[base]),
+                                  weights[g]).as_dict() for g, idx in groups.items()}
+
+    exact = exact_name(draft_stop)
+    rows = [{"name": name, "speedup": over(name, "target alone"), "tokens_per_target_call":
+             c.stats.tokens_per_target_call if math.isfinite(c.stats.tokens_per_target_call) else None}
+            for name, c in single.items()]
+    ratios = [{"name": f"{name} / exact speculative decoding", **({"speedup": over(name, exact)})}
+              for name in single if name.startswith("cascade ")]
+    goal = None
+    if "assisted generation" in single:
+        ratios.insert(0, {"name": "exact speculative decoding / assisted generation",
+                          "speedup": over("exact speculative decoding", "assisted generation")})
+        by_category = {g: v["estimate"] >= SPEC_BENCH_GOAL[1] for g, v in ratios[0]["speedup"].items() if g != "overall"}
+        goal = {"what": SPEC_BENCH_GOAL[0], "goal": SPEC_BENCH_GOAL[1], "met_by_category": by_category,
+                "met": all(by_category.values())}
+    counts = {g: len(idx) for g, idx in groups.items()}
+    turns = {g: int(np.isin(owners, idx).sum()) for g, idx in groups.items()}
+    records = [{"example_id": e.id, "category": e.category, "turns": 1 + len(e.followups), "configuration": name,
+                "new_tokens": int(tokens[i]), "seconds": float(seconds[i])}
+               for name, (tokens, seconds) in sums.items() for i, e in enumerate(examples)]
+    return {"columns": list(groups), "prompts": counts, "turns": turns, "rows": rows, "ratios": ratios, "goal": goal,
+            "records": records}
+
+
+def _cell(interval: dict) -> str:
+    return f"{interval['estimate']:.2f}x [{interval['low']:.2f}, {interval['high']:.2f}]"
+
+
+def spec_bench_markdown(report: dict) -> str:
+    """Spec-Bench's table (speed-up over the target alone per category, accepted tokens per target call, overall),
+    the paired ratios per category, and whether exact decoding beats assisted generation by the goal everywhere."""
+    t = report["spec_bench"]
+    cats = t["columns"][:-1]
+    subset = ", ".join(f"{c} {t['prompts'][c]}" + (f" ({t['turns'][c]} turns)" if t["turns"][c] != t["prompts"][c] else "")
+                       for c in cats)
+    lines = [f"# Spec-Bench: speed-up over the target alone, batch 1, greedy, 95% CI over prompts", "",
+             f"{report['pair']} on {report['device']}; prompts per category: {subset}; up to {report['max_new_tokens']} "
+             f"new tokens per turn, median of {report['repeats']} rounds.", "",
+             "| configuration | " + " | ".join(cats) + " | tokens/target call | overall |",
+             "|---|" + "---:|" * (len(cats) + 2)]
+    for r in t["rows"]:
+        tpc = "" if r["tokens_per_target_call"] is None else f"{r['tokens_per_target_call']:.2f}"
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(r["speedup"][c]) for c in cats) +
+                     f" | {tpc} | {_cell(r['speedup']['overall'])} |")
+    if t["ratios"]:
+        lines += ["", "Paired ratios of tokens/s on the same prompts (95% CI over prompts):", "",
+                  "| ratio | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
+        lines += [f"| {r['name']} | " + " | ".join(_cell(r["speedup"][c]) for c in t["columns"]) + " |" for r in t["ratios"]]
+    goal = t["goal"]
+    if goal is not None:
+        missed = [c for c, met in goal["met_by_category"].items() if not met]
+        lines += ["", f"Goal: {goal['what']} >= {goal['goal']}: " +
+                  ("met." if goal["met"] else f"**not met** in {len(missed)} of {len(cats)} ({', '.join(missed)}).")]
     return "\n".join(lines) + "\n"

@@ -80,6 +80,17 @@ def f1(prediction: str, answers: str | Sequence[str]) -> float:
     return max((_token_f1(prediction, gold) for gold in _golds(answers)), default=0.0)
 
 
+def contains_answer(prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 when any gold answer occurs in the prediction as whole words, both SQuAD-normalised, else 0.0.
+
+    For free-form replies that should state an answer somewhere (Spec-Bench's RAG): a reply that names
+    "a carbon sink" among other things contains the gold answer "acting as a carbon sink" only if it
+    says all of it; "10" does not contain "1".
+    """
+    text = f" {normalize_answer(prediction)} "
+    return float(any(f" {gold} " in text for gold in map(normalize_answer, _golds(answers)) if gold))
+
+
 @lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score import rouge_scorer

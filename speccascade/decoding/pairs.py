@@ -89,19 +89,21 @@ class ModelPair:
         vocab = sorted(self.tokenizer.get_vocab().items())
         return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
-    def encode(self, prompts: Sequence[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenise prompts, left-padded, through the chat template when the tokenizer has one."""
+    def encode(self, prompts: Sequence[str | list[dict[str, str]]], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise prompts, left-padded, through the chat template when the tokenizer has one.
+
+        A prompt is one user message, or a conversation (chat messages ending with a user turn); without a
+        template a conversation is its messages' texts, one paragraph each.
+        """
         if self.tokenizer is None:
             raise SpeccascadeError(f"pair {self.name!r} has no tokenizer; pass token ids instead")
         tok = self.tokenizer
+        messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
         if chat and getattr(tok, "chat_template", None):
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
+            texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
             special = False  # the template already holds the special tokens
         else:
-            texts, special = list(prompts), True
+            texts, special = ["\n\n".join(turn["content"] for turn in m) for m in messages], True
         tok.padding_side = "left"
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)

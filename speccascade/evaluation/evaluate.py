@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data.tasks import Example, Task
+from ..data.tasks.base import conversation
 from ..decoding import Autoregressive, Decoder, ModelPair, SequentialCascade, SpeculativeCascade
 from ..decoding.stats import COUNTERS, DecodeStats
 from ..deferral import rules as R
@@ -25,12 +26,12 @@ from ..listing import split_list
 from ..outdir import OutputDir
 from ..pairs import check_heads, load_settings_pair
 from ..report import by_rule
-from ..settings import (BlockSettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings, TrackingSettings,
-                        as_config, resolve_groups, seed_setting, setting)
+from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings,
+                        TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 from ..version import __version__
 from . import report
-from .points import Point, PointStore, calls_against, empty_records, records_path, repetition, summarise
+from .points import Point, PointStore, by_category, calls_against, empty_records, records_path, repetition, summarise
 from .summary import pareto_front, summary
 
 LEARNED_RATES = (0.2, 0.4, 0.6, 0.8)  # the deferral rates whose recorded thresholds a learned head is swept at
@@ -41,11 +42,13 @@ DEFAULT_MARGIN = 0.02
 
 
 @dataclass(kw_only=True)
-class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, CategorySettings, TaskSettings, PairSettings,
+                       OutputSettings):
     """Settings of ``evaluate`` (the shared groups, then its own)."""
 
     split: str = setting("test", "evaluation split")
-    limit: int | None = setting(32, "number of examples (all when null)", low=1)
+    limit: int | None = setting(32, "number of examples (all when null; of those of --categories and "
+                                f"--limit-per-category when given; at most {EXAMPLES_HIGH})", low=1, high=EXAMPLES_HIGH)
     rules: str = setting("always,chow,diff,opt,tokenv3,lossy",
                          "comma-separated rules: a fixed rule name sweeps its default knob grid, name:value runs one knob, "
                          "learned:DIR sweeps the head's recommended thresholds (learned:DIR@T one), plus the baselines "
@@ -58,7 +61,8 @@ class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, TaskSe
         """What every point depends on; --resume with another config is refused (the rules may change)."""
         config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "few_shot", "block_size",
                                   "temperature", "max_new_tokens", "batch_size", "seed")) | self.pair_config()
-        return config | self.block_config()
+        picked = {"categories": self.categories, "limit_per_category": self.limit_per_category}
+        return config | self.block_config() | {k: v for k, v in picked.items() if v is not None}
 
 
 @dataclass
@@ -92,7 +96,7 @@ def resolve(settings: EvaluateSettings) -> _Plan:
     model (learned heads are small and load here, to be checked), write nothing."""
     s = resolve_groups(settings)
     points = plan_points(s.rules)
-    task, examples = s.examples(s.seed)
+    task, examples = s.examples(s.seed, s.by_category if s.picks else None)
     out = OutputDir(s.out, "evaluate", s.config(), s.resume, s.overwrite, progress=("points/*.json",))
     return _Plan(s, task, examples, points, out.check())
 
@@ -159,23 +163,45 @@ def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
 
 
 def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings) -> tuple[dict, dict]:
-    """Decode every example: per-example records and the point's totals that are no per-example sums."""
+    """Decode every example: per-example records and the point's totals that are no per-example sums.
+
+    A multi-turn example's record adds up its turns' counters; its score is the reply to its last turn's, its
+    text every reply, a blank line between them.
+    """
     records, stats = empty_records(), []
     for start in range(0, len(examples), s.batch_size):
         batch = examples[start : start + s.batch_size]
-        ids, mask = pair.encode([ex.prompt for ex in batch])
-        out = decoder.generate(ids, mask, max_new_tokens=s.max_new_tokens, seed=[s.seed + start + i for i in range(len(batch))])
-        texts = pair.decode(out.new_tokens)
-        for ex, text, row, tokens in zip(batch, texts, out.stats.rows, out.new_tokens.tolist()):
+        replies, counters, tokens = _turns(decoder, pair, batch, [s.seed + start + i for i in range(len(batch))], s, stats)
+        for ex, texts, counts, reply_tokens in zip(batch, replies, counters, tokens):
             records["example_id"].append(ex.id)
-            records["score"].append(float(task.score(text, ex)))
+            records["category"].append(ex.category)
+            records["score"].append(float(task.score(texts[-1], ex)))
             for name in COUNTERS:
-                records[name].append(int(row[name]))
-            records["repetition"].append(repetition(tokens[: row["new_tokens"]]))
-            records["text"].append(text)
-        stats.append(out.stats)
+                records[name].append(counts[name])
+            records["repetition"].append(repetition(reply_tokens))
+            records["text"].append("\n\n".join(texts))
     total = DecodeStats.merge(stats)
     return records, {key: getattr(total, key) for key in ("wall_s", "target_forwards", "drafter_forwards")}
+
+
+def _turns(decoder: Decoder, pair: ModelPair, batch: list[Example], seeds: list[int], s: EvaluateSettings,
+           stats: list[DecodeStats]) -> tuple[list[list[str]], list[dict[str, int]], list[list[int]]]:
+    """Decode a batch turn by turn, each later turn with the example's earlier replies in its context (Spec-Bench's
+    multi-turn prompts): each example's replies, its counters summed over its turns and its reply tokens; every
+    call's stats are appended to ``stats``."""
+    replies: list[list[str]] = [[] for _ in batch]
+    counters = [dict.fromkeys(COUNTERS, 0) for _ in batch]
+    tokens: list[list[int]] = [[] for _ in batch]
+    for turn in range(1 + max(len(ex.followups) for ex in batch)):
+        rows = [i for i, ex in enumerate(batch) if turn <= len(ex.followups)]
+        ids, mask = pair.encode([conversation(batch[i], replies[i]) for i in rows])
+        out = decoder.generate(ids, mask, max_new_tokens=s.max_new_tokens, seed=[seeds[i] for i in rows])
+        for i, text, row, new in zip(rows, pair.decode(out.new_tokens), out.stats.rows, out.new_tokens.tolist()):
+            replies[i].append(text)
+            counters[i] = {name: counters[i][name] + int(row[name]) for name in COUNTERS}
+            tokens[i] += new[: row["new_tokens"]]
+        stats.append(out.stats)
+    return replies, counters, tokens
 
 
 def run(plan: _Plan) -> dict:
@@ -223,13 +249,15 @@ def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) 
     target = done[0][1]
     exact = next((records for point, records, _ in done if point.rule == "speculative"), None)
     points = [summarise(point, records, meta, target, weights, s.margin) | calls_against(records, exact, weights)
-              | {"records": records_path(point)} for point, records, meta in done]
+              | {"records": records_path(point), "categories": by_category(records, target, weights, s.margin)}
+              for point, records, meta in done]
     for p in points:
         p["relative_latency"] = p["wall_s"] / points[0]["wall_s"] if points[0]["wall_s"] else float("nan")
     groups = by_rule(points)
     settings = {"models": s.preset, "drafter": pair.drafter_id, "target": pair.target_id, "task": s.task, "split": s.split,
                 "examples": len(plan.examples), "block_size": s.block_size, "temperature": s.temperature,
                 "max_new_tokens": s.max_new_tokens, "seed": s.seed, "metric": plan.task.metric, "margin": s.margin,
+                "category_metrics": {c: plan.task.metric_of(c) for c in dict.fromkeys(ex.category for ex in plan.examples) if c},
                 "level": LEVEL, "resamples": RESAMPLES, "speccascade_version": __version__}
     return {
         "settings": settings,

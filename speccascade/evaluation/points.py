@@ -98,16 +98,34 @@ def records_path(point: Point) -> str:
 
 
 def empty_records() -> dict[str, list]:
-    return {"example_id": [], "score": [], **{name: [] for name in COUNTERS}, "repetition": [], "text": []}
+    return {"example_id": [], "category": [], "score": [], **{name: [] for name in COUNTERS}, "repetition": [], "text": []}
+
+
+TEXT_COLUMNS = ("example_id", "category", "text")
+
+
+def quality_against(score: np.ndarray, target: np.ndarray, weights: np.ndarray, margin: float) -> dict:
+    """Quality with its interval, the paired difference to the target's and non-inferiority within ``margin``,
+    over the examples that have a score (NaN: no reference to score against; all NaN without any)."""
+    scored = np.isfinite(score) & np.isfinite(target)
+    if not scored.any():
+        nan = float("nan")
+        return {"quality": nan, "quality_low": nan, "quality_high": nan, "difference": nan, "difference_low": nan,
+                "difference_high": nan, "non_inferior": False}
+    quality = mean_interval(score[scored], weights[:, scored])
+    reaches, difference = non_inferior(score[scored], target[scored], margin, weights[:, scored])
+    return {"quality": quality.estimate, "quality_low": quality.low, "quality_high": quality.high,
+            "difference": difference.estimate, "difference_low": difference.low, "difference_high": difference.high,
+            "non_inferior": reaches}
 
 
 def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np.ndarray, margin: float) -> dict:
-    """A point's numbers from its records and the target's (same examples, same bootstrap counts)."""
-    r = {k: np.asarray(v, dtype=float) for k, v in records.items() if k not in ("example_id", "text")}
-    t = {k: np.asarray(v, dtype=float) for k, v in target.items() if k not in ("example_id", "text")}
+    """A point's numbers from its records and the target's (same examples, same bootstrap counts); quality over
+    the examples that have a score."""
+    r = {k: np.asarray(v, dtype=float) for k, v in records.items() if k not in TEXT_COLUMNS}
+    t = {k: np.asarray(v, dtype=float) for k, v in target.items() if k not in TEXT_COLUMNS}
     stats = DecodeStats(**{name: int(r[name].sum()) for name in COUNTERS})  # the rates are DecodeStats'
-    quality = mean_interval(r["score"], weights)
-    reaches, difference = non_inferior(r["score"], t["score"], margin, weights)
+    quality = quality_against(r["score"], t["score"], weights, margin)
     length = ratio_interval(r["new_tokens"], t["new_tokens"], weights) if t["new_tokens"].sum() else None
     looping, target_looping = r["repetition"] >= LOOPING, t["repetition"] >= LOOPING
     more_looping = mean_interval(looping.astype(float) - target_looping.astype(float), weights)
@@ -117,10 +135,8 @@ def summarise(point: Point, records: dict, meta: dict, target: dict, weights: np
     if more_looping.low > 0:
         guards.append(f"loops in {looping.mean():.0%} of replies (target {target_looping.mean():.0%})")
     return {
-        "rule": point.rule, "label": point.label, "knob": point.knob,
-        "quality": quality.estimate, "quality_low": quality.low, "quality_high": quality.high,
-        "difference": difference.estimate, "difference_low": difference.low, "difference_high": difference.high,
-        "non_inferior": reaches, "guards": guards, "reaches_target": reaches and not guards,
+        "rule": point.rule, "label": point.label, "knob": point.knob, **quality,
+        "guards": guards, "reaches_target": quality["non_inferior"] and not guards,
         "deferral_rate": stats.deferral_rate, "rejection_rate": stats.rejection_rate,
         "target_calls": stats.target_calls, "drafter_calls": stats.drafter_calls,
         "tokens_per_target_call": stats.tokens_per_target_call, "new_tokens": stats.new_tokens,
@@ -145,4 +161,19 @@ def calls_against(records: dict, reference: dict | None, weights: np.ndarray) ->
             continue
         ratio = ratio_interval(records[name], reference[name], weights)
         out |= {key: ratio.estimate, f"{key}_low": ratio.low, f"{key}_high": ratio.high}
+    return out
+
+
+def by_category(records: dict, target: dict, weights: np.ndarray, margin: float) -> dict[str, dict]:
+    """Per category of the examples (spec-bench's; {} for a task without categories): quality, the paired
+    difference to the target and non-inferiority (NaN where the category has no reference), tokens per target
+    call and deferral rate, on the same bootstrap counts restricted to the category's examples."""
+    categories = np.asarray(records.get("category", []), dtype=str)
+    out = {}
+    for category in dict.fromkeys(categories.tolist()) if categories.size and any(categories) else ():
+        chosen = categories == category
+        stats = DecodeStats(**{name: int(np.asarray(records[name])[chosen].sum()) for name in COUNTERS})
+        score, target_score = (np.asarray(x["score"], dtype=float)[chosen] for x in (records, target))
+        out[category] = {"examples": int(chosen.sum()), **quality_against(score, target_score, weights[:, chosen], margin),
+                         "tokens_per_target_call": stats.tokens_per_target_call, "deferral_rate": stats.deferral_rate}
     return out

@@ -132,8 +132,35 @@ def markdown(result: dict) -> str:
         "",
         *markdown_table(["rule", "lowest latency at target quality", "best quality within target latency"],
                         [[rule, *_summary_cells(v)] for rule, v in result["summary"].items()]),
+        *_category_lines(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def category_rows(result: dict) -> list[dict]:
+    """One row per point and category (spec-bench's; none for a task without categories), keyed by rule, knob
+    and category: the category's metric, quality and paired difference to the target with 95% intervals."""
+    metrics = result["settings"].get("category_metrics", {})
+    return [{"rule": p["rule"], "knob": p["knob"], "label": p["label"], "category": category,
+             "metric": metrics.get(category, "none"), **c} for p in result["points"] for category, c in p["categories"].items()]
+
+
+def _category_lines(result: dict) -> list[str]:
+    """report.md's per-category table: quality where the category has a reference, beside its tokens per call."""
+    rows = category_rows(result)
+    if not rows:
+        return []
+    return ["", f"Per category (quality where the category has a reference; intervals and paired differences on the "
+            f"same resamples, restricted to the category's examples; reaches target: within -{result['settings']['margin']:g}):",
+            "", *markdown_table(["decoder", "category", "metric", "examples", "quality", "difference to target",
+                                 "reaches target", "tokens / target call"], map(_category_cells, rows))]
+
+
+def _category_cells(r: dict) -> list[str]:
+    """A point's row of report.md's per-category table (``-`` where the category is not scored)."""
+    reaches = "-" if r["quality"] != r["quality"] else "yes" if r["non_inferior"] else "no"
+    return [r["label"], r["category"], r["metric"], str(r["examples"]), interval_text(r, "quality"),
+            interval_text(r, "difference", sign="+"), reaches, f"{r['tokens_per_target_call']:.2f}"]
 
 
 def _point_cells(p: dict) -> list[str]:
@@ -153,11 +180,15 @@ def _summary_cells(v: dict) -> list[str]:
 
 def log_to_wandb(result: dict, out: Path, tracking, heads: list[str] = ()) -> None:
     """One run per evaluation, using the learned heads' ``model`` artifacts: every point (with its intervals)
-    as a table keyed by rule and knob, quality-cost line charts per rule, the plot."""
+    as a table keyed by rule and knob (and, for a task with categories, one keyed by rule, knob and category),
+    quality-cost line charts per rule, the plot."""
     run = start_run(out, tracking.wandb_project, tracking.wandb_mode, "evaluate", result["settings"], tracking.wandb_group)
     for directory in heads:
         use_artifact(run, head_artifact(directory))
     run.log({"points": comparison_table(result["points"], [f for f in FIELDS if f not in ("guards", "records")])})
+    categories = category_rows(result)
+    if categories:  # keyed by rule, knob and category
+        run.log({"categories": comparison_table(categories, list(categories[0]))})
     groups = by_rule(result["points"])
     for cost in ("deferral_rate", "tokens_per_target_call", "relative_latency"):
         series = {rule: tuple(zip(*sorted((p[cost], p["quality"]) for p in pts))) for rule, pts in groups.items()}

@@ -55,7 +55,7 @@ def steps_of(reference: str) -> list[tuple[int, str, int, int]]:
 def test_registry_names_and_metrics():
     assert {name: cls.metric for name, cls in TASKS.items()} == {
         "arithmetic": "exact_match", "gsm8k": "exact_match", "summarisation": "rouge2", "cnn-dm": "rouge2",
-        "translation": "bleu", "qa": "f1", "worked-arithmetic": "exact_match",
+        "translation": "bleu", "qa": "f1", "worked-arithmetic": "exact_match", "spec-bench": "per-category",
     }
     for name in TASKS:
         task = get_task(name)
@@ -63,7 +63,8 @@ def test_registry_names_and_metrics():
 
 
 def test_unknown_task():
-    assert error_of(get_task, "nope") == "unknown task 'nope'; known: arithmetic, gsm8k, summarisation, cnn-dm, translation, qa, worked-arithmetic"
+    assert error_of(get_task, "nope") == ("unknown task 'nope'; known: arithmetic, gsm8k, summarisation, cnn-dm, translation, qa, "
+                                          "worked-arithmetic, spec-bench")
 
 
 # ---------------------------------------------------------------- arithmetic

@@ -1,7 +1,8 @@
 """The task registry: where examples come from, how they are prompted, and how a reply is scored.
 
 ``get_task(name)`` for ``arithmetic`` and ``worked-arithmetic`` (generated), ``gsm8k``, ``summarisation`` (XSum), ``cnn-dm``, ``translation``
-and ``qa`` (from the hub, or from a local file with the hub dataset's fields).
+and ``qa`` (from the hub, or from a local file with the hub dataset's fields), and ``spec-bench`` (a local copy of
+Spec-Bench's prompts, by category).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from ...errors import SpeccascadeError
 from .arithmetic import Arithmetic
 from .base import Example, Task
 from .corpora import GSM8K, QA, CNNDailyMail, Summarisation, Translation
+from .spec_bench import SpecBench
 from .worked import WorkedArithmetic
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, CNNDailyMail, Translation, QA)}
 TASKS[WorkedArithmetic.name] = WorkedArithmetic  # arithmetic's problems, GSM8K-style worked replies
+TASKS[SpecBench.name] = SpecBench  # Spec-Bench's prompts from a local file, by category
 
 
 def get_task(name: str) -> Task:

@@ -20,12 +20,19 @@ STEP_BY_STEP = 'Solve the problem step by step, and end with "The answer is N." 
 
 @dataclass(frozen=True)
 class Example:
-    """One example: ``prompt`` for the model, ``reference`` gold reply, ``answer`` for the metric."""
+    """One example: ``prompt`` for the model, ``reference`` gold reply, ``answer`` for the metric.
+
+    ``category`` groups examples of a task that has categories (spec-bench's six; "" elsewhere), and
+    ``followups`` are the user's later turns of a multi-turn prompt, each sent after the model's reply
+    to the turn before it (``prompt`` is the first turn).
+    """
 
     id: str
     prompt: str
     reference: str
     answer: str
+    category: str = ""
+    followups: tuple[str, ...] = ()
 
 
 CHECKABLE_METRICS = frozenset({"exact_match"})  # metrics that check one answer: outcome labels compare them
@@ -56,7 +63,11 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, prediction: str, example: Example) -> float:
-        """The task's metric for one prediction, in [0, 1]."""
+        """The task's metric for one prediction, in [0, 1]; NaN where the example has no reference to score against."""
+
+    def metric_of(self, category: str) -> str:
+        """The metric that scores ``category``'s examples (one metric for a task without categories)."""
+        return self.metric
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,29 @@ def check_counts(limit: int | None, few_shot: int) -> None:
         raise SpeccascadeError(f"few_shot must be >= 0, got {few_shot}")
 
 
-def assemble(problems: list[Problem], shots: list[Problem], instruction: str, label: str, what: str) -> list[Example]:
-    """Prompted examples; ``what`` names the source in the error raised when there are none."""
-    if not problems:
+def check_ids(ids: list[str], what: str) -> None:
+    """Refuse a source with no examples, or with two examples of one id (records and reports key on it)."""
+    if not ids:
         raise SpeccascadeError(f"{what} has no examples")
-    repeated = [i for i, n in Counter(p.id for p in problems).items() if n > 1]
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:
         raise SpeccascadeError(f"{what} has more than one example with id {repeated[0]!r}")
+
+
+def conversation(example: Example, replies: list[str]) -> list[dict[str, str]]:
+    """The chat messages of ``example`` after the model's ``replies`` to its first turns: each user turn followed
+    by its reply, ending with the next user turn (Spec-Bench's multi-turn prompts, run turn by turn)."""
+    turns = [example.prompt, *example.followups][: len(replies) + 1]
+    messages = []
+    for turn, reply in zip(turns, [*replies, None]):
+        messages.append({"role": "user", "content": turn})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def assemble(problems: list[Problem], shots: list[Problem], instruction: str, label: str, what: str) -> list[Example]:
+    """Prompted examples; ``what`` names the source in the error raised when there are none."""
+    check_ids([p.id for p in problems], what)
     preface = "".join(f"{s.query}\n{label} {s.reference}\n\n" for s in shots)
     return [Example(p.id, f"{instruction}\n\n{preface}{p.query}", p.reference, p.answer) for p in problems]

@@ -1,0 +1,141 @@
+"""``speccascade bench --task spec-bench`` and ``speccascade evaluate --task spec-bench`` on tiny-random, with a small
+copy of Spec-Bench's file (a few categories, two-turn prompts, missing references); their refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from speccascade.bench.command import turn_prompts
+from speccascade.cli import main
+from speccascade.data import get_task
+from speccascade.decoding import ModelPair
+from speccascade.evaluation.evaluate import evaluate
+from speccascade.pairs import load_pair
+from tests.data.test_spec_bench import RECORDS, write_jsonl
+from tests.helpers import wandb_records
+
+BENCH_ROWS = ["assisted generation", "target alone", "cascade opt:0.3", "exact speculative decoding"]
+
+
+@pytest.fixture
+def small(tmp_path):
+    return write_jsonl(tmp_path / "question.jsonl", RECORDS)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bench_writes_spec_benchs_table_by_category(tmp_path, small):
+    out = tmp_path / "bench"
+    assert main(["bench", "--models", "tiny-random", "--task", "spec-bench", "--data-file", str(small), "--out", str(out),
+                 "--categories", "mt_bench,translation,rag", "--limit-per-category", "1", "--max-new-tokens", "4",
+                 "--repeats", "1", "--rules", "opt:0.3"]) == 0
+    saved = json.loads((out / "bench.json").read_text())
+    table = saved["spec_bench"]
+    assert table["columns"] == ["mt_bench", "translation", "rag", "overall"]
+    assert table["prompts"] == {"mt_bench": 1, "translation": 1, "rag": 1, "overall": 3}
+    assert table["turns"] == {"mt_bench": 2, "translation": 1, "rag": 1, "overall": 4}  # the two-turn prompt, turn by turn
+    assert [r["name"] for r in table["rows"]] == BENCH_ROWS and {r["batch_size"] for r in saved["results"]} == {1}
+    assert all(len(r["batch_tokens"]) == 4 for r in saved["results"])  # every configuration decoded every turn
+    rows = {r["name"]: r for r in table["rows"]}
+    assert all(v == {"estimate": 1.0, "low": 1.0, "high": 1.0} for v in rows["target alone"]["speedup"].values())
+    assert rows["assisted generation"]["tokens_per_target_call"] is None
+    assert 1 <= rows["exact speculative decoding"]["tokens_per_target_call"] <= 6
+    for r in table["rows"] + table["ratios"]:
+        assert all(v["low"] <= v["estimate"] <= v["high"] for v in r["speedup"].values())
+    assert [r["name"] for r in table["ratios"]] == ["exact speculative decoding / assisted generation",
+                                                    "cascade opt:0.3 / exact speculative decoding"]
+    assert set(table["goal"]["met_by_category"]) == {"mt_bench", "translation", "rag"}
+    records = {(r["example_id"], r["configuration"]): r for r in table["records"]}  # a record per prompt and row
+    assert len(records) == 3 * 4 and records[("writing-81", "target alone")]["turns"] == 2
+    assert {r["category"] for r in table["records"]} == {"mt_bench", "translation", "rag"}
+    assert sum(r["new_tokens"] for r in table["records"] if r["configuration"] == "target alone") == sum(
+        next(r for r in saved["results"] if r["name"] == "target alone")["batch_tokens"])
+    assert (saved["categories"], saved["limit_per_category"], saved["prompts"], saved["turns"]) == (
+        "mt_bench,translation,rag", 1, 3, 4)
+    text = (out / "bench.md").read_text()
+    assert "| configuration | mt_bench | translation | rag | tokens/target call | overall |" in text
+    assert "Goal: exact speculative decoding / transformers assisted generation" in text
+
+
+def test_a_later_turn_is_decoded_after_the_targets_reply(small):
+    pair = load_pair("tiny-random")
+    examples = get_task("spec-bench").examples("test", data_file=small)[:3]
+    prompts, owners = turn_prompts(pair, examples, 3)
+    assert owners == [0, 0, 1, 2]
+    first, second = prompts[:2]
+    assert first == [{"role": "user", "content": examples[0].prompt}]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[0] == first[0] and second[2]["content"] == examples[0].followups[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-sizes", "1,2"], "spec-bench runs at batch 1"),
+    (["--categories", "chat"], "unknown category 'chat'"),
+    (["--limit-per-category", "0"], "--limit-per-category must be >= 1"),
+])
+def test_bench_refuses_bad_spec_bench_settings_before_any_work(tmp_path, small, capsys, extra, message):
+    out = tmp_path / "b"
+    argv = ["bench", "--models", "tiny-random", "--task", "spec-bench", "--data-file", str(small), "--out", str(out)]
+    assert main([*argv, *extra]) == 2
+    assert message in one_error_line(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "evaluate"])
+def test_a_missing_or_garbled_file_or_a_task_without_categories_is_refused(tmp_path, capsys, command):
+    out, garbled = tmp_path / "o", tmp_path / "garbled.jsonl"
+    garbled.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n{"question_id":\n')
+    no_rag = write_jsonl(tmp_path / "no-rag.jsonl", [r for r in RECORDS if r["category"] != "rag"])
+    base = [command, "--models", "tiny-random", "--out", str(out)] + (["--wandb-mode", "disabled"] * (command == "evaluate"))
+    cases = [(["--task", "spec-bench"], "pass --data-file"),
+             (["--task", "spec-bench", "--data-file", str(tmp_path / "none.jsonl")], "not found"),
+             (["--task", "spec-bench", "--data-file", str(garbled)], f"{garbled}:2: invalid JSON"),
+             (["--task", "spec-bench", "--data-file", str(no_rag), "--categories", "rag"], "no examples in category 'rag'"),
+             (["--categories", "qa"], "need a task with categories")]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in one_error_line(capsys) and not out.exists()
+
+
+def test_evaluate_reports_quality_per_category_paired_with_the_target(tmp_path, small, monkeypatch):
+    seen = []
+    encode = ModelPair.encode
+    monkeypatch.setattr(ModelPair, "encode", lambda self, prompts, chat=True: (seen.extend(prompts), encode(self, prompts, chat))[1])
+    out = tmp_path / "eval"
+    result = evaluate(out, models="tiny-random", task="spec-bench", data_file=str(small), rules="always,opt:0.3",
+                      max_new_tokens=4, batch_size=3, wandb_mode="offline")
+    examples = get_task("spec-bench").examples("test", data_file=small)
+    points = {p["label"]: p for p in result["points"]}
+    for p in result["points"]:
+        records = pq.read_table(out / p["records"]).to_pydict()
+        assert records["category"] == [e.category for e in examples]
+        assert set(p["categories"]) == set(records["category"])
+        for category, c in p["categories"].items():
+            scored = category in ("translation", "summarization", "math_reasoning", "rag")
+            assert math.isnan(c["quality"]) != scored
+            assert not scored or c["quality_low"] <= c["quality"] <= c["quality_high"]
+    exact = points["speculative decoding"]["categories"]  # greedy exact decoding is the target, category by category
+    assert all(exact[c]["difference"] == 0.0 for c in ("translation", "rag"))
+    assert result["settings"]["category_metrics"]["rag"] == "contains_answer"
+    # the two-turn prompt's second turn went in with the first reply, which is in its record
+    writing = next(e for e in examples if e.id == "writing-81")
+    later = [p for p in seen if not isinstance(p, str) and len(p) == 3 and p[0]["content"] == writing.prompt]
+    assert later and all(p[2]["content"] == writing.followups[0] for p in later)
+    target = pq.read_table(out / points["target only"]["records"]).to_pydict()
+    assert target["text"][target["example_id"].index("writing-81")].startswith(later[0][1]["content"])
+    assert "| speculative decoding | rag | contains_answer | 1 |" in (out / "report.md").read_text()
+    (run,) = (out / "wandb").glob("offline-run-*")
+    logged = {item.nested_key[0] for r in wandb_records(run) if r.WhichOneof("record_type") == "history"
+              for item in r.history.item}
+    assert {"points", "categories"} <= logged
+    (file,) = run.glob("files/media/table/categories_*.table.json")
+    table = json.loads(file.read_text())  # keyed by rule, knob and category: one row per point and category
+    assert table["columns"][:2] == ["rule", "knob"] and "category" in table["columns"]
+    assert len(table["data"]) == 3 * 6
