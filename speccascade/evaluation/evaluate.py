@@ -26,8 +26,8 @@ from ..listing import split_list
 from ..outdir import OutputDir
 from ..pairs import check_heads, load_settings_pair
 from ..report import by_rule
-from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, DecodingSettings, OutputSettings, PairSettings, TaskSettings,
-                        TrackingSettings, as_config, resolve_groups, seed_setting, setting)
+from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, DecodingSettings, OutputSettings, PairSettings,
+                        TaskSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 from ..version import __version__
 from . import report
