@@ -14,9 +14,12 @@ from .corpora import GSM8K, QA, CNNDailyMail, Summarisation, Translation
 from .spec_bench import SpecBench
 from .worked import WorkedArithmetic
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, GSM8K, Summarisation, CNNDailyMail, Translation, QA)}
-TASKS[WorkedArithmetic.name] = WorkedArithmetic  # arithmetic's problems, GSM8K-style worked replies
-TASKS[SpecBench.name] = SpecBench  # Spec-Bench's prompts from a local file, by category
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls
+    for cls in (Arithmetic, GSM8K, Summarisation, CNNDailyMail, Translation, QA,
+                WorkedArithmetic,  # arithmetic's problems, GSM8K-style worked replies
+                SpecBench)  # Spec-Bench's prompts from a local file, by category
+}
 
 
 def get_task(name: str) -> Task:
