@@ -262,7 +262,7 @@ class SpeculativeCascade(Decoder):
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         drafts = torch.cat(drafts, 1)
         q = Dists(torch.cat(logits, 1), self.sampler, None if greedy else sampled, q_hidden)
-        return drafts, q, limit.clamp_max(drafts.shape[1]), lag
+        return drafts, q, limit.clamp_max(drafts.shape[1]) if self.draft_stop else limit, lag  # fixed blocks draft gamma
 
     def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
         """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
