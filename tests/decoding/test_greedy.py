@@ -1,4 +1,5 @@
-"""Greedy exact speculative decoding's fast path (``match_target``) settles blocks as the general path does."""
+"""Greedy exact speculative decoding's fast path (``match_target``) settles blocks as the general path does; a hook
+keeps the general path and sees both models' hidden states."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ def test_matching_the_target_settles_blocks_as_accepting_and_resampling_does(pai
     emitted = torch.arange(gamma + 1) <= fast.n.unsqueeze(1)  # the tokens a block emits
     assert torch.equal(fast.tokens[emitted], general.tokens[emitted])
     assert len(set(fast.n.tolist())) > 1  # the blocks end at different drafts
+
+
+def test_a_hook_sees_both_models_hidden_states(pair, batch):
+    events = []
+    decoder = SpeculativeCascade(pair, AlwaysDefer(), block_size=3, hook=events.append, hook_hidden_states=True)
+    ids, mask = batch
+    decoder.generate(ids, mask, max_new_tokens=8)
+    assert events and not decoder.greedy_exact  # a hook takes the general path
+    for event in events:
+        assert event.q_hidden is not None and event.p_hidden is not None
+        assert event.q_hidden.shape[:2] == event.p_hidden.shape[:2] == (ids.shape[0], 4)
