@@ -33,16 +33,42 @@ from ..deferral.rules import AlwaysDefer, Rule
 from ..errors import SpeccascadeError
 from .base import Decoder
 from .pairs import ModelPair
-from .sampling import sample
+from .sampling import Sampler, sample
 from .state import DecodeState
 
 
-class Dists(NamedTuple):
-    """One model's distributions over a block: unscaled ``probs`` (rules) and ``sampled`` (``q~``/``p~``)."""
+@dataclass
+class Dists:
+    """One model's distributions over a block, computed from its ``logits`` ``[B, T, V]`` when first read:
+    unscaled ``probs`` (rules) and ``sampled`` (``q~``/``p~``). Greedy exact speculative decoding reads
+    neither (:meth:`SpeculativeCascade.match_target`), so it computes neither."""
 
-    probs: torch.Tensor  # [B, T, V]
-    sampled: torch.Tensor  # [B, T, V]
-    hidden: torch.Tensor | None  # [B, T, H] last-layer hidden states, when asked for
+    logits: torch.Tensor  # [B, T, V]
+    sampler: Sampler
+    steps: list[torch.Tensor] | None = None  # ``q~`` per drafter step, where the drafts were sampled from it
+    hidden: torch.Tensor | None = None  # [B, T, H] last-layer hidden states, when asked for
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        if self.steps is not None and self.sampler.is_identity:
+            return self.sampled
+        return self.logits.softmax(-1)
+
+    @functools.cached_property
+    def sampled(self) -> torch.Tensor:
+        if self.steps is not None:
+            return torch.cat(self.steps, 1)
+        return self.sampler(self.logits, self.probs if self.sampler.is_identity else None)
+
+
+class Outcome(NamedTuple):
+    """How a block ends: accepted drafts ``n`` [B], the token after them [B], the block's ``tokens``
+    [B, gamma + 1] (the first ``n + 1`` are emitted) and the rule's ``deferred`` [B, gamma] at each draft."""
+
+    n: torch.Tensor
+    next_token: torch.Tensor
+    tokens: torch.Tensor
+    deferred: torch.Tensor
 
 
 @dataclass
@@ -126,6 +152,11 @@ class SpeculativeCascade(Decoder):
         """Hidden states are computed only when the hook or the rule reads them."""
         return self.hook_hidden_states or self.rule.needs_hidden
 
+    @property
+    def greedy_exact(self) -> bool:
+        """Greedy exact speculative decoding with no hook: the block is settled by :meth:`match_target`."""
+        return self.sampler.greedy and isinstance(self.rule, AlwaysDefer) and self.hook is None
+
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         """One block: draft, verify, accept, resample, rollback."""
@@ -133,9 +164,19 @@ class SpeculativeCascade(Decoder):
         active = ~state.out.done
         state.slots.open(gamma + 1)
         drafts, q, limit, lag = self.draft(state, gamma, active)
-        gamma = drafts.shape[1]
         fed = torch.cat([state.slots.pending.unsqueeze(1), drafts], dim=1)
         p = self.verify(state, fed)
+        settle = self.match_target if self.greedy_exact else self.accept_and_resample
+        n, next_token, tokens, deferred = settle(state, drafts, q, p, limit, active)
+        state.out.counts.block(active, n, limit, deferred, forwards=drafts.shape[1] + 1 - lag)
+        valid = torch.where(active, n + 1, 0)
+        state.out.emit(tokens, valid)
+        self.rollback(state, fed, valid, next_token, lag)
+
+    def accept_and_resample(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor,
+                            active: torch.Tensor) -> Outcome:
+        """The rule's mix of the block, the drafts it accepts and the token drawn after them; the hook sees it all."""
+        gamma = drafts.shape[1]
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
         rel_position = rel_positions(gamma, self.block_size, drafts.device)
         mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
@@ -145,18 +186,36 @@ class SpeculativeCascade(Decoder):
             at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
             emit = torch.where(at_bonus, p.sampled, mix.emit)
         next_token = self.resample(state, n, limit, q.sampled, emit)
-
         tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
         deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)
-        state.out.counts.block(active, n, limit, deferred, forwards=gamma + 1 - lag)
         if self.hook is not None:
             self.hook(
                 BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
                            state.out.emitted.clone(), active, q.hidden, p.hidden)
             )
-        valid = torch.where(active, n + 1, 0)
-        state.out.emit(tokens, valid)
-        self.rollback(state, fed, valid, next_token, lag)
+        return Outcome(n, next_token, tokens, deferred)
+
+    def match_target(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor,
+                     active: torch.Tensor) -> Outcome:
+        """Greedy exact speculative decoding: accept drafts while they equal the target's argmax, then emit
+        the target's argmax.
+
+        This is :meth:`accept_and_resample` on one-hot ``q~``, ``p~`` with ``pi = p~``: a draft ``x`` (the
+        drafter's argmax, ``q~(x) = 1``) is accepted with probability ``p~(x)``, 1 where ``x`` is the
+        target's argmax and 0 elsewhere, whatever the uniform; at a rejection the residual
+        ``max(0, p~ - q~)`` is ``p~`` (the hot tokens differ), as is the bonus distribution; the draw from
+        a one-hot distribution is its hot token. The accepted drafts equal the target's argmaxes, so
+        the block's tokens are those (past ``n + 1`` they differ from the general path's, and are never
+        emitted). ``tests/decoding/test_greedy.py`` compares both paths on random blocks.
+        """
+        target = p.logits.argmax(-1)  # [B, gamma + 1]
+        gamma = drafts.shape[1]
+        accepted = drafts == target[:, :gamma]
+        if self.draft_stop:
+            accepted &= state.slots.slot[:gamma] < limit.unsqueeze(1)
+        n = accepted.long().cumprod(1).sum(1)
+        next_token = target.gather(1, n.unsqueeze(1)).squeeze(1)
+        return Outcome(n, next_token, target, torch.ones_like(accepted))
 
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
@@ -202,16 +261,8 @@ class SpeculativeCascade(Decoder):
             logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
         q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
         drafts = torch.cat(drafts, 1)
-        return drafts, self.distributions(torch.cat(logits, 1), sampled, q_hidden), limit.clamp_max(drafts.shape[1]), lag
-
-    def distributions(self, logits: torch.Tensor, sampled: list[torch.Tensor | None], hidden: torch.Tensor | None) -> Dists:
-        """The drafter's ``q`` and ``q~`` over a block from its logits ``[B, T, V]`` (``q~`` from the steps that
-        sampled, where they did), with its ``hidden`` states."""
-        if self.sampler.greedy:
-            q = logits.softmax(-1)
-            return Dists(q, self.sampler(logits, q), hidden)
-        q_s = torch.cat(sampled, 1)
-        return Dists(q_s if self.sampler.is_identity else logits.softmax(-1), q_s, hidden)
+        q = Dists(torch.cat(logits, 1), self.sampler, None if greedy else sampled, q_hidden)
+        return drafts, q, limit.clamp_max(drafts.shape[1]) if self.draft_stop else limit, lag  # fixed blocks draft gamma
 
     def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
         """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
@@ -219,8 +270,7 @@ class SpeculativeCascade(Decoder):
         ids, positions = slots.catch_up("target", fed, slots.block.positions[:, :n])
         logits, hidden = slots.caches["target"].forward(ids, positions, slots.block.window, self.wants_hidden, logits_to_keep=n)
         state.out.counts.forwards["target"] += 1
-        p = logits.softmax(-1)
-        return Dists(p, self.sampler(logits, p), hidden.float() if hidden is not None else None)
+        return Dists(logits, self.sampler, hidden=hidden.float() if hidden is not None else None)
 
     def accept(
         self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor, limit: torch.Tensor

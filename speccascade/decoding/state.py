@@ -119,9 +119,9 @@ class Slots:
         if k == 0:
             return ids, positions
         self.behind[name] = 0
-        index = self.slot[:k] + (self.length - k)
-        return (torch.cat([self.tokens.index_select(1, index), ids], 1),
-                torch.cat([self.positions.index_select(1, index), positions], 1))
+        # the last k slots: a view where the length is a host int (dynamic cache), indices where it is on the device
+        last = slice(self.length - k, self.length) if isinstance(self.length, int) else self.slot[:k] + (self.length - k)
+        return torch.cat([self.tokens[:, last], ids], 1), torch.cat([self.positions[:, last], positions], 1)
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more slots, compacting the caches when the buffer would overflow."""
@@ -190,6 +190,9 @@ class Output:
     pad_token_id: int
     left: int | None = None  # the most new tokens a row still lacks, as read on the host after the last step
 
+    def __post_init__(self) -> None:
+        self.offsets = torch.arange(self.tokens.shape[1], device=self.tokens.device)  # token offsets, built once
+
     @classmethod
     def empty(cls, batch: int, width: int, block_size: int, max_new_tokens: int, eos: list[int], pad_token_id: int,
               device: torch.device) -> Output:
@@ -212,11 +215,10 @@ class Output:
         is written after each row's kept tokens (the buffer has room for a block past the limit); what
         lies past ``emitted`` is overwritten later or cut by :meth:`new_tokens`.
         """
-        offsets = torch.arange(tokens.shape[1], device=tokens.device)
-        is_eos = torch.isin(tokens, self.eos) & (offsets < count.unsqueeze(1))
-        hit_eos = is_eos.any(1)
-        count = torch.where(hit_eos, is_eos.int().argmax(1) + 1, count)
-        count = torch.minimum(count, self.max_new_tokens - self.emitted)
+        offsets = self.offsets[: tokens.shape[1]]
+        first_eos = torch.where(torch.isin(tokens, self.eos), offsets, tokens.shape[1]).amin(1)  # [B], width if none
+        hit_eos = first_eos < count
+        count = torch.minimum(torch.minimum(count, first_eos + 1), self.max_new_tokens - self.emitted)
         self.tokens.scatter_(1, self.emitted.unsqueeze(1) + offsets, tokens)
         self.emitted += count
         self.done |= hit_eos | (self.emitted >= self.max_new_tokens)
