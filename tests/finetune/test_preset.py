@@ -9,10 +9,12 @@ import shutil
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from speccascade import Autoregressive, SpeculativeCascade, load_pair, rules
 from speccascade.decoding import presets
+from speccascade.errors import SpeccascadeError
 from speccascade.finetune import train as finetune_module
 from speccascade.finetune import preset
 
@@ -89,8 +91,15 @@ def test_recipe_parses_and_plans_the_drafter_from_the_target_stage(name, tmp_pat
     (target_dir, target), (drafter_dir, drafter) = planned["target"], planned["drafter"]
     assert target_dir.parent == drafter_dir.parent == tmp_path / "cache" / "pairs" / name
     assert drafter["base"] == drafter["teacher"] == str(target_dir) and target["base"] == "smollm2-135m"
-    for stage, (_, settings) in planned.items():
+    def resolve(stage: str) -> None:
+        settings = planned[stage][1]
         finetune_module.resolve(finetune_module.FinetuneSettings(out=tmp_path / stage, **settings, wandb_mode="disabled"))
+
+    resolve("target")
+    with pytest.raises(SpeccascadeError, match="--base"):  # the drafter stage needs the target stage's model
+        resolve("drafter")
+    transformers.LlamaConfig().save_pretrained(target_dir)  # what the target stage leaves before the drafter stage runs
+    resolve("drafter")
     assert presets.PRESETS[name].recipe == name and preset.BUILD_MINUTES[name] > 0
 
 
