@@ -212,7 +212,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*tr, "--traces", str(p["list"])], "a JSON object expected, got a list"),
         ([*tr, "--traces", str(p["no-shards"])], "it lists no shards"),
         ([*tr, "--traces", str(p["damaged-manifest"])], f"{p['damaged-manifest'] / traces.MANIFEST} is damaged or not a speccascade file"),
-        ([*tr, "--traces", str(p["garbage-shard"])], "is damaged or not a speccascade file (Could not open Parquet"),
+        ([*tr, "--traces", str(p["garbage-shard"])], "r000-00000.parquet is damaged or not a speccascade file ("),
         ([*tr, "--out", str(p["damaged-marker"])], f"{p['damaged-marker'] / MARKER} is damaged or not a speccascade file"),
         ([*tr, "--traces", str(p["incomplete"])], "are incomplete"),
         ([*tr, "--out", str(p["evaluation"])], "holds the output of `speccascade evaluate`"),

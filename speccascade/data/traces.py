@@ -73,17 +73,29 @@ def check_readable(manifest: dict, directory: str | Path) -> None:
                                f"this speccascade computes {SPEC_NAME} v{SPEC_VERSION} (log them again with log-traces)")
 
 
+def _schema(directory: str | Path, manifest: dict) -> pa.Schema | None:
+    """The traces' schema, read off the first shard (every shard has the one schema); None without shards."""
+    if not manifest["shards"]:
+        return None
+    path = Path(directory) / manifest["shards"][0]["file"]
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise damaged(path, err) from None
+
+
+def columns(directory: str | Path, manifest: dict) -> list[str]:
+    """The column names of these traces."""
+    schema = _schema(directory, manifest)
+    return schema.names if schema is not None else []
+
+
 def source(directory: str | Path, manifest: dict) -> Source:
     """What these traces give a head (:func:`speccascade.deferral.spec.check_head`): their feature spec, schema
-    version, tokenizer and the width of each hidden-state column (read off the first shard's schema)."""
-    widths = {}
-    if manifest["shards"]:
-        path = Path(directory) / manifest["shards"][0]["file"]
-        try:
-            schema = pq.read_schema(path)
-        except (OSError, pa.ArrowException) as err:
-            raise damaged(path, err) from None
-        widths = {f.name: f.type.list_size for f in schema if f.name in HIDDEN_INPUTS and pa.types.is_fixed_size_list(f.type)}
+    version, tokenizer and the width of each hidden-state column."""
+    schema = _schema(directory, manifest)
+    widths = {f.name: f.type.list_size for f in schema or ()
+              if f.name in HIDDEN_INPUTS and pa.types.is_fixed_size_list(f.type)}
     return Source(f"traces in {directory}", manifest.get("feature_spec"), manifest.get("schema_version"), widths,
                   manifest.get("tokenizer"))
 

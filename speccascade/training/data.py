@@ -26,6 +26,19 @@ LABELS = {  # the label columns each objective needs
 }
 
 
+def check_columns(columns: list[str], features: list[str], objective: str) -> list[str]:
+    """The columns a head with ``features`` trained on ``objective`` reads (features, then labels), refused in one
+    line where ``columns`` (the traces') lack any."""
+    if objective not in LABELS:
+        raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(LABELS)}")
+    needed = list(dict.fromkeys([*features, *LABELS[objective]]))
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise SpeccascadeError(f"traces lack columns {missing} needed by objective {objective!r} and the head's features "
+                               "(loss columns come from --mode reference traces)")
+    return needed
+
+
 def in_validation(example_id: str, fraction: float, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
@@ -102,13 +115,7 @@ class TraceDataModule(pl.LightningDataModule):
         rows = concatenate_datasets([load_traces(t) for t in hp.traces]) if len(hp.traces) > 1 else load_traces(hp.traces[0])
         if len(rows) == 0:
             raise SpeccascadeError(f"traces {', '.join(hp.traces)} hold no rows")
-        needed = list(dict.fromkeys([*hp.features, *self.labels]))
-        missing = [c for c in needed if c not in rows.column_names]
-        if missing:
-            raise SpeccascadeError(
-                f"traces lack columns {missing} needed by objective {hp.objective!r} and the head's features "
-                "(loss columns come from --mode reference traces)"
-            )
+        needed = check_columns(rows.column_names, hp.features, hp.objective)
         finite = rows.map(
             lambda b: {"_ok": np.isfinite(input_matrix(b, needed)).all(-1)},
             batched=True, batch_size=65536,

@@ -37,7 +37,7 @@ from ..settings import ACCELERATORS, LaunchSettings, OutputSettings, TrackingSet
 from ..tracking import head_artifact, run_path, start_run, trace_artifact, use_artifact
 from ..version import __version__
 from . import calibration as cal
-from .data import TraceDataModule
+from .data import TraceDataModule, check_columns
 from .module import DeferralModule, defer_target
 
 HEADS = {  # head name -> (kind, default features)
@@ -139,6 +139,8 @@ def resolve(settings: TrainSettings) -> _Plan:
     if len(pairs) > 1 and not s.mix_pairs:
         names = "; ".join(f"{t}: {m.get('drafter')} -> {m.get('target')}" for t, m in zip(s.traces, manifests))
         raise SpeccascadeError(f"the traces come from different model pairs ({names}); pass --mix-pairs to train on them together")
+    for directory, manifest in zip(s.traces, manifests):
+        check_columns(trace_dirs.columns(directory, manifest), [f for f in features if f not in HIDDEN_INPUTS], s.objective)
     widths = _hidden_widths(features, s.traces, manifests)
     out = OutputDir(s.out, "train-deferral", s.config(manifests), s.resume, s.overwrite, progress=(str(CHECKPOINT),))
     return _Plan(s, kind, features, manifests, out.check(), widths)

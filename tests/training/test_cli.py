@@ -16,6 +16,7 @@ from speccascade.tracing.log_traces import log_traces
 from speccascade.deferral import features as F
 from speccascade.errors import SpeccascadeError
 from speccascade.training import train_deferral
+from speccascade.training.train import TrainSettings, resolve
 from tests.training.test_train import planted_traces
 
 
@@ -79,14 +80,16 @@ def test_bad_input(tiny_traces, tmp_path, capsys):
     traces.write_manifest(empty, {"config": {}}, complete=True)
     with pytest.raises(SpeccascadeError, match="have no rows"):
         train_deferral([str(empty)], tmp_path / "o1", wandb_mode="disabled")
+    settings = TrainSettings(traces=[str(tiny_traces / "on-policy")], out=tmp_path / "o2", objective="gap", wandb_mode="disabled")
     with pytest.raises(SpeccascadeError, match=r"lack columns \['gap'\] needed by objective 'gap'"):
-        train_deferral([str(tiny_traces / "on-policy")], tmp_path / "o2", objective="gap", wandb_mode="disabled")
+        resolve(settings)  # refused from the shards' schema, before the output directory is taken or a row loaded
+    assert not (tmp_path / "o2").exists()
 
     corrupt = tmp_path / "corrupt"
     planted_traces(corrupt, examples=20, rows=5)
     shard = next((corrupt / "shards").glob("*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-40] + b"\0" * 40)
-    with pytest.raises(SpeccascadeError, match=f"shard {shard} does not match its checksum"):
+    with pytest.raises(SpeccascadeError, match=f"{shard} is damaged"):  # its footer is read before any row
         train_deferral([str(corrupt)], tmp_path / "o3", wandb_mode="disabled")
 
     nan = tmp_path / "nan"
