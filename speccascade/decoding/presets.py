@@ -68,6 +68,7 @@ PRESETS: dict[str, PairSpec] = {
     ),
     "smollm2-135m-arithmetic": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-arithmetic"),
     "smollm2-135m-arithmetic-demo": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-arithmetic-demo"),
+    "smollm2-135m-worked": PairSpec(target="HuggingFaceTB/SmolLM2-135M-Instruct", recipe="smollm2-135m-worked"),
     "gemma3-270m": PairSpec(
         target="google/gemma-3-270m",
         drafter_layers=tuple(range(14)),
