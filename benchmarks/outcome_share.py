@@ -1,0 +1,65 @@
+"""How much could a quality-keeping cascade accept? The harmless share of mismatches, with intervals.
+
+Reads on-policy traces logged with ``--labels outcome`` under ``--rule always`` (the replies are the
+target's) and counts, per example, the examined positions where the draft differs from the target's
+token. In replies the target gets right (score 1) a swap can only lose the answer; the share of
+those mismatches whose ``outcome_harm`` is 0 is what a rule could accept there without loss. Every
+rate is a ratio of per-example sums with its 95% bootstrap interval over examples
+(``speccascade.uncertainty``).
+
+    python benchmarks/outcome_share.py runs/traces/worked-outcome-s0 runs/traces/worked-outcome-s1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+
+from speccascade.data import traces
+from speccascade.uncertainty import ratio_interval, resample_weights
+
+
+def per_example(directories: list[str]) -> pd.DataFrame:
+    """Per example: its score, examined positions, mismatches and harmful / helpful mismatches."""
+    columns = ["example_id", "examined", "draft_token", "target_argmax", "outcome_harm", "outcome_delta", "score"]
+    frames = [traces.load_traces(d).select_columns(columns).to_pandas() for d in directories]
+    rows = pd.concat([f.assign(example_id=f"{i}:" + f["example_id"]) for i, f in enumerate(frames)])  # ids per directory
+    examined = rows["examined"].astype(bool)
+    mismatch = examined & (rows["draft_token"] != rows["target_argmax"])
+    rows = rows.assign(examined=examined, mismatch=mismatch, harmful=mismatch & (rows["outcome_harm"] == 1),
+                       helpful=mismatch & (rows["outcome_delta"] < 0))
+    return rows.groupby("example_id").agg(score=("score", "first"), examined=("examined", "sum"),
+                                          mismatches=("mismatch", "sum"), harmful=("harmful", "sum"),
+                                          helpful=("helpful", "sum"))
+
+
+def summary(examples: pd.DataFrame, seed: int = 0) -> dict:
+    """The shares with their intervals (right replies: score 1)."""
+    weights = resample_weights(len(examples), seed=seed)
+    right = (examples["score"] >= 1).to_numpy(float)
+    mismatches, harmful = examples["mismatches"].to_numpy(float), examples["harmful"].to_numpy(float)
+    harmless_right = (mismatches - harmful) * right
+    return {
+        "examples": len(examples), "target_right": int(right.sum()),
+        "examined": int(examples["examined"].sum()), "mismatches": int(mismatches.sum()),
+        "mismatches_in_right_replies": int((mismatches * right).sum()),
+        "harmful_in_right_replies": int((harmful * right).sum()), "helpful": int(examples["helpful"].sum()),
+        "mismatch_rate": ratio_interval(mismatches, examples["examined"].to_numpy(float), weights).as_dict(),
+        "harmless_share_in_right_replies": ratio_interval(harmless_right, mismatches * right, weights).as_dict(),
+        "harmless_share_all": ratio_interval(mismatches - harmful, mismatches, weights).as_dict(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("traces", nargs="+", help="trace directories logged with --labels outcome under --rule always")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = parser.parse_args()
+    print(json.dumps(summary(per_example(args.traces), args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()
