@@ -3,7 +3,8 @@
 ``reference`` mode teacher-forces the gold continuation: one batched forward of each model gives
 every position's ``q`` and ``p``. ``on-policy`` mode decodes with the speculative cascade under a
 rule and logs every drafted position through the decoder's hook, with target-as-oracle labels and
-the task's final score; ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
+the task's final score (a multi-turn prompt, spec-bench's MT-Bench ones, is decoded turn by turn, each
+turn's drafts logged); ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
 batch before its shard is written, so they resume like every other column. The same command runs
 as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` takes examples
 ``r, r + N, ...`` and writes its own shards. With W&B on, the finished traces are logged as a
