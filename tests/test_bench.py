@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from speccascade.bench import bench, ideal_speedup
-from speccascade.bench.measure import Configuration, count_new
+from speccascade.bench.measure import Configuration, configurations, count_new
 from speccascade.bench.report import speedup_interval
 from speccascade.uncertainty import resample_weights
 from speccascade.cli import main
+from speccascade.deferral import rules as R
+from speccascade.pairs import load_pair
 
 CONFIGS = {
     ("target, generate", 1), ("assisted generation", 1), ("assisted generation, adaptive drafts", 1), ("target alone", 1),
@@ -90,6 +92,18 @@ def test_bench_with_draft_stop_times_adaptive_exact_decoding_beside_fixed_blocks
     assert "cascade opt:0.3, drafts stop below 0.1" in rows and report["draft_stop"] == 0.1
     assert "drafts stop below 0.1" in (tmp_path / "bench.md").read_text()
     assert "Cascades against exact speculative decoding, drafts stop below 0.1" in (tmp_path / "bench.md").read_text()
+
+
+def test_spec_benchs_table_takes_the_rows_flagged_for_it_whatever_their_names():
+    configs = configurations(load_pair("tiny-random"), [1, 2], 3, [R.OPT(0.3)], 4, {"cache": None, "compile": False},
+                             {"bonus": "mix", "draft_stop": 0.1})
+    flagged = {(c.name, c.batch_size): c.in_spec_bench for c in configs}
+    assert flagged == {
+        ("target, generate", 1): False, ("assisted generation", 1): True, ("assisted generation, adaptive drafts", 1): False,
+        ("target alone", 1): True, ("drafter alone", 1): False, ("cascade opt:0.3, drafts stop below 0.1", 1): True,
+        ("exact speculative decoding, drafts stop below 0.1", 1): True, ("exact speculative decoding", 1): True,
+        ("exact speculative decoding", 2): True,
+    }
 
 
 def timed_config(name: str, tokens: list[int], rounds: list[list[float]]) -> Configuration:

@@ -22,6 +22,7 @@ from speccascade.deferral import features as F
 from speccascade.deferral.heads import DeferralHead
 from speccascade.errors import SpeccascadeError
 from speccascade.outdir import MARKER, OutputDir
+from tests.data.test_spec_bench import RECORDS, write_jsonl
 from tests.training.test_train import planted_traces
 
 TINY = ["--models", "tiny-random", "--wandb-mode", "disabled"]
@@ -95,6 +96,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     with OutputDir(root / "evaluation", "evaluate", {"limit": 2}).claim() as claimed:
         claimed.finish()
     paths["evaluation"] = root / "evaluation"
+    paths["spec-bench"] = write_jsonl(root / "question.jsonl", RECORDS)
+    paths["bad-reference"] = write_jsonl(root / "bad-reference.jsonl", [
+        {"question_id": 1, "category": "math_reasoning", "turns": ["q"], "reference": ["7"]}])
     return paths
 
 
@@ -108,6 +112,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
     tr = ["train-deferral", "--traces", str(p["good"]), "--out", str(out), "--wandb-mode", "disabled"]
     lt = ["log-traces", "--models", "tiny-random", "--out", str(out), "--limit", "2"]
     name, deep = out / ("n" * 256), out.joinpath(*["d" * 250] * 17)  # a name, a path the file system cannot hold
+    sb = ["--task", "spec-bench", "--data-file", str(p["spec-bench"])]
     return [
         (["evaluate", *TINY, "--out", str(name)], "a name of 256 bytes; the file system takes at most 255"),
         (["log-traces", *TINY, "--out", str(deep)], "bytes long; keep it to 3840"),
@@ -223,6 +228,17 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*lt, "--devices", "0"], "--devices must be >= 1"),
         ([*lt, "--rule", "opt:x"], "'x' is not a number"),
         ([*lt, "--out", str(p["head"])], "was not written by speccascade log-traces"),
+        ([*ev, *sb, "--categories", "chat"], "unknown category 'chat' (--categories); Spec-Bench's are mt_bench, "),
+        ([*ev, *sb, "--categories", "qa,rag,qa"], "--categories names 'qa' more than once"),
+        ([*ev, *sb, "--limit-per-category", "0"], "--limit-per-category must be >= 1, got 0"),
+        ([*ev, "--task", "spec-bench", "--data-file", str(p["bad-reference"])],
+         "bad-reference.jsonl:1: field 'reference' of a math_reasoning record does not end with '#### N'"),
+        (["bench", "--models", "tiny-random", "--out", str(out), *sb, "--categories", "rag,rag"], "names 'rag' more than once"),
+        ([*lt, *sb], "spec-bench has one split, 'test', not 'train'"),
+        ([*lt, *sb, "--split", "test", "--limit-per-category", "0"], "--limit-per-category must be >= 1, got 0"),
+        ([*lt, *sb, "--split", "test", "--categories", "summarization,qa"],
+         "--mode reference teacher-forces a gold reply, but 1 of the 2 spec-bench examples have none"),
+        ([*lt, "--categories", "qa"], "--categories and --limit-per-category need a task with categories (spec-bench)"),
         (["demo", *TINY, "--out", str(out), "--rules", "bogus"], "unknown rule 'bogus'"),
         (["demo", *TINY, "--out", str(out), "--eval-examples", "-1"], "--eval-examples must be >= 1"),
         (["operating-point", "--traces", str(p["good"]), "--rule", "opt", "--target-deferral-rate", "1.5"], "in [0, 1]"),

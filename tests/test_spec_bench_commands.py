@@ -1,20 +1,23 @@
-"""``speccascade bench --task spec-bench`` and ``speccascade evaluate --task spec-bench`` on tiny-random, with a small
-copy of Spec-Bench's file (a few categories, two-turn prompts, missing references); their refusals."""
+"""``speccascade bench``, ``evaluate`` and ``log-traces`` with ``--task spec-bench`` on tiny-random, with a small copy
+of Spec-Bench's file (a few categories, two-turn prompts, missing references); their refusals."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from speccascade.bench.command import turn_prompts
 from speccascade.cli import main
-from speccascade.data import get_task
+from speccascade.data import get_task, traces
 from speccascade.decoding import ModelPair
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.pairs import load_pair
+from speccascade.tracing import log_traces as log_traces_module
+from speccascade.tracing.log_traces import log_traces
 from tests.data.test_spec_bench import RECORDS, write_jsonl
 from tests.helpers import wandb_records
 
@@ -139,3 +142,72 @@ def test_evaluate_reports_quality_per_category_paired_with_the_target(tmp_path, 
     table = json.loads(file.read_text())  # keyed by rule, knob and category: one row per point and category
     assert table["columns"][:2] == ["rule", "knob"] and "category" in table["columns"]
     assert len(table["data"]) == 3 * 6
+
+
+def trace_rows(directory) -> dict[str, list]:
+    manifest = traces.read_manifest(directory)
+    return pa.concat_tables(pq.read_table(directory / s["file"]) for s in manifest["shards"]).to_pydict()
+
+
+def by_example(rows: dict[str, list]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for i, example_id in enumerate(rows["example_id"]):
+        grouped.setdefault(example_id, []).append({k: v[i] for k, v in rows.items()})
+    return grouped
+
+
+def test_log_traces_on_policy_logs_both_turns_the_second_after_the_first_reply(tmp_path, small, monkeypatch):
+    seen = []
+    encode = ModelPair.encode
+    monkeypatch.setattr(ModelPair, "encode", lambda self, prompts, chat=True: (seen.extend(prompts), encode(self, prompts, chat))[1])
+    out = tmp_path / "traces"
+    manifest = log_traces(out, models="tiny-random", task="spec-bench", data_file=str(small), split="test", limit=None,
+                          mode="on-policy", max_new_tokens=4, batch_size=3, shard_examples=4, topk=0, wandb_mode="disabled")
+    examples = {e.id: e for e in get_task("spec-bench").examples("test", data_file=small)}
+    grouped = by_example(trace_rows(out))
+    assert manifest["examples"] == 8 and grouped.keys() == examples.keys()
+    pair = load_pair("tiny-random")
+    for example_id, rows in grouped.items():
+        example = examples[example_id]
+        assert {r["category"] for r in rows} == {example.category}
+        examined = sorted((r for r in rows if r["examined"]), key=lambda r: r["position"])
+        positions = [r["position"] for r in examined]  # each reply token examined once, turn after turn (gamma > 4)
+        assert positions == list(range(len(positions))) and len(positions) <= 4 * (1 + len(example.followups))
+        scored = example.category in ("translation", "summarization", "math_reasoning", "rag") and example.answer
+        assert all(math.isnan(r["score"]) != bool(scored) for r in rows)
+        if not example.followups:
+            continue
+        assert len(positions) > 4  # the second turn's drafts, counted on from the first reply's 4 tokens
+        first = [r["draft_token"] if r["accepted"] else r["target_argmax"] for r in examined[:4]]  # greedy: p's argmax
+        (second,) = [p for p in seen if not isinstance(p, str) and len(p) == 3 and p[0]["content"] == example.prompt]
+        assert second[1] == {"role": "assistant", "content": pair.decode([first])[0]}
+        assert second[2] == {"role": "user", "content": example.followups[0]}
+
+
+def test_log_traces_reference_mode_takes_the_categories_with_references(tmp_path, small):
+    out = tmp_path / "traces"
+    log_traces(out, models="tiny-random", task="spec-bench", data_file=str(small), split="test", limit=None,
+               categories="summarization,math_reasoning,rag", max_reference_tokens=3, topk=0, wandb_mode="disabled")
+    grouped = by_example(trace_rows(out))
+    examples = {e.id: e for e in get_task("spec-bench").examples("test", data_file=small)}
+    assert sorted(grouped) == ["math_reasoning-401", "rag-481", "summarization-241"]
+    tokenizer = load_pair("tiny-random").tokenizer
+    for example_id, rows in grouped.items():
+        gold = tokenizer(examples[example_id].reference, add_special_tokens=False)["input_ids"]
+        assert len(rows) == min(len(gold), 3) + 1  # the cut gold reply and EOS
+        assert {r["category"] for r in rows} == {examples[example_id].category}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "test", "--mode", "reference"],
+     "4 of the 8 spec-bench examples have none or more than one turn (e.g. 'writing-81'; categories mt_bench, qa, "
+     "translation): pick others (--categories) or use --mode on-policy"),
+    (["--split", "test", "--categories", "translation"], "1 of the 2 spec-bench examples have none or more than one turn (e.g. 'translation-162'; categories translation)"),
+    ([], "spec-bench has one split, 'test', not 'train'"),
+])
+def test_log_traces_refuses_what_it_cannot_log_before_any_model_loads(tmp_path, small, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(log_traces_module, "load_settings_pair", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "t"
+    assert main(["log-traces", "--models", "tiny-random", "--task", "spec-bench", "--data-file", str(small),
+                 "--out", str(out), "--wandb-mode", "disabled", *extra]) == 2
+    assert message in one_error_line(capsys) and not out.exists()

@@ -138,7 +138,7 @@ def _timed(plan: _Plan) -> dict:
                              {"cache": s.cache, "compile": s.compile}, s.block_options(), s.transformers)
     spec = s.task == SPEC_BENCH
     if spec:
-        configs = [c for c in configs if _in_spec_bench(c.name)]
+        configs = [c for c in configs if c.in_spec_bench]
     measure(configs, pair, ids, mask, s.repeats, warm_up=1 if spec else None)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades, plan.examples) | {"turns": len(prompts)})
@@ -150,12 +150,6 @@ def _timed(plan: _Plan) -> dict:
     print(text)
     say("bench", wrote(s.out / "bench.md", s.out / "bench.json"))
     return result
-
-
-def _in_spec_bench(name: str) -> bool:
-    """Spec-Bench's rows: the target alone, assisted generation, exact speculative decoding and the cascades (the
-    other rows are left out to keep its long prompts affordable)."""
-    return name in ("target alone", "assisted generation") or name.startswith(("exact speculative decoding", "cascade "))
 
 
 def turn_prompts(pair, examples: list[Example], max_new_tokens: int) -> tuple[list, list[int]]:

@@ -22,13 +22,16 @@ Run = Callable[[torch.Tensor, torch.Tensor], DecodeStats]  # decodes one batch
 
 @dataclass
 class Configuration:
-    """One measured configuration: a name, how it decodes a batch, and its batch size."""
+    """One measured configuration: a name, how it decodes a batch, and its batch size; ``in_spec_bench`` marks the
+    rows of Spec-Bench's table (the target alone, assisted generation, exact decoding and the cascades: the others
+    are left out to keep its long prompts affordable)."""
 
     name: str
     implementation: str
     batch_size: int
     run: Run
     models: tuple[torch.nn.Module, ...] = ()
+    in_spec_bench: bool = False
     seconds: list[float] = field(default_factory=list)  # wall time of each timed round
     batch_seconds: list[list[float]] = field(default_factory=list)  # [round][batch] wall time of each batch
     batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (of the last round)
@@ -74,24 +77,28 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
     adaptive = dict(num_assistant_tokens=20, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.4)
     configs = [
         Configuration("target, generate", "transformers", 1, hf(), (pair.target,)),
-        Configuration("assisted generation", "transformers", 1, hf(**constant), both),
+        Configuration("assisted generation", "transformers", 1, hf(**constant), both, in_spec_bench=True),
         Configuration("assisted generation, adaptive drafts", "transformers", 1, hf(**adaptive), both),
     ] if transformers_rows else []
     configs += [
-        Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,)),
+        Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,),
+                      in_spec_bench=True),
         Configuration("drafter alone", "speccascade", 1, ours(Autoregressive(pair, "drafter", **options)), (pair.drafter,)),
     ]
     stops = f", drafts stop below {block['draft_stop']:g}" if block["draft_stop"] else ""
     for rule in cascades:
         label = f"cascade {rule.spec}" + (", bonus from p" if block["bonus"] == "target" else "") + stops
         configs.append(Configuration(label, "speccascade", 1,
-                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, **block, **options)), both))
+                                     ours(SpeculativeCascade(pair, rule, block_size=gamma, **block, **options)), both,
+                                     in_spec_bench=True))
     if stops:  # beside the fixed-block rows below, which the derived numbers read
         adaptive = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, draft_stop=block["draft_stop"], **options)
-        configs.append(Configuration(exact_name(block["draft_stop"]), "speccascade", 1, ours(adaptive), both))
+        configs.append(Configuration(exact_name(block["draft_stop"]), "speccascade", 1, ours(adaptive), both,
+                                     in_spec_bench=True))
     for b in sizes:
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
-                                     ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both))
+                                     ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both,
+                                     in_spec_bench=True))
     return configs
 
 

@@ -3,7 +3,8 @@
 ``reference`` mode teacher-forces the gold continuation: one batched forward of each model gives
 every position's ``q`` and ``p``. ``on-policy`` mode decodes with the speculative cascade under a
 rule and logs every drafted position through the decoder's hook, with target-as-oracle labels and
-the task's final score; ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
+the task's final score (a multi-turn prompt, spec-bench's MT-Bench ones, is decoded turn by turn, each
+turn's drafts logged); ``--labels outcome`` adds outcome labels (:mod:`.outcome`), computed with the
 batch before its shard is written, so they resume like every other column. The same command runs
 as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` takes examples
 ``r, r + N, ...`` and writes its own shards. With W&B on, the finished traces are logged as a
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from ..data import traces
 from ..data.schema import position_rows, to_numpy
 from ..data.tasks import Example, Task, get_task
+from ..data.tasks.base import conversation
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
 from ..deferral import features as F
 from ..deferral import rules as rules_module
@@ -33,7 +35,7 @@ from ..errors import SpeccascadeError
 from ..outdir import OutputDir
 from ..pairs import check_heads, load_settings_pair
 from ..report import say, wrote
-from ..settings import (DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
+from ..settings import (CategorySettings, DecodingSettings, LaunchSettings, OutputSettings, PairSettings, TaskSettings,
                         TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from ..version import __version__
@@ -45,7 +47,8 @@ LABELS = ("gap", "outcome")
 
 
 @dataclass(kw_only=True)
-class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, TaskSettings, PairSettings, OutputSettings):
+class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, CategorySettings, TaskSettings, PairSettings,
+                        OutputSettings):
     """Settings of ``log-traces`` (the shared groups, then its own)."""
 
     mode: Literal[MODES] = setting("reference", "reference (teacher-forced on the gold continuation) or on-policy (speculative cascade)")
@@ -67,6 +70,8 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Task
         on_policy = self.mode == "on-policy"
         config = as_config(self, ("drafter", "target", "task", "data_file", "split", "limit", "mode", "block_size",
                                   "few_shot", "hidden_states", "topk", "seed"))
+        picked = {"categories": self.categories, "limit_per_category": self.limit_per_category}
+        config |= {k: v for k, v in picked.items() if v is not None}  # absent unless given: earlier traces resume
         return config | self.pair_config() | {"rule": rule.spec if on_policy else None,
                          "temperature": self.temperature if on_policy else None,
                          "max_new_tokens": self.max_new_tokens if on_policy else None,
@@ -114,11 +119,25 @@ def resolve(settings: LogTracesSettings) -> _Plan:
     resolve_groups(settings)
     settings.check_labels()
     rule = rules_module.parse(settings.rule, setting="--rule").build()
-    task, examples = settings.examples(settings.seed)
+    task, examples = settings.examples(settings.seed, settings.by_category if settings.picks else None)
+    if settings.mode == "reference":
+        check_gold_replies(examples, settings.task)
     config = settings.config(rule)
     out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",),
                     legacy=traces.legacy_marker)
     return _Plan(settings, task, examples, rule, config, out.check())
+
+
+def check_gold_replies(examples: list[Example], task: str) -> None:
+    """Reference mode teacher-forces one gold reply per example: refuse examples without one, or with later turns
+    whose replies have none (spec-bench's qa and MT-Bench prompts), before any model loads."""
+    missing = [ex for ex in examples if not ex.reference or ex.followups]
+    if missing:
+        categories = ", ".join(dict.fromkeys(ex.category for ex in missing if ex.category))
+        where = f"; categories {categories}): pick others (--categories) or" if categories else "):"
+        raise SpeccascadeError(f"--mode reference teacher-forces a gold reply, but {len(missing)} of the {len(examples)} "
+                               f"{task} examples have none or more than one turn (e.g. {missing[0].id!r}{where} "
+                               "use --mode on-policy")
 
 
 def run(plan: _Plan) -> dict:
@@ -281,7 +300,10 @@ class RowLogger:
     def rows(self, batch: list[tuple[int, Example]]) -> dict[str, np.ndarray]:
         cols = self._reference(batch) if self.config["mode"] == "reference" else self._on_policy(batch)
         batch_row = cols.pop("_row").tolist()
-        return {"example_id": np.array([batch[i][1].id for i in batch_row], dtype=object)} | to_numpy(cols)
+        ids = {"example_id": np.array([batch[i][1].id for i in batch_row], dtype=object)}
+        if any(ex.category for _, ex in batch):  # a task with categories (spec-bench)
+            ids["category"] = np.array([batch[i][1].category for i in batch_row], dtype=object)
+        return ids | to_numpy(cols)
 
     @torch.inference_mode()
     def _reference(self, batch: list[tuple[int, Example]]) -> dict[str, torch.Tensor]:
@@ -319,10 +341,38 @@ class RowLogger:
         return cols
 
     def _on_policy(self, batch: list[tuple[int, Example]]) -> dict[str, torch.Tensor]:
-        """Decode with the speculative cascade; every drafted position becomes a row."""
+        """Decode with the speculative cascade turn by turn; every drafted position becomes a row.
+
+        A later turn of a multi-turn example (spec-bench's MT-Bench prompts) is decoded after the example's own
+        replies to the turns before it, as ``evaluate`` decodes it; its positions count on from those replies'
+        tokens (a position indexes the example's replies one after another), and its score is its last reply's.
+        """
+        examples, device = [ex for _, ex in batch], self.pair.device
+        seeds = [self.config["seed"] + i for i, _ in batch]
+        replies: list[list[str]] = [[] for _ in batch]
+        decoded = torch.zeros(len(batch), dtype=torch.long, device=device)  # tokens of each example's earlier replies
+        parts = []
+        for turn in range(1 + max(len(ex.followups) for ex in examples)):
+            rows = [b for b, ex in enumerate(examples) if turn <= len(ex.followups)]
+            cols, texts, lengths = self._turn([examples[b] for b in rows], [conversation(examples[b], replies[b]) for b in rows],
+                                              [seeds[b] for b in rows])
+            cols["_row"] = torch.tensor(rows, device=device)[cols["_row"]]
+            cols["position"] = cols["position"] + decoded[cols["_row"]]
+            for b, text, n in zip(rows, texts, lengths.tolist()):
+                replies[b].append(text)
+                decoded[b] += n
+            parts.append(cols)
+        cols = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        scores = torch.tensor([self.task.score(texts[-1], ex) for texts, ex in zip(replies, examples)], device=device)
+        cols["score"] = scores[cols["_row"]]
+        cols["example_index"] = torch.tensor([i for i, _ in batch], device=device)[cols["_row"]]
+        return cols
+
+    def _turn(self, examples: list[Example], prompts: list, seeds: list[int]) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor]:
+        """One decode of ``prompts`` (one per example) with the hook: the drafted positions' columns (``_row`` indexing
+        ``examples``; with ``--labels outcome`` the outcome labels), the replies and their lengths in tokens."""
         pair, cfg = self.pair, self.config
         gamma = cfg["block_size"]
-        seeds = [cfg["seed"] + i for i, _ in batch]
         sampled_labels = self.outcome is not None and cfg["temperature"] > 0
         blocks: list[dict[str, torch.Tensor]] = []
 
@@ -343,22 +393,18 @@ class RowLogger:
 
         decoder = SpeculativeCascade(pair, self.rule, block_size=gamma, temperature=cfg["temperature"],
                                      hook=hook, hook_hidden_states=bool(self.hidden))
-        ids, mask = pair.encode([ex.prompt for _, ex in batch])
+        ids, mask = pair.encode(prompts)
         out = decoder.generate(ids, mask, max_new_tokens=cfg["max_new_tokens"], seed=seeds)
-        texts = pair.decode(out.new_tokens)
-        scores = torch.tensor([self.task.score(text, ex) for text, (_, ex) in zip(texts, batch)], device=pair.device)
         lengths = torch.tensor([r["new_tokens"] for r in out.stats.rows], device=pair.device)
         cols = {k: torch.cat([blk[k] for blk in blocks]) for k in blocks[0]}
         keep = cols["position"] < lengths[cols["_row"]]  # drafts past the end of the text are dropped
         cols = {k: v[keep] for k, v in cols.items()}
-        cols["score"] = scores[cols["_row"]]
-        cols["example_index"] = torch.tensor([i for i, _ in batch], device=pair.device)[cols["_row"]]
         if self.outcome is not None:
-            prompts = [ids[b][mask[b].bool()].tolist() for b in range(len(batch))]
+            prompt_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(examples))]
             replies = [out.new_tokens[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
             choice = cols.pop("_choice", cols["target_argmax"])
-            harm, delta, cost = self.outcome.label([ex for _, ex in batch], prompts, replies, cols["_row"], cols["position"],
+            harm, delta, cost = self.outcome.label(examples, prompt_ids, replies, cols["_row"], cols["position"],
                                                    cols["draft_token"], choice, cols["examined"], seeds)
             cols["outcome_harm"], cols["outcome_delta"] = harm, delta
             self._cost += cost
-        return cols
+        return cols, pair.decode(out.new_tokens), lengths

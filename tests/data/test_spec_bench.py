@@ -101,6 +101,7 @@ def test_select_by_category_and_count(small):
     assert [e.category for e in select(examples, None, 1)] == ["mt_bench", "translation", "summarization", "qa",
                                                               "math_reasoning", "rag"]
     assert "unknown category 'chat'" in error_of(select, examples, ["chat"], None)
+    assert error_of(select, examples, ["qa", "rag", "qa"], None) == "--categories names 'qa' more than once"
     few = [e for e in examples if e.category != "rag"]
     assert error_of(select, few, ["rag"], None) == "the data has no examples in category 'rag' (--categories)"
 
@@ -110,7 +111,8 @@ def test_select_by_category_and_count(small):
     ({"question_id": 1, "category": "qa", "turns": []}, "field 'turns' is not a non-empty list of strings"),
     ({"category": "qa", "turns": ["hi"]}, "record has no 'question_id'"),
     ({"question_id": 1, "category": "rag", "turns": ["q"], "reference": ["one answer"]}, "list of answer strings"),
-    ({"question_id": 1, "category": "math_reasoning", "turns": ["q"], "reference": ["no marker"]}, "#### N"),
+    ({"question_id": 1, "category": "math_reasoning", "turns": ["q"], "reference": ["no marker"]},
+     "field 'reference' of a math_reasoning record does not end with '#### N'"),
     ({"question_id": 1, "category": "translation", "turns": ["q"], "reference": "text"}, "'reference' is not a list"),
 ])
 def test_a_bad_record_names_its_line(tmp_path, record, message):

@@ -46,8 +46,8 @@ def _reference_problem(category: str, reference: object) -> str | None:
             return "field 'reference' of a rag record is not a list holding a list of answer strings"
     elif reference and not isinstance(first, str):
         return "field 'reference' does not start with a string"
-    elif category == "math_reasoning" and first is not None:
-        return GSM8K().problem({"question": "", "answer": first})
+    elif category == "math_reasoning" and first is not None and GSM8K().problem({"question": "", "answer": first}):
+        return "field 'reference' of a math_reasoning record does not end with '#### N' (GSM8K's final answer)"
     return None
 
 
@@ -120,11 +120,13 @@ class SpecBench(Task):
 def select(examples: list[Example], categories: Sequence[str] | None, per_category: int | None) -> list[Example]:
     """The examples of ``categories`` (all when None), at most ``per_category`` of each, in their order.
 
-    A category Spec-Bench does not have, or one with no example in the data, is an error naming it.
+    A category Spec-Bench does not have, one named twice, or one with no example in the data is an error naming it.
     """
-    for category in categories or ():
+    for i, category in enumerate(categories or ()):
         if category not in CATEGORIES:
             raise SpeccascadeError(f"unknown category {category!r} (--categories); Spec-Bench's are {', '.join(CATEGORIES)}")
+        if category in categories[:i]:
+            raise SpeccascadeError(f"--categories names {category!r} more than once")
         if not any(e.category == category for e in examples):
             raise SpeccascadeError(f"the data has no examples in category {category!r} (--categories)")
     taken: dict[str, int] = {}
