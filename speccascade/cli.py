@@ -94,13 +94,13 @@ def build_parser() -> ArgumentParser:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="speccascade", description="Speculative cascades with learned deferral rules.",
-                            exit_on_error=False, print_config="--print-config")
+                            exit_on_error=False, print_config="--print-config", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"speccascade {__version__}")
     parser.add_argument(*VERBOSE_FLAGS, action="store_true", help="show third-party output and tracebacks (anywhere on the line)")
     subcommands = parser.add_subcommands(dest="command")
     for name, (function, settings) in commands().items():
         sub = ArgumentParser(description=(function.__doc__ or "").strip().splitlines()[0], exit_on_error=False,
-                             print_config="--print-config")
+                             print_config="--print-config", allow_abbrev=False)  # --limit is no --limit-per-category
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file of options (keys with underscores); flags override it")
         for option in _options(settings):
             _add(sub, *option)

@@ -159,6 +159,7 @@ def _cases(p: dict[str, Path], out: Path) -> list[tuple[list[str], str]]:
         ([*lt, "--task", "arithmetic", "--limit", str(2**62)], "--limit must be <= 10000000"),  # generated until killed
         (["demo", *TINY, "--out", str(out), "--train-examples", str(2**62)], "--train-examples must be <= 10000000"),
         (["bench", "--models", "tiny-random", "--out", str(out), "--prompts", str(2**62)], "--prompts must be <= 10000000"),
+        (["bench", "--models", "tiny-random", "--out", str(out), "--limit", "2"], "unrecognized arguments: --limit 2"),  # no prefix of --limit-per-category
         ([*lt, "--topk", str(2**63)], "--topk must be a 64-bit whole number"),
         ([*lt, "--seed", str(2**32)], "--seed must be <= 4294967295"),
         ([*tr, "--seed", str(2**64)], "--seed must be <= 4294967295"),
