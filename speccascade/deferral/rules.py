@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 import torch
 
 from ..errors import SpeccascadeError
-from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, position_features, vocabulary_token_features
-from .features import HIDDEN_INPUTS
+from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, live_context, position_features, trace_context
+from .features import vocabulary_token_features
+from .spec import CONTEXT_INPUTS, HIDDEN_INPUTS, trace_column
 from .features import TOKEN_FEATURES as TOKEN_NAMES
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Rule(ABC):
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
     needs_drafts: ClassVar[bool] = False  # True: decides from the whole block's drafts (no per-position score)
+    needs_reply: ClassVar[bool] = False  # True: reads each draft's position in the reply (mix gets reply_start)
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``score``/``decide`` read
     EXACT: ClassVar[float | None] = None
@@ -109,6 +111,8 @@ class Rule(ABC):
         ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it;
         ``hidden``: ``q_hidden``/``p_hidden`` ``[B, T, H]``, for rules that ``needs_hidden``;
         ``drafts`` ``[B, T - 1]``: the block's drafted tokens, for rules that ``needs_drafts``.
+        Rules that ``needs_reply`` also take ``reply_start`` ``[B]``, the reply index of each row's first draft
+        (the decoder passes it to those rules alone, so rules written before it need not accept it).
         """
 
     @staticmethod
@@ -124,13 +128,19 @@ class PositionRule(Rule):
 
     granularity = "position"
 
-    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
-        """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``)."""
-        names = tuple(n for n in self.features if n not in HIDDEN_INPUTS)
-        return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}))
+    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0, hidden=None,
+              context=None) -> torch.Tensor:
+        """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``); ``hidden`` and ``context``
+        (:func:`~speccascade.deferral.features.live_context`) are ``[B, T, ...]`` inputs read as they are."""
+        names = tuple(n for n in self.features if n not in HIDDEN_INPUTS + CONTEXT_INPUTS)
+        return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}) | dict(context or {}))
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        r = self.defer(q, p, rel_position, hidden)
+        return PositionRule.mixture(self.defer(q, p, rel_position, hidden), q_s, p_s)
+
+    @staticmethod
+    def mixture(r: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
+        """``pi = (1 - r) q~ + r p~`` for position decisions ``r`` ``[B, T]``."""
         pi = torch.where(r.unsqueeze(-1), p_s, q_s)
         return Mix(pi, pi, r)
 
@@ -144,17 +154,23 @@ class TokenRule(Rule):
 
     granularity = "token"
 
-    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
-        """Boolean ``r(v)`` ``[B, T, V]``."""
+    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None,
+                     context=None) -> torch.Tensor:
+        """Boolean ``r(v)`` ``[B, T, V]``; ``context`` inputs come broadcastable over the vocabulary
+        (:func:`~speccascade.deferral.features.live_context` with ``candidates``)."""
         token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
         f = vocabulary_token_features(q, p, token_names)
-        names = tuple(n for n in self.features if n not in TOKEN_NAMES and n not in HIDDEN_INPUTS)
+        names = tuple(n for n in self.features if n not in TOKEN_NAMES + HIDDEN_INPUTS + CONTEXT_INPUTS)
         f.update({name: value.unsqueeze(-1) for name, value in position_features(q, p, rel_position, names).items()})
         f.update({name: value.unsqueeze(-2) for name, value in (hidden or {}).items()})  # [B, T, 1, H]
-        return self.decide(f)
+        return self.decide(f | dict(context or {}))
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        r = self.defer_tokens(q, p, rel_position, hidden)
+        return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden), q_s, p_s)
+
+    @staticmethod
+    def mixture(r: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
+        """``pi(v) = q~(v) (1 - r(v)) + p~(v) eta`` for token decisions ``r`` ``[B, T, V]``."""
         deferred_q = torch.where(r, q_s, 0.0)
         eta = deferred_q.sum(-1, keepdim=True)
         pi = (q_s - deferred_q) + p_s * eta
@@ -482,7 +498,8 @@ class Learned(Rule):
     Heads trained for gap regression defer iff the predicted gap ``loss_q - loss_p`` exceeds
     ``threshold`` (a learned Diff: the expected gain of a deferral); classification and relaxed heads
     defer iff their calibrated probability exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
-    Token-level heads are evaluated over the whole vocabulary.
+    Token-level heads (token features, or the drafted token's id) are evaluated over the whole vocabulary.
+    On trace columns the context inputs are derived from ``columns`` (:func:`~speccascade.deferral.features.trace_context`).
     """
 
     head: "DeferralHead"
@@ -506,7 +523,16 @@ class Learned(Rule):
 
     @property
     def needs_target(self) -> bool:
-        return any(f not in DRAFTER_ONLY_FEATURES for f in self.features)
+        return any(f not in DRAFTER_ONLY_FEATURES + ("draft_token", "reply_position") for f in self.features)
+
+    @property
+    def needs_reply(self) -> bool:
+        return "reply_position" in self.features
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The trace columns the head reads (``target_argmax`` for ``target_token``, ``position`` for ``reply_position``)."""
+        return tuple(trace_column(name) for name in self.features)
 
     @property
     def spec(self) -> str:
@@ -520,6 +546,7 @@ class Learned(Rule):
             self.head.to(some.device)
         if "alpha" in self.head.features:
             f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
+        f = {**trace_context(f, [n for n in self.features if n in CONTEXT_INPUTS and n not in f]), **f}
         score = self.head(self.head.inputs(f))
         return score if self.head.objective == "gap" else self.head.probability(score)
 
@@ -527,9 +554,15 @@ class Learned(Rule):
     def needs_hidden(self) -> bool:
         return self.head.needs_hidden
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        base = TokenRule if self.granularity == "token" else PositionRule
-        return base.mix(self, q, p, q_s, p_s, rel_position, hidden)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None, reply_start=None) -> Mix:
+        token = self.granularity == "token"
+        if self.head.ids and q.shape[-1] != self.head.vocab_size:
+            raise SpeccascadeError(f"head {self.head.provenance.get('path', '?')} embeds token ids of a vocabulary of "
+                                   f"{self.head.vocab_size} tokens; the pair scores {q.shape[-1]}")
+        context = live_context(p, reply_start, self.features, candidates=token)
+        if token:
+            return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden, context), q_s, p_s)
+        return PositionRule.mixture(self.defer(q, p, rel_position, hidden, context), q_s, p_s)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":

@@ -180,7 +180,7 @@ def read_columns(traces: str, rules: list[R.Rule], heads) -> tuple[dict[str, tor
     """The columns the rules, heads and losses read, as tensors, and each row's example id."""
     rows = load_traces(traces)
     wanted = {*offline.LOSS_COLUMNS, *(f for r in rules for f in r.features),
-              *(f for h in heads for f in h.features if f != "alpha")}
+              *(c for h in heads for c in h.columns)}
     missing = sorted(wanted - set(rows.column_names))
     if missing:
         hint = " (hidden states: log-traces --hidden-states both)" if set(missing) & set(F.HIDDEN_INPUTS) else ""
