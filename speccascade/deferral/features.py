@@ -14,11 +14,11 @@ columns (:func:`trace_context`) and in the decoder (:func:`live_context`), so bo
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
-from typing import Mapping
-
+from ..errors import SpeccascadeError
 from .spec import CONTEXT_INPUTS, HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION, trace_column
 
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
@@ -195,13 +195,12 @@ def live_context(p: torch.Tensor, reply_start: torch.Tensor | None, names: tuple
     (a head reading the drafted token decides per candidate token, which keeps sampled decoding exact)."""
     out = {}
     if "draft_token" in names:
-        if not candidates:
-            raise ValueError("draft_token is read per candidate token")
         out["draft_token"] = torch.arange(p.shape[-1], device=p.device).view(1, 1, -1)
     if "target_token" in names:
         out["target_token"] = p.argmax(-1)
     if "reply_position" in names:
         if reply_start is None:
-            raise ValueError("reply_position needs the reply index of the block's first draft (reply_start)")
+            raise SpeccascadeError("a head on reply_position needs reply_start, the reply index of each row's first "
+                                   "draft (the speculative cascade passes it to rules that need_reply)")
         out["reply_position"] = reply_position(reply_start.unsqueeze(1) + torch.arange(p.shape[1], device=p.device))
     return {name: v.unsqueeze(-1) if candidates and name != "draft_token" else v for name, v in out.items()}

@@ -523,7 +523,7 @@ class Learned(Rule):
 
     @property
     def needs_target(self) -> bool:
-        return any(f not in DRAFTER_ONLY_FEATURES + ("draft_token", "reply_position") for f in self.features)
+        return any(f not in DRAFTER_ONLY_FEATURES for f in self.features)  # context inputs too: only this decoder gives them
 
     @property
     def needs_reply(self) -> bool:
