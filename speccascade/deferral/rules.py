@@ -13,9 +13,9 @@ Each rule class names its knob (``alpha``; ``k`` for :class:`TopK`, ``theta`` fo
 metadata: ``EXACT`` and ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding
 and one at which it accepts every draft, and ``SWEEP``, the knobs a decoding sweep tries by default.
 
-A rule with a knob is a *score* compared with it (block rules such as :class:`FLy`, which read the whole
-block's drafts, excepted): it defers iff ``score(features) > knob``
-(:class:`TopK`: ``p_rank > k - 1/2``). The formula is written once, in ``score``, over named
+A rule with a knob is a *score* compared with it: it defers iff ``score(features) > cut``, the cut being the knob
+(:class:`TopK`: ``p_rank > k - 1/2``; :class:`FLy`, whose deferral grows with its knob: ``-theta``, on trace rows
+only, which give it its block through their columns). The formula is written once, in ``score``, over named
 features of :mod:`speccascade.deferral.features`: the decoder feeds it features of live
 distributions, offline comparisons feed it the same columns read from traces, and since the
 deferral rate falls as the knob grows, the knob for a deferral budget is a quantile of the score.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import SpeccascadeError
@@ -83,12 +84,17 @@ class Rule(ABC):
         """The value ``score`` must exceed for a deferral (the knob itself, for most rules)."""
         return getattr(self, self.knob)
 
+    def knob_of(self, cut: float) -> float:
+        """The knob whose :attr:`cut` is ``cut`` (offline curves report their cuts as knobs)."""
+        return cut
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The trace columns ``score`` reads offline (the features, for most rules)."""
+        return tuple(self.features)
+
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The quantity compared with the knob; larger means defer sooner."""
-        if self.needs_drafts:
-            raise SpeccascadeError(
-                f"rule {self.name!r} decides from a whole block's drafts (a look-ahead window), which trace rows "
-                "(one position each) do not hold: use it where the decoder runs (evaluate, bench), not on traces")
         raise SpeccascadeError(f"rule {self.name!r} has no knob, so no score")
 
     def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -155,15 +161,21 @@ class TokenRule(Rule):
     granularity = "token"
 
     def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None,
-                     context=None) -> torch.Tensor:
+                     context=None, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean ``r(v)`` ``[B, T, V]``; ``context`` inputs come broadcastable over the vocabulary
-        (:func:`~speccascade.deferral.features.live_context` with ``candidates``)."""
+        (:func:`~speccascade.deferral.features.live_context` with ``candidates``). With ``candidates`` ``[B, T, k]``
+        the rule decides at those tokens only and ``r`` is True elsewhere."""
         token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
         f = vocabulary_token_features(q, p, token_names)
+        context = dict(context or {})
+        if candidates is not None:
+            f = {name: value.gather(-1, candidates) for name, value in f.items()}
+            context |= {"draft_token": candidates} if "draft_token" in context else {}
         names = tuple(n for n in self.features if n not in TOKEN_NAMES + HIDDEN_INPUTS + CONTEXT_INPUTS)
         f.update({name: value.unsqueeze(-1) for name, value in position_features(q, p, rel_position, names).items()})
         f.update({name: value.unsqueeze(-2) for name, value in (hidden or {}).items()})  # [B, T, 1, H]
-        return self.decide(f | dict(context or {}))
+        r = self.decide(f | context)
+        return r if candidates is None else torch.ones_like(q, dtype=torch.bool).scatter(-1, candidates, r)
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
         return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden), q_s, p_s)
@@ -349,7 +361,8 @@ class FLy(Rule):
     (the deferred window; a window that runs past the block's last draft keeps nothing). Every other
     position defers (``pi = p~``), so matches pass speculative decoding's own test. The deferral rate
     *grows* with ``theta``; above log 3 no mismatch passes the gate: exact speculative decoding.
-    Reading the block's drafts, it has no per-position score (algorithms.md, "Block rules").
+    Reading the block's drafts, it has no per-position score in the decoder (algorithms.md, "Block rules"); on trace
+    rows, which hold each block's drafts as rows of one example and block, :meth:`score` gives one.
     """
 
     theta: float = 0.3
@@ -362,11 +375,59 @@ class FLy(Rule):
     features = ("p_top1", "p_top2", "p_top3")
     EXACT = 1.1  # the top-3 entropy is at most log 3 < 1.1
     SWEEP = (0.1, 0.3, 0.6)
+    BLOCK_COLUMNS = ("p_tok", "example_index", "position", "position_in_block")  # what places a row in its block
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window) and self.window == int(self.window) and self.window >= 1):
             raise SpeccascadeError(f"fly needs a whole number window >= 1, got {self.window:g}")
         self.window = int(self.window)
+
+    @property
+    def cut(self) -> float:
+        return -self.theta  # score = -H3 where a mismatch could be kept: deferral grows with theta
+
+    def knob_of(self, cut: float) -> float:
+        return -cut
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.features, *self.BLOCK_COLUMNS)
+
+    def entropy(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The top-3 entropy ``H3(p)`` of the gate, from the ``p_top1..3`` features."""
+        top = torch.stack([f[name] for name in self.features], -1)
+        return -(top * top.clamp_min(EPS).log()).sum(-1)
+
+    def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """On trace rows: ``-H3(p)`` where the draft is a mismatch (``p_tok < p_top1``) whose next ``window`` drafts
+        are rows of the same example and block (``position - position_in_block``) and matches, +inf elsewhere
+        (deferred at every theta); ``score > -theta`` iff FLy defers there (up to ties ``H3 = theta``, which
+        :meth:`decide` settles as the decoder does). A window with a row missing (a draft past the reply's end)
+        keeps nothing, as one past the block does."""
+        missing = [c for c in self.columns if c not in f]
+        if missing:
+            raise SpeccascadeError(f"rule 'fly' scores trace rows from their blocks: the columns {', '.join(missing)} "
+                                   "are missing (log-traces writes them)")
+        return torch.where(self._keepable(f), -self.entropy(f), torch.inf)
+
+    def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return ~(self._keepable(f) & (self.entropy(f) > self.theta))
+
+    def _keepable(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Trace rows whose draft FLy keeps for a low enough theta: a mismatch whose window is confirmed."""
+        agree = (f["p_tok"] >= f["p_top1"]).cpu().numpy()
+        example, position, in_block = (f[c].cpu().numpy().astype(np.int64) for c in ("example_index", "position", "position_in_block"))
+        block = position - in_block
+        order = np.lexsort((in_block, block, example))  # each block's rows together, by position in the block
+        key = np.stack([example[order], block[order], in_block[order]], 1)
+        confirmed = np.ones(len(order), dtype=bool)
+        for step in range(1, self.window + 1):
+            follows = np.zeros(len(order), dtype=bool)  # the row `step` later is the same block's draft `step` later, a match
+            follows[:-step] = ((key[step:] == key[:-step] + [0, 0, step]).all(1) & agree[order][step:])
+            confirmed &= follows
+        keepable = np.empty(len(order), dtype=bool)
+        keepable[order] = confirmed & ~agree[order]
+        return torch.from_numpy(keepable).to(f["p_tok"].device)
 
     def defer(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """Boolean ``r`` ``[B, T]`` from unscaled ``p`` ``[B, T, V]`` and ``drafts`` ``[B, G]``, G <= T;
@@ -374,8 +435,7 @@ class FLy(Rule):
         gamma = drafts.shape[1]
         p_d = p[:, :gamma]
         f = position_features(p_d, p_d, names=self.features)
-        top = torch.stack([f[name] for name in self.features], -1)
-        uncertain = -(top * top.clamp_min(EPS).log()).sum(-1) > self.theta
+        uncertain = self.entropy(f) > self.theta
         agree = p_d.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) >= f["p_top1"]
         agreed = torch.nn.functional.pad(agree.long().cumsum(1), (1, 0))  # [B, G + 1]: among the first j drafts
         t = torch.arange(gamma, device=p.device)
@@ -560,9 +620,12 @@ class Learned(Rule):
             raise SpeccascadeError(f"head {self.head.provenance.get('path', '?')} embeds token ids of a vocabulary of "
                                    f"{self.head.vocab_size} tokens; the pair scores {q.shape[-1]}")
         context = live_context(p, reply_start, self.features, candidates=token)
-        if token:
-            return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden, context), q_s, p_s)
-        return PositionRule.mixture(self.defer(q, p, rel_position, hidden, context), q_s, p_s)
+        if not token:
+            return PositionRule.mixture(self.defer(q, p, rel_position, hidden, context), q_s, p_s)
+        # r(v) enters pi only where q~(v) > 0: the head runs on q~'s support (greedy: the drafts alone), not on V tokens
+        support = int((q_s > 0).sum(-1).max())
+        candidates = q_s.topk(support, dim=-1).indices if support < q_s.shape[-1] else None
+        return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden, context, candidates), q_s, p_s)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":

@@ -30,7 +30,7 @@ PICKABLE = tuple(n for n, cls in R.FIXED_RULES.items() if cls.knob == "alpha" an
 
 def _rule(spec: str) -> R.Rule:
     rule = R.parse(spec, setting="--rule").build()
-    if rule.knob is None or isinstance(rule, (R.TopK, R.LossySD)):
+    if rule.knob is None or isinstance(rule, (R.TopK, R.LossySD, R.FLy)):
         raise SpeccascadeError(f"no operating-point picker for rule {spec!r}; choose one of {', '.join(PICKABLE)}")
     return rule
 

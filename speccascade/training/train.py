@@ -396,7 +396,7 @@ def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, me
     val = data.val_all
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
     specs = offline.available(offline.DEFAULT_RULES, val.column_names)
-    wanted = {*offline.LOSS_COLUMNS, *learned.columns, *(f for spec in specs for f in rules.parse(spec).build().features)}
+    wanted = {*offline.LOSS_COLUMNS, *learned.columns, *(c for spec in specs for c in rules.parse(spec).build().columns)}
     if not wanted <= set(val.column_names):
         return None
     table = val.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]

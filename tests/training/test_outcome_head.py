@@ -13,6 +13,7 @@ from speccascade import SpeculativeCascade, rules
 from speccascade.cli import main
 from speccascade.data import traces
 from speccascade.deferral import features as F
+from speccascade.deferral.heads import DeferralHead
 from speccascade.deferral.spec import CONTEXT_INPUTS, Source, check_head
 from speccascade.errors import SpeccascadeError
 from speccascade.training import train_deferral
@@ -58,8 +59,9 @@ def rows_of(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     draft = blocks["draft"][:, :GAMMA].reshape(-1)
     in_block = torch.arange(GAMMA).repeat(len(blocks["q"]))
     cols = F.position_features(q, p, (in_block + 1) / GAMMA) | F.token_features(q, p, draft)
+    example = (torch.arange(len(blocks["q"])) // BLOCKS).repeat_interleave(GAMMA)
     return cols | {"draft_token": draft, "target_argmax": p.argmax(-1), "position": blocks["position"][:, :GAMMA].reshape(-1),
-                   "position_in_block": in_block, "outcome_harm": blocks["harm"][:, :GAMMA].reshape(-1),
+                   "position_in_block": in_block, "example_index": example, "outcome_harm": blocks["harm"][:, :GAMMA].reshape(-1),
                    "p_gap": cols["p_top1"] - cols["p_tok"]}
 
 
@@ -176,3 +178,21 @@ def test_train_deferral_refuses_token_ids_it_cannot_size_in_one_line(planted, tm
     assert code == 2 and err == [f"error: --vocab-size 99 differs from the vocabulary of {VOCAB} tokens the traces record"]
     assert not (tmp_path / "x").exists()
     assert set(CONTEXT_INPUTS) == {"draft_token", "target_token", "reply_position"}
+
+
+@pytest.mark.parametrize("support", [1, 3, VOCAB])
+def test_a_token_head_decides_on_the_drafters_support_as_on_the_whole_vocabulary(support):
+    """Greedy decoding (support 1) and top-k sampling run the head on q~'s support only; pi is the same."""
+    torch.manual_seed(0)
+    features = [*F.POSITION_FEATURES, "q_tok", *CONTEXT_INPUTS]
+    scalars = len(features) - 2
+    rule = rules.Learned(DeferralHead(features, mean=[0.0] * scalars, std=[1.0] * scalars, vocab_size=VOCAB), threshold=0.5)
+    q, p = torch.randn(3, 5, VOCAB).softmax(-1), torch.randn(3, 5, VOCAB).softmax(-1)
+    top = q.topk(support, dim=-1)
+    q_s = torch.zeros_like(q).scatter(-1, top.indices, top.values)
+    q_s /= q_s.sum(-1, keepdim=True)
+    reply_start = torch.tensor([0, 4, 9])
+    mix = rule.mix(q, p, q_s, p, torch.ones(5), reply_start=reply_start)
+    full = rules.TokenRule.mixture(rule.defer_tokens(q, p, torch.ones(5), None, F.live_context(p, reply_start, rule.features, True)), q_s, p)
+    assert torch.allclose(mix.accept, full.accept, atol=1e-6) and torch.allclose(mix.accept.sum(-1), torch.ones(3, 5))
+    assert torch.equal(mix.defer[q_s > 0], full.defer[q_s > 0]) and 0 < full.defer[q_s > 0].float().mean() < 1
