@@ -188,10 +188,10 @@ def trace_context(columns: Mapping[str, torch.Tensor], names: tuple[str, ...] | 
 
 
 def live_context(p: torch.Tensor, reply_start: torch.Tensor | None, names: tuple[str, ...] | list[str],
-                 candidates: bool) -> dict[str, torch.Tensor]:
+                 per_token: bool) -> dict[str, torch.Tensor]:
     """The context inputs among ``names`` of a block, from unscaled ``p`` ``[B, T, V]`` and ``reply_start`` ``[B]``,
     the reply index of the block's first draft. ``target_token`` (``argmax p``) and ``reply_position`` are
-    ``[B, T]``, or ``[B, T, 1]`` with ``candidates``, where ``draft_token`` is every vocabulary entry ``[1, 1, V]``
+    ``[B, T]``, or ``[B, T, 1]`` with ``per_token``, where ``draft_token`` is every vocabulary entry ``[1, 1, V]``
     (a head reading the drafted token decides per candidate token, which keeps sampled decoding exact)."""
     out = {}
     if "draft_token" in names:
@@ -203,4 +203,4 @@ def live_context(p: torch.Tensor, reply_start: torch.Tensor | None, names: tuple
             raise SpeccascadeError("a head on reply_position needs reply_start, the reply index of each row's first "
                                    "draft (the speculative cascade passes it to rules that need_reply)")
         out["reply_position"] = reply_position(reply_start.unsqueeze(1) + torch.arange(p.shape[1], device=p.device))
-    return {name: v.unsqueeze(-1) if candidates and name != "draft_token" else v for name, v in out.items()}
+    return {name: v.unsqueeze(-1) if per_token and name != "draft_token" else v for name, v in out.items()}

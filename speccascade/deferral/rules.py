@@ -163,7 +163,7 @@ class TokenRule(Rule):
     def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None,
                      context=None, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean ``r(v)`` ``[B, T, V]``; ``context`` inputs come broadcastable over the vocabulary
-        (:func:`~speccascade.deferral.features.live_context` with ``candidates``). With ``candidates`` ``[B, T, k]``
+        (:func:`~speccascade.deferral.features.live_context` with ``per_token``). With ``candidates`` ``[B, T, k]``
         the rule decides at those tokens only and ``r`` is True elsewhere."""
         token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
         f = vocabulary_token_features(q, p, token_names)
@@ -419,14 +419,14 @@ class FLy(Rule):
         example, position, in_block = (f[c].cpu().numpy().astype(np.int64) for c in ("example_index", "position", "position_in_block"))
         block = position - in_block
         order = np.lexsort((in_block, block, example))  # each block's rows together, by position in the block
-        key = np.stack([example[order], block[order], in_block[order]], 1)
+        key, agree = np.stack([example[order], block[order], in_block[order]], 1), agree[order]
         confirmed = np.ones(len(order), dtype=bool)
         for step in range(1, self.window + 1):
             follows = np.zeros(len(order), dtype=bool)  # the row `step` later is the same block's draft `step` later, a match
-            follows[:-step] = ((key[step:] == key[:-step] + [0, 0, step]).all(1) & agree[order][step:])
+            follows[:-step] = (key[step:] == key[:-step] + [0, 0, step]).all(1) & agree[step:]
             confirmed &= follows
         keepable = np.empty(len(order), dtype=bool)
-        keepable[order] = confirmed & ~agree[order]
+        keepable[order] = confirmed & ~agree
         return torch.from_numpy(keepable).to(f["p_tok"].device)
 
     def defer(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -619,7 +619,7 @@ class Learned(Rule):
         if self.head.ids and q.shape[-1] != self.head.vocab_size:
             raise SpeccascadeError(f"head {self.head.provenance.get('path', '?')} embeds token ids of a vocabulary of "
                                    f"{self.head.vocab_size} tokens; the pair scores {q.shape[-1]}")
-        context = live_context(p, reply_start, self.features, candidates=token)
+        context = live_context(p, reply_start, self.features, per_token=token)
         if not token:
             return PositionRule.mixture(self.defer(q, p, rel_position, hidden, context), q_s, p_s)
         # r(v) enters pi only where q~(v) > 0: the head runs on q~'s support (greedy: the drafts alone), not on V tokens

@@ -196,3 +196,13 @@ def test_a_token_head_decides_on_the_drafters_support_as_on_the_whole_vocabulary
     full = rules.TokenRule.mixture(rule.defer_tokens(q, p, torch.ones(5), None, F.live_context(p, reply_start, rule.features, True)), q_s, p)
     assert torch.allclose(mix.accept, full.accept, atol=1e-6) and torch.allclose(mix.accept.sum(-1), torch.ones(3, 5))
     assert torch.equal(mix.defer[q_s > 0], full.defer[q_s > 0]) and 0 < full.defer[q_s > 0].float().mean() < 1
+
+
+def test_traces_without_the_token_columns_are_refused_in_one_line(tmp_path, capsys):
+    from tests.training.test_train import planted_traces
+
+    bare = planted_traces(tmp_path / "bare", examples=10, rows=4)  # position features and gap labels only
+    code = main(["train-deferral", "--traces", str(bare), "--out", str(tmp_path / "x"), "--head", "outcome-mlp",
+                 "--wandb-mode", "disabled"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lack columns ['draft_token', 'target_argmax', 'position']" in err[0]
