@@ -165,6 +165,14 @@ def test_outcome_head_decodes_and_forced_defer_is_exact_speculative_decoding(tin
     assert torch.equal(out.sequences, exact.sequences) and out.stats.deferrals == out.stats.decided
 
 
+def test_operating_point_reads_the_heads_token_and_position_columns(tiny_outcome_head):
+    from speccascade.evaluation.operating_point import operating_point
+
+    traces_dir = tiny_outcome_head.parent / "traces"
+    picked = operating_point(str(traces_dir), f"learned:{tiny_outcome_head}", target_deferral_rate=0.3)
+    assert abs(picked["deferral_rate"] - 0.3) < 0.05
+
+
 def test_a_head_on_another_vocabulary_is_refused_naming_both(tiny_outcome_head):
     config = rules.Learned.from_pretrained(tiny_outcome_head).head.config()
     other = Source("pair 'other'", F.spec(), None, {}, config["provenance"]["traces"][0]["tokenizer"], config["vocab_size"] + 1)
