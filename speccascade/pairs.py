@@ -44,12 +44,12 @@ def load_settings_pair(settings: PairSettings, device: str | torch.device | None
 
 def pair_source(pair: ModelPair) -> Source:
     """What a pair gives a head while decoding: this code's feature spec, each model's last hidden states (its width)
-    and the tokenizer's fingerprint."""
+    and the tokenizer's fingerprint and vocabulary size."""
     configs = {name: getattr(model, "config", None) for name, model in (("q_hidden", pair.drafter), ("p_hidden", pair.target))}
     widths = {name: getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
               for name, config in configs.items()}
     return Source(f"pair {pair.name!r}", F.spec(), None, {k: v for k, v in widths.items() if v is not None},
-                  pair.tokenizer_fingerprint)
+                  pair.tokenizer_fingerprint, pair.vocab_size)
 
 
 def check_heads(rules: Iterable[R.Rule], pair: ModelPair) -> None:

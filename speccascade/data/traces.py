@@ -92,12 +92,12 @@ def columns(directory: str | Path, manifest: dict) -> list[str]:
 
 def source(directory: str | Path, manifest: dict) -> Source:
     """What these traces give a head (:func:`speccascade.deferral.spec.check_head`): their feature spec, schema
-    version, tokenizer and the width of each hidden-state column."""
+    version, tokenizer (and its vocabulary size, where recorded) and the width of each hidden-state column."""
     schema = _schema(directory, manifest)
     widths = {f.name: f.type.list_size for f in schema or ()
               if f.name in HIDDEN_INPUTS and pa.types.is_fixed_size_list(f.type)}
     return Source(f"traces in {directory}", manifest.get("feature_spec"), manifest.get("schema_version"), widths,
-                  manifest.get("tokenizer"))
+                  manifest.get("tokenizer"), manifest.get("vocab_size"))
 
 
 def read_sidecar(path: Path) -> dict:

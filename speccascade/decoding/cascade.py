@@ -179,7 +179,8 @@ class SpeculativeCascade(Decoder):
         gamma = drafts.shape[1]
         hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
         rel_position = rel_positions(gamma, self.block_size, drafts.device)
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts)
+        reply = {"reply_start": state.out.emitted} if self.rule.needs_reply else {}  # reply index of the first draft
+        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts, **reply)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
         emit = mix.emit
         if self.bonus == "target":

@@ -6,15 +6,20 @@ computed two ways. Inputs are the unscaled (T = 1) probabilities ``q`` (drafter)
 
 Position-level features never depend on the drafted token; token-level features describe one
 candidate token ``v`` (the drafted token in traces, every vocabulary entry in the decoder).
+
+The context inputs of :mod:`.spec` (token ids, the position in the reply) are computed here too, from trace
+columns (:func:`trace_context`) and in the decoder (:func:`live_context`), so both give a head the same values.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
-from .spec import HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION
+from ..errors import SpeccascadeError
+from .spec import CONTEXT_INPUTS, HIDDEN_INPUTS, SPEC_NAME, SPEC_VERSION, trace_column
 
 EPS = 1e-10  # algorithms.md section 1: clamp denominators at 1e-10, never take log(0)
 TOP_K = 3  # top-k probabilities logged per model
@@ -165,3 +170,37 @@ def _strict_ranks(probs: torch.Tensor) -> torch.Tensor:
     ascending = sorted_desc.flip(-1).contiguous()
     at_most = torch.searchsorted(ascending, probs.contiguous(), right=True)
     return (probs.shape[-1] - at_most).to(probs.dtype)
+
+
+def reply_position(position: torch.Tensor) -> torch.Tensor:
+    """The ``reply_position`` input: ``log1p`` of the drafted position's index in the reply (0 for its first
+    token). The log keeps long replies in range (position 1000 is 6.9) while telling early positions apart."""
+    return torch.log1p(position.to(torch.float32))
+
+
+def trace_context(columns: Mapping[str, torch.Tensor], names: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+    """The context inputs among ``names`` from trace columns (``draft_token``, ``target_argmax``, ``position``)."""
+    out = {}
+    for name in (n for n in names if n in CONTEXT_INPUTS):
+        column = columns[trace_column(name)]
+        out[name] = reply_position(column) if name == "reply_position" else column
+    return out
+
+
+def live_context(p: torch.Tensor, reply_start: torch.Tensor | None, names: tuple[str, ...] | list[str],
+                 per_token: bool) -> dict[str, torch.Tensor]:
+    """The context inputs among ``names`` of a block, from unscaled ``p`` ``[B, T, V]`` and ``reply_start`` ``[B]``,
+    the reply index of the block's first draft. ``target_token`` (``argmax p``) and ``reply_position`` are
+    ``[B, T]``, or ``[B, T, 1]`` with ``per_token``, where ``draft_token`` is every vocabulary entry ``[1, 1, V]``
+    (a head reading the drafted token decides per candidate token, which keeps sampled decoding exact)."""
+    out = {}
+    if "draft_token" in names:
+        out["draft_token"] = torch.arange(p.shape[-1], device=p.device).view(1, 1, -1)
+    if "target_token" in names:
+        out["target_token"] = p.argmax(-1)
+    if "reply_position" in names:
+        if reply_start is None:
+            raise SpeccascadeError("a head on reply_position needs reply_start, the reply index of each row's first "
+                                   "draft (the speculative cascade passes it to rules that need_reply)")
+        out["reply_position"] = reply_position(reply_start.unsqueeze(1) + torch.arange(p.shape[1], device=p.device))
+    return {name: v.unsqueeze(-1) if per_token and name != "draft_token" else v for name, v in out.items()}

@@ -3,7 +3,9 @@
 Every constructor argument is JSON and lands in ``config.json`` (``PyTorchModelHubMixin``), so a
 checkpoint carries its architecture, the feature spec and feature list it was trained on, the
 input normalisation, the objective, calibration and recommended operating points (architecture.md
-section 6). Inputs are normalised inside ``forward`` with the training split's statistics.
+section 6). Inputs are normalised inside ``forward`` with the training split's statistics; token ids
+(``draft_token``, ``target_token``) go through the head's own small embedding instead, whose vocabulary
+size ``config.json`` records.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..errors import SpeccascadeError
 from ..outdir import fits
 from ..report import read_json, write_json
 from . import features as F
-from .features import HIDDEN_INPUTS
+from .spec import CONTEXT_INPUTS, HIDDEN_INPUTS, ID_INPUTS, input_order
 
 KINDS = ("logistic", "mlp")
 CONDITIONING = ("alpha",)  # inputs that are no feature: the trade-off a relaxed head is asked for
@@ -51,13 +53,15 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         operating_points: dict | None = None,
         provenance: dict | None = None,
         metrics: dict | None = None,
+        vocab_size: int | None = None,
+        embed_dim: int = 8,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise SpeccascadeError(f"unknown head {kind!r}; choose one of {', '.join(KINDS)}")
         if objective not in OBJECTIVES:
             raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        unknown = [f for f in features if f not in F.ALL_FEATURES + CONDITIONING + HIDDEN_INPUTS]
+        unknown = [f for f in features if f not in F.ALL_FEATURES + CONDITIONING + HIDDEN_INPUTS + CONTEXT_INPUTS]
         if unknown:
             raise SpeccascadeError(f"features {unknown} are not in the feature spec {F.SPEC_NAME} v{F.SPEC_VERSION}")
         self.features = list(features)
@@ -69,9 +73,16 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         self.metrics = metrics or {}
         if mean is None and any(f in HIDDEN_INPUTS for f in features):
             raise SpeccascadeError("a head on hidden states needs its input statistics (mean, std) to know their width")
-        n = len(mean) if mean is not None else len(features)
+        self.ids = [f for f in features if f in ID_INPUTS]
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        if self.ids and not (isinstance(vocab_size, int) and vocab_size >= 1 and isinstance(embed_dim, int) and embed_dim >= 1):
+            raise SpeccascadeError(f"a head on token ids ({', '.join(self.ids)}) needs its vocabulary size and embedding "
+                                   f"width (whole numbers >= 1), got vocab_size {vocab_size}, embed_dim {embed_dim}")
+        self.embed = nn.Embedding(vocab_size, embed_dim) if self.ids else None
+        n = len(mean) if mean is not None else len(features) - len(self.ids)
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * n))
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * n))
+        n += len(self.ids) * embed_dim
         if kind == "logistic":
             self.net = nn.Linear(n, 1)
         else:
@@ -92,8 +103,9 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
 
     @property
     def granularity(self) -> str:
-        """``token`` when any input is a token-level feature."""
-        return "token" if any(f in F.TOKEN_FEATURES for f in self.features) else "position"
+        """``token`` when any input is a token-level feature or the drafted token itself (its decision then
+        depends on the candidate, so the decoder asks it of every candidate token)."""
+        return "token" if any(f in F.TOKEN_FEATURES + ("draft_token",) for f in self.features) else "position"
 
     def config(self) -> dict:
         """Every constructor argument as JSON: what ``config.json`` holds."""
@@ -102,7 +114,7 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
             "objective": self.objective, "mean": self.mean.tolist(), "std": self.std.tolist(),
             "feature_spec": self.feature_spec, "calibration": self.calibration,
             "operating_points": self.operating_points, "provenance": self.provenance, "metrics": self.metrics,
-        }
+        } | ({"vocab_size": self.vocab_size, "embed_dim": self.embed_dim} if self.ids else {})
 
     def save(self, directory) -> None:
         """Write ``config.json`` + ``model.safetensors`` (no pickle)."""
@@ -139,22 +151,28 @@ class DeferralHead(nn.Module, PyTorchModelHubMixin):
         return head.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw score ``[...]`` from features ``[..., F]`` in ``self.features`` order."""
-        x = (x - self.mean) / self.std.clamp_min(1e-6)
-        return self.net(x).squeeze(-1)
+        """Raw score ``[...]`` from inputs ``[..., D]`` laid out by :func:`~speccascade.deferral.spec.input_order`:
+        token ids first (embedded), then the rest (normalised)."""
+        k = len(self.ids)
+        rest = (x[..., k:] - self.mean) / self.std.clamp_min(1e-6)
+        if k:
+            rest = torch.cat([self.embed(x[..., :k].long()).flatten(-2), rest], dim=-1)
+        return self.net(rest).squeeze(-1)
 
     @property
     def needs_hidden(self) -> bool:
         return any(f in HIDDEN_INPUTS for f in self.features)
 
     def inputs(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Named inputs (live or trace columns) as ``[..., D]``: scalars broadcast to one shape, hidden
-        state vectors ``[..., H]`` appended whole, in ``self.features`` order."""
+        """Named inputs (live, or trace columns with the context inputs already derived) as ``[..., D]``: scalars
+        broadcast to one shape, hidden state vectors ``[..., H]`` appended whole, in
+        :func:`~speccascade.deferral.spec.input_order` (token ids as floats: exact below 2^24)."""
         missing = [name for name in self.features if name not in f]
         if missing:
             raise SpeccascadeError(f"the head needs features {missing} that were not provided")
-        columns = [f[name].to(self.mean.dtype) for name in self.features]
-        columns = [c if name in HIDDEN_INPUTS else c.unsqueeze(-1) for name, c in zip(self.features, columns)]
+        order = input_order(self.features)
+        columns = [f[name].to(self.mean.dtype) for name in order]
+        columns = [c if name in HIDDEN_INPUTS else c.unsqueeze(-1) for name, c in zip(order, columns)]
         shape = torch.broadcast_shapes(*(c.shape[:-1] for c in columns))
         return torch.cat([c.expand(*shape, c.shape[-1]) for c in columns], dim=-1)
 
@@ -211,8 +229,8 @@ def _config_problem(config: dict) -> str | None:
     if mean is not None or std is not None:
         if not (_all_numbers(mean) and _all_numbers(std) and len(mean) == len(std)):
             return "'mean' and 'std' must be lists of finite numbers of the same length"
-        scalars = sum(f not in HIDDEN_INPUTS for f in features)
-        hidden = len(features) - scalars
+        scalars = sum(f not in HIDDEN_INPUTS and f not in ID_INPUTS for f in features)
+        hidden = sum(f in HIDDEN_INPUTS for f in features)
         if (hidden == 0 and len(mean) != scalars) or (hidden and (len(mean) <= scalars or (len(mean) - scalars) % hidden)):
             return f"its {len(features)} features do not match its {len(mean)} input statistics"
     calibration = config.get("calibration") or {"method": "none"}

@@ -13,9 +13,9 @@ Each rule class names its knob (``alpha``; ``k`` for :class:`TopK`, ``theta`` fo
 metadata: ``EXACT`` and ``DRAFTER_ONLY``, a knob value at which it is exact speculative decoding
 and one at which it accepts every draft, and ``SWEEP``, the knobs a decoding sweep tries by default.
 
-A rule with a knob is a *score* compared with it (block rules such as :class:`FLy`, which read the whole
-block's drafts, excepted): it defers iff ``score(features) > knob``
-(:class:`TopK`: ``p_rank > k - 1/2``). The formula is written once, in ``score``, over named
+A rule with a knob is a *score* compared with it: it defers iff ``score(features) > cut``, the cut being the knob
+(:class:`TopK`: ``p_rank > k - 1/2``; :class:`FLy`, whose deferral grows with its knob: ``-theta``, on trace rows
+only, which give it its block through their columns). The formula is written once, in ``score``, over named
 features of :mod:`speccascade.deferral.features`: the decoder feeds it features of live
 distributions, offline comparisons feed it the same columns read from traces, and since the
 deferral rate falls as the knob grows, the knob for a deferral budget is a quantile of the score.
@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping, NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import SpeccascadeError
-from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, position_features, vocabulary_token_features
-from .features import HIDDEN_INPUTS
+from .features import DRAFTER_ONLY_FEATURES, EPS, SPEC_NAME, SPEC_VERSION, live_context, position_features, trace_context
+from .features import vocabulary_token_features
+from .spec import CONTEXT_INPUTS, HIDDEN_INPUTS, trace_column
 from .features import TOKEN_FEATURES as TOKEN_NAMES
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class Rule(ABC):
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
     needs_drafts: ClassVar[bool] = False  # True: decides from the whole block's drafts (no per-position score)
+    needs_reply: ClassVar[bool] = False  # True: reads each draft's position in the reply (mix gets reply_start)
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``score``/``decide`` read
     EXACT: ClassVar[float | None] = None
@@ -81,12 +84,17 @@ class Rule(ABC):
         """The value ``score`` must exceed for a deferral (the knob itself, for most rules)."""
         return getattr(self, self.knob)
 
+    def knob_of(self, cut: float) -> float:
+        """The knob whose :attr:`cut` is ``cut`` (offline curves report their cuts as knobs)."""
+        return cut
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The trace columns ``score`` reads offline (the features, for most rules)."""
+        return tuple(self.features)
+
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The quantity compared with the knob; larger means defer sooner."""
-        if self.needs_drafts:
-            raise SpeccascadeError(
-                f"rule {self.name!r} decides from a whole block's drafts (a look-ahead window), which trace rows "
-                "(one position each) do not hold: use it where the decoder runs (evaluate, bench), not on traces")
         raise SpeccascadeError(f"rule {self.name!r} has no knob, so no score")
 
     def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -109,6 +117,8 @@ class Rule(ABC):
         ``rel_position`` ``[T]``: (position in block + 1) / block size, for rules that use it;
         ``hidden``: ``q_hidden``/``p_hidden`` ``[B, T, H]``, for rules that ``needs_hidden``;
         ``drafts`` ``[B, T - 1]``: the block's drafted tokens, for rules that ``needs_drafts``.
+        Rules that ``needs_reply`` also take ``reply_start`` ``[B]``, the reply index of each row's first draft
+        (the decoder passes it to those rules alone, so rules written before it need not accept it).
         """
 
     @staticmethod
@@ -124,13 +134,19 @@ class PositionRule(Rule):
 
     granularity = "position"
 
-    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
-        """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``)."""
-        names = tuple(n for n in self.features if n not in HIDDEN_INPUTS)
-        return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}))
+    def defer(self, q: torch.Tensor, p: torch.Tensor | None, rel_position: torch.Tensor | float = 1.0, hidden=None,
+              context=None) -> torch.Tensor:
+        """Boolean ``r`` ``[B, T]`` from unscaled ``q`` (and ``p`` when ``needs_target``); ``hidden`` and ``context``
+        (:func:`~speccascade.deferral.features.live_context`) are ``[B, T, ...]`` inputs read as they are."""
+        names = tuple(n for n in self.features if n not in HIDDEN_INPUTS + CONTEXT_INPUTS)
+        return self.decide(position_features(q, p, rel_position, names) | dict(hidden or {}) | dict(context or {}))
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        r = self.defer(q, p, rel_position, hidden)
+        return PositionRule.mixture(self.defer(q, p, rel_position, hidden), q_s, p_s)
+
+    @staticmethod
+    def mixture(r: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
+        """``pi = (1 - r) q~ + r p~`` for position decisions ``r`` ``[B, T]``."""
         pi = torch.where(r.unsqueeze(-1), p_s, q_s)
         return Mix(pi, pi, r)
 
@@ -144,17 +160,29 @@ class TokenRule(Rule):
 
     granularity = "token"
 
-    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None) -> torch.Tensor:
-        """Boolean ``r(v)`` ``[B, T, V]``."""
+    def defer_tokens(self, q: torch.Tensor, p: torch.Tensor, rel_position: torch.Tensor | float = 1.0, hidden=None,
+                     context=None, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean ``r(v)`` ``[B, T, V]``; ``context`` inputs come broadcastable over the vocabulary
+        (:func:`~speccascade.deferral.features.live_context` with ``per_token``). With ``candidates`` ``[B, T, k]``
+        the rule decides at those tokens only and ``r`` is True elsewhere."""
         token_names = tuple(n for n in self.features if n in TOKEN_NAMES)
         f = vocabulary_token_features(q, p, token_names)
-        names = tuple(n for n in self.features if n not in TOKEN_NAMES and n not in HIDDEN_INPUTS)
+        context = dict(context or {})
+        if candidates is not None:
+            f = {name: value.gather(-1, candidates) for name, value in f.items()}
+            context |= {"draft_token": candidates} if "draft_token" in context else {}
+        names = tuple(n for n in self.features if n not in TOKEN_NAMES + HIDDEN_INPUTS + CONTEXT_INPUTS)
         f.update({name: value.unsqueeze(-1) for name, value in position_features(q, p, rel_position, names).items()})
         f.update({name: value.unsqueeze(-2) for name, value in (hidden or {}).items()})  # [B, T, 1, H]
-        return self.decide(f)
+        r = self.decide(f | context)
+        return r if candidates is None else torch.ones_like(q, dtype=torch.bool).scatter(-1, candidates, r)
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        r = self.defer_tokens(q, p, rel_position, hidden)
+        return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden), q_s, p_s)
+
+    @staticmethod
+    def mixture(r: torch.Tensor, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
+        """``pi(v) = q~(v) (1 - r(v)) + p~(v) eta`` for token decisions ``r`` ``[B, T, V]``."""
         deferred_q = torch.where(r, q_s, 0.0)
         eta = deferred_q.sum(-1, keepdim=True)
         pi = (q_s - deferred_q) + p_s * eta
@@ -333,7 +361,8 @@ class FLy(Rule):
     (the deferred window; a window that runs past the block's last draft keeps nothing). Every other
     position defers (``pi = p~``), so matches pass speculative decoding's own test. The deferral rate
     *grows* with ``theta``; above log 3 no mismatch passes the gate: exact speculative decoding.
-    Reading the block's drafts, it has no per-position score (algorithms.md, "Block rules").
+    Reading the block's drafts, it has no per-position score in the decoder (algorithms.md, "Block rules"); on trace
+    rows, which hold each block's drafts as rows of one example and block, :meth:`score` gives one.
     """
 
     theta: float = 0.3
@@ -346,11 +375,59 @@ class FLy(Rule):
     features = ("p_top1", "p_top2", "p_top3")
     EXACT = 1.1  # the top-3 entropy is at most log 3 < 1.1
     SWEEP = (0.1, 0.3, 0.6)
+    BLOCK_COLUMNS = ("p_tok", "example_index", "position", "position_in_block")  # what places a row in its block
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window) and self.window == int(self.window) and self.window >= 1):
             raise SpeccascadeError(f"fly needs a whole number window >= 1, got {self.window:g}")
         self.window = int(self.window)
+
+    @property
+    def cut(self) -> float:
+        return -self.theta  # score = -H3 where a mismatch could be kept: deferral grows with theta
+
+    def knob_of(self, cut: float) -> float:
+        return -cut
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.features, *self.BLOCK_COLUMNS)
+
+    def entropy(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The top-3 entropy ``H3(p)`` of the gate, from the ``p_top1..3`` features."""
+        top = torch.stack([f[name] for name in self.features], -1)
+        return -(top * top.clamp_min(EPS).log()).sum(-1)
+
+    def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """On trace rows: ``-H3(p)`` where the draft is a mismatch (``p_tok < p_top1``) whose next ``window`` drafts
+        are rows of the same example and block (``position - position_in_block``) and matches, +inf elsewhere
+        (deferred at every theta); ``score > -theta`` iff FLy defers there (up to ties ``H3 = theta``, which
+        :meth:`decide` settles as the decoder does). A window with a row missing (a draft past the reply's end)
+        keeps nothing, as one past the block does."""
+        missing = [c for c in self.columns if c not in f]
+        if missing:
+            raise SpeccascadeError(f"rule 'fly' scores trace rows from their blocks: the columns {', '.join(missing)} "
+                                   "are missing (log-traces writes them)")
+        return torch.where(self._keepable(f), -self.entropy(f), torch.inf)
+
+    def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return ~(self._keepable(f) & (self.entropy(f) > self.theta))
+
+    def _keepable(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Trace rows whose draft FLy keeps for a low enough theta: a mismatch whose window is confirmed."""
+        agree = (f["p_tok"] >= f["p_top1"]).cpu().numpy()
+        example, position, in_block = (f[c].cpu().numpy().astype(np.int64) for c in ("example_index", "position", "position_in_block"))
+        block = position - in_block
+        order = np.lexsort((in_block, block, example))  # each block's rows together, by position in the block
+        key, agree = np.stack([example[order], block[order], in_block[order]], 1), agree[order]
+        confirmed = np.ones(len(order), dtype=bool)
+        for step in range(1, self.window + 1):
+            follows = np.zeros(len(order), dtype=bool)  # the row `step` later is the same block's draft `step` later, a match
+            follows[:-step] = (key[step:] == key[:-step] + [0, 0, step]).all(1) & agree[step:]
+            confirmed &= follows
+        keepable = np.empty(len(order), dtype=bool)
+        keepable[order] = confirmed & ~agree
+        return torch.from_numpy(keepable).to(f["p_tok"].device)
 
     def defer(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """Boolean ``r`` ``[B, T]`` from unscaled ``p`` ``[B, T, V]`` and ``drafts`` ``[B, G]``, G <= T;
@@ -358,8 +435,7 @@ class FLy(Rule):
         gamma = drafts.shape[1]
         p_d = p[:, :gamma]
         f = position_features(p_d, p_d, names=self.features)
-        top = torch.stack([f[name] for name in self.features], -1)
-        uncertain = -(top * top.clamp_min(EPS).log()).sum(-1) > self.theta
+        uncertain = self.entropy(f) > self.theta
         agree = p_d.gather(-1, drafts.unsqueeze(-1)).squeeze(-1) >= f["p_top1"]
         agreed = torch.nn.functional.pad(agree.long().cumsum(1), (1, 0))  # [B, G + 1]: among the first j drafts
         t = torch.arange(gamma, device=p.device)
@@ -482,7 +558,8 @@ class Learned(Rule):
     Heads trained for gap regression defer iff the predicted gap ``loss_q - loss_p`` exceeds
     ``threshold`` (a learned Diff: the expected gain of a deferral); classification and relaxed heads
     defer iff their calibrated probability exceeds ``threshold``. Forced to r = 1 (``EXACT``) it is exact speculative decoding.
-    Token-level heads are evaluated over the whole vocabulary.
+    Token-level heads (token features, or the drafted token's id) are evaluated over the whole vocabulary.
+    On trace columns the context inputs are derived from ``columns`` (:func:`~speccascade.deferral.features.trace_context`).
     """
 
     head: "DeferralHead"
@@ -506,7 +583,16 @@ class Learned(Rule):
 
     @property
     def needs_target(self) -> bool:
-        return any(f not in DRAFTER_ONLY_FEATURES for f in self.features)
+        return any(f not in DRAFTER_ONLY_FEATURES for f in self.features)  # context inputs too: only this decoder gives them
+
+    @property
+    def needs_reply(self) -> bool:
+        return "reply_position" in self.features
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The trace columns the head reads (``target_argmax`` for ``target_token``, ``position`` for ``reply_position``)."""
+        return tuple(trace_column(name) for name in self.features)
 
     @property
     def spec(self) -> str:
@@ -520,6 +606,7 @@ class Learned(Rule):
             self.head.to(some.device)
         if "alpha" in self.head.features:
             f = {**f, "alpha": torch.tensor(self.alpha, dtype=some.dtype, device=some.device)}
+        f = {**trace_context(f, [n for n in self.features if n in CONTEXT_INPUTS and n not in f]), **f}
         score = self.head(self.head.inputs(f))
         return score if self.head.objective == "gap" else self.head.probability(score)
 
@@ -527,9 +614,18 @@ class Learned(Rule):
     def needs_hidden(self) -> bool:
         return self.head.needs_hidden
 
-    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None) -> Mix:
-        base = TokenRule if self.granularity == "token" else PositionRule
-        return base.mix(self, q, p, q_s, p_s, rel_position, hidden)
+    def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None, reply_start=None) -> Mix:
+        token = self.granularity == "token"
+        if self.head.ids and q.shape[-1] != self.head.vocab_size:
+            raise SpeccascadeError(f"head {self.head.provenance.get('path', '?')} embeds token ids of a vocabulary of "
+                                   f"{self.head.vocab_size} tokens; the pair scores {q.shape[-1]}")
+        context = live_context(p, reply_start, self.features, per_token=token)
+        if not token:
+            return PositionRule.mixture(self.defer(q, p, rel_position, hidden, context), q_s, p_s)
+        # r(v) enters pi only where q~(v) > 0: the head runs on q~'s support (greedy: the drafts alone), not on V tokens
+        support = int((q_s > 0).sum(-1).max())
+        candidates = q_s.topk(support, dim=-1).indices if support < q_s.shape[-1] else None
+        return TokenRule.mixture(self.defer_tokens(q, p, rel_position, hidden, context, candidates), q_s, p_s)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, threshold: float | None = None, alpha: float = 0.0) -> "Learned":

@@ -179,8 +179,8 @@ def check_held_out(rule: R.Learned, manifest: dict, directory: str) -> None:
 def read_columns(traces: str, rules: list[R.Rule], heads) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """The columns the rules, heads and losses read, as tensors, and each row's example id."""
     rows = load_traces(traces)
-    wanted = {*offline.LOSS_COLUMNS, *(f for r in rules for f in r.features),
-              *(f for h in heads for f in h.features if f != "alpha")}
+    wanted = {*offline.LOSS_COLUMNS, *(c for r in rules for c in r.columns),
+              *(c for h in heads for c in h.columns)}
     missing = sorted(wanted - set(rows.column_names))
     if missing:
         hint = " (hidden states: log-traces --hidden-states both)" if set(missing) & set(F.HIDDEN_INPUTS) else ""

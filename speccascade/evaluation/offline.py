@@ -16,6 +16,7 @@ same drawn examples for every candidate, so differences between candidates are p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class Candidate:
     label: str
     kind: str  # "rule", "head" or "oracle"
     score: np.ndarray  # [N] per row; NaN never defers
+    knob_of: Callable[[float], float] | None = None  # a rule's knob at a cut of its score (None: the cut itself)
 
 
 @dataclass
@@ -63,7 +65,7 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
         rule = R.parse(spec).build()
         if rule.knob is None or isinstance(rule, R.LossySD):
             continue  # always / never are the curves' end points; lossy SD is no deferral rule
-        out.append(Candidate(_family(rule), "rule", _numpy(rule.score(columns))))
+        out.append(Candidate(_family(rule), "rule", _numpy(rule.score(columns)), rule.knob_of))
     for label, head in (heads or {}).items():
         out.append(Candidate(label, "head", _numpy(head.score(columns))))
     for label, score in (scores or {}).items():
@@ -74,9 +76,9 @@ def candidates(columns: dict[str, torch.Tensor], rules: str | list[str] = DEFAUL
 
 
 def available(rules: str | list[str], columns: set[str] | list[str]) -> list[str]:
-    """The rule specs whose features are all among ``columns``."""
+    """The rule specs whose columns are all among ``columns``."""
     specs = split_list(rules, "--rules")
-    return [s for s in specs if set(R.parse(s).build().features) <= set(columns)]
+    return [s for s in specs if set(R.parse(s).build().columns) <= set(columns)]
 
 
 def _family(rule: R.Rule) -> str:
@@ -198,8 +200,8 @@ def _summary(j: Judged, level: float) -> dict:
         "kind": j.candidate.kind,
         "rate_to_close": {f"{f:g}": percentile_interval(v[0], v[1:], level).as_dict() for f, v in j.to_close.items()},
         "area": percentile_interval(j.area[0], j.area[1:], level).as_dict(),
-        "points": [{"knob": float(k), "deferral_rate": float(r), "loss": float(l)}
-                   for k, r, l in zip(j.curve.knobs, j.rates, j.losses)],
+        "points": [{"knob": float(j.candidate.knob_of(k) if j.candidate.knob_of else k), "deferral_rate": float(r),
+                    "loss": float(l)} for k, r, l in zip(j.curve.knobs, j.rates, j.losses)],
         "budget": {"loss": j.budget.tolist(), "low": lows.tolist(), "high": highs.tolist()},
     }
 

@@ -19,7 +19,7 @@ import torch
 from ..data.traces import check_readable, load_traces, read_manifest, source
 from ..deferral import features as F
 from ..deferral import rules as R
-from ..deferral.spec import check_head
+from ..deferral.spec import TRACE_COLUMNS, check_head
 from ..errors import SpeccascadeError
 from ..report import say
 from ..settings import resolve_groups, setting
@@ -30,7 +30,7 @@ PICKABLE = tuple(n for n, cls in R.FIXED_RULES.items() if cls.knob == "alpha" an
 
 def _rule(spec: str) -> R.Rule:
     rule = R.parse(spec, setting="--rule").build()
-    if rule.knob is None or isinstance(rule, (R.TopK, R.LossySD)):
+    if rule.knob is None or isinstance(rule, (R.TopK, R.LossySD, R.FLy)):
         raise SpeccascadeError(f"no operating-point picker for rule {spec!r}; choose one of {', '.join(PICKABLE)}")
     return rule
 
@@ -109,7 +109,8 @@ def run(plan: _Plan) -> dict:
     """Score every row once and read the knob off the scores (or off the rule's loss curve)."""
     s, chosen = plan.settings, plan.rule
     table = load_traces(s.traces).with_format("torch")[:]
-    columns = {c: v for c, v in table.items() if c in F.ALL_FEATURES + F.HIDDEN_INPUTS + ("loss_q", "loss_p")}
+    wanted = (*F.ALL_FEATURES, *F.HIDDEN_INPUTS, *TRACE_COLUMNS.values(), "loss_q", "loss_p")
+    columns = {c: v for c, v in table.items() if c in wanted}
     if s.target_deferral_rate is not None:
         knob = knob_for_rate(chosen, columns, s.target_deferral_rate)
     else:

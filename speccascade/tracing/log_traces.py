@@ -157,7 +157,7 @@ def run(plan: _Plan) -> dict:
             raise SpeccascadeError(f"--topk {s.topk} is more than the vocabulary of {pair.name!r} ({pair.vocab_size} tokens)")
         check_heads([plan.rule], pair)
         header = {"config": plan.config, "feature_spec": F.spec(), "drafter": pair.drafter_id, "target": pair.target_id,
-                  "tokenizer": pair.tokenizer_fingerprint, "task": s.task, "split": s.split, "mode": s.mode,
+                  "tokenizer": pair.tokenizer_fingerprint, "vocab_size": pair.vocab_size, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
         labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,

@@ -16,6 +16,8 @@ from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
 
 from ..data.traces import load_traces, read_manifest
+from ..deferral.features import trace_context
+from ..deferral.spec import CONTEXT_INPUTS, ID_INPUTS, input_order, trace_column
 from ..errors import SpeccascadeError
 
 LABELS = {  # the label columns each objective needs
@@ -27,11 +29,12 @@ LABELS = {  # the label columns each objective needs
 
 
 def check_columns(columns: list[str], features: list[str], objective: str) -> list[str]:
-    """The columns a head with ``features`` trained on ``objective`` reads (features, then labels), refused in one
-    line where ``columns`` (the traces') lack any."""
+    """The columns a head with ``features`` trained on ``objective`` reads (features, then labels; a context input's
+    trace column, :data:`~speccascade.deferral.spec.TRACE_COLUMNS`), refused in one line where ``columns`` (the
+    traces') lack any."""
     if objective not in LABELS:
         raise SpeccascadeError(f"unknown objective {objective!r}; choose one of {', '.join(LABELS)}")
-    needed = list(dict.fromkeys([*features, *LABELS[objective]]))
+    needed = list(dict.fromkeys([*(trace_column(f) for f in features), *LABELS[objective]]))
     missing = [c for c in needed if c not in columns]
     if missing:
         raise SpeccascadeError(f"traces lack columns {missing} needed by objective {objective!r} and the head's features "
@@ -62,9 +65,14 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def input_matrix(columns, features: list[str]) -> np.ndarray:
-    """``[N, D]`` inputs: scalar features as one column each, vector columns (hidden states) whole."""
-    parts = [np.asarray(columns[f], dtype=np.float32) for f in features]
-    return np.concatenate([p if p.ndim == 2 else p[:, None] for p in parts], axis=1)
+    """``[N, D]`` inputs in :func:`~speccascade.deferral.spec.input_order`: scalar features as one column each,
+    vector columns (hidden states) whole, context inputs derived from their trace columns as the decoder derives
+    them (:func:`~speccascade.deferral.features.trace_context`)."""
+    order = input_order(features)
+    context = trace_context({trace_column(f): torch.as_tensor(np.asarray(columns[trace_column(f)]))
+                             for f in order if f in CONTEXT_INPUTS}, order)
+    parts = [context[f].numpy() if f in context else np.asarray(columns[f]) for f in order]
+    return np.concatenate([p.astype(np.float32) if p.ndim == 2 else p.astype(np.float32)[:, None] for p in parts], axis=1)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -89,7 +97,8 @@ def _identity(batch):
 
 
 class TraceDataModule(pl.LightningDataModule):
-    """Train/validation batches of ``features`` and the objective's labels from trace directories."""
+    """Train/validation batches of ``features`` and the objective's labels from trace directories; token ids must
+    lie below ``vocab_size`` (the head's embedding) where the features hold any."""
 
     def __init__(
         self,
@@ -99,6 +108,7 @@ class TraceDataModule(pl.LightningDataModule):
         val_fraction: float = 0.2,
         batch_size: int = 4096,
         seed: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -131,11 +141,19 @@ class TraceDataModule(pl.LightningDataModule):
         self.val_rows = self.val_all.select_columns(needed)
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
             raise SpeccascadeError(f"the split by example left an empty {'train' if len(self.train_rows) == 0 else 'validation'} set; log more examples")
-        total = total_sq = None  # input statistics streamed over the memory-mapped rows
-        for chunk in self.train_rows.select_columns(hp.features).with_format("numpy").iter(batch_size=65536):
-            x = input_matrix(chunk, hp.features).astype(np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            total_sq = (x**2).sum(0) if total_sq is None else total_sq + (x**2).sum(0)
+        ids = [f for f in hp.features if f in ID_INPUTS]
+        for name in ids:
+            largest = int(max(np.max(part.with_format("numpy")[trace_column(name)]) for part in (self.train_rows, self.val_rows)))
+            if largest >= hp.vocab_size:
+                raise SpeccascadeError(f"traces {', '.join(hp.traces)} hold {name} id {largest}, outside the head's "
+                                       f"vocabulary of {hp.vocab_size} tokens")
+        scaled = [f for f in hp.features if f not in ID_INPUTS]  # token ids are embedded, not normalised
+        total = total_sq = np.zeros(0)  # input statistics streamed over the memory-mapped rows
+        columns = [trace_column(f) for f in scaled]
+        for i, chunk in enumerate(self.train_rows.select_columns(columns).with_format("numpy").iter(batch_size=65536) if scaled else ()):
+            x = input_matrix(chunk, scaled).astype(np.float64)
+            total = x.sum(0) if i == 0 else total + x.sum(0)
+            total_sq = (x**2).sum(0) if i == 0 else total_sq + (x**2).sum(0)
         mean = total / len(self.train_rows)
         self.mean = mean.tolist()
         self.std = (np.sqrt(np.maximum(total_sq / len(self.train_rows) - mean**2, 0.0)) + 1e-6).tolist()

@@ -61,13 +61,16 @@ class DeferralModule(pl.LightningModule):
         weight_decay: float = 1e-4,
         alpha_range: tuple[float, float] | None = None,
         gap_weight: float = 0.0,
+        vocab_size: int | None = None,
+        embed_dim: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if alpha_range is not None:  # alpha is one more input, normalised like the uniform it is drawn from
             low, high = alpha_range
             features, mean, std = [*features, "alpha"], [*mean, (low + high) / 2], [*std, max(high - low, 1e-6) / 12**0.5]
-        self.head = DeferralHead(features, kind=kind, hidden=hidden, depth=depth, objective=objective, mean=mean, std=std)
+        self.head = DeferralHead(features, kind=kind, hidden=hidden, depth=depth, objective=objective, mean=mean, std=std,
+                                 vocab_size=vocab_size, embed_dim=embed_dim)
         self.val_auroc = BinaryAUROC()
 
     def _inputs(self, x: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from ..data import traces as trace_dirs
 from ..deferral import features as F
 from ..deferral import rules
-from ..deferral.heads import DEFERRAL_RATES, HIDDEN_INPUTS, OBJECTIVES, DeferralHead
+from ..deferral.heads import DEFERRAL_RATES, OBJECTIVES, DeferralHead
+from ..deferral.spec import CONTEXT_INPUTS, HIDDEN_INPUTS, ID_INPUTS
 from ..errors import SpeccascadeError
 from ..listing import split_list
 from ..evaluation import offline
@@ -45,6 +46,8 @@ HEADS = {  # head name -> (kind, default features)
     "mlp": ("mlp", F.POSITION_FEATURES),
     "token-mlp": ("mlp", F.POSITION_FEATURES + F.TOKEN_FEATURES),
     "hidden-mlp": ("mlp", F.POSITION_FEATURES + HIDDEN_INPUTS),
+    "outcome-mlp": ("mlp", F.POSITION_FEATURES + CONTEXT_INPUTS),
+    "outcome-hidden-mlp": ("mlp", F.POSITION_FEATURES + CONTEXT_INPUTS + HIDDEN_INPUTS),
 }
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
@@ -54,8 +57,11 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
     """Settings of ``train-deferral`` (the shared groups, then its own)."""
 
     traces: list[str] | str = setting(help="trace directories written by log-traces (a list, or comma-separated)")
-    head: Literal[tuple(HEADS)] = setting("mlp", "logistic, mlp, token-mlp (token-level, per candidate token) or hidden-mlp "
-                                          "(position features plus both models' last hidden states; needs traces logged with --hidden-states both)")
+    head: Literal[tuple(HEADS)] = setting("mlp", "logistic, mlp, token-mlp (token-level, per candidate token), hidden-mlp "
+                                          "(position features plus both models' last hidden states; needs traces logged with "
+                                          "--hidden-states both), outcome-mlp (position features plus the drafted and the "
+                                          "target's token ids, embedded, and the position in the reply: what Gain cannot "
+                                          "read) or outcome-hidden-mlp (outcome-mlp plus both hidden states)")
     objective: Literal[OBJECTIVES] = setting("gap", "gap (regression of loss_q - loss_p: defer where the predicted gain "
                                              "is largest; the default, and the best on held-out traces), classification "
                                              "(cost-sensitive BCE on 1[gap > 0]), relaxed, or outcome (BCE on outcome_harm: "
@@ -69,6 +75,9 @@ class TrainSettings(LaunchSettings, TrackingSettings, OutputSettings):
                                                       "from [low, high] (pass Learned(..., alpha=...) when decoding)", low=0.0)
     hidden: int = setting(64, "hidden width of the MLP (at most 4096: a head is small beside the models)", low=1, high=4096)
     depth: int = setting(2, "hidden layers of the MLP (at most 8)", low=1, high=8)
+    embed_dim: int = setting(8, "width of the head's embedding of each token id (draft_token, target_token)", low=1, high=256)
+    vocab_size: int | None = setting(None, "the pair's vocabulary size, for heads on token ids, where the traces do not "
+                                     "record it (traces logged before it was recorded); must match where they do", low=1)
     epochs: int = setting(30, "the most passes over the training rows", low=1)
     patience: int | None = setting(3, "stop when the validation loss has not improved for this many epochs and keep the "
                                    "best epoch's weights (null: train every epoch and keep the last)", low=1)
@@ -99,6 +108,7 @@ class _Plan:
     manifests: list[dict]
     out: OutputDir
     hidden_widths: dict[str, int]  # of each hidden-state input the head reads, the same in every trace directory
+    vocab_size: int | None  # of the token ids the head embeds (None: it reads none)
 
 
 def train_deferral(traces: list[str] | str, out, **options) -> DeferralHead:
@@ -126,7 +136,7 @@ def resolve(settings: TrainSettings) -> _Plan:
         s.features = split_list(s.features, "--features")
     kind, default_features = HEADS[s.head]
     features = list(s.features or default_features)
-    unknown = sorted(set(features) - set(F.ALL_FEATURES + HIDDEN_INPUTS))
+    unknown = sorted(set(features) - set(F.ALL_FEATURES + HIDDEN_INPUTS + CONTEXT_INPUTS))
     if unknown or len(set(features)) != len(features):
         raise SpeccascadeError(f"--features must be distinct names of the feature spec; unknown: {unknown}")
     manifests = [_trainable(t) for t in s.traces]
@@ -142,8 +152,28 @@ def resolve(settings: TrainSettings) -> _Plan:
     for directory, manifest in zip(s.traces, manifests):
         check_columns(trace_dirs.columns(directory, manifest), [f for f in features if f not in HIDDEN_INPUTS], s.objective)
     widths = _hidden_widths(features, s.traces, manifests)
-    out = OutputDir(s.out, "train-deferral", s.config(manifests), s.resume, s.overwrite, progress=(str(CHECKPOINT),))
-    return _Plan(s, kind, features, manifests, out.check(), widths)
+    vocab_size = _vocab_size(features, s.traces, manifests, s.vocab_size)
+    config = s.config(manifests) | ({"embed_dim": s.embed_dim, "vocab_size": vocab_size} if vocab_size else {})
+    out = OutputDir(s.out, "train-deferral", config, s.resume, s.overwrite, progress=(str(CHECKPOINT),))
+    return _Plan(s, kind, features, manifests, out.check(), widths, vocab_size)
+
+
+def _vocab_size(features: list[str], directories: list[str], manifests: list[dict], given: int | None) -> int | None:
+    """The vocabulary of the token ids a head embeds: the one the traces record (every directory the same), or
+    ``--vocab-size`` where none records it; None for a head that reads no token id."""
+    if not set(features) & set(ID_INPUTS):
+        return None
+    recorded = {d: trace_dirs.source(d, m).vocab_size for d, m in zip(directories, manifests)}
+    sizes = {v for v in recorded.values() if v is not None}
+    if len(sizes) > 1:
+        raise SpeccascadeError("the trace directories record different vocabularies ("
+                               + "; ".join(f"{d}: {v}" for d, v in recorded.items()) + "); one head embeds one")
+    if sizes and given is not None and given not in sizes:
+        raise SpeccascadeError(f"--vocab-size {given} differs from the vocabulary of {sizes.pop()} tokens the traces record")
+    if not sizes and given is None:
+        raise SpeccascadeError(f"the head embeds token ids, and traces {', '.join(directories)} record no vocabulary "
+                               "size; pass --vocab-size (the pair's vocabulary) or log them again")
+    return sizes.pop() if sizes else given
 
 
 def _hidden_widths(features: list[str], directories: list[str], manifests: list[dict]) -> dict[str, int]:
@@ -183,11 +213,11 @@ def run(plan: _Plan) -> DeferralHead:
             print(f"train-deferral: {out} holds a finished head of these settings; nothing to do")
             return summarise(DeferralHead.load(out), out)
         pl.seed_everything(s.seed, workers=True, verbose=False)
-        data = TraceDataModule(s.traces, plan.features, s.objective, s.val_fraction, s.batch_size, s.seed)
+        data = TraceDataModule(s.traces, plan.features, s.objective, s.val_fraction, s.batch_size, s.seed, plan.vocab_size)
         data.setup()
         module = DeferralModule(plan.features, data.mean, data.std, plan.kind, s.hidden, s.depth, s.objective, s.alpha, s.lr,
                                 alpha_range=tuple(s.alpha_range) if s.alpha_range is not None else None,
-                                gap_weight=s.gap_weight)
+                                gap_weight=s.gap_weight, vocab_size=plan.vocab_size, embed_dim=s.embed_dim)
         trainer, wandb_run = _fit(s, out, module, data, plan.out.config)
         if not trainer.is_global_zero:
             return module.head
@@ -366,7 +396,7 @@ def _offline_comparison(head: DeferralHead, data: TraceDataModule, out: Path, me
     val = data.val_all
     learned = rules.Learned(head, threshold=0.5, alpha=alpha)
     specs = offline.available(offline.DEFAULT_RULES, val.column_names)
-    wanted = {*offline.LOSS_COLUMNS, *learned.features, *(f for spec in specs for f in rules.parse(spec).build().features)}
+    wanted = {*offline.LOSS_COLUMNS, *learned.columns, *(c for spec in specs for c in rules.parse(spec).build().columns)}
     if not wanted <= set(val.column_names):
         return None
     table = val.select_columns(sorted(wanted) + ["example_id"]).with_format("numpy")[:]

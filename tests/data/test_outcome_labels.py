@@ -140,7 +140,7 @@ def test_reusing_the_target_reply_gives_the_labels_of_decoding_both(planted):
     assert (reused[2].target_tokens, decoded[2].target_tokens) == (7, 14)  # decoding both: "b=5.</s>", ".</s>" twice
 
 
-@pytest.mark.parametrize("head", ["mlp", "hidden-mlp"])
+@pytest.mark.parametrize("head", ["mlp", "hidden-mlp", "outcome-mlp", "outcome-hidden-mlp"])
 def test_a_head_trained_on_outcome_labels_defers_there_and_nowhere_else(planted, tmp_path, head):
     out, _ = planted
     trained = train_deferral([str(out)], tmp_path / head, head=head, objective="outcome", epochs=20, patience=None,
@@ -149,7 +149,7 @@ def test_a_head_trained_on_outcome_labels_defers_there_and_nowhere_else(planted,
     rows = read_rows(out)[1].with_format("torch")[:]
     labelled = rows["examined"]
     rule = rules.Learned.from_pretrained(tmp_path / head)  # the exported checkpoint, at its default threshold
-    defer = rule.decide({f: rows[f][labelled] for f in rule.features})
+    defer = rule.decide({c: rows[c][labelled] for c in rule.columns})  # token ids and position from their columns
     assert torch.equal(defer, rows["position"][labelled] == HARMFUL)
 
 

@@ -144,8 +144,8 @@ def test_exact_knob_defers_everywhere_and_gives_the_target_distribution(seed):
     assert FLy.EXACT > math.log(3)  # above the largest top-3 entropy
 
 
-def test_offline_comparison_refuses_fly_in_one_line():
-    with pytest.raises(SpeccascadeError, match="whole block's drafts") as err:
+def test_offline_comparison_refuses_fly_without_its_block_columns_in_one_line():
+    with pytest.raises(SpeccascadeError, match="scores trace rows from their blocks: the columns p_top1") as err:
         offline.candidates({}, "fly:0.3")
     assert "\n" not in str(err.value)
 

@@ -1,0 +1,85 @@
+"""FLy on trace rows (``compare``): each row's block is found through its columns, and the offline decision is the
+decoder's, whatever the rows' order; the comparison reports FLy's curve by theta."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speccascade.deferral import rules
+from speccascade.errors import SpeccascadeError
+from speccascade.evaluation import offline
+from tests.training.test_outcome_head import GAMMA, planted_blocks, rows_of
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return planted_blocks(examples=20, seed=3)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+@pytest.mark.parametrize("theta", [0.0, 0.15, 0.25, 1.1])  # the planted top-3 entropies lie in 0.07-0.37
+def test_offline_fly_decides_as_the_decoder_in_any_row_order(blocks, theta, window):
+    rule = rules.FLy(theta=theta, window=window)
+    live = rule.defer(blocks["p"], blocks["draft"][:, :GAMMA])[:, :GAMMA].reshape(-1)
+    cols = rows_of(blocks)
+    shuffled = torch.randperm(len(live), generator=torch.Generator().manual_seed(window))
+    offline_rows = rule.decide({name: value[shuffled] for name, value in cols.items()})
+    assert torch.equal(offline_rows, live[shuffled])
+    assert torch.equal(rule.score(cols) > rule.cut, live)  # the score compared with -theta: the curves' decisions
+    assert 0 < live.float().mean() < 1 or theta == 1.1  # both decisions occur, but at the exact knob
+
+
+def test_a_dropped_row_confirms_no_window(blocks):
+    cols = rows_of(blocks)
+    rule = rules.FLy(theta=0.0, window=1)
+    kept = ~rule.decide(cols)
+    first = int(torch.nonzero(kept)[0])  # a kept mismatch: the next row of its block confirmed it
+    without_next = {name: torch.cat([value[: first + 1], value[first + 2 :]]) for name, value in cols.items()}
+    assert rule.decide(without_next)[first]
+
+
+def test_compare_scores_fly_and_reports_its_curve_by_theta(blocks):
+    cols = {name: value.float() for name, value in rows_of(blocks).items()}
+    cols |= {"loss_q": cols["outcome_harm"], "loss_p": torch.zeros_like(cols["outcome_harm"])}
+    examples = cols["example_index"].long().numpy().astype(str)
+    assert offline.available("gain,fly", cols) == ["gain", "fly"] and offline.available("fly", {"p_top1": 0}) == []
+    result = offline.compare_columns(cols, examples, "gain,fly", resamples=50)
+    points = result["candidates"]["fly:window=2"]["points"]
+    finite = [p for p in points if np.isfinite(p["knob"])]
+    assert len(finite) > 10 and all(a["knob"] <= b["knob"] for a, b in zip(finite, finite[1:]))  # theta grows with the rate
+    assert all(0.05 < p["knob"] < 0.4 for p in finite)  # thetas among the planted top-3 entropies, not their negatives
+    with pytest.raises(SpeccascadeError, match="columns example_index, position, position_in_block are missing"):
+        rules.FLy().score({k: v for k, v in cols.items() if k not in ("example_index", "position", "position_in_block")})
+
+
+def test_offline_fly_on_on_policy_traces_is_the_decoders_fly(tmp_path):
+    """Traces logged while decoding under FLy: offline, each row's decision is the one the decoder took, wherever the
+    row's window was logged (drafts past the reply's end are not)."""
+    from speccascade.data import traces
+    from speccascade.tracing.log_traces import log_traces
+
+    log_traces(tmp_path / "t", models="tiny-random", task="arithmetic", limit=8, mode="on-policy", rule="fly:0.0:window=1",
+               max_new_tokens=24, topk=0)
+    rows = traces.load_traces(tmp_path / "t").with_format("torch")[:]
+    rule = rules.FLy(theta=0.0, window=1)
+    offline_rows = rule.decide({c: rows[c] for c in rule.columns})
+    live = rows["deferred"].bool()
+    at = list(zip(rows["example_index"].tolist(), (rows["position"] - rows["position_in_block"]).tolist(),
+                  rows["position_in_block"].tolist()))
+    logged = set(at)
+    window_logged = torch.tensor([(e, b, i + 1) in logged or i + 1 >= 5 for e, b, i in at])  # block size 5
+    assert window_logged.float().mean() > 0.9 and (~live).sum() > 10  # most windows logged; FLy kept drafts
+    assert torch.equal(offline_rows[window_logged], live[window_logged])
+
+
+def test_compare_judges_fly_on_reference_traces(tmp_path):
+    from speccascade.evaluation.compare import compare
+    from speccascade.tracing.log_traces import log_traces
+
+    log_traces(tmp_path / "t", models="tiny-random", task="arithmetic", limit=8, mode="reference", topk=0)
+    result = compare(str(tmp_path / "t"), tmp_path / "c", rules="gain,fly:window=1", resamples=20, wandb_mode="disabled")
+    fly = result["candidates"]["fly:window=1"]
+    assert result["best_rule"] in ("gain", "fly:window=1") and fly["area"]["estimate"] > 0
+    assert (tmp_path / "c" / "compare.json").exists()
