@@ -58,7 +58,7 @@ class Rule(ABC):
     needs_target: ClassVar[bool] = True  # False: decides from q alone (sequential cascade)
     needs_hidden: ClassVar[bool] = False  # True: reads the models' last hidden states
     needs_bonus_drafter: ClassVar[bool] = True  # False: the bonus token ignores q at position gamma + 1
-    needs_drafts: ClassVar[bool] = False  # True: decides from the whole block's drafts (no per-position score)
+    needs_drafts: ClassVar[bool] = False  # True: decides from the whole block's drafts (no per-position score in the decoder)
     needs_reply: ClassVar[bool] = False  # True: reads each draft's position in the reply (mix gets reply_start)
     knob: ClassVar[str | None] = "alpha"
     features: ClassVar[tuple[str, ...]] = ()  # the features ``score``/``decide`` read

@@ -30,7 +30,7 @@ PICKABLE = tuple(n for n, cls in R.FIXED_RULES.items() if cls.knob == "alpha" an
 
 def _rule(spec: str) -> R.Rule:
     rule = R.parse(spec, setting="--rule").build()
-    if rule.knob is None or isinstance(rule, (R.TopK, R.LossySD, R.FLy)):
+    if not (isinstance(rule, R.Learned) or rule.name in PICKABLE):  # not topk (a whole k), lossy, fly (knob -cut)
         raise SpeccascadeError(f"no operating-point picker for rule {spec!r}; choose one of {', '.join(PICKABLE)}")
     return rule
 
@@ -68,7 +68,7 @@ class OperatingPointSettings:
     """Settings of ``operating-point``."""
 
     traces: str = setting(help="a trace directory (reference traces hold the loss columns the quality target needs)")
-    rule: str = setting(help="a rule with a real-valued knob (chow, diff, opt, bild, kl, js, entropy, tokenv1-3) or learned:DIR")
+    rule: str = setting(help="a rule whose knob is alpha (chow, diff, opt, bild, gain, kl, js, entropy, tokenv1-3) or learned:DIR")
     target_deferral_rate: float | None = setting(None, "the fraction of drafted positions to defer, in [0, 1]")
     target_loss: float | None = setting(None, "the highest acceptable mean loss of the emitted choice (lower = better quality)")
 

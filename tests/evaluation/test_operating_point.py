@@ -7,7 +7,7 @@ import pytest
 from speccascade.cli import main
 from speccascade.deferral import rules as R
 from speccascade.errors import SpeccascadeError
-from speccascade.evaluation.operating_point import operating_point
+from speccascade.evaluation.operating_point import PICKABLE, operating_point
 from speccascade.training import train_deferral
 from tests.training.test_train import planted_traces
 
@@ -51,3 +51,11 @@ def test_picker_bad_input(planted, capsys):
         operating_point(str(planted), "opt", target_deferral_rate=1.5)
     assert main(["operating-point", "--traces", str(planted), "--rule", "topk", "--target-deferral-rate", "0.2"]) == 2
     assert "no operating-point picker for rule 'topk'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["topk", "fly", "lossy", "always"])
+def test_rules_without_a_picker_are_refused_in_one_line(planted, rule, capsys):
+    """FLy scores trace rows since issue 24, but its knob is no cut of its score (-theta): still no picker."""
+    assert main(["operating-point", "--traces", str(planted), "--rule", rule, "--target-deferral-rate", "0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no operating-point picker for rule {rule!r}; choose one of {', '.join(PICKABLE)}"]
