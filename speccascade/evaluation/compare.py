@@ -40,8 +40,8 @@ class CompareSettings(TrackingSettings, OutputSettings):
     out: Path = setting(help="output directory (compare.json, compare.csv, summary.csv, compare.png, compare.md)")
     heads: list[str] | str | None = setting(None, "head directories written by train-deferral (a list, or comma-separated)")
     rules: str | None = setting(None, "rule families whose knob is swept (name or name:PARAM=VALUE, comma-separated; "
-                                "default: every position and token rule, kl at several tau, js and entropy, those whose "
-                                "features the traces hold)")
+                                "default: every position and token rule but fly, kl at several tau, js and entropy, those "
+                                "whose features the traces hold)")
     resamples: int = setting(1000, "bootstrap resamples of the examples (at most 20000: their counts are held in memory, "
                              "and more move no interval by a digit worth reporting)", low=10, high=20000)
     seed: int = seed_setting("seed of the resampling")
