@@ -95,12 +95,14 @@ def curve(score: np.ndarray, example: np.ndarray, loss_q: np.ndarray, loss_p: np
     """The candidate at knobs placed at ``quantiles`` of its scores (deferral rates of all rows).
 
     A row is deferred at every knob below its score, so each row enters the curve once: per-example
-    sums are one ``bincount`` over (entry point, example), then a cumulative sum over knobs.
+    sums are one ``bincount`` over (entry point, example), then a cumulative sum over knobs. A score of
+    ``+inf`` defers at every knob (FLy's rows that no theta keeps): the knobs lie among the other scores,
+    so such a curve starts at the least deferral its knob reaches, not at a rate no knob gives.
     """
     finite = np.where(np.isnan(score), -np.inf, score)  # NaN never exceeds a knob
-    ordered = np.sort(finite)[::-1]
+    ordered = np.sort(finite[finite < np.inf])[::-1] if (finite < np.inf).any() else np.array([-np.inf])
     cut = np.minimum(np.ceil(quantiles * len(ordered)).astype(int), len(ordered) - 1)
-    knobs = np.where(quantiles >= 1.0, -np.inf, ordered[cut])  # quantile 0 keeps every draft, 1 defers all
+    knobs = np.where(quantiles >= 1.0, -np.inf, ordered[cut])  # quantile 0 keeps every draft (but +inf's), 1 defers all
     # a row's entry point: the first knob it exceeds (knobs decrease), len(knobs) if none
     entry = np.searchsorted(-knobs, -finite, side="right")
     grid = (len(knobs) + 1, n_examples)
@@ -135,9 +137,11 @@ def judge(cand: Candidate, example: np.ndarray, loss_q: np.ndarray, loss_p: np.n
     losses = (all_w @ c.loss.T) / (all_w @ rows)[:, None]
     keep_all = (all_w @ np.bincount(example, weights=loss_q, minlength=n_examples)) / (all_w @ rows)
     defer_all = (all_w @ np.bincount(example, weights=loss_p, minlength=n_examples)) / (all_w @ rows)
-    best = np.minimum.accumulate(losses, axis=1)  # rates grow along the curve: best loss so far
+    # rates grow along the curve: best loss so far, deferring nothing (the drafter's loss) among the choices, as it
+    # is every curve's first point but one that starts above it (FLy's), which has no point within the least budgets
+    best = np.minimum(np.minimum.accumulate(losses, axis=1), keep_all[:, None])
     within = (rates[:, :, None] <= RATES[None, None, :] + 1e-12).sum(1) - 1  # last point within budget
-    budget = np.take_along_axis(best, np.maximum(within, 0), axis=1)
+    budget = np.where(within >= 0, np.take_along_axis(best, np.maximum(within, 0), axis=1), keep_all[:, None])
     to_close = {}
     for fraction in GAP_FRACTIONS:
         goal = keep_all - fraction * (keep_all - defer_all)

@@ -83,3 +83,20 @@ def test_compare_judges_fly_on_reference_traces(tmp_path):
     fly = result["candidates"]["fly:window=1"]
     assert result["best_rule"] in ("gain", "fly:window=1") and fly["area"]["estimate"] > 0
     assert (tmp_path / "c" / "compare.json").exists()
+
+
+def test_fly_curve_lies_where_theta_reaches_and_keeps_the_drafters_loss_below(blocks):
+    """Rows no theta keeps (score +inf) defer at every knob: the curve starts at FLy's least deferral, with a point
+    per kept row beyond it (not 190 points at rate 0 labelled theta = -inf), and the budgets below it are the
+    drafter's loss (deferring nothing), as before."""
+    cols = {name: value.float() for name, value in rows_of(blocks).items()}
+    cols |= {"loss_q": cols["outcome_harm"], "loss_p": torch.zeros_like(cols["outcome_harm"])}
+    result = offline.compare_columns(cols, cols["example_index"].long().numpy().astype(str), "fly", resamples=20)
+    fly = result["candidates"]["fly:window=2"]
+    least = float(rules.FLy(theta=-1.0).decide(cols).float().mean())  # every keepable row kept
+    keepable = round((1 - least) * len(cols["p_tok"]))
+    rates = [p["deferral_rate"] for p in fly["points"]]
+    assert 0.5 < least < 1 and min(rates) == pytest.approx(least) and len(set(rates)) >= keepable > 10
+    assert all(np.isfinite(p["knob"]) for p in fly["points"][:-1])  # each a theta (the last defers all: +inf)
+    below = np.asarray(result["rates"]) < least - 1e-9
+    assert np.allclose(np.asarray(fly["budget"]["loss"])[below], result["loss_keep_all"]["estimate"])
