@@ -201,6 +201,6 @@ def live_context(p: torch.Tensor, reply_start: torch.Tensor | None, names: tuple
     if "reply_position" in names:
         if reply_start is None:
             raise SpeccascadeError("a head on reply_position needs reply_start, the reply index of each row's first "
-                                   "draft (the speculative cascade passes it to rules that need_reply)")
+                                   "draft (the speculative cascade passes it to rules whose needs_reply is True)")
         out["reply_position"] = reply_position(reply_start.unsqueeze(1) + torch.arange(p.shape[1], device=p.device))
     return {name: v.unsqueeze(-1) if per_token and name != "draft_token" else v for name, v in out.items()}

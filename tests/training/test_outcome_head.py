@@ -216,3 +216,14 @@ def test_traces_without_the_token_columns_are_refused_in_one_line(tmp_path, caps
                  "--wandb-mode", "disabled"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "lack columns ['draft_token', 'target_argmax', 'position']" in err[0]
+
+
+def test_a_head_on_the_reply_position_without_reply_start_is_one_error():
+    """The speculative cascade passes reply_start to rules that need it; a caller that does not gets one error line."""
+    features = [*F.POSITION_FEATURES, "reply_position"]
+    rule = rules.Learned(DeferralHead(features, mean=[0.0] * len(features), std=[1.0] * len(features)))
+    q = torch.randn(2, 3, VOCAB).softmax(-1)
+    assert rule.needs_reply and rule.granularity == "position"
+    with pytest.raises(SpeccascadeError, match=r"^a head on reply_position needs reply_start, .* whose needs_reply is True\)$"):
+        rule.mix(q, q, q, q, torch.ones(3))
+    assert rule.mix(q, q, q, q, torch.ones(3), reply_start=torch.tensor([0, 7])).defer.shape == (2, 3)
