@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from speccascade.data import traces
 from speccascade.deferral import rules as R
+from speccascade.evaluation.compare import load_heads
 from speccascade.uncertainty import percentile_interval, resample_weights
 
 
@@ -30,13 +32,15 @@ def mismatches(directory: str) -> tuple[object, np.ndarray, np.ndarray, np.ndarr
     keep = np.flatnonzero(key["examined"].astype(bool) & (key["draft_token"] != key["target_argmax"])
                           & np.isfinite(key["outcome_harm"]))
     _, example = np.unique(key["example_id"][keep], return_inverse=True)
-    return rows.select(keep), example, key["outcome_harm"][keep].astype(int)
+    return rows, keep, example, key["outcome_harm"][keep].astype(int)
 
 
-def scores(rule: R.Rule, rows) -> np.ndarray:
-    """The rule's deferral score per row (higher = defer), from the trace columns it reads."""
+def scores(rule: R.Rule, rows, keep: np.ndarray) -> np.ndarray:
+    """The rule's deferral score (higher = defer) at the rows ``keep``, computed on every row: a block rule
+    such as FLy reads the rows around a mismatch."""
     columns = rows.select_columns(list(dict.fromkeys(rule.columns))).with_format("torch")[:]
-    return rule.score({k: v.float() if v.is_floating_point() else v for k, v in columns.items()}).numpy()
+    score = rule.score({k: v.float() if v.is_floating_point() else v for k, v in columns.items()}).numpy()
+    return score[keep]
 
 
 def auroc(score: np.ndarray, harm: np.ndarray, example: np.ndarray, seed: int = 0) -> dict:
@@ -52,11 +56,13 @@ def main() -> None:
     parser.add_argument("traces", help="outcome-labelled traces (held out from every head)")
     parser.add_argument("rules", nargs="+", help="rule names (their score) or learned:DIR")
     args = parser.parse_args()
-    rows, example, harm = mismatches(args.traces)
+    rows, keep, example, harm = mismatches(args.traces)
     report = {"mismatches": int(len(harm)), "harmful": int(harm.sum()), "examples": int(example.max() + 1)}
-    for name in args.rules:
-        rule = R.parse(name).build() if name.startswith("learned:") else R.from_name(name)
-        report[name] = auroc(scores(rule, rows), harm, example)
+    manifest = traces.read_manifest(args.traces)
+    heads = load_heads([n.removeprefix("learned:") for n in args.rules if n.startswith("learned:")], manifest, args.traces)
+    for name in args.rules:  # heads are checked against the traces (held out, readable) by compare's loader
+        rule = heads[Path(name.removeprefix("learned:")).name] if name.startswith("learned:") else R.from_name(name)
+        report[name] = auroc(scores(rule, rows, keep), harm, example)
     print(json.dumps(report, indent=2))
 
 

@@ -76,11 +76,12 @@ def test_preset_builds_on_first_use_caches_and_rebuilds_what_its_recipe_changes(
 
 
 DEMO = "smollm2-135m-arithmetic-demo"  # the shorter recipe `make demo` builds
+WORKED = "smollm2-135m-worked"  # issue 24's pair, on worked solutions
 
 
-@pytest.mark.parametrize("name", [NAME, DEMO])
+@pytest.mark.parametrize("name", [NAME, DEMO, WORKED])
 def test_recipe_parses_and_plans_the_drafter_from_the_target_stage(name, tmp_path, monkeypatch):
-    """Both shipped recipes (no training): their keys are finetune's, their settings resolve, the drafter stage
+    """Every shipped recipe (no training): their keys are finetune's, their settings resolve, the drafter stage
     reads the target stage's cache directory, and the preset names its recipe and its measured build time."""
     monkeypatch.setenv("SPECCASCADE_CACHE", str(tmp_path / "cache"))
     stages = preset.recipe(name)
