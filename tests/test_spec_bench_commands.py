@@ -9,11 +9,15 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from speccascade.bench.command import turn_prompts
 from speccascade.cli import main
 from speccascade.data import get_task, traces
 from speccascade.decoding import ModelPair
+from speccascade.deferral import features as F
+from speccascade.deferral import rules
+from speccascade.deferral.heads import DeferralHead
 from speccascade.evaluation.evaluate import evaluate
 from speccascade.pairs import load_pair
 from speccascade.tracing import log_traces as log_traces_module
@@ -170,18 +174,50 @@ def test_log_traces_on_policy_logs_both_turns_the_second_after_the_first_reply(t
     for example_id, rows in grouped.items():
         example = examples[example_id]
         assert {r["category"] for r in rows} == {example.category}
-        examined = sorted((r for r in rows if r["examined"]), key=lambda r: r["position"])
-        positions = [r["position"] for r in examined]  # each reply token examined once, turn after turn (gamma > 4)
-        assert positions == list(range(len(positions))) and len(positions) <= 4 * (1 + len(example.followups))
+        assert {r["turn"] for r in rows} == set(range(1 + len(example.followups)))
+        examined = sorted((r for r in rows if r["examined"]), key=lambda r: (r["turn"], r["position"]))
+        assert len({(r["turn"], r["position"]) for r in examined}) == len(examined)  # (example, turn, position) unique
+        assert len({(r["turn"], r["position"] - r["position_in_block"], r["position_in_block"]) for r in rows}) == len(rows)
+        for turn in range(1 + len(example.followups)):  # each reply token examined once, from 0 in each turn (gamma > 4)
+            positions = [r["position"] for r in examined if r["turn"] == turn]
+            assert positions == list(range(len(positions))) and 0 < len(positions) <= 4
         scored = example.category in ("translation", "summarization", "math_reasoning", "rag") and example.answer
         assert all(math.isnan(r["score"]) != bool(scored) for r in rows)
         if not example.followups:
             continue
-        assert len(positions) > 4  # the second turn's drafts, counted on from the first reply's 4 tokens
-        first = [r["draft_token"] if r["accepted"] else r["target_argmax"] for r in examined[:4]]  # greedy: p's argmax
+        first = [r["draft_token"] if r["accepted"] else r["target_argmax"] for r in examined if r["turn"] == 0]  # greedy: p's argmax
         (second,) = [p for p in seen if not isinstance(p, str) and len(p) == 3 and p[0]["content"] == example.prompt]
         assert second[1] == {"role": "assistant", "content": pair.decode([first])[0]}
         assert second[2] == {"role": "user", "content": example.followups[0]}
+
+
+def test_a_later_turns_reply_position_on_traces_is_the_one_the_decoder_gives_the_head(tmp_path, small, monkeypatch):
+    """A head on reply_position reads, at a second turn's trace row, what the decoder gave it at that draft: the
+    decoder starts each turn's reply at 0, and so do the trace's positions."""
+    features = [*F.POSITION_FEATURES, "reply_position"]
+    DeferralHead(features, mean=[0.0] * len(features), std=[1.0] * len(features)).save(tmp_path / "head")
+    live, drafts = [], []  # per block the decoder decided: what live_context gave the head, and the block's drafts
+    mix, context = rules.Learned.mix, rules.live_context
+    monkeypatch.setattr(rules, "live_context", lambda *args, **kw: (live.append(context(*args, **kw)), live[-1])[1])
+    monkeypatch.setattr(rules.Learned, "mix", lambda self, *args, **kw: (drafts.append(args[6]), mix(self, *args, **kw))[1])
+    out = tmp_path / "traces"
+    log_traces(out, models="tiny-random", task="spec-bench", data_file=str(small), split="test", categories="mt_bench",
+               limit_per_category=1, mode="on-policy", rule=f"learned:{tmp_path / 'head'}", block_size=3,
+               max_new_tokens=8, batch_size=1, topk=0, wandb_mode="disabled")
+    rows = trace_rows(out)
+    assert set(rows["example_id"]) == {"writing-81"} and set(rows["turn"]) == {0, 1}  # batch 1: one example a decode
+    starts = list(dict.fromkeys(zip(rows["turn"], (p - b for p, b in zip(rows["position"], rows["position_in_block"])))))
+    assert len(starts) == len(live) == len(drafts) and sum(turn == 1 for turn, _ in starts) > 1  # a row per block
+    checked = 0
+    for turn, position, in_block, draft in zip(rows["turn"], rows["position"], rows["position_in_block"], rows["draft_token"]):
+        if turn != 1:
+            continue
+        block = starts.index((turn, position - in_block))
+        assert drafts[block][0, in_block] == draft  # the decoder's draft this row logs
+        from_traces = F.trace_context({"position": torch.tensor([position])}, ["reply_position"])["reply_position"]
+        assert torch.equal(from_traces, live[block]["reply_position"][0, in_block].reshape(1)), (position, in_block)
+        checked += 1
+    assert checked > 3
 
 
 def test_log_traces_reference_mode_takes_the_categories_with_references(tmp_path, small):

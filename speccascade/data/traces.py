@@ -27,6 +27,11 @@ from ..report import damaged, read_json, write_json
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 SCHEMA_VERSION = 1  # of the rows' columns (:mod:`.schema`): readers refuse traces of another version
+# Columns that traces logged before them lack, and their value there, which the readers fill in (:func:`load_traces`)
+# and shards added to such traces by a resumed run leave out (:class:`ShardWriter`, so that all read as one table):
+# ``turn`` is 0 in single-turn and reference traces; an older multi-turn trace counted a later turn's positions on from
+# the earlier replies, so its rows stay unique as turn 0 (but its later turns' ``position`` is not the decoder's).
+ADDED_COLUMNS: dict[str, int] = {"turn": 0}
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +82,11 @@ def _schema(directory: str | Path, manifest: dict) -> pa.Schema | None:
     """The traces' schema, read off the first shard (every shard has the one schema); None without shards."""
     if not manifest["shards"]:
         return None
-    path = Path(directory) / manifest["shards"][0]["file"]
+    return _shard_schema(Path(directory) / manifest["shards"][0]["file"])
+
+
+def _shard_schema(path: Path) -> pa.Schema:
+    """A shard's schema, read off its footer; a shard that does not parse is a :class:`SpeccascadeError` naming it."""
     try:
         return pq.read_schema(path)
     except (OSError, pa.ArrowException) as err:
@@ -85,9 +94,10 @@ def _schema(directory: str | Path, manifest: dict) -> pa.Schema | None:
 
 
 def columns(directory: str | Path, manifest: dict) -> list[str]:
-    """The column names of these traces."""
+    """The column names of these traces, as :func:`load_traces` gives them (with :data:`ADDED_COLUMNS`)."""
     schema = _schema(directory, manifest)
-    return schema.names if schema is not None else []
+    names = schema.names if schema is not None else []
+    return [*names, *(name for name in ADDED_COLUMNS if names and name not in names)]
 
 
 def source(directory: str | Path, manifest: dict) -> Source:
@@ -177,6 +187,25 @@ class ShardWriter:
         self._discard_interrupted()
         mine = sorted(self.dir.glob(f"r{rank:03d}-*.json"))
         self.next_index = int(mine[-1].stem.split("-")[1]) + 1 if mine else 0
+        self.older = self._older_columns()
+
+    def _older_columns(self) -> list[str]:
+        """The columns of :data:`ADDED_COLUMNS` that the complete shards lack (a run begun before they were written)."""
+        sidecars = sorted(self.dir.glob("r*.json"))
+        if not sidecars:
+            return []
+        names = _shard_schema(self.dir.parent / read_sidecar(sidecars[0])["file"]).names
+        return [name for name in ADDED_COLUMNS if name not in names]
+
+    def _as_older(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``columns`` without the columns the older shards lack, so that all read as one table (:func:`load_traces`
+        fills them in); refused where a row's value is not the one they stand for (a later turn's rows)."""
+        for name in self.older:
+            if (columns[name] != ADDED_COLUMNS[name]).any():
+                raise SpeccascadeError(f"traces in {self.dir.parent} were begun before log-traces wrote {name!r} (a later "
+                                       "turn's positions counted on there): rows of a later turn cannot join them; log "
+                                       "them again (--overwrite)")
+        return {k: v for k, v in columns.items() if k not in self.older}
 
     def _discard_interrupted(self) -> None:
         """Delete this process's temporary files and shards that never got their sidecar."""
@@ -196,7 +225,7 @@ class ShardWriter:
     def write(self, columns: dict[str, np.ndarray], examples: list[str], stats: dict[str, int] | None = None) -> int:
         """Write one shard of whole examples; return its row count. ``stats`` (counts such as the outcome
         labels' cost) go into the sidecar, so totals over complete shards survive ``--resume``."""
-        table = pa.table({name: _arrow(values) for name, values in columns.items()})
+        table = pa.table({name: _arrow(values) for name, values in self._as_older(columns).items()})
         name = f"r{self.rank:03d}-{self.next_index:05d}"
         path = self.dir / f"{name}.parquet"
         tmp = self.dir / f".tmp-{name}.parquet"
@@ -265,10 +294,15 @@ def shard_files(directory: str | Path, verify: bool = False) -> list[str]:
 
 
 def load_traces(directory: str | Path, verify: bool = True):
-    """The traces as a ``datasets.Dataset`` (memory-mapped Arrow, not loaded into RAM)."""
+    """The traces as a ``datasets.Dataset`` (memory-mapped Arrow, not loaded into RAM); a column of
+    :data:`ADDED_COLUMNS` that they lack (logged before it) is filled in with its value there."""
     from datasets import load_dataset
 
     files = shard_files(directory, verify=verify)
     if not files:
         raise SpeccascadeError(f"traces in {directory} have no rows")
-    return load_dataset("parquet", data_files=files, split="train")
+    rows = load_dataset("parquet", data_files=files, split="train")
+    for name, value in ADDED_COLUMNS.items():
+        if name not in rows.column_names:
+            rows = rows.add_column(name, np.full(len(rows), value, dtype=np.int64))
+    return rows

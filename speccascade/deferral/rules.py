@@ -375,7 +375,7 @@ class FLy(Rule):
     features = ("p_top1", "p_top2", "p_top3")
     EXACT = 1.1  # the top-3 entropy is at most log 3 < 1.1
     SWEEP = (0.1, 0.3, 0.6)
-    BLOCK_COLUMNS = ("p_tok", "example_index", "position", "position_in_block")  # what places a row in its block
+    BLOCK_COLUMNS = ("p_tok", "example_index", "turn", "position", "position_in_block")  # what places a row in its block
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window) and self.window == int(self.window) and self.window >= 1):
@@ -400,7 +400,7 @@ class FLy(Rule):
 
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """On trace rows: ``-H3(p)`` where the draft is a mismatch (``p_tok < p_top1``) whose next ``window`` drafts
-        are rows of the same example and block (``position - position_in_block``) and matches, +inf elsewhere
+        are rows of the same example, turn and block (``position - position_in_block``) and matches, +inf elsewhere
         (deferred at every theta); ``score > -theta`` iff FLy defers there (up to ties ``H3 = theta``, which
         :meth:`decide` settles as the decoder does). A window with a row missing (a draft past the reply's end)
         keeps nothing, as one past the block does."""
@@ -411,19 +411,21 @@ class FLy(Rule):
         return torch.where(self._keepable(f), -self.entropy(f), torch.inf)
 
     def decide(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``score > cut`` but at ties, which it settles as the decoder does (why it is overridden): at ``H3 = theta``
+        the decoder's gate (``H3 > theta``) is shut and the draft deferred, where ``-H3 > -theta`` would keep it."""
         return ~(self._keepable(f) & (self.entropy(f) > self.theta))
 
     def _keepable(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Trace rows whose draft FLy keeps for a low enough theta: a mismatch whose window is confirmed."""
         agree = (f["p_tok"] >= f["p_top1"]).cpu().numpy()
-        example, position, in_block = (f[c].cpu().numpy().astype(np.int64) for c in ("example_index", "position", "position_in_block"))
-        block = position - in_block
-        order = np.lexsort((in_block, block, example))  # each block's rows together, by position in the block
-        key, agree = np.stack([example[order], block[order], in_block[order]], 1), agree[order]
+        example, turn, position, in_block = (f[c].cpu().numpy().astype(np.int64) for c in self.BLOCK_COLUMNS[1:])
+        block = position - in_block  # a block of one turn's decode (positions restart at 0 in each turn)
+        order = np.lexsort((in_block, block, turn, example))  # each block's rows together, by position in the block
+        key, agree = np.stack([example[order], turn[order], block[order], in_block[order]], 1), agree[order]
         confirmed = np.ones(len(order), dtype=bool)
         for step in range(1, self.window + 1):
             follows = np.zeros(len(order), dtype=bool)  # the row `step` later is the same block's draft `step` later, a match
-            follows[:-step] = (key[step:] == key[:-step] + [0, 0, step]).all(1) & agree[step:]
+            follows[:-step] = (key[step:] == key[:-step] + [0, 0, 0, step]).all(1) & agree[step:]
             confirmed &= follows
         keepable = np.empty(len(order), dtype=bool)
         keepable[order] = confirmed & ~agree
@@ -616,6 +618,7 @@ class Learned(Rule):
 
     def mix(self, q, p, q_s, p_s, rel_position=1.0, hidden=None, drafts=None, reply_start=None) -> Mix:
         token = self.granularity == "token"
+        # commands refuse such a head before decoding (check_head); a decoder built by hand in Python gets here
         if self.head.ids and q.shape[-1] != self.head.vocab_size:
             raise SpeccascadeError(f"head {self.head.provenance.get('path', '?')} embeds token ids of a vocabulary of "
                                    f"{self.head.vocab_size} tokens; the pair scores {q.shape[-1]}")

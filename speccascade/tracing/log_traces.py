@@ -334,6 +334,7 @@ class RowLogger:
         cols = position_rows(log_q.exp(), log_p.exp(), None, t % cfg["block_size"], cfg["block_size"],
                              reference=ids[:, -width:][keep], topk=cfg["topk"], log_q=log_q, log_p=log_p)
         cols["position"] = t
+        cols["turn"] = torch.zeros_like(t)  # one teacher-forced reply per example
         cols["_row"] = torch.arange(len(batch), device=pair.device).unsqueeze(1).expand(-1, width)[keep]
         cols["example_index"] = torch.tensor([i for i, _ in batch], device=pair.device)[cols["_row"]]
         for name in self.hidden:
@@ -344,23 +345,22 @@ class RowLogger:
         """Decode with the speculative cascade turn by turn; every drafted position becomes a row.
 
         A later turn of a multi-turn example (spec-bench's MT-Bench prompts) is decoded after the example's own
-        replies to the turns before it, as ``evaluate`` decodes it; its positions count on from those replies'
-        tokens (a position indexes the example's replies one after another), and its score is its last reply's.
+        replies to the turns before it, as ``evaluate`` decodes it, in a decode of its own: its rows have ``turn``
+        1, 2, ... and positions from 0 in its reply, the ``reply_start`` the decoder gives a head there; the
+        example's score is its last reply's.
         """
         examples, device = [ex for _, ex in batch], self.pair.device
         seeds = [self.config["seed"] + i for i, _ in batch]
         replies: list[list[str]] = [[] for _ in batch]
-        decoded = torch.zeros(len(batch), dtype=torch.long, device=device)  # tokens of each example's earlier replies
         parts = []
         for turn in range(1 + max(len(ex.followups) for ex in examples)):
             rows = [b for b, ex in enumerate(examples) if turn <= len(ex.followups)]
-            cols, texts, lengths = self._turn([examples[b] for b in rows], [conversation(examples[b], replies[b]) for b in rows],
-                                              [seeds[b] for b in rows])
+            cols, texts = self._turn([examples[b] for b in rows], [conversation(examples[b], replies[b]) for b in rows],
+                                     [seeds[b] for b in rows])
             cols["_row"] = torch.tensor(rows, device=device)[cols["_row"]]
-            cols["position"] = cols["position"] + decoded[cols["_row"]]
-            for b, text, n in zip(rows, texts, lengths.tolist()):
+            cols["turn"] = torch.full_like(cols["_row"], turn)
+            for b, text in zip(rows, texts):
                 replies[b].append(text)
-                decoded[b] += n
             parts.append(cols)
         cols = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         scores = torch.tensor([self.task.score(texts[-1], ex) for texts, ex in zip(replies, examples)], device=device)
@@ -368,9 +368,10 @@ class RowLogger:
         cols["example_index"] = torch.tensor([i for i, _ in batch], device=device)[cols["_row"]]
         return cols
 
-    def _turn(self, examples: list[Example], prompts: list, seeds: list[int]) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor]:
+    def _turn(self, examples: list[Example], prompts: list, seeds: list[int]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """One decode of ``prompts`` (one per example) with the hook: the drafted positions' columns (``_row`` indexing
-        ``examples``; with ``--labels outcome`` the outcome labels), the replies and their lengths in tokens."""
+        ``examples``, ``position`` the index in this decode's reply; with ``--labels outcome`` the outcome labels)
+        and the replies."""
         pair, cfg = self.pair, self.config
         gamma = cfg["block_size"]
         sampled_labels = self.outcome is not None and cfg["temperature"] > 0
@@ -407,4 +408,4 @@ class RowLogger:
                                                    cols["draft_token"], choice, cols["examined"], seeds)
             cols["outcome_harm"], cols["outcome_delta"] = harm, delta
             self._cost += cost
-        return cols, pair.decode(out.new_tokens), lengths
+        return cols, pair.decode(out.new_tokens)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import load_dataset
@@ -55,6 +58,7 @@ def test_both_modes_write_readable_shards_with_the_stated_rows(tmp_path, mode):
     on_disk, rows = read_rows(out)
     assert on_disk == manifest and rows.num_rows == manifest["rows"] > 0
     assert set(ID_COLUMNS) | set(F.ALL_FEATURES) | set(ORACLE_LABELS) <= set(rows.column_names)
+    assert set(rows["turn"]) == {0}  # single-turn examples
     assert len(rows[0]["q_hidden"]) == len(rows[0]["p_hidden"]) == 64 and len(rows[0]["q_topk_ids"]) == 4
     table = rows.with_format("torch")[:]
     assert ((table["soft_accept"] >= 0) & (table["soft_accept"] <= 1)).all()
@@ -160,3 +164,45 @@ def test_traces_logged_before_markers_existed_resume_and_other_settings_are_refu
     log_traces(old, **TINY, resume=True)
     assert traces.read_manifest(old)["complete"]
     assert_same_rows(full, old)
+
+
+def drop_turn(directory: Path) -> None:
+    """Make traces look begun before log-traces wrote ``turn``: their shards without it, checksums to match."""
+    manifest = json.loads((directory / traces.MANIFEST).read_text())
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        pq.write_table(pq.read_table(path).drop_columns(["turn"]), path)
+        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        sidecar = path.with_suffix(".json")
+        sidecar.write_text(json.dumps(json.loads(sidecar.read_text()) | {"sha256": shard["sha256"]}))
+    (directory / traces.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_run_begun_before_the_turn_column_resumes_to_shards_without_it(tmp_path):
+    """Shards added to traces begun before ``turn`` was written leave it out too (turn 0 everywhere: single-turn),
+    so the traces read as one table, with turn 0, and hold the rows of an uninterrupted run."""
+    full, old = tmp_path / "full", tmp_path / "old"
+    log_traces(full, **TINY)
+    log_traces(old, **(TINY | {"limit": 2}))  # a first shard, as an interrupted older run would have left
+    drop_turn(old)
+    manifest = json.loads((old / traces.MANIFEST).read_text())
+    manifest["config"]["limit"], manifest["complete"] = 6, False
+    (old / traces.MANIFEST).write_text(json.dumps(manifest))
+    (old / MARKER).unlink()
+    log_traces(old, **TINY, resume=True)
+    manifest = traces.read_manifest(old)
+    assert manifest["complete"] and len(manifest["shards"]) == 3
+    assert all("turn" not in pq.read_schema(old / s["file"]).names for s in manifest["shards"])
+    assert set(traces.load_traces(old)["turn"]) == {0}
+    assert_same_rows(old, full)  # every column of the older shards, row for row
+
+
+def test_rows_of_a_later_turn_cannot_join_shards_without_turn(tmp_path):
+    """A later turn's rows cannot be written as turn 0 among older shards (whose positions counted on): refused."""
+    row = {"example_id": np.array(["a", "a"], dtype=object), "position": np.array([0, 0])}
+    traces.ShardWriter(tmp_path, rank=0).write(row, ["a"])  # a shard of a run begun before turn was written
+    writer = traces.ShardWriter(tmp_path, rank=1)
+    assert writer.write(row | {"turn": np.array([0, 0])}, ["b"]) == 2  # turn 0: written as the older shards are
+    assert "turn" not in pq.read_schema(tmp_path / traces.SHARDS / "r001-00000.parquet").names
+    with pytest.raises(SpeccascadeError, match=r"begun before log-traces wrote 'turn' .* log them again \(--overwrite\)$"):
+        writer.write(row | {"turn": np.array([0, 1])}, ["c"])

@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
+from speccascade.decoding import SpeculativeCascade
 from speccascade.deferral import features as F
 from speccascade.deferral import rules
+from speccascade.deferral.heads import DeferralHead
 from speccascade.deferral.rules import OPT, TopK, BiLD, Chow, Diff, LossySD, Mix, TokenV1, TokenV2, TokenV3
 from speccascade.errors import SpeccascadeError
 
@@ -429,3 +431,16 @@ def test_a_commands_own_names_take_the_knob_they_are_given(spec, message):
 def test_learned_threshold_must_be_a_number(tmp_path):
     with pytest.raises(SpeccascadeError, match="'x' is not a number"):
         rules.parse(f"learned:{tmp_path}@x")
+
+
+@pytest.mark.parametrize("offset", [-1, 1])
+def test_a_head_on_another_vocabulary_is_one_error_in_a_decoder_built_by_hand(pair, batch, offset):
+    """A Python caller that builds the decoder itself skips check_head; Learned.mix refuses a head embedding token ids
+    of another vocabulary size in one error naming both (without it, a larger vocabulary would decode silently)."""
+    scalars = len(F.POSITION_FEATURES)
+    head = DeferralHead([*F.POSITION_FEATURES, "draft_token"], mean=[0.0] * scalars, std=[1.0] * scalars,
+                        vocab_size=pair.vocab_size + offset)
+    decoder = SpeculativeCascade(pair, rules.Learned(head), block_size=3)
+    with pytest.raises(SpeccascadeError, match=rf"^head \? embeds token ids of a vocabulary of {pair.vocab_size + offset} "
+                                               rf"tokens; the pair scores {pair.vocab_size}$"):
+        decoder.generate(*batch, max_new_tokens=4)
