@@ -12,7 +12,7 @@ import torch
 
 from ..deferral import features as F
 
-ID_COLUMNS = ("example_id", "example_index", "position", "position_in_block", "draft_token", "target_argmax")
+ID_COLUMNS = ("example_id", "example_index", "turn", "position", "position_in_block", "draft_token", "target_argmax")
 ORACLE_LABELS = ("soft_accept", "p_gap", "draft_is_target_argmax")  # the target's view of the draft
 REFERENCE_LABELS = ("reference_token", "loss_q", "loss_p", "gap", "loss_q_greedy", "loss_p_greedy", "gap_greedy")
 ON_POLICY_LABELS = ("deferred", "accepted", "examined", "score")
