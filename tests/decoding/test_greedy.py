@@ -142,3 +142,15 @@ def test_only_greedy_position_mixtures_without_a_hook_take_the_fast_path(pair):
     ids = torch.tensor([[5, 17, 42, 9, 3]])
     out = FastOnly(pair, rules.OPT(alpha=0.5), block_size=4).generate(ids, max_new_tokens=12)
     assert out.stats.new_tokens == 12
+
+
+def test_exact_decodings_mix_is_the_rules_own(pair):
+    """The decoder knows exact speculative decoding's mix without asking the rule: the same ``pi`` and ``r``."""
+    gamma, batch, vocab = 4, 3, 30
+    decoder = SpeculativeCascade(pair, AlwaysDefer(), block_size=gamma, temperature=1.0)
+    drafts, q_logits, p_logits = cascade_block(gamma, batch, vocab, seed=0)
+    q, p = Dists([q_logits], decoder.sampler), Dists([p_logits], decoder.sampler)
+    state = fake_state(batch, gamma, torch.zeros(batch, dtype=torch.long), seed=0)
+    known = decoder.mix(state, drafts, q, p, q.sampled, p.sampled)
+    asked = AlwaysDefer().mix(q.probs, p.probs, q.sampled, p.sampled, drafts=drafts)
+    assert all(torch.equal(a, b) for a, b in zip(known, asked))
