@@ -274,15 +274,15 @@ class SpeculativeCascade(Decoder):
         ``q~``); the distributions are computed once over the block's logits. Without the last step
         (``drafter_lag``) the bonus-position distribution is a copy of ``q_gamma``, which nothing reads.
         """
-        slots, out, greedy = state.slots, state.out, self.sampler.greedy
-        block = slots.block
+        slots, out, greedy, wants_hidden = state.slots, state.out, self.sampler.greedy, self.wants_hidden
+        block, drafter = slots.block, slots.caches["drafter"]
         columns = block.positions.split(1, dim=1)  # each step's [B, 1] positions
         x, positions = slots.catch_up("drafter", slots.pending, columns[0])
         limit = state.filled(gamma)
         u = None if greedy else state.streams.draft.gather(1, out.emitted_column + slots.first(gamma)).split(1, dim=1)
         drafts, logits, sampled, hidden = [], [], [], []
         for i in range(gamma + 1 - self.drafter_lag):
-            step_logits, h = slots.caches["drafter"].forward(x, positions, block.window, self.wants_hidden, logits_to_keep=1)
+            step_logits, h = drafter.forward(x, positions, block.window, wants_hidden, logits_to_keep=1)
             logits.append(step_logits), hidden.append(h)
             sampled.append(None if greedy else self.sampler(step_logits))
             if 0 < i < gamma and self.draft_stop:
@@ -298,7 +298,7 @@ class SpeculativeCascade(Decoder):
         lag = len(drafts) + 1 - len(logits)
         if lag:
             logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
-        q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
+        q_hidden = torch.cat(hidden, dim=1).float() if wants_hidden else None
         drafts = torch.cat(drafts, 1)
         q = Dists(logits, self.sampler, None if greedy else sampled, q_hidden)
         return drafts, q, limit.clamp_max(drafts.shape[1]) if self.draft_stop else limit, lag  # fixed blocks draft gamma
