@@ -3,14 +3,16 @@
     python benchmarks/profile_block.py --models tiny-random --batch-sizes 1,8
     python benchmarks/profile_block.py --models tiny-random --batch-sizes 1 --cache static --compile
     python benchmarks/profile_block.py --models tiny-random --prompts 2 --max-new-tokens 32 --layouts
+    python benchmarks/profile_block.py --batch-sizes 1 --prompts 4 --counts --rule opt:0.5 --temperature 1
 
-Decodes the bench's prompts (arithmetic test split, greedy, gamma 5) with exact speculative decoding
-and prints, per batch size:
+Decodes the bench's prompts (arithmetic test split, gamma 5) with exact speculative decoding (or the
+cascade of ``--rule``; greedy unless ``--temperature``) and prints, per batch size:
 
+- torch operators and host syncs (``.item()``, ``int()``, ``bool()`` of a tensor) per block outside
+  the forwards, counted by a dispatch mode, and the operators per block by the speccascade function
+  that runs them (exact counts: ``--counts`` prints only these);
 - the split of a block's wall time into drafter forwards, the target forward and the rest (forward
   hooks on both models, nothing else attached; median of ``--repeats`` runs after a warm-up);
-- torch operators and host syncs (``.item()``, ``int()``, ``bool()`` of a tensor) per block outside
-  the forwards, counted by a dispatch mode;
 - the rest broken down by the function of speccascade that spends it (cProfile: each function's
   own time plus that of the torch calls it makes directly; cProfile slows Python calls, so read
   these as proportions).
@@ -27,7 +29,9 @@ import cProfile
 import os
 import pstats
 import statistics
+import sys
 import time
+from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,9 +51,12 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, clock: ForwardClock) -> None:
         super().__init__()
         self.clock, self.ops, self.syncs = clock, 0, 0
+        self.by_function: Counter[str] = Counter()  # operators outside the forwards, by the speccascade function running them
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += not self.clock.inside
+        if not self.clock.inside:
+            self.ops += 1
+            self.by_function[caller()] += 1
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
@@ -68,6 +75,17 @@ class OpCounter(TorchDispatchMode):
             self.syncs += not self.clock.inside
             return method(tensor, *args)
         return read
+
+
+def caller() -> str:
+    """The innermost speccascade function on the stack (``file:function``), which an operator is charged to."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/speccascade/" in path:
+            return f"{path.rsplit('/speccascade/', 1)[1]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
 
 
 def decode(decoder: SpeculativeCascade, ids: torch.Tensor, mask: torch.Tensor, size: int, new: int) -> int:
@@ -91,11 +109,12 @@ def split(decoder, pair, ids, mask, size: int, new: int, repeats: int) -> dict[s
     return ms | {"rest": ms["wall"] - ms["drafter"] - ms["target"], "blocks": median["blocks"]}
 
 
-def counts(decoder, pair, ids, mask, size: int, new: int) -> tuple[float, float]:
-    """Torch operators and host syncs per block outside the forwards."""
+def counts(decoder, pair, ids, mask, size: int, new: int) -> tuple[float, float, dict[str, float]]:
+    """Torch operators and host syncs per block outside the forwards, and the operators per block by function."""
     with ForwardClock(pair) as clock, OpCounter(clock) as counter:
         blocks = decode(decoder, ids, mask, size, new)
-    return counter.ops / blocks, counter.syncs / blocks
+    by_function = {name: n / blocks for name, n in counter.by_function.most_common()}
+    return counter.ops / blocks, counter.syncs / blocks, by_function
 
 
 def breakdown(decoder, pair, ids, mask, size: int, new: int, top: int) -> list[tuple[str, float]]:
@@ -157,22 +176,30 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="functions listed in the breakdown")
     parser.add_argument("--layouts", action="store_true", help="time dynamic, static and compiled static side by side")
+    parser.add_argument("--rule", default="always", help="the deferral rule (always: exact SD), as --rules spells it")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--counts", action="store_true", help="only the operator and host-read counts (no timing)")
     args = parser.parse_args()
     pair = load_pair(args.models)
     ids, mask = pair.encode([e.prompt for e in get_task("arithmetic").examples("test", limit=args.prompts)])
     if args.layouts:
         return layouts(pair, ids, mask, 1, args.max_new_tokens, args.repeats, args.block_size)
-    decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=args.block_size, cache=args.cache, compile=args.compile)
-    print(f"{args.models}, exact SD, gamma {args.block_size}, cache {decoder.cache}, compile {args.compile}, "
-          f"{args.prompts} prompts x {args.max_new_tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rule = rules.parse(args.rule, setting="--rule").build()
+    decoder = SpeculativeCascade(pair, rule, block_size=args.block_size, temperature=args.temperature, cache=args.cache,
+                                 compile=args.compile)
+    print(f"{args.models}, rule {rule.spec}, T {args.temperature:g}, gamma {args.block_size}, cache {decoder.cache}, "
+          f"compile {args.compile}, {args.prompts} prompts x {args.max_new_tokens} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     for size in [int(s) for s in args.batch_sizes.split(",")]:
         started = time.perf_counter()
+        ops, syncs, by_function = counts(decoder, pair, ids, mask, size, args.max_new_tokens)
+        print(f"\nbatch {size}: per block outside forwards: {ops:.1f} torch ops, {syncs:.2f} host syncs; ops by function: "
+              + ", ".join(f"{name} {n:.1f}" for name, n in list(by_function.items())[: args.top]))
+        if args.counts:
+            continue
         ms = split(decoder, pair, ids, mask, size, args.max_new_tokens, args.repeats)
-        ops, syncs = counts(decoder, pair, ids, mask, size, args.max_new_tokens)
-        print(f"\nbatch {size}: {ms['blocks']} blocks; ms per block: wall {ms['wall']:.3f}, drafter forwards "
-              f"{ms['drafter']:.3f}, target forward {ms['target']:.3f}, rest {ms['rest']:.3f} "
-              f"(share outside forwards {ms['rest'] / ms['wall']:.3f}); per block outside forwards: "
-              f"{ops:.1f} torch ops, {syncs:.2f} host syncs")
+        print(f"{ms['blocks']} blocks; ms per block: wall {ms['wall']:.3f}, drafter forwards {ms['drafter']:.3f}, "
+              f"target forward {ms['target']:.3f}, rest {ms['rest']:.3f} (share outside forwards {ms['rest'] / ms['wall']:.3f})")
         for name, value in breakdown(decoder, pair, ids, mask, size, args.max_new_tokens, args.top):
             print(f"  {value:7.3f} ms  {name}")
         print(f"  ({time.perf_counter() - started:.0f} s)")

@@ -70,11 +70,11 @@ class Decoder(ABC):
         late: tuple[torch.Tensor, torch.cuda.Event] | None = None
         while True:
             self.step(state)
-            done = state.out.done
             if state.out.left is not None:
                 if state.out.left == 0:
                     break
                 continue
+            done = state.out.done
             if done.device.type != "cuda":
                 if bool(done.all()):
                     break

@@ -34,15 +34,14 @@ class Autoregressive(Decoder):
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
         slots, out = state.slots, state.out
-        active = ~out.done
         block = slots.open(1)
-        ids, positions = slots.catch_up(self.which, slots.pending.unsqueeze(1), block.positions)
+        ids, positions = slots.catch_up(self.which, slots.pending, block.positions)
         logits, _ = slots.caches[self.which].forward(ids, positions, block.window, logits_to_keep=1)
-        token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, out.emitted])
-        out.counts.add(f"{self.which}_calls", active.long())
+        token = sample(self.sampler(logits[:, 0]), state.streams.draft[state.rows, out.emitted]).unsqueeze(1)
         out.counts.forwards[self.which] += 1
-        out.emit(token.unsqueeze(1), active.long())
-        slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
+        valid = out.emit(token, state.filled(0))  # 1 for the rows still decoding
+        out.counts.add(f"{self.which}_calls", valid)
+        slots.advance(slots.pending, valid, 1, token)
 
 
 class SequentialCascade(Decoder):
@@ -72,7 +71,7 @@ class SequentialCascade(Decoder):
         slots, out = state.slots, state.out
         active = ~out.done
         block = slots.open(1)
-        ids, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), block.positions)
+        ids, positions = slots.catch_up("drafter", slots.pending, block.positions)
         logits, _ = slots.caches["drafter"].forward(ids, positions, block.window, logits_to_keep=1)
         q = logits[:, 0].softmax(-1)
         dist = self.sampler(logits[:, 0], q)
@@ -87,13 +86,13 @@ class SequentialCascade(Decoder):
             out.counts.forwards["target"] += 1
         else:
             slots.behind["target"] += 1  # the target skips this token; it catches up when next deferred to
-        token = sample(dist, state.streams.draft[state.rows, out.emitted])
-        out.emit(token.unsqueeze(1), active.long())
-        slots.advance(slots.pending.unsqueeze(1), active.long(), 1, token)
+        token = sample(dist, state.streams.draft[state.rows, out.emitted]).unsqueeze(1)
+        valid = out.emit(token, state.filled(0))  # 1 for the rows still decoding
+        slots.advance(slots.pending, valid, 1, token)
 
     def _catch_up(self, state: DecodeState) -> torch.Tensor:
         """Feed the target every token it has not seen, the pending one last; return ``p~`` there."""
         slots = state.slots
-        ids, positions = slots.catch_up("target", slots.pending.unsqueeze(1), slots.block.positions)
+        ids, positions = slots.catch_up("target", slots.pending, slots.block.positions)
         logits, _ = slots.caches["target"].forward(ids, positions, slots.block.window, logits_to_keep=1)
         return self.sampler(logits[:, -1])

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..deferral.features import EPS
-from ..deferral.rules import AlwaysDefer, Rule
+from ..deferral.rules import AlwaysDefer, FLy, Learned, Mix, PositionRule, Rule
 from ..errors import SpeccascadeError
 from .base import Decoder
 from .pairs import ModelPair
@@ -39,14 +39,19 @@ from .state import DecodeState
 
 @dataclass
 class Dists:
-    """One model's distributions over a block, computed from its ``logits`` ``[B, T, V]`` when first read:
-    unscaled ``probs`` (rules) and ``sampled`` (``q~``/``p~``). Greedy exact speculative decoding reads
-    neither (:meth:`SpeculativeCascade.match_target`), so it computes neither."""
+    """One model's distributions over a block, computed from its logits when first read: the ``logits``
+    ``[B, T, V]`` themselves (the forwards' ``parts`` joined), unscaled ``probs`` (rules) and ``sampled``
+    (``q~``/``p~``). Greedy exact speculative decoding reads only the target's logits
+    (:meth:`SpeculativeCascade.match_target`), so nothing else is computed."""
 
-    logits: torch.Tensor  # [B, T, V]
+    parts: list[torch.Tensor]  # logits [B, t, V] of each forward, in block order
     sampler: Sampler
     steps: list[torch.Tensor] | None = None  # ``q~`` per drafter step, where the drafts were sampled from it
     hidden: torch.Tensor | None = None  # [B, T, H] last-layer hidden states, when asked for
+
+    @functools.cached_property
+    def logits(self) -> torch.Tensor:
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, 1)
 
     @functools.cached_property
     def probs(self) -> torch.Tensor:
@@ -62,7 +67,7 @@ class Dists:
 
 
 class Outcome(NamedTuple):
-    """How a block ends: accepted drafts ``n`` [B], the token after them [B], the block's ``tokens``
+    """How a block ends: accepted drafts ``n`` [B], the token after them [B, 1], the block's ``tokens``
     [B, gamma + 1] (the first ``n + 1`` are emitted) and the rule's ``deferred`` [B, gamma] at each draft."""
 
     n: torch.Tensor
@@ -157,47 +162,58 @@ class SpeculativeCascade(Decoder):
         """Greedy exact speculative decoding with no hook: the block is settled by :meth:`match_target`."""
         return self.sampler.greedy and isinstance(self.rule, AlwaysDefer) and self.hook is None
 
+    @property
+    def greedy_mixture(self) -> bool:
+        """Greedy decoding with a position-level mixture rule and no hook: the block is settled by
+        :meth:`keep_or_match`."""
+        return self.sampler.greedy and is_position_mixture(self.rule) and self.hook is None
+
     @torch.inference_mode()
     def step(self, state: DecodeState) -> None:
-        """One block: draft, verify, accept, resample, rollback."""
+        """One block: draft, verify, accept, resample, emit, rollback."""
         gamma = self.drafts_needed(state)
-        active = ~state.out.done
         state.slots.open(gamma + 1)
-        drafts, q, limit, lag = self.draft(state, gamma, active)
-        fed = torch.cat([state.slots.pending.unsqueeze(1), drafts], dim=1)
+        drafts, q, limit, lag = self.draft(state, gamma)
+        fed = torch.cat([state.slots.pending, drafts], dim=1)
         p = self.verify(state, fed)
-        settle = self.match_target if self.greedy_exact else self.accept_and_resample
-        n, next_token, tokens, deferred = settle(state, drafts, q, p, limit, active)
-        state.out.counts.block(active, n, limit, deferred, forwards=drafts.shape[1] + 1 - lag)
-        valid = torch.where(active, n + 1, 0)
-        state.out.emit(tokens, valid)
+        settle = self.match_target if self.greedy_exact else self.keep_or_match if self.greedy_mixture else self.accept_and_resample
+        n, next_token, tokens, deferred = settle(state, drafts, q, p, limit)
+        valid = state.out.emit(tokens, n)  # n + 1, 0 for rows done before the block
+        state.out.counts.block(valid, n, limit, deferred, forwards=drafts.shape[1] + 1 - lag)
         self.rollback(state, fed, valid, next_token, lag)
 
-    def accept_and_resample(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor,
-                            active: torch.Tensor) -> Outcome:
+    def mix(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, q_s: torch.Tensor, p_s: torch.Tensor) -> Mix:
+        """The rule's :class:`Mix` of the block from the models' distributions and ``q_s``, ``p_s`` (``q~``, ``p~``):
+        the one place the decoder calls the rule. :class:`AlwaysDefer`'s is known without asking: ``r = 1``
+        everywhere, so ``pi = p~`` (exact speculative decoding reads no rule feature)."""
+        if isinstance(self.rule, AlwaysDefer):
+            return Mix(p_s, p_s, state.out.counts.deferred_everywhere(drafts.shape[1] + 1))
+        hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
+        rel_position = rel_positions(drafts.shape[1], self.block_size, drafts.device)
+        reply = {"reply_start": state.out.emitted} if self.rule.needs_reply else {}  # reply index of the first draft
+        return self.rule.mix(q.probs, p.probs, q_s, p_s, rel_position, hidden, drafts, **reply)
+
+    def accept_and_resample(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor) -> Outcome:
         """The rule's mix of the block, the drafts it accepts and the token drawn after them; the hook sees it all."""
         gamma = drafts.shape[1]
-        hidden = {"q_hidden": q.hidden, "p_hidden": p.hidden} if self.rule.needs_hidden else None
-        rel_position = rel_positions(gamma, self.block_size, drafts.device)
-        reply = {"reply_start": state.out.emitted} if self.rule.needs_reply else {}  # reply index of the first draft
-        mix = self.rule.mix(q.probs, p.probs, q.sampled, p.sampled, rel_position, hidden, drafts, **reply)
+        mix = self.mix(state, drafts, q, p, q.sampled, p.sampled)
         n, accept_prob = self.accept(state, drafts, q.sampled, mix.accept, limit)
         emit = mix.emit
         if self.bonus == "target":
             at_bonus = (torch.arange(gamma + 1, device=drafts.device) == limit.unsqueeze(1)).unsqueeze(-1)
             emit = torch.where(at_bonus, p.sampled, mix.emit)
         next_token = self.resample(state, n, limit, q.sampled, emit)
-        tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_token.unsqueeze(1))
+        next_column = next_token.unsqueeze(1)
+        tokens = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, n.unsqueeze(1), next_column)
         deferred = self.rule.deferred_at(mix.defer[:, :gamma], drafts)
         if self.hook is not None:
             self.hook(
                 BlockEvent(q.probs, p.probs, drafts, deferred, accept_prob, n, next_token,
-                           state.out.emitted.clone(), active, q.hidden, p.hidden)
+                           state.out.emitted.clone(), ~state.out.done, q.hidden, p.hidden)
             )
-        return Outcome(n, next_token, tokens, deferred)
+        return Outcome(n, next_column, tokens, deferred)
 
-    def match_target(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor,
-                     active: torch.Tensor) -> Outcome:
+    def match_target(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor) -> Outcome:
         """Greedy exact speculative decoding: accept drafts while they equal the target's argmax, then emit
         the target's argmax.
 
@@ -211,12 +227,35 @@ class SpeculativeCascade(Decoder):
         """
         target = p.logits.argmax(-1)  # [B, gamma + 1]
         gamma = drafts.shape[1]
-        accepted = drafts == target[:, :gamma]
-        if self.draft_stop:
-            accepted &= state.slots.slot[:gamma] < limit.unsqueeze(1)
-        n = accepted.long().cumprod(1).sum(1)
-        next_token = target.gather(1, n.unsqueeze(1)).squeeze(1)
-        return Outcome(n, next_token, target, torch.ones_like(accepted))
+        n = self.count_accepted(state, drafts == target[:, :gamma], limit)
+        return Outcome(n, target.gather(1, n.unsqueeze(1)), target, state.out.counts.deferred_everywhere(gamma))
+
+    def keep_or_match(self, state: DecodeState, drafts: torch.Tensor, q: Dists, p: Dists, limit: torch.Tensor) -> Outcome:
+        """Greedy decoding with a position-level mixture rule, ``pi = (1 - r) q~ + r p~``: accept drafts while the
+        rule keeps them (``r = 0``) or they equal the target's argmax; after them emit the target's argmax where
+        the rule defers and the drafter's where it keeps (with ``bonus="target"``, the target's at the bonus).
+
+        This is :meth:`accept_and_resample` on one-hot ``q~``, ``p~``: a draft ``x`` (``q~(x) = 1``) is accepted
+        with probability ``pi(x) = (1 - r) + r p~(x)``, 1 or 0 whatever the uniform. A rejection needs ``r = 1``
+        and ``x`` not the target's argmax, where the residual ``max(0, p~ - q~)`` is ``p~``; the bonus
+        distribution ``pi`` is ``p~`` or ``q~`` as ``r`` says; a one-hot draw is its hot token. So the block's
+        tokens are ``where(r, target argmax, drafter argmax)``, and a draft (the drafter's argmax) is accepted
+        where it equals the block's token there. The rule decides on the unscaled ``q``, ``p`` (never on ``q~``,
+        ``p~``), so it is asked for ``r`` with width-1 stand-ins for ``q~``, ``p~``: no mixture over the
+        vocabulary is built. ``tests/decoding/test_greedy.py`` compares both paths on random blocks.
+        """
+        gamma = drafts.shape[1]
+        r = self.mix(state, drafts, q, p, *stand_ins(drafts.device)).defer  # [B, gamma + 1]
+        take_target = r | (state.slots.first(gamma + 1) == limit.unsqueeze(1)) if self.bonus == "target" else r
+        tokens = torch.where(take_target, p.logits.argmax(-1), q.logits.argmax(-1))  # the drafts where r = 0
+        n = self.count_accepted(state, drafts == tokens[:, :gamma], limit)  # at the bonus position, limit, never read
+        return Outcome(n, tokens.gather(1, n.unsqueeze(1)), tokens, r[:, :gamma])
+
+    def count_accepted(self, state: DecodeState, accepted: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the leading drafts ``accepted`` ``[B, gamma]``, up to each row's ``limit``."""
+        if self.draft_stop:  # fixed blocks draft gamma everywhere
+            accepted = accepted & (state.slots.first(accepted.shape[1]) < limit.unsqueeze(1))
+        return accepted.cumprod(1).sum(1)
 
     def drafts_needed(self, state: DecodeState) -> int:
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
@@ -228,7 +267,7 @@ class SpeculativeCascade(Decoder):
             return self.block_size
         return max(1, min(self.block_size, state.out.left - 1))
 
-    def draft(self, state: DecodeState, gamma: int, active: torch.Tensor) -> tuple[torch.Tensor, Dists, torch.Tensor, int]:
+    def draft(self, state: DecodeState, gamma: int) -> tuple[torch.Tensor, Dists, torch.Tensor, int]:
         """Up to gamma drafts from ``q~``, the drafter's distributions at one position more, each row's
         draft count (``limit``, [B]: gamma unless ``draft_stop`` ended the row's block) and the drafter's lag.
 
@@ -236,42 +275,43 @@ class SpeculativeCascade(Decoder):
         ``q~``); the distributions are computed once over the block's logits. Without the last step
         (``drafter_lag``) the bonus-position distribution is a copy of ``q_gamma``, which nothing reads.
         """
-        slots, out, greedy = state.slots, state.out, self.sampler.greedy
-        block = slots.block
+        slots, out, greedy, wants_hidden = state.slots, state.out, self.sampler.greedy, self.wants_hidden
+        block, drafter = slots.block, slots.caches["drafter"]
         columns = block.positions.split(1, dim=1)  # each step's [B, 1] positions
-        x, positions = slots.catch_up("drafter", slots.pending.unsqueeze(1), columns[0])
-        limit = torch.full_like(out.emitted, gamma)
-        u = None if greedy else state.streams.draft.gather(1, out.emitted.unsqueeze(1) + slots.slot[:gamma])
+        x, positions = slots.catch_up("drafter", slots.pending, columns[0])
+        limit = state.filled(gamma)
+        u = None if greedy else state.streams.draft.gather(1, out.emitted_column + slots.first(gamma)).split(1, dim=1)
         drafts, logits, sampled, hidden = [], [], [], []
         for i in range(gamma + 1 - self.drafter_lag):
-            step_logits, h = slots.caches["drafter"].forward(x, positions, block.window, self.wants_hidden, logits_to_keep=1)
+            step_logits, h = drafter.forward(x, positions, block.window, wants_hidden, logits_to_keep=1)
             logits.append(step_logits), hidden.append(h)
             sampled.append(None if greedy else self.sampler(step_logits))
             if 0 < i < gamma and self.draft_stop:
                 top1 = step_logits[:, -1].softmax(-1).max(-1).values
                 limit = torch.where((limit == gamma) & (top1 < self.draft_stop), i, limit)
-                if not bool((active & (limit == gamma)).any()):
+                if not bool((~out.done & (limit == gamma)).any()):
                     break
             if i < gamma:
-                token = step_logits.argmax(-1) if greedy else sample(sampled[-1][:, -1], u[:, i]).unsqueeze(1)
+                token = step_logits.argmax(-1) if greedy else sample(sampled[-1], u[i])  # [B, 1]
                 drafts.append(token)
                 x, positions = token, columns[i + 1]
         out.counts.forwards["drafter"] += len(logits)
         lag = len(drafts) + 1 - len(logits)
         if lag:
             logits.append(logits[-1]), sampled.append(sampled[-1]), hidden.append(hidden[-1])
-        q_hidden = torch.cat(hidden, dim=1).float() if self.wants_hidden else None
+        q_hidden = torch.cat(hidden, dim=1).float() if wants_hidden else None
         drafts = torch.cat(drafts, 1)
-        q = Dists(torch.cat(logits, 1), self.sampler, None if greedy else sampled, q_hidden)
+        q = Dists(logits, self.sampler, None if greedy else sampled, q_hidden)
         return drafts, q, limit.clamp_max(drafts.shape[1]) if self.draft_stop else limit, lag  # fixed blocks draft gamma
 
     def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
         """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""
         slots, n = state.slots, fed.shape[1]
-        ids, positions = slots.catch_up("target", fed, slots.block.positions[:, :n])
+        positions = slots.block.positions
+        ids, positions = slots.catch_up("target", fed, positions if positions.shape[1] == n else positions[:, :n])
         logits, hidden = slots.caches["target"].forward(ids, positions, slots.block.window, self.wants_hidden, logits_to_keep=n)
         state.out.counts.forwards["target"] += 1
-        return Dists(logits, self.sampler, hidden=hidden.float() if hidden is not None else None)
+        return Dists([logits], self.sampler, hidden=hidden.float() if hidden is not None else None)
 
     def accept(
         self, state: DecodeState, drafts: torch.Tensor, q_s: torch.Tensor, accept: torch.Tensor, limit: torch.Tensor
@@ -281,12 +321,8 @@ class SpeculativeCascade(Decoder):
         gamma = drafts.shape[1]
         x = drafts.unsqueeze(-1)  # gathers read the first gamma positions of the gamma + 1
         accept_prob = (accept.gather(-1, x) / q_s.gather(-1, x).clamp_min(EPS)).clamp_max(1.0).squeeze(-1)
-        offsets = state.slots.slot[:gamma]
-        accepted = state.streams.accept.gather(1, state.out.emitted.unsqueeze(1) + offsets) < accept_prob
-        if self.draft_stop:  # fixed blocks draft gamma everywhere
-            accepted &= offsets < limit.unsqueeze(1)
-        n = accepted.long().cumprod(1).sum(1)
-        return n, accept_prob
+        accepted = state.streams.accept.gather(1, state.out.emitted_column + state.slots.first(gamma)) < accept_prob
+        return self.count_accepted(state, accepted, limit), accept_prob
 
     def resample(
         self, state: DecodeState, n: torch.Tensor, limit: torch.Tensor, q_s: torch.Tensor, emit: torch.Tensor
@@ -312,9 +348,10 @@ class SpeculativeCascade(Decoder):
         and the tokens still to emit are read on the host together: the block's one wait for the device.
         """
         slots, out = state.slots, state.out
-        kept = valid.max()
-        if self.cache == "dynamic":
-            kept, out.left = torch.stack([kept, out.remaining()]).tolist()
+        if self.cache == "dynamic":  # the maxima taken on the host: a few ints, one operator less
+            kept, out.left = map(max, torch.stack([valid, out.room]).tolist())
+        else:
+            kept = valid.max()
         slots.rollback(fed.shape[1], kept)
         slots.behind["drafter"] = lag
         slots.advance(fed, valid, kept, next_token)
@@ -325,6 +362,20 @@ def rel_positions(gamma: int, block_size: int, device: torch.device) -> torch.Te
     """``[gamma + 1]``: each block position's (index + 1) / block size, capped at 1 (built once per shape)."""
     with torch.inference_mode():
         return ((torch.arange(gamma + 1, device=device) + 1) / block_size).clamp_max(1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def stand_ins(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros ``[1, 1, 1]`` standing for ``q~``, ``p~`` where only a position rule's ``r`` is read (built once per device)."""
+    with torch.inference_mode():
+        zero = torch.zeros(1, 1, 1, device=device)
+        return zero, zero
+
+
+def is_position_mixture(rule: Rule) -> bool:
+    """Whether ``rule`` decides per position and mixes ``pi = (1 - r) q~ + r p~`` (its :class:`Mix` is that
+    ``pi`` and ``r`` ``[B, T]``): the position rules, FLy and position-level learned heads, not lossy SD."""
+    return isinstance(rule, (PositionRule, FLy)) or isinstance(rule, Learned) and rule.granularity == "position"
 
 
 def check_draft_stop(draft_stop: float, cache: str | None, hook: Hook | None) -> None:

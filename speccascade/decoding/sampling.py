@@ -12,6 +12,7 @@ decodes the same whatever batch it sits in.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,7 +52,7 @@ class Sampler:
             return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         if self.is_identity and probs is not None:
             return probs
-        scaled = logits / self.temperature
+        scaled = logits if self.temperature == 1 else logits / self.temperature  # x / 1 is x: no operator
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
             kth = scaled.topk(self.top_k, dim=-1).values[..., -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -66,17 +67,26 @@ class Sampler:
 
 
 def sample(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from (possibly unnormalised) ``dist`` ``[B, V]`` with uniforms ``u`` ``[B]``.
+    """Inverse-CDF draw from (possibly unnormalised) ``dist`` ``[..., V]``, of positive total mass, with uniforms
+    ``u`` ``[...]``.
 
     Returns the first token whose cumulative mass exceeds ``u * total``, which always has positive
     mass; a one-hot ``dist`` returns its hot token whatever ``u`` is.
     """
     cdf = dist.cumsum(-1)
-    threshold = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    threshold = ((u if u.dtype == cdf.dtype else u.to(cdf.dtype)) * cdf[..., -1]).unsqueeze(-1)
     token = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
-    # rounding can put the threshold at the total mass: fall back to the last token with mass
-    last = dist.shape[-1] - 1 - (dist.flip(-1) > 0).int().argmax(-1)
-    return torch.where(token < dist.shape[-1], token, last)
+    # rounding can put the threshold at the total mass (token = V): fall back to the last token with mass. Past
+    # that token the cdf is the total, so a token found is never after it: the smaller of the two is the draw
+    last = torch.where(dist > 0, vocabulary(dist.shape[-1], dist.device), -1).amax(-1)
+    return torch.minimum(token, last)
+
+
+@functools.lru_cache(maxsize=8)
+def vocabulary(size: int, device: torch.device) -> torch.Tensor:
+    """``arange(size)``: the token ids, built once per vocabulary size and device."""
+    with torch.inference_mode():
+        return torch.arange(size, device=device)
 
 
 class RandomStreams:

@@ -19,16 +19,17 @@ The decoder's words, defined once:
   tokens it did not decide, and the drafter lags one slot after a block whose ``q_{gamma+1}``
   nothing read (``drafter_lag``: it skipped that step).
 - **window**: the attention mask of a forward: each row's real slots plus the ``n`` new slots it
-  fills.
-- **open**: make room for a step's ``n`` new slots and compute, once per step, its window and the
-  position ids of the tokens it will feed (``Slots.block``).
+  fills. It is the slot mask itself, whose new slots are marked real from ``open`` to ``advance``.
+- **open**: make room for a step's ``n`` new slots, mark them in the window and compute, once per
+  step, the position ids of the tokens it will feed (``Slots.block``).
 - **advance**: record the slots a step fed (the pending token first; row ``b``'s first ``valid[b]``
   are its tokens, the rest holes) and make the next token pending.
 - **rollback**: drop from every cache the newest slots that no row kept.
 - **compact**: move each row's real slots together at the right end and drop the slots no row
   uses (T5 reads slot distances as positions; the static cache reuses the space).
 - **emit**: append a step's tokens to each row's output; a row is **done** at its first
-  end-of-sequence token or at ``max_new_tokens``; ``emitted`` counts a row's new tokens.
+  end-of-sequence token or at ``max_new_tokens``; ``emitted`` counts a row's new tokens, ``room``
+  the tokens it may still emit (0 once done).
 """
 
 from __future__ import annotations
@@ -59,11 +60,26 @@ class GenerateOutput:
 
 
 class Block(NamedTuple):
-    """The ``n`` new slots a step fills: its attention ``window`` ``[B, capacity]`` and the ``positions``
-    ``[B, n]`` of the tokens it feeds (the pending token's, then one more per slot)."""
+    """The ``n`` new slots a step fills: its attention ``window`` ``[B, capacity]``, the ``positions``
+    ``[B, n]`` of the tokens it feeds (the pending token's, then one more per slot) and the new slots'
+    ``index`` ``[n]``."""
 
     window: torch.Tensor
     positions: torch.Tensor
+    index: torch.Tensor
+
+
+class Aranges:
+    """``arange(start, start + n)`` for every ``n`` up to ``size``, each sliced once (a slice is an operator per call)."""
+
+    def __init__(self, size: int, device: torch.device, start: int = 0) -> None:
+        self.full = torch.arange(start, start + size, device=device)
+        self.cut: dict[int, torch.Tensor] = {}
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if n not in self.cut:
+            self.cut[n] = self.full[:n]
+        return self.cut[n]
 
 
 @dataclass
@@ -75,7 +91,7 @@ class Slots:
     tokens: torch.Tensor  # [B, capacity] the token id in each slot
     positions: torch.Tensor  # [B, capacity] its position id
     length: torch.Tensor | int  # slots in use (a 0-dim tensor on the device for the static cache, an int for the dynamic one)
-    pending: torch.Tensor  # [B] each row's pending token
+    pending: torch.Tensor  # [B, 1] each row's pending token
     pos: torch.Tensor  # [B] its position id
     behind: dict[str, int]  # slots at the end each cache still lacks
     contiguous: bool = False  # compact after every step (models whose attention reads slot distances)
@@ -83,7 +99,9 @@ class Slots:
     block: Block | None = None  # the slots the current step fills (set by ``open``)
 
     def __post_init__(self) -> None:
-        self.slot = torch.arange(self.mask.shape[1], device=self.mask.device)  # slot indices, built once
+        self.first = Aranges(self.mask.shape[1], self.mask.device)  # slot indices, built once
+        self.slot = self.first.full
+        self.pos_column = self.pos.unsqueeze(1)  # [B, 1], a view: follows ``pos``, which is only updated in place
 
     @classmethod
     def for_prompts(
@@ -103,14 +121,16 @@ class Slots:
         positions[:, : width - 1] = (context.cumsum(1) - 1).clamp_min(0)
         length = torch.tensor(width - 1, device=ids.device) if static else width - 1
         return cls(caches, slots, tokens, positions, length,
-                   pending=ids[:, -1].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
+                   pending=ids[:, -1:].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
                    contiguous=contiguous, bound=width - 1)
 
     def open(self, n: int) -> Block:
-        """Make room for a step's ``n`` new slots; its window and positions, computed once for all its forwards."""
+        """Make room for a step's ``n`` new slots and mark them real in the mask, which is then the step's
+        window (slots past ``length`` are never real before); its positions, computed once for all its
+        forwards. :meth:`advance` writes the new slots' own mask."""
         self.reserve(n)
-        new = (self.slot >= self.length) & (self.slot < self.length + n)
-        self.block = Block(self.mask | new, self.pos.unsqueeze(1) + self.slot[:n])
+        index = self.slot[self.length : self.length + n] if isinstance(self.length, int) else self.first(n) + self.length
+        self.block = Block(self.mask.index_fill_(1, index, True), self.pos_column + self.first(n), index)
         return self.block
 
     def catch_up(self, name: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +140,7 @@ class Slots:
             return ids, positions
         self.behind[name] = 0
         # the last k slots: a view where the length is a host int (dynamic cache), indices where it is on the device
-        last = slice(self.length - k, self.length) if isinstance(self.length, int) else self.slot[:k] + (self.length - k)
+        last = slice(self.length - k, self.length) if isinstance(self.length, int) else self.first(k) + (self.length - k)
         return torch.cat([self.tokens[:, last], ids], 1), torch.cat([self.positions[:, last], positions], 1)
 
     def reserve(self, n: int) -> None:
@@ -139,17 +159,19 @@ class Slots:
 
     def advance(self, fed: torch.Tensor, valid: torch.Tensor, kept: int | torch.Tensor, next_token: torch.Tensor) -> None:
         """Record ``kept`` new slots holding ``fed`` ``[B, n]`` (the pending token first; row ``b``'s first
-        ``valid[b]`` are its tokens, the rest holes), at the positions the step opened, and make
-        ``next_token`` pending where ``valid > 0``. Slots past ``length`` are never real, so the ``n``
-        slots are written whole, in place."""
-        offsets = self.slot[: fed.shape[1]]
-        index = offsets + self.length
-        self.mask.index_copy_(1, index, offsets < valid.unsqueeze(1))
+        ``valid[b]`` are its tokens, the rest holes), at the first ``n`` slots the step opened, and make
+        ``next_token`` ``[B, 1]`` pending where ``valid > 0``. Slots past ``length`` are never real, so the
+        slots are written whole, in place. (A done row's pending token is never emitted, but it is fed, and
+        what a done row feeds moves the other rows' logits by float rounding: it stays the same.)"""
+        index, positions = self.block.index, self.block.positions
+        self.mask.index_copy_(1, index, self.first(index.shape[0]) < valid.unsqueeze(1))  # every opened slot
+        if fed.shape[1] < index.shape[0]:  # the step fed fewer than it opened (``draft_stop`` ended every block early)
+            index, positions = index[: fed.shape[1]], positions[:, : fed.shape[1]]
         self.tokens.index_copy_(1, index, fed)
-        self.positions.index_copy_(1, index, self.block.positions[:, : fed.shape[1]])
+        self.positions.index_copy_(1, index, positions)
         self.length = self.length + kept
         self.pos += valid
-        self.pending = torch.where(valid > 0, next_token, self.pending)
+        self.pending = next_token
         if self.contiguous:
             self.compact()
 
@@ -183,7 +205,7 @@ class Output:
 
     tokens: torch.Tensor  # [B, max_new_tokens + block + 1] new tokens (room for one block past the limit)
     emitted: torch.Tensor  # [B] new tokens so far
-    done: torch.Tensor  # [B] EOS seen or max_new_tokens reached
+    room: torch.Tensor  # [B] new tokens a row may still emit: max_new_tokens - emitted, 0 once done
     counts: Counters
     max_new_tokens: int
     eos: torch.Tensor  # [E] end-of-sequence token ids (may be empty)
@@ -191,7 +213,9 @@ class Output:
     left: int | None = None  # the most new tokens a row still lacks, as read on the host after the last step
 
     def __post_init__(self) -> None:
-        self.offsets = torch.arange(self.tokens.shape[1], device=self.tokens.device)  # token offsets, built once
+        self.offsets = Aranges(self.tokens.shape[1], self.tokens.device)  # token offsets, built once
+        self.ends = Aranges(self.tokens.shape[1], self.tokens.device, start=1)  # offsets + 1
+        self.emitted_column = self.emitted.unsqueeze(1)  # [B, 1], a view: follows ``emitted``, only updated in place
 
     @classmethod
     def empty(cls, batch: int, width: int, block_size: int, max_new_tokens: int, eos: list[int], pad_token_id: int,
@@ -199,7 +223,7 @@ class Output:
         return cls(
             tokens=torch.full((batch, width), pad_token_id, dtype=torch.long, device=device),
             emitted=torch.zeros(batch, dtype=torch.long, device=device),
-            done=torch.zeros(batch, dtype=torch.bool, device=device),
+            room=torch.full((batch,), max_new_tokens, dtype=torch.long, device=device),
             counts=Counters(batch, block_size, device),
             max_new_tokens=max_new_tokens,
             eos=torch.tensor(eos, dtype=torch.long, device=device),
@@ -207,28 +231,31 @@ class Output:
             left=max_new_tokens,
         )
 
-    def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Append the first ``count[b]`` of ``tokens[b]`` to each row (``count`` is 0 for done rows); return
-        how many were kept.
+    def emit(self, tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Append the first ``n[b] + 1`` of ``tokens[b]`` to each row still decoding (a block's ``n`` accepted
+        drafts and the token after them); return them, ``valid`` ``[B]``: ``n + 1``, 0 for a row done before.
 
-        A row stops at its first end-of-sequence token (kept) or at ``max_new_tokens``. All of ``tokens``
-        is written after each row's kept tokens (the buffer has room for a block past the limit); what
-        lies past ``emitted`` is overwritten later or cut by :meth:`new_tokens`.
+        A row stops at its first end-of-sequence token (kept) or at ``max_new_tokens``, but ``valid`` counts
+        the block's tokens past them too: the caches keep them, so that a row's end changes no other row's
+        cache length. All of ``tokens`` is written after each row's kept tokens (the buffer has room for a
+        block past the limit); what lies past ``emitted`` is overwritten later or cut by :meth:`new_tokens`.
         """
-        offsets = self.offsets[: tokens.shape[1]]
-        first_eos = torch.where(torch.isin(tokens, self.eos), offsets, tokens.shape[1]).amin(1)  # [B], width if none
-        hit_eos = first_eos < count
-        count = torch.minimum(torch.minimum(count, first_eos + 1), self.max_new_tokens - self.emitted)
-        self.tokens.scatter_(1, self.emitted.unsqueeze(1) + offsets, tokens)
+        width = tokens.shape[1]
+        valid = torch.where(self.room > 0, n + 1, 0)
+        end = torch.where(torch.isin(tokens, self.eos), self.ends(width), width + 1).amin(1)  # [B]: one past the first EOS
+        hit_eos = end <= valid
+        count = torch.minimum(torch.minimum(valid, end), self.room)
+        self.tokens.scatter_(1, self.emitted_column + self.offsets(width), tokens)
         self.emitted += count
-        self.done |= hit_eos | (self.emitted >= self.max_new_tokens)
-        self.counts.add("new_tokens", count)
+        self.room -= count
+        self.room.masked_fill_(hit_eos, 0)
         self.left = None
-        return count
+        return valid
 
-    def remaining(self) -> torch.Tensor:
-        """0-dim: the most new tokens an unfinished row still lacks (0 once every row is done)."""
-        return torch.where(self.done, 0, self.max_new_tokens - self.emitted).max()
+    @property
+    def done(self) -> torch.Tensor:
+        """``[B]`` bool: the row saw its end-of-sequence token or reached ``max_new_tokens`` (computed when read)."""
+        return self.room == 0
 
     def new_tokens(self) -> torch.Tensor:
         """``[B, max emitted]``: each row's new tokens, right-padded."""
@@ -250,8 +277,19 @@ class DecodeState:
 
     def __post_init__(self) -> None:
         self.rows = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
+        self.fills: dict[int, torch.Tensor] = {}
 
+    def filled(self, value: int) -> torch.Tensor:
+        """``[B]`` filled with ``value`` (each row's draft count in a fixed block), built once per value; read only."""
+        if value not in self.fills:
+            self.fills[value] = torch.full_like(self.rows, value)
+        return self.fills[value]
+
+    @torch.inference_mode()
     def finish(self) -> GenerateOutput:
+        """The sequences and the stats; each row's new tokens are counted here, once (in inference mode, as the
+        counters were made: a caller may finish a decode outside it)."""
+        self.out.counts.add("new_tokens", self.out.emitted)
         self.out.counts.count_blocks()
         wall = time.perf_counter() - self.started
         sequences = torch.cat([self.prompt_ids, self.out.new_tokens()], dim=1)

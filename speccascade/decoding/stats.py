@@ -40,16 +40,24 @@ class Counters:
         self.reached_at = torch.zeros(batch_size, self.block_size, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros_like(self.reached_at)
         self.forwards = {"drafter": 0, "target": 0}
+        self.everywhere: dict[int, torch.Tensor] = {}  # all-True ``deferred`` by width
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+
+    def deferred_everywhere(self, width: int) -> torch.Tensor:
+        """``[B, width]`` True: ``r = 1`` at every position (exact speculative decoding), built once per width; read only."""
+        if width not in self.everywhere:
+            self.everywhere[width] = torch.ones(self.reached_at.shape[0], width, dtype=torch.bool, device=self.reached_at.device)
+        return self.everywhere[width]
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.rows[name] += value
 
-    def block(self, active: torch.Tensor, n: torch.Tensor, limit: torch.Tensor, deferred: torch.Tensor,
+    def block(self, count: torch.Tensor, n: torch.Tensor, limit: torch.Tensor, deferred: torch.Tensor,
               forwards: int) -> None:
-        """Record a block: rows ``active`` at its start, accepted drafts ``n``, drafts ``limit``, the rule's
-        ``deferred`` [B, gamma] at each draft, and the drafter steps the batch ran."""
-        self.blocks.append((active, n, limit, deferred, forwards))
+        """Record a block: ``count`` [B], 0 where the row was done at its start (positive elsewhere), accepted
+        drafts ``n``, drafts ``limit``, the rule's ``deferred`` [B, gamma] at each draft, and the drafter steps
+        the batch ran."""
+        self.blocks.append((count, n, limit, deferred, forwards))
 
     @torch.inference_mode()
     def count_blocks(self) -> None:
@@ -58,9 +66,10 @@ class Counters:
         if not self.blocks:
             return
         width = self.block_size
-        active, n, limit, deferred, forwards = zip(*self.blocks)
-        deferred = torch.stack([torch.nn.functional.pad(d, (0, width - d.shape[1])) for d in deferred])  # [N, B, width]
-        a, n, limit = torch.stack(active).long(), torch.stack(n), torch.stack(limit)  # [N, B]
+        count, n, limit, deferred, forwards = zip(*self.blocks)
+        deferred = torch.stack([d if d.shape[1] == width else torch.nn.functional.pad(d, (0, width - d.shape[1]))
+                                for d in deferred])  # [N, B, width]
+        a, n, limit = (torch.stack(count) > 0).long(), torch.stack(n), torch.stack(limit)  # [N, B]: rows active
         forwards = torch.tensor(forwards, device=n.device).unsqueeze(1)
         offsets = torch.arange(width, device=n.device)
         examined = (offsets <= n.unsqueeze(-1)) & (offsets < limit.unsqueeze(-1))

@@ -48,9 +48,9 @@ def test_blocks_end_at_the_first_unsure_drafter_position(pair):
     lengths = []
 
     class Recorded(SpeculativeCascade):
-        def draft(self, state, gamma, active):
+        def draft(self, state, gamma):
             start = state.out.emitted.clone()
-            drafts, q, limit, lag = super().draft(state, gamma, active)
+            drafts, q, limit, lag = super().draft(state, gamma)
             lengths.append((int(start), int(limit)))
             return drafts, q, limit, lag
 
