@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from speccascade.data import traces
@@ -44,7 +45,9 @@ def scores(rule: R.Rule, rows, keep: np.ndarray) -> np.ndarray:
 
 
 def auroc(score: np.ndarray, harm: np.ndarray, example: np.ndarray, seed: int = 0) -> dict:
-    """AUROC with its interval: each resample weighs a row by how often its example was drawn."""
+    """AUROC with its interval: each resample weighs a row by how often its example was drawn. The AUROC reads
+    only the scores' order, so they are replaced by their ranks (a rule may score +inf: KL's strict positions)."""
+    score = rankdata(score)
     weights = resample_weights(example.max() + 1, resamples=400, seed=seed)[:, example]
     replicates = np.array([roc_auc_score(harm, score, sample_weight=w) if harm[w > 0].min() != harm[w > 0].max()
                            else np.nan for w in weights])
