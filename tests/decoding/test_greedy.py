@@ -39,6 +39,25 @@ def fake_state(batch: int, gamma: int, emitted: torch.Tensor, seed: int) -> Simp
         streams=RandomStreams(RandomStreams.row_seeds(seed, batch), 64, torch.device("cpu")))
 
 
+def settle_both(decoder: SpeculativeCascade, fast_path, block, seed: int, draft_stop: float):
+    """Settle one random ``block`` (drafts, q and p logits) by ``fast_path`` and by the general path, on the same
+    state and limits, and assert they agree: the same accepted count, next token, deferrals and emitted tokens.
+    Returns the fast path's :class:`Outcome` and the general path's."""
+    drafts, q_logits, p_logits = block
+    batch, gamma = drafts.shape
+    gen = torch.Generator().manual_seed(seed + 100)
+    limit = torch.randint(1, gamma + 1, (batch,), generator=gen) if draft_stop else torch.full((batch,), gamma)
+    state = fake_state(batch, gamma, torch.randint(0, 40, (batch,), generator=gen), seed)
+    q, p = Dists([q_logits], decoder.sampler), Dists([p_logits], decoder.sampler)
+    fast = fast_path(state, drafts, q, p, limit)
+    general = decoder.accept_and_resample(state, drafts, q, p, limit)
+    assert torch.equal(fast.n, general.n) and torch.equal(fast.next_token, general.next_token)
+    assert torch.equal(fast.deferred, general.deferred)
+    emitted = torch.arange(gamma + 1) <= fast.n.unsqueeze(1)  # the tokens a block emits
+    assert torch.equal(fast.tokens[emitted], general.tokens[emitted])
+    return fast, general
+
+
 @pytest.mark.parametrize("bonus", ["mix", "target"])
 @pytest.mark.parametrize("draft_stop", [0.0, 0.5])
 @pytest.mark.parametrize("seed", range(8))
@@ -46,17 +65,7 @@ def test_matching_the_target_settles_blocks_as_accepting_and_resampling_does(pai
     gamma, batch, vocab = 5, 6, 50
     decoder = SpeculativeCascade(pair, AlwaysDefer(), block_size=gamma, bonus=bonus, draft_stop=draft_stop)
     assert decoder.greedy_exact
-    drafts, q_logits, p_logits = random_block(gamma, batch, vocab, seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    limit = torch.randint(1, gamma + 1, (batch,), generator=gen) if draft_stop else torch.full((batch,), gamma)
-    state = fake_state(batch, gamma, torch.randint(0, 40, (batch,), generator=gen), seed)
-    q, p = Dists([q_logits], decoder.sampler), Dists([p_logits], decoder.sampler)
-    fast = decoder.match_target(state, drafts, q, p, limit)
-    general = decoder.accept_and_resample(state, drafts, q, p, limit)
-    assert torch.equal(fast.n, general.n) and torch.equal(fast.next_token, general.next_token)
-    assert torch.equal(fast.deferred, general.deferred)
-    emitted = torch.arange(gamma + 1) <= fast.n.unsqueeze(1)  # the tokens a block emits
-    assert torch.equal(fast.tokens[emitted], general.tokens[emitted])
+    fast, _ = settle_both(decoder, decoder.match_target, random_block(gamma, batch, vocab, seed), seed, draft_stop)
     assert len(set(fast.n.tolist())) > 1  # the blocks end at different drafts
 
 
@@ -108,17 +117,7 @@ def test_keeping_or_matching_settles_cascade_blocks_as_accepting_and_resampling_
     assert decoder.greedy_mixture and not decoder.greedy_exact
     ends, deferred = set(), set()
     for seed in range(6):
-        drafts, q_logits, p_logits = cascade_block(gamma, batch, vocab, seed)
-        gen = torch.Generator().manual_seed(seed + 100)
-        limit = torch.randint(1, gamma + 1, (batch,), generator=gen) if draft_stop else torch.full((batch,), gamma)
-        state = fake_state(batch, gamma, torch.randint(0, 40, (batch,), generator=gen), seed)
-        q, p = Dists([q_logits], decoder.sampler), Dists([p_logits], decoder.sampler)
-        fast = decoder.keep_or_match(state, drafts, q, p, limit)
-        general = decoder.accept_and_resample(state, drafts, q, p, limit)
-        assert torch.equal(fast.n, general.n) and torch.equal(fast.next_token, general.next_token)
-        assert torch.equal(fast.deferred, general.deferred)
-        emitted = torch.arange(gamma + 1) <= fast.n.unsqueeze(1)
-        assert torch.equal(fast.tokens[emitted], general.tokens[emitted])
+        fast, general = settle_both(decoder, decoder.keep_or_match, cascade_block(gamma, batch, vocab, seed), seed, draft_stop)
         ends |= set(fast.n.tolist())
         deferred |= set(general.deferred.flatten().tolist())
     if isinstance(rule, rules.NeverDefer):
