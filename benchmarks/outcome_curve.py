@@ -25,13 +25,14 @@ from speccascade.deferral import rules as R
 from speccascade.evaluation.compare import load_heads
 from speccascade.uncertainty import percentile_interval, resample_weights
 
+from outcome_share import examined_mismatch  # the one definition of a labelled mismatch (benchmarks/)
+
 
 def mismatches(directory: str) -> tuple[object, np.ndarray, np.ndarray, np.ndarray]:
     """The traces, the indices of their examined mismatches, each one's example index and its label."""
     rows = traces.load_traces(directory)
     key = rows.select_columns(["example_id", "examined", "draft_token", "target_argmax", "outcome_harm"]).with_format("numpy")[:]
-    keep = np.flatnonzero(key["examined"].astype(bool) & (key["draft_token"] != key["target_argmax"])
-                          & np.isfinite(key["outcome_harm"]))
+    keep = np.flatnonzero(examined_mismatch(key) & np.isfinite(key["outcome_harm"]))
     _, example = np.unique(key["example_id"][keep], return_inverse=True)
     return rows, keep, example, key["outcome_harm"][keep].astype(int)
 

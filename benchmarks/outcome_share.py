@@ -22,14 +22,19 @@ from speccascade.data import traces
 from speccascade.uncertainty import ratio_interval, resample_weights
 
 
+def examined_mismatch(columns) -> object:
+    """Rows where the cascade examined a draft that differs from the target's token: the positions outcome labels
+    decode (a pandas Series or a numpy array, as ``columns`` holds)."""
+    return columns["examined"].astype(bool) & (columns["draft_token"] != columns["target_argmax"])
+
+
 def per_example(directories: list[str]) -> pd.DataFrame:
     """Per example: its score, examined positions, mismatches and harmful / helpful mismatches."""
     columns = ["example_id", "examined", "draft_token", "target_argmax", "outcome_harm", "outcome_delta", "score"]
     frames = [traces.load_traces(d).select_columns(columns).to_pandas() for d in directories]
     rows = pd.concat([f.assign(example_id=f"{i}:" + f["example_id"]) for i, f in enumerate(frames)])  # ids per directory
-    examined = rows["examined"].astype(bool)
-    mismatch = examined & (rows["draft_token"] != rows["target_argmax"])
-    rows = rows.assign(examined=examined, mismatch=mismatch, harmful=mismatch & (rows["outcome_harm"] == 1),
+    mismatch = examined_mismatch(rows)
+    rows = rows.assign(examined=rows["examined"].astype(bool), mismatch=mismatch, harmful=mismatch & (rows["outcome_harm"] == 1),
                        helpful=mismatch & (rows["outcome_delta"] < 0))
     return rows.groupby("example_id").agg(score=("score", "first"), examined=("examined", "sum"),
                                           mismatches=("mismatch", "sum"), harmful=("harmful", "sum"),
