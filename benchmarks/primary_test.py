@@ -1,0 +1,58 @@
+"""Issue 24's primary test (docs/plan-worked.md): one point's target calls over another's, paired, from an
+``evaluate`` directory.
+
+Both points were decoded on the same examples by one ``evaluate`` run; this reads their per-example
+records and gives the ratio of their sums of target calls with its 95% bootstrap interval over examples
+(1,000 resamples, seed 0), beside each point's non-inferiority to the target as ``evaluate`` judged it.
+
+    python benchmarks/primary_test.py runs/eval/worked-test "learned:outcome-mlp@0.31" "gain:0.15"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from speccascade.uncertainty import ratio_interval, resample_weights
+
+
+def point(results: dict, label: str) -> dict:
+    """The point of ``results.json`` with this label (the rule's spelling as the report shows it)."""
+    found = [p for p in results["points"] if p["label"] == label]
+    if len(found) != 1:
+        raise SystemExit(f"error: no single point labelled {label!r}; labels: {', '.join(p['label'] for p in results['points'])}")
+    return found[0]
+
+
+def paired_calls(directory: Path, numerator: dict, denominator: dict, seed: int = 0) -> dict:
+    """The ratio of the two points' target calls, summed over the examples both decoded, with its interval."""
+    a, b = (pq.read_table(directory / p["records"]).to_pandas().set_index("example_id") for p in (numerator, denominator))
+    if set(a.index) != set(b.index):
+        raise SystemExit("error: the two points were decoded on different examples")
+    b = b.loc[a.index]
+    weights = resample_weights(len(a), seed=seed)
+    ratio = ratio_interval(a["target_calls"].to_numpy(), b["target_calls"].to_numpy(), weights)
+    return {"examples": len(a), "ratio": ratio.estimate, "low": ratio.low, "high": ratio.high}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evaluation", type=Path, help="an evaluate output directory")
+    parser.add_argument("numerator", help="the label of the learned head's point")
+    parser.add_argument("denominator", help="the label of the best training-free rule's point")
+    args = parser.parse_args()
+    results = json.loads((args.evaluation / "results.json").read_text())
+    a, b = point(results, args.numerator), point(results, args.denominator)
+    report = paired_calls(args.evaluation, a, b)
+    both = bool(a["non_inferior"] and b["non_inferior"])
+    report |= {"non_inferior": {args.numerator: a["non_inferior"], args.denominator: b["non_inferior"]},
+               "goal_met": bool(report["ratio"] <= 0.85 and report["high"] < 1.0 and both)}  # the plan's primary goal
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Issue 24's primary test script (benchmarks/primary_test.py): a paired ratio of two points' target calls."""
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from primary_test import paired_calls  # noqa: E402
+
+
+def _records(directory: Path, name: str, ids: list[str], calls: list[int]) -> dict:
+    pq.write_table(pa.table({"example_id": ids, "target_calls": calls}), directory / f"{name}.parquet")
+    return {"records": f"{name}.parquet"}
+
+
+def test_ratio_pairs_examples_by_id_whatever_their_order(tmp_path):
+    head = _records(tmp_path, "head", ["a", "b", "c", "d"], [10, 20, 30, 40])
+    rule = _records(tmp_path, "rule", ["d", "c", "b", "a"], [80, 60, 40, 20])  # twice the head's, other order
+    out = paired_calls(tmp_path, head, rule)
+    assert out["examples"] == 4 and out["ratio"] == pytest.approx(0.5)
+    assert out["low"] == pytest.approx(0.5) and out["high"] == pytest.approx(0.5)  # every resample pairs them
+
+
+def test_points_on_different_examples_are_refused(tmp_path):
+    head = _records(tmp_path, "head", ["a", "b"], [1, 2])
+    rule = _records(tmp_path, "rule", ["a", "c"], [1, 2])
+    with pytest.raises(SystemExit, match="different examples"):
+        paired_calls(tmp_path, head, rule)
