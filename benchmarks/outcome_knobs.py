@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--allowed", type=int, nargs="+", default=[1], help="harmful accepted mismatches allowed")
     args = parser.parse_args()
     rows, keep, example, harm = mismatches(args.traces)
-    examples = len(set(traces.load_traces(args.traces)["example_id"]))
+    examples = len(set(rows.select_columns(["example_id"])["example_id"]))  # every reply, with mismatches or not
     report = {"examples": examples, "mismatches": int(len(harm)), "harmful": int(harm.sum()), "rules": {}}
     heads = load_heads([n.removeprefix("learned:") for n in args.rules if n.startswith("learned:")],
                        traces.read_manifest(args.traces), args.traces)
