@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
-from speccascade.uncertainty import ratio_interval, resample_weights
+from speccascade.evaluation.points import calls_against
+from speccascade.uncertainty import resample_weights
 
 
 def point(results: dict, label: str) -> dict:
@@ -34,9 +34,9 @@ def paired_calls(directory: Path, numerator: dict, denominator: dict, seed: int 
     if set(a.index) != set(b.index):
         raise SystemExit("error: the two points were decoded on different examples")
     b = b.loc[a.index]
-    weights = resample_weights(len(a), seed=seed)
-    ratio = ratio_interval(a["target_calls"].to_numpy(), b["target_calls"].to_numpy(), weights)
-    return {"examples": len(a), "ratio": ratio.estimate, "low": ratio.low, "high": ratio.high}
+    calls = calls_against(a, b, resample_weights(len(a), seed=seed))  # evaluate's own paired ratio, against b here
+    return {"examples": len(a), "ratio": calls["target_calls_vs_exact"], "low": calls["target_calls_vs_exact_low"],
+            "high": calls["target_calls_vs_exact_high"]}
 
 
 def main() -> None:

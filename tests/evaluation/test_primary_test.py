@@ -12,7 +12,8 @@ from primary_test import paired_calls  # noqa: E402
 
 
 def _records(directory: Path, name: str, ids: list[str], calls: list[int]) -> dict:
-    pq.write_table(pa.table({"example_id": ids, "target_calls": calls}), directory / f"{name}.parquet")
+    table = pa.table({"example_id": ids, "target_calls": calls, "drafter_calls": calls})  # as evaluate's records hold
+    pq.write_table(table, directory / f"{name}.parquet")
     return {"records": f"{name}.parquet"}
 
 
