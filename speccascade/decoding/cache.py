@@ -67,7 +67,7 @@ class KVCache:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         hidden_states: bool = False,
         logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,10 +75,10 @@ class KVCache:
 
         ``attention_mask`` covers the decoder's whole slot buffer, ``[B, capacity]``: the static cache
         reads all of it, the dynamic one its first ``len(self) + n`` columns (its own slots and the
-        new ones). ``logits_to_keep`` > 0 computes logits (and returns hidden states) for that many
+        new ones); ``None`` where every slot is real (the model's causal mask). ``logits_to_keep`` > 0 computes logits (and returns hidden states) for that many
         last positions only.
         """
-        if not self.static:
+        if attention_mask is not None and not self.static:
             attention_mask = attention_mask[:, : len(self) + input_ids.shape[1]]
         if self.encoded is not None:  # positions are slot distances (T5): the decoder keeps slots contiguous
             encoder_outputs, source_mask = self.encoded

@@ -20,6 +20,9 @@ The decoder's words, defined once:
   nothing read (``drafter_lag``: it skipped that step).
 - **window**: the attention mask of a forward: each row's real slots plus the ``n`` new slots it
   fills. It is the slot mask itself, whose new slots are marked real from ``open`` to ``advance``.
+- **dense**: no row has a hole, for the whole decode: one unpadded prompt with the dynamic cache (a
+  single row keeps exactly the slots it uses). The mask is then not kept and a forward gets no window
+  (``None``): the model's own causal mask is the same, and it skips reading the mask on the host.
 - **open**: make room for a step's ``n`` new slots, mark them in the window and compute, once per
   step, the position ids of the tokens it will feed (``Slots.block``).
 - **advance**: record the slots a step fed (the pending token first; row ``b``'s first ``valid[b]``
@@ -60,11 +63,11 @@ class GenerateOutput:
 
 
 class Block(NamedTuple):
-    """The ``n`` new slots a step fills: its attention ``window`` ``[B, capacity]``, the ``positions``
+    """The ``n`` new slots a step fills: its attention ``window`` ``[B, capacity]`` (None when dense), the ``positions``
     ``[B, n]`` of the tokens it feeds (the pending token's, then one more per slot) and the new slots'
     ``index`` ``[n]``."""
 
-    window: torch.Tensor
+    window: torch.Tensor | None
     positions: torch.Tensor
     index: torch.Tensor
 
@@ -95,6 +98,7 @@ class Slots:
     pos: torch.Tensor  # [B] its position id
     behind: dict[str, int]  # slots at the end each cache still lacks
     contiguous: bool = False  # compact after every step (models whose attention reads slot distances)
+    dense: bool = False  # no row ever has a hole (one unpadded row, dynamic cache): ``mask`` is not kept, windows are None
     bound: int = 0  # host-side upper bound on ``length``: overflow is checked without a sync
     block: Block | None = None  # the slots the current step fills (set by ``open``)
 
@@ -120,17 +124,19 @@ class Slots:
         positions = torch.zeros_like(tokens)
         positions[:, : width - 1] = (context.cumsum(1) - 1).clamp_min(0)
         length = torch.tensor(width - 1, device=ids.device) if static else width - 1
+        dense = batch == 1 and not static and not contiguous and bool(context.all())
         return cls(caches, slots, tokens, positions, length,
                    pending=ids[:, -1:].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
-                   contiguous=contiguous, bound=width - 1)
+                   contiguous=contiguous, bound=width - 1, dense=dense)
 
     def open(self, n: int) -> Block:
         """Make room for a step's ``n`` new slots and mark them real in the mask, which is then the step's
         window (slots past ``length`` are never real before); its positions, computed once for all its
-        forwards. :meth:`advance` writes the new slots' own mask."""
+        forwards. :meth:`advance` writes the new slots' own mask. A dense layout has no window."""
         self.reserve(n)
         index = self.slot[self.length : self.length + n] if isinstance(self.length, int) else self.first(n) + self.length
-        self.block = Block(self.mask.index_fill_(1, index, True), self.pos_column + self.first(n), index)
+        window = None if self.dense else self.mask.index_fill_(1, index, True)
+        self.block = Block(window, self.pos_column + self.first(n), index)
         return self.block
 
     def catch_up(self, name: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +170,8 @@ class Slots:
         slots are written whole, in place. (A done row's pending token is never emitted, but it is fed, and
         what a done row feeds moves the other rows' logits by float rounding: it stays the same.)"""
         index, positions = self.block.index, self.block.positions
-        self.mask.index_copy_(1, index, self.first(index.shape[0]) < valid.unsqueeze(1))  # every opened slot
+        if not self.dense:
+            self.mask.index_copy_(1, index, self.first(index.shape[0]) < valid.unsqueeze(1))  # every opened slot
         if fed.shape[1] < index.shape[0]:  # the step fed fewer than it opened (``draft_stop`` ended every block early)
             index, positions = index[: fed.shape[1]], positions[:, : fed.shape[1]]
         self.tokens.index_copy_(1, index, fed)
@@ -183,6 +190,9 @@ class Slots:
         by models whose attention depends on slot distances (T5's relative position bias).
         """
         used = int(self.length)
+        if self.dense:  # every slot is real: the tokens already sit together
+            self.bound = used
+            return
         order = torch.argsort(self.mask[:, :used].int(), dim=1, stable=True)  # holes first, tokens in order
         keep = max(int(self.mask[:, :used].sum(1).max()), *self.behind.values())
         self.bound = keep

@@ -153,3 +153,44 @@ def test_a_block_reads_the_host_at_most_once(pair, batch, monkeypatch, cache, re
             handle.remove()
     assert not bool(state.out.done.any())  # three full blocks, every row still decoding
     assert len(seen) == 3 * reads, seen
+
+
+@pytest.mark.parametrize("rule", [rules.AlwaysDefer(), rules.OPT(alpha=0.3)], ids=["exact", "cascade"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_one_unpadded_prompt_decodes_dense_with_one_host_read_per_block(pair, batch, monkeypatch, rule, temperature):
+    """One unpadded prompt (dynamic cache) keeps no slot mask and gives the models no attention mask, so no
+    forward reads one on the host: a block's one read is its rollback's. The same prompt behind a padding
+    token (masked, so not dense) decodes the same tokens."""
+    ids, mask = batch
+    prompt = row(ids, mask, 0)
+    padded = torch.cat([torch.zeros_like(prompt[:, :1]), prompt], 1)
+    dec = SpeculativeCascade(pair, rule, block_size=4, temperature=temperature, cache="dynamic")
+    reads = []
+
+    def counted(method):
+        def read(tensor, *args):
+            reads.append(1)
+            return method(tensor, *args)
+        return read
+
+    def blocks(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+        state = dec.start(prompt_ids, prompt_mask, max_new_tokens=24, seed=3)
+        reads.clear()
+        for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        try:
+            for _ in range(3):
+                dec.step(state)
+        finally:
+            monkeypatch.undo()
+        assert not bool(state.out.done.any())
+        return state.out.new_tokens(), len(reads), state.slots.dense
+
+    dense_tokens, dense_reads, dense = blocks(prompt, torch.ones_like(prompt))
+    padded_mask = torch.ones_like(padded)
+    padded_mask[:, 0] = 0
+    masked_tokens, masked_reads, masked_dense = blocks(padded, padded_mask)
+    assert dense and not masked_dense
+    assert dense_reads == 3
+    assert masked_reads > dense_reads  # the masked layout's forwards check their mask on the host
+    assert torch.equal(dense_tokens, masked_tokens)
