@@ -202,3 +202,31 @@ def test_bench_refuses_an_out_path_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["bench", "--models", "tiny-random", "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in one_error_line(capsys)
+
+
+def test_forward_clock_times_each_model_and_leaves_it_as_it_was():
+    """The clock counts each model's forwards (``inside`` while one runs), keeps ``forward``'s signature for
+    callers that read it (transformers' generate, the cache adapter), and leaves no attribute behind."""
+    import inspect
+    from types import SimpleNamespace
+
+    from speccascade.bench.measure import ForwardClock
+
+    drafter, target = torch.nn.Linear(3, 3), torch.nn.Bilinear(3, 3, 3)
+    signatures = {m: inspect.signature(m.forward) for m in (drafter, target)}
+    clock = ForwardClock(SimpleNamespace(drafter=drafter, target=target, device=torch.device("cpu")))
+    seen = []
+    drafter.register_forward_pre_hook(lambda *_: seen.append(clock.inside))
+    x = torch.ones(2, 3)
+    with clock:
+        assert inspect.signature(target.forward) == signatures[target]
+        drafter(x), drafter(x), target(x, x)
+        seen.append(clock.inside)
+    assert clock.calls == {"drafter": 2, "target": 1} and all(s > 0 for s in clock.seconds.values())
+    assert seen == [False, False, False]  # hooks run before the forward itself, and nothing is open after
+    assert "forward" not in vars(drafter) and "forward" not in vars(target)
+    assert torch.equal(drafter(x), torch.nn.functional.linear(x, drafter.weight, drafter.bias))
+    same = torch.nn.Linear(3, 3)  # one model in both roles
+    with ForwardClock(SimpleNamespace(drafter=same, target=same, device=torch.device("cpu"))) as both:
+        same(x)
+    assert both.calls == {"drafter": 1, "target": 1} and "forward" not in vars(same)
