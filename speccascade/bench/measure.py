@@ -262,6 +262,7 @@ def rss() -> int:
         return 0
 
 
+@torch.inference_mode()
 def step_times(pair: ModelPair, prompt: torch.Tensor, gamma: int, repeats: int, steps: int = 8) -> dict[str, float]:
     """Median seconds of one cached forward: a drafter step, a target step, and a target verify of gamma + 1 tokens.
 

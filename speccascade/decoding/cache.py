@@ -30,7 +30,10 @@ LAYOUTS = ("dynamic", "static")
 
 
 class KVCache:
-    """A KV cache for ``model`` with positional rollback (``capacity`` slots when static)."""
+    """A KV cache for ``model`` with positional rollback (``capacity`` slots when static).
+
+    ``forward`` and ``rollback`` run in the caller's inference mode (the decoders' ``step``, which holds it
+    for the whole block): a decorator would enter it again on every call, a few microseconds each."""
 
     def __init__(
         self,
@@ -62,7 +65,6 @@ class KVCache:
         host sync for the static one."""
         return int(self.cache.get_seq_length())
 
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -105,7 +107,6 @@ class KVCache:
         logits = logits if self.vocab_size in (None, logits.shape[-1]) else logits[..., : self.vocab_size]
         return (logits if logits.dtype == torch.float32 else logits.float()), hidden
 
-    @torch.inference_mode()
     def rollback(self, n: torch.Tensor | int) -> None:
         """Drop the newest ``n`` slots: a 0-dim tensor on the device for the static cache (its fill counters drop
         in place), a host int for the dynamic one (whose layers are cut to a view, no copy)."""

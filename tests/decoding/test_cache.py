@@ -65,7 +65,8 @@ def test_rollback_leaves_caches_equal_to_a_fresh_prefill(pair, batch, cache, rul
             n = int(state.out.emitted[b])
             prefix = torch.cat([row(ids, mask, b), state.out.tokens[b : b + 1, : n - 1]], dim=1)
             fresh = KVCache(model)
-            fresh.forward(prefix, torch.arange(prefix.shape[1]).unsqueeze(0), torch.ones_like(prefix), logits_to_keep=1)
+            with torch.inference_mode():
+                fresh.forward(prefix, torch.arange(prefix.shape[1]).unsqueeze(0), torch.ones_like(prefix), logits_to_keep=1)
             fresh = fresh.cache
             keep = state.slots.mask[b, :held]
             for layer, fresh_layer in zip(layers, fresh.layers):
