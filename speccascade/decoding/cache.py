@@ -19,7 +19,9 @@ static cache's space.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from typing import Callable
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, StaticCache
@@ -53,9 +55,7 @@ class KVCache:
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
             self.cache = StaticCache(config=config, max_cache_len=capacity) if self.static else DynamicCache(config=config)
-        params = inspect.signature(model.forward).parameters
-        # transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(getattr(model.forward, "__func__", model.forward))
         # decode steps (at most ``steady`` tokens, fixed shapes) run compiled; longer inputs (the prompt) eagerly
         self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
         self.steady = steady
@@ -135,6 +135,13 @@ class KVCache:
                     setattr(layer, name, moved)
             if self.static:
                 layer.cumulative_length.fill_(length)
+
+
+@functools.lru_cache(maxsize=64)
+def cache_argument(forward: Callable[..., object]) -> str:
+    """The name under which ``forward`` takes the KV cache: transformers 5.24 renamed ``past_key_values`` to
+    ``cache``. Read once per forward function (a signature costs tens of microseconds, a decode builds two caches)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def resolve_layout(layout: str | None, compile: bool, device: torch.device, models: list[PreTrainedModel]) -> str:

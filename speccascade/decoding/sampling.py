@@ -95,15 +95,29 @@ class RandomStreams:
     ``draft``: drafting and every sample from the cascade's own ``pi`` (also the baselines);
     ``accept``: the accept/reject coin per drafted position; ``resample``: the residual draw.
     Row ``b`` is seeded with ``seeds[b]``, so its tokens do not depend on the rest of the batch.
+    Drawn when first read: greedy exact decoding never reads them.
     """
 
     def __init__(self, seeds: Sequence[int], length: int, device: torch.device) -> None:
-        rows = []
-        for seed in seeds:
-            gen = torch.Generator().manual_seed(int(seed))
-            rows.append(torch.rand(3, length, generator=gen))
-        table = torch.stack(rows, dim=1).to(device)  # [3, B, L]
-        self.draft, self.accept, self.resample = table.unbind(0)
+        self.seeds, self.length, self.device = seeds, length, device
+
+    @functools.cached_property
+    def streams(self) -> tuple[torch.Tensor, ...]:
+        """The draft, accept and resample streams, each ``[B, L]``."""
+        rows = [torch.rand(3, self.length, generator=torch.Generator().manual_seed(int(seed))) for seed in self.seeds]
+        return torch.stack(rows, dim=1).to(self.device).unbind(0)
+
+    @property
+    def draft(self) -> torch.Tensor:
+        return self.streams[0]
+
+    @property
+    def accept(self) -> torch.Tensor:
+        return self.streams[1]
+
+    @property
+    def resample(self) -> torch.Tensor:
+        return self.streams[2]
 
     @staticmethod
     def row_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:
