@@ -11,8 +11,8 @@ cascade of ``--rule``; greedy unless ``--temperature``) and prints, per batch si
 - torch operators and host syncs (``.item()``, ``int()``, ``bool()`` of a tensor) per block outside
   the forwards, counted by a dispatch mode, and the operators per block by the speccascade function
   that runs them (exact counts: ``--counts`` prints only these);
-- the split of a block's wall time into drafter forwards, the target forward and the rest (forward
-  hooks on both models, nothing else attached; median of ``--repeats`` runs after a warm-up);
+- the split of a block's wall time into drafter forwards, the target forward and the rest (both models'
+  forwards timed by ``ForwardClock``, nothing else attached; median of ``--repeats`` runs after a warm-up);
 - the rest broken down by the function of speccascade that spends it (cProfile: each function's
   own time plus that of the torch calls it makes directly; cProfile slows Python calls, so read
   these as proportions).

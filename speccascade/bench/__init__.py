@@ -17,7 +17,7 @@ Derived numbers (docs/algorithms.md section 7): the cost ratio ``c`` = drafter s
 ``(1 - a^(gamma+1)) / ((1 - a)(gamma c + 1))`` and efficiency = measured / ideal speed-up, and the
 share of decode wall time spent outside the two models' forward passes, with each decoder step's
 time split into drafter forwards, target forward and the rest (one extra timed run per
-configuration, transformers' included, forward hooks on both models).
+configuration, transformers' included, both models' forwards timed).
 """
 
 from .command import bench

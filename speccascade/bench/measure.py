@@ -155,7 +155,7 @@ def begin_round(config: Configuration) -> None:
 
 
 def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """One more run with timing hooks on the models: the share of wall time inside their forwards and the
+    """One more run with both models' forwards timed (:class:`ForwardClock`): the share of wall time inside their forwards and the
     split of a decoder step (a block; a token for the single-model rows) into the drafter's forwards, the
     target's forward and the rest. Steps are counted as the target's forwards (the drafter's where the
     target never runs), which for transformers' rows counts its calls the same way."""

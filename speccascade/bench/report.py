@@ -106,9 +106,9 @@ def ideal_speedup(a: float, gamma: int, c: float) -> float:
 
 
 def step_split(results: list[dict]) -> list[str]:
-    """Where each configuration's time goes, per decoder step (one profiled run with hooks on both models)."""
-    lines = ["", "Time per decoder step (a block; a token for single-model rows), from one more run with hooks on both "
-             "models:", "", "| configuration | batch | drafter forwards ms | target forward ms | rest ms | outside forwards |",
+    """Where each configuration's time goes, per decoder step (one profiled run timing both models' forwards)."""
+    lines = ["", "Time per decoder step (a block; a token for single-model rows), from one more run timing both "
+             "models' forwards:", "", "| configuration | batch | drafter forwards ms | target forward ms | rest ms | outside forwards |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         ms = r["split_ms"]
