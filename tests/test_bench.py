@@ -99,11 +99,14 @@ def test_spec_benchs_table_takes_the_rows_flagged_for_it_whatever_their_names():
                              {"bonus": "mix", "draft_stop": 0.1})
     flagged = {(c.name, c.batch_size): c.in_spec_bench for c in configs}
     assert flagged == {
-        ("target, generate", 1): False, ("assisted generation", 1): True, ("assisted generation, adaptive drafts", 1): False,
+        ("target, generate", 1): False, ("assisted generation", 1): True, ("assisted generation, adaptive drafts", 1): True,
         ("target alone", 1): True, ("drafter alone", 1): False, ("cascade opt:0.3, drafts stop below 0.1", 1): True,
         ("exact speculative decoding, drafts stop below 0.1", 1): True, ("exact speculative decoding", 1): True,
         ("exact speculative decoding", 2): True,
     }
+    fixed = configurations(load_pair("tiny-random"), [1], 3, [], 4, {"cache": None, "compile": False},
+                           {"bonus": "mix", "draft_stop": 0.0})
+    assert not next(c for c in fixed if c.name == "assisted generation, adaptive drafts").in_spec_bench  # only beside --draft-stop
 
 
 def timed_config(name: str, tokens: list[int], rounds: list[list[float]]) -> Configuration:

@@ -72,6 +72,23 @@ def test_bench_writes_spec_benchs_table_by_category(tmp_path, small):
     assert "Goal: exact speculative decoding / transformers assisted generation" in text
 
 
+def test_bench_with_adaptive_blocks_sets_them_against_transformers_adaptive_drafts(tmp_path, small):
+    """With --draft-stop, Spec-Bench's table holds transformers' adaptive assisted generation (its defaults) and the
+    paired ratio of speccascade's adaptive exact decoding to it, after the goal's fixed-block ratio."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--models", "tiny-random", "--task", "spec-bench", "--data-file", str(small), "--out", str(out),
+                 "--categories", "translation,rag", "--limit-per-category", "1", "--max-new-tokens", "4",
+                 "--repeats", "1", "--rules", "opt:0.3", "--draft-stop", "0.2"]) == 0
+    table = json.loads((out / "bench.json").read_text())["spec_bench"]
+    assert "assisted generation, adaptive drafts" in [r["name"] for r in table["rows"]]
+    assert [r["name"] for r in table["ratios"]] == [
+        "exact speculative decoding / assisted generation",
+        "exact speculative decoding, drafts stop below 0.2 / assisted generation, adaptive drafts",
+        "cascade opt:0.3, drafts stop below 0.2 / exact speculative decoding, drafts stop below 0.2"]
+    assert set(table["ratios"][1]["speedup"]) == {"translation", "rag", "overall"}
+    assert set(table["goal"]["met_by_category"]) == {"translation", "rag"}  # the goal stays the fixed-block ratio
+
+
 def test_a_later_turn_is_decoded_after_the_targets_reply(small):
     pair = load_pair("tiny-random")
     examples = get_task("spec-bench").examples("test", data_file=small)[:3]

@@ -80,7 +80,8 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
     configs = [
         Configuration("target, generate", "transformers", 1, hf(), (pair.target,)),
         Configuration("assisted generation", "transformers", 1, hf(**constant), both, in_spec_bench=True),
-        Configuration("assisted generation, adaptive drafts", "transformers", 1, hf(**adaptive), both),
+        # in Spec-Bench's table beside speccascade's own adaptive blocks (--draft-stop)
+        Configuration(ASSISTED_ADAPTIVE, "transformers", 1, hf(**adaptive), both, in_spec_bench=bool(block["draft_stop"])),
     ] if transformers_rows else []
     configs += [
         Configuration("target alone", "speccascade", 1, ours(Autoregressive(pair, "target", **options)), (pair.target,),
@@ -102,6 +103,9 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
                                      ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both,
                                      in_spec_bench=True))
     return configs
+
+
+ASSISTED_ADAPTIVE = "assisted generation, adaptive drafts"  # transformers' defaults: up to 20 drafts, stopped below confidence 0.4
 
 
 def exact_name(draft_stop: float) -> str:
