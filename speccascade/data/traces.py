@@ -304,5 +304,5 @@ def load_traces(directory: str | Path, verify: bool = True):
     rows = load_dataset("parquet", data_files=files, split="train")
     for name, value in ADDED_COLUMNS.items():
         if name not in rows.column_names:
-            rows = rows.add_column(name, np.full(len(rows), value, dtype=np.int64))
+            rows = rows.add_column(name, np.full(len(rows), value, dtype=np.int32))  # ids are int32 in traces (schema.to_numpy)
     return rows

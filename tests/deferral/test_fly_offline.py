@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datasets import concatenate_datasets
 
 from speccascade.data import traces
 from speccascade.deferral import rules
@@ -83,11 +84,31 @@ def test_traces_logged_before_the_turn_column_read_as_turn_0(blocks, tmp_path):
     manifest = traces.read_manifest(directory)
     assert "turn" not in traces.read_parquet(directory / manifest["shards"][0]["file"]).column_names
     assert "turn" in traces.columns(directory, manifest)
-    rows = traces.load_traces(directory).with_format("torch")[:]
+    old = traces.load_traces(directory)
+    rows = old.with_format("torch")[:]
     rule = rules.FLy(theta=0.15)
     assert rows["turn"].tolist() == [0] * len(rows["turn"])
+    new = traces.load_traces(write_turned(tmp_path / "new", directory), verify=False)
+    assert old.features["turn"] == new.features["turn"]  # so old and new traces train together
+    assert len(concatenate_datasets([old, new])) == 2 * len(old)
     live = rule.defer(blocks["p"], blocks["draft"][:, :GAMMA])[:, :GAMMA].reshape(-1)
     assert torch.equal(rule.decide({c: rows[c] for c in rule.columns}), live) and 0 < live.float().mean() < 1
+
+
+def write_turned(target, source):
+    """A copy of the traces in ``source`` with the ``turn`` column as the trace logger writes it (int32, schema.to_numpy);
+    its checksums no longer match (load it with ``verify=False``)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(source, target)
+    for shard in traces.read_manifest(target)["shards"]:
+        path = target / shard["file"]
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("turn", pa.array(np.zeros(table.num_rows, dtype=np.int32))), path)
+    return target
 
 
 def test_offline_fly_on_on_policy_traces_is_the_decoders_fly(tmp_path):
