@@ -4,7 +4,6 @@ time inside the models' forward passes, and single-step forward times."""
 from __future__ import annotations
 
 import functools
-
 import os
 import statistics
 import threading

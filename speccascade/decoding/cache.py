@@ -77,8 +77,8 @@ class KVCache:
 
         ``attention_mask`` covers the decoder's whole slot buffer, ``[B, capacity]``: the static cache
         reads all of it, the dynamic one its first ``len(self) + n`` columns (its own slots and the
-        new ones); ``None`` where every slot is real (the model's causal mask). ``logits_to_keep`` > 0 computes logits (and returns hidden states) for that many
-        last positions only.
+        new ones); ``None`` where every slot is real (the model's causal mask). ``logits_to_keep`` > 0
+        computes logits (and returns hidden states) for that many last positions only.
         """
         if attention_mask is not None and not self.static:
             attention_mask = attention_mask[:, : len(self) + input_ids.shape[1]]
