@@ -9,7 +9,10 @@ from ``pi_{gamma+1}``), and ``rollback`` both caches to the emitted prefix.
 When the bonus token never reads ``q_{gamma+1}`` (exact speculative decoding, lossy SD) and no
 hook asks for it, the drafter skips that step: its cache then lags one slot behind, which it
 re-feeds with the pending token in its next block's first forward (gamma drafter forwards per
-block instead of gamma + 1, as transformers' assisted generation does).
+block instead of gamma + 1, as transformers' assisted generation does). A rule that decides each
+position alone reads ``q_{gamma+1}`` only where a row accepted all gamma drafts, so with the
+dynamic cache that step runs after the target's call, and only in blocks where some row did
+(``bonus_on_demand``): the same tokens, one drafter forward fewer in every other block.
 
 With ``draft_stop`` > 0 a row's block ends early, after ``k`` drafts (1 <= k <= gamma), at the first
 position where the drafter's top-1 probability falls below ``draft_stop``: position ``k + 1`` is then
@@ -153,6 +156,15 @@ class SpeculativeCascade(Decoder):
         return int((self.bonus == "target" or not self.rule.needs_bonus_drafter) and self.hook is None)
 
     @property
+    def bonus_on_demand(self) -> bool:
+        """The drafter's last step waits for the target's call and runs only in blocks where an active row
+        accepted all its drafts: the rule decides each position alone (so the block's accepted drafts do
+        not depend on ``q_{gamma+1}``), nothing else reads it (no hook, no early-stopping drafts) and the
+        dynamic cache reads the host anyway (the static cache's block runs without a host read)."""
+        return (not self.drafter_lag and self.hook is None and not self.draft_stop and self.cache == "dynamic"
+                and not self.rule.needs_drafts)
+
+    @property
     def wants_hidden(self) -> bool:
         """Hidden states are computed only when the hook or the rule reads them."""
         return self.hook_hidden_states or self.rule.needs_hidden
@@ -178,6 +190,9 @@ class SpeculativeCascade(Decoder):
         p = self.verify(state, fed)
         settle = self.match_target if self.greedy_exact else self.keep_or_match if self.greedy_mixture else self.accept_and_resample
         n, next_token, tokens, deferred = settle(state, drafts, q, p, limit)
+        if lag and self.bonus_on_demand and bool((~state.out.done & (n == drafts.shape[1])).any()):
+            q, lag = self.draft_bonus(state, drafts, q), 0  # the bonus reads pi_{gamma+1}: settle again with q_{gamma+1}
+            n, next_token, tokens, deferred = settle(state, drafts, q, p, limit)
         valid = state.out.emit(tokens, n)  # n + 1, 0 for rows done before the block
         state.out.counts.block(valid, n, limit, deferred, forwards=drafts.shape[1] + 1 - lag)
         self.rollback(state, fed, valid, next_token, lag)
@@ -273,7 +288,8 @@ class SpeculativeCascade(Decoder):
 
         Per step only the forward and the draw run (greedy: the argmax, which is the draw from the one-hot
         ``q~``); the distributions are computed once over the block's logits. Without the last step
-        (``drafter_lag``) the bonus-position distribution is a copy of ``q_gamma``, which nothing reads.
+        (``drafter_lag``, or until :meth:`draft_bonus` runs it) the bonus-position distribution is a copy of
+        ``q_gamma``, which nothing reads.
         """
         slots, out, greedy, wants_hidden = state.slots, state.out, self.sampler.greedy, self.wants_hidden
         block, drafter = slots.block, slots.caches["drafter"]
@@ -282,7 +298,7 @@ class SpeculativeCascade(Decoder):
         limit = state.filled(gamma)
         u = None if greedy else state.streams.draft.gather(1, out.emitted_column + slots.first(gamma)).split(1, dim=1)
         drafts, logits, sampled, hidden = [], [], [], []
-        for i in range(gamma + 1 - self.drafter_lag):
+        for i in range(gamma + 1 - (self.drafter_lag or self.bonus_on_demand)):
             step_logits, h = drafter.forward(x, positions, block.window, wants_hidden, logits_to_keep=1)
             logits.append(step_logits), hidden.append(h)
             sampled.append(None if greedy else self.sampler(step_logits))
@@ -303,6 +319,17 @@ class SpeculativeCascade(Decoder):
         drafts = torch.cat(drafts, 1)
         q = Dists(logits, self.sampler, None if greedy else sampled, q_hidden)
         return drafts, q, limit.clamp_max(drafts.shape[1]) if self.draft_stop else limit, lag  # fixed blocks draft gamma
+
+    def draft_bonus(self, state: DecodeState, drafts: torch.Tensor, q: Dists) -> Dists:
+        """``q`` with ``q_{gamma+1}`` in place of its stand-in: the drafter's step over the last draft, which
+        :meth:`draft` skipped (``bonus_on_demand``); the drafter's cache then lags no slot behind."""
+        gamma, block = drafts.shape[1], state.slots.block
+        step_logits, h = state.slots.caches["drafter"].forward(
+            drafts[:, -1:], block.positions[:, gamma : gamma + 1], block.window, self.wants_hidden, logits_to_keep=1)
+        state.out.counts.forwards["drafter"] += 1
+        sampled = None if q.steps is None else [*q.steps[:-1], self.sampler(step_logits)]
+        hidden = None if q.hidden is None else torch.cat([q.hidden[:, :-1], h.float()], 1)
+        return Dists([*q.parts[:-1], step_logits], self.sampler, sampled, hidden)
 
     def verify(self, state: DecodeState, fed: torch.Tensor) -> Dists:
         """One target call over ``fed``, the pending token and the drafts: ``p_1 .. p_{gamma+1}``."""

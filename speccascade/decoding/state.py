@@ -17,7 +17,8 @@ The decoder's words, defined once:
   re-feeds them in front of the cache's next input. Every cache starts behind by the prompt (so the
   prompt goes into each model's first step), the target falls behind in the sequential cascade on
   tokens it did not decide, and the drafter lags one slot after a block whose ``q_{gamma+1}``
-  nothing read (``drafter_lag``: it skipped that step).
+  nothing read (``drafter_lag``, or ``bonus_on_demand`` where no row accepted every draft: it
+  skipped that step).
 - **window**: the attention mask of a forward: each row's real slots plus the ``n`` new slots it
   fills. It is the slot mask itself, whose new slots are marked real from ``open`` to ``advance``.
 - **dense**: no row has a hole, for the whole decode: one unpadded prompt with the dynamic cache (a
