@@ -42,6 +42,13 @@ if TYPE_CHECKING:
     from .heads import DeferralHead
 
 
+def number_text(number: float) -> str:
+    """A knob or setting spelled so that it reads back as the same float (``0.1789148449897766``, not the
+    6-digit ``0.178915``): the shortest exact spelling, whole numbers without ``.0``."""
+    text = repr(float(number))
+    return text[:-2] if text.endswith(".0") else text
+
+
 class Mix(NamedTuple):
     """A rule's verdict on one block (see the module docstring)."""
 
@@ -68,11 +75,15 @@ class Rule(ABC):
 
     @property
     def spec(self) -> str:
-        """The command-line spelling (``opt:0.3``, ``kl:0.2:tau=0.9``) that :func:`parse` reads back."""
+        """The command-line spelling (``opt:0.3``, ``kl:0.2:tau=0.9``) that :func:`parse` reads back as it was."""
         if self.knob is None:
             return self.name
-        extra = "".join(f":{k}={getattr(self, k):g}" for k in self.params())
-        return f"{self.name}:{getattr(self, self.knob):g}{extra}"
+        return f"{self.name}:{number_text(getattr(self, self.knob))}{self.settings_spec}"
+
+    @property
+    def settings_spec(self) -> str:
+        """``:tau=0.9``: the settings besides the knob, spelled as :attr:`spec` spells them."""
+        return "".join(f":{k}={number_text(getattr(self, k))}" for k in self.params())
 
     @classmethod
     def params(cls) -> tuple[str, ...]:
@@ -598,7 +609,7 @@ class Learned(Rule):
 
     @property
     def spec(self) -> str:
-        return f"learned:{self.head.provenance.get('path', '?')}@{self.threshold:g}"
+        return f"learned:{self.head.provenance.get('path', '?')}@{number_text(self.threshold)}"
 
     @torch.no_grad()
     def score(self, f: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -83,7 +83,7 @@ def available(rules: str | list[str], columns: set[str] | list[str]) -> list[str
 
 def _family(rule: R.Rule) -> str:
     """``kl:tau=0.9``: a rule's name and settings, without the knob."""
-    return rule.name + "".join(f":{k}={getattr(rule, k):g}" for k in rule.params())
+    return rule.name + rule.settings_spec
 
 
 def _numpy(score: torch.Tensor) -> np.ndarray:

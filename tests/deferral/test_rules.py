@@ -387,11 +387,13 @@ def test_training_free_baselines_by_hand():
 @pytest.mark.parametrize("spec, expected", [
     ("opt:0.3", OPT(alpha=0.3)), ("topk:5", TopK(k=5)), ("kl:0.2:tau=0.8", rules.KLJudge(alpha=0.2, tau=0.8)),
     ("kl:tau=0.8", rules.KLJudge(tau=0.8)), ("js", rules.JS()), (" chow:-inf ", Chow(alpha=float("-inf"))),
+    ("kl:0.1789148449897766:tau=0.9", rules.KLJudge(alpha=0.1789148449897766, tau=0.9)),
+    ("fly:1.0867239236831665:window=2", rules.FLy(theta=1.0867239236831665, window=2)),
 ])
 def test_parse_reads_every_spelling(spec, expected):
     rule = rules.parse(spec).build()
     assert rule == expected
-    assert rules.parse(rule.spec).build() == rule  # the spelling round-trips
+    assert rules.parse(rule.spec).build() == rule  # the spelling round-trips, every digit of a knob read off data
 
 
 def test_parse_returns_the_spec_it_read_and_loads_nothing(tmp_path):
@@ -400,6 +402,9 @@ def test_parse_returns_the_spec_it_read_and_loads_nothing(tmp_path):
     assert rules.parse("always") == rules.Spec("always")
     head = tmp_path / "no-head-here"  # parsed, not loaded: the directory is read by build()
     assert rules.parse(f"learned:{head}@0.25") == rules.Spec("learned", 0.25, head=str(head))
+    knob = 1.915742177516222e-05  # a threshold read off validation labels: every digit is kept
+    learned = rules.Learned(DeferralHead(["q_top1"], hidden=4, depth=1, provenance={"path": str(head)}), threshold=knob)
+    assert rules.parse(learned.spec) == rules.Spec("learned", knob, head=str(head))
     assert rules.parse("seq:0.4", {"seq": Chow}) == rules.Spec("seq", 0.4)  # a command's own name, with Chow's knob
     with pytest.raises(SpeccascadeError, match="is not a deferral head"):
         rules.parse(f"learned:{head}").build()
