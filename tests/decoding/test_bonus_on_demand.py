@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speccascade import load_pair
 from speccascade.decoding import SpeculativeCascade
 from speccascade.deferral import features as F
 from speccascade.deferral import rules
 from speccascade.deferral.heads import DeferralHead
+from tests.conftest import DEVICE
 
 
 def hidden_head_rule(threshold: float) -> rules.Learned:
@@ -22,11 +24,25 @@ def hidden_head_rule(threshold: float) -> rules.Learned:
     return rules.Learned(head, threshold=threshold)
 
 
+@pytest.fixture(scope="module")
+def t5_sources():
+    t5 = load_pair("tiny-random-t5", device=DEVICE)
+    return t5, t5.encode(["hello world", "a", "the quick brown fox jumps over", "1 + 1 ="])
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_bonus_step_on_demand_decodes_the_same_tokens_with_fewer_drafter_forwards(pair, batch, temperature, monkeypatch):
+@pytest.mark.parametrize("model", ["decoder-only", "encoder-decoder"])
+def test_the_bonus_step_on_demand_decodes_the_same_tokens_with_fewer_drafter_forwards(
+        pair, batch, t5_sources, model, temperature, monkeypatch):
+    """Llama-style and T5 (whose caches are compacted after every block) pairs, a batch of different lengths."""
+    chosen = (rules.OPT(alpha=0.05), rules.Gain(alpha=0.02), rules.TopK(k=3))
+    if model == "decoder-only":
+        chosen += (hidden_head_rule(0.45),)
+    else:
+        pair, batch = t5_sources
     ids, mask = batch
     saved = 0
-    for rule in (rules.OPT(alpha=0.05), rules.Gain(alpha=0.02), rules.TopK(k=3), hidden_head_rule(0.45)):
+    for rule in chosen:
         on_demand = SpeculativeCascade(pair, rule, block_size=4, temperature=temperature)
         assert on_demand.bonus_on_demand, rule
         out = on_demand.generate(ids, mask, max_new_tokens=30, seed=1)
