@@ -23,6 +23,7 @@ import numpy as np
 from speccascade.data import traces
 from speccascade.deferral import rules as R
 from speccascade.evaluation.compare import load_heads
+from speccascade.evaluation.operating_point import at_knob
 
 from outcome_curve import mismatches, scores  # one definition of the labelled mismatches and their scores
 
@@ -51,8 +52,8 @@ def spelled(name: str, rule: R.Rule, cut: float) -> str | None:
         return None
     knob = rule.knob_of(cut)  # spelled in full: the knob lies between two scores that may differ in the 7th digit
     if name.startswith("learned:"):
-        return f"{name}@{knob!r}"
-    return f"{rule.name}:{knob!r}" + "".join(f":{k}={getattr(rule, k)!r}" for k in rule.params())
+        return f"{name}@{R.number_text(knob)}"
+    return at_knob(rule, knob).spec
 
 
 def main() -> None:
