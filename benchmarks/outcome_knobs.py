@@ -24,26 +24,37 @@ from speccascade.data import traces
 from speccascade.deferral import rules as R
 from speccascade.evaluation.compare import load_heads
 from speccascade.evaluation.operating_point import at_knob
+from speccascade.uncertainty import percentile_interval, resample_weights
 
 from outcome_curve import mismatches, scores  # one definition of the labelled mismatches and their scores
 
 
-def most_accepting_cut(score: np.ndarray, harm: np.ndarray, allowed: int) -> tuple[float, int, int]:
+def most_accepting_cut(score: np.ndarray, harm: np.ndarray, allowed: int,
+                       weight: np.ndarray | None = None) -> tuple[float, float, float]:
     """The cut (defer iff score > cut) accepting the most mismatches with at most ``allowed`` harmful ones,
     halfway to the next score so that float rounding in the decoder does not move a tie; and the accepted
-    and harmful counts. ``-inf`` where even the lowest score brings more harm (nothing is accepted)."""
+    and harmful counts. ``-inf`` where even the lowest score brings more harm (nothing is accepted).
+    ``weight``: how often each mismatch counts (a bootstrap resample's draws of its example; default once)."""
+    weight = np.ones(len(score)) if weight is None else weight
     finite = np.isfinite(score)
     order = np.argsort(score[finite], kind="stable")
-    s, h = score[finite][order], harm[finite][order]
+    s, h, w = score[finite][order], harm[finite][order], weight[finite][order]
     values = np.unique(s)
-    ends = np.searchsorted(s, values, side="right")  # accepted count at each distinct score
-    harmful = np.concatenate([[0], np.cumsum(h)])[ends]
+    ends = np.searchsorted(s, values, side="right")  # rows accepted at each distinct score
+    accepted = np.concatenate([[0], np.cumsum(w)])[ends]
+    harmful = np.concatenate([[0], np.cumsum(h * w)])[ends]
     within = np.flatnonzero(harmful <= allowed)
     if not len(within):
         return -math.inf, 0, 0
     k = within[-1]
     cut = float(values[k]) if k + 1 == len(values) else float((values[k] + values[k + 1]) / 2)
-    return cut, int(ends[k]), int(harmful[k])
+    return cut, accepted[k], harmful[k]
+
+
+def accepted_replicates(score: np.ndarray, harm: np.ndarray, allowed: int, weights: np.ndarray) -> np.ndarray:
+    """The most mismatches accepted within the budget in each bootstrap resample (rows of ``weights``, one
+    weight per mismatch): the cut is chosen again in every resample, so the interval includes the choice."""
+    return np.array([most_accepting_cut(score, harm, allowed, w)[1] for w in weights])
 
 
 def spelled(name: str, rule: R.Rule, cut: float) -> str | None:
@@ -61,21 +72,36 @@ def main() -> None:
     parser.add_argument("traces", help="outcome-labelled traces of the validation problems (held out from every head)")
     parser.add_argument("rules", nargs="+", help="rule names (their score) or learned:DIR")
     parser.add_argument("--allowed", type=int, nargs="+", default=[1], help="harmful accepted mismatches allowed")
+    parser.add_argument("--versus", help="a rule of RULES: every other one's accepted count minus its, paired")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the problems (seed 0)")
     args = parser.parse_args()
+    if args.versus and args.versus not in args.rules:
+        parser.error(f"--versus {args.versus} is not one of the rules given")
     rows, keep, example, harm = mismatches(args.traces)
     examples = len(set(rows.select_columns(["example_id"])["example_id"]))  # every reply, with mismatches or not
+    # each resample draws all the replies; those without a mismatch are the columns past the last one used
+    weights = resample_weights(examples, resamples=args.resamples, seed=0)[:, example]
     report = {"examples": examples, "mismatches": int(len(harm)), "harmful": int(harm.sum()), "rules": {}}
     heads = load_heads([n.removeprefix("learned:") for n in args.rules if n.startswith("learned:")],
                        traces.read_manifest(args.traces), args.traces)
+    replicates = {}
     for name in args.rules:
         rule = heads[Path(name.removeprefix("learned:")).name] if name.startswith("learned:") else R.from_name(name)
         score = scores(rule, rows, keep)
         report["rules"][name] = {}
         for allowed in args.allowed:
             cut, accepted, harmful = most_accepting_cut(score, harm, allowed)
+            replicates[name, allowed] = accepted_replicates(score, harm, allowed, weights)
             report["rules"][name][str(allowed)] = {
-                "spec": spelled(name, rule, cut), "accepted": accepted, "harmful": harmful,
+                "spec": spelled(name, rule, cut), "accepted": int(accepted), "harmful": int(harmful),
+                "accepted_interval": percentile_interval(accepted, replicates[name, allowed]).as_dict(),
                 "accepted_share": accepted / len(harm), "harmless_accepted_share": (accepted - harmful) / (len(harm) - harm.sum())}
+    for (name, allowed), reps in replicates.items():
+        if args.versus and name != args.versus:
+            base = report["rules"][args.versus][str(allowed)]["accepted"]
+            difference = report["rules"][name][str(allowed)]["accepted"] - base
+            report["rules"][name][str(allowed)]["versus"] = {
+                "rule": args.versus, **percentile_interval(difference, reps - replicates[args.versus, allowed]).as_dict()}
     print(json.dumps(report, indent=2))
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from outcome_knobs import most_accepting_cut, spelled  # noqa: E402
+from outcome_knobs import accepted_replicates, most_accepting_cut, spelled  # noqa: E402
 
 from speccascade.deferral import rules as R  # noqa: E402
+from speccascade.uncertainty import percentile_interval, resample_weights  # noqa: E402
 
 
 def test_cut_accepts_the_most_mismatches_within_the_allowed_harm():
@@ -35,3 +36,26 @@ def test_spelling_round_trips_through_the_rule_parser():
     fly = R.from_name("fly")
     assert R.parse(spelled("fly", fly, -0.25)).build().theta == 0.25  # FLy's knob is minus its cut
     assert spelled("gain", R.from_name("gain"), -math.inf) is None
+
+
+def test_weights_count_rows_as_a_resample_draws_their_problems():
+    score = np.array([0.1, 0.2, 0.3, 0.4])
+    harm = np.array([0, 1, 0, 0])
+    assert most_accepting_cut(score, harm, 0, np.ones(4)) == most_accepting_cut(score, harm, 0)
+    assert most_accepting_cut(score, harm, 0, np.array([2.0, 0.0, 1.0, 3.0]))[1:] == (6, 0)  # the harmful row not drawn
+    assert most_accepting_cut(score, harm, 1, np.array([1.0, 2.0, 1.0, 1.0]))[1:] == (1, 0)  # drawn twice: over budget
+
+
+def test_the_paired_interval_tells_a_score_that_ranks_harm_last_from_one_that_does_not():
+    """Mismatches of 60 problems, a third harmful: a score that puts every harmful one last accepts all the others
+    within the budget, a random one few; the paired interval of the difference excludes 0 and holds the estimate."""
+    rng = np.random.default_rng(0)
+    example = np.repeat(np.arange(60), 5)
+    harm = (rng.random(len(example)) < 1 / 3).astype(int)
+    ranked, random = harm + rng.random(len(harm)) * 0.5, rng.random(len(harm))
+    weights = resample_weights(60, resamples=200, seed=0)[:, example]
+    good, bad = (accepted_replicates(s, harm, 1, weights) for s in (ranked, random))
+    estimate = most_accepting_cut(ranked, harm, 1)[1] - most_accepting_cut(random, harm, 1)[1]
+    interval = percentile_interval(estimate, good - bad)
+    assert estimate == (harm == 0).sum() + 1 - most_accepting_cut(random, harm, 1)[1] > 0  # and one harmful
+    assert 0 < interval.low <= estimate <= interval.high
