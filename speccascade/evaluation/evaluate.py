@@ -10,6 +10,7 @@ finished) run and writes the same results files.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,16 +163,18 @@ def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
             return
 
 
-def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings) -> tuple[dict, dict]:
+def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings,
+           done: Callable[[int], object] = lambda n: None) -> tuple[dict, dict]:
     """Decode every example: per-example records and the point's totals that are no per-example sums.
 
     A multi-turn example's record adds up its turns' counters; its score is the reply to its last turn's, its
-    text every reply, a blank line between them.
+    text every reply, a blank line between them. ``done`` is told how many examples each batch decoded (progress).
     """
     records, stats = empty_records(), []
     for start in range(0, len(examples), s.batch_size):
         batch = examples[start : start + s.batch_size]
         replies, counters, tokens = _turns(decoder, pair, batch, [s.seed + start + i for i in range(len(batch))], s, stats)
+        done(len(batch))
         for ex, texts, counts, reply_tokens in zip(batch, replies, counters, tokens):
             records["example_id"].append(ex.id)
             records["category"].append(ex.category)
@@ -230,11 +233,14 @@ def _decode_points(plan: _Plan, pair: ModelPair, store: PointStore) -> list[tupl
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         bar = progress.add_task("evaluate", total=len(plan.points))
+        examples = progress.add_task("  examples", total=len(ids))
         for planned in plan.points:
             progress.update(bar, description=f"evaluate {planned.point.label}")
+            progress.reset(examples)
             loaded = store.load(planned.point, ids)
             if loaded is None:
-                loaded = decode(_decoder(planned, pair, plan.settings), pair, plan.examples, plan.task, plan.settings)
+                decoder = _decoder(planned, pair, plan.settings)
+                loaded = decode(decoder, pair, plan.examples, plan.task, plan.settings, lambda n: progress.advance(examples, n))
                 store.save(planned.point, *loaded)
             done.append((planned.point, *loaded))
             progress.advance(bar)

@@ -176,3 +176,17 @@ def test_a_heads_recorded_rates_are_matched_as_numbers_not_text(tmp_path):
     assert knobs == [0.7, 0.6, 0.55] and 0.8 in LEARNED_RATES  # 0.8 recorded by no head here: left out
     head.record_thresholds({0.2: 0.3}, default=0.25)
     assert head.operating_points == {"0.2": 0.3, "default": 0.25} and head.thresholds() == {0.2: 0.3}
+
+
+def test_decoding_a_point_reports_each_batch_as_it_ends(pair, tmp_path):
+    """The progress bar within a point: ``done`` hears every batch's example count, in order."""
+    from speccascade.data.tasks import get_task
+    from speccascade.decoding import Autoregressive
+    from speccascade.evaluation.evaluate import EvaluateSettings, decode
+
+    task = get_task("arithmetic")
+    examples = task.examples("test", limit=5)
+    settings = EvaluateSettings(out=tmp_path, models="tiny-random", batch_size=2, max_new_tokens=3)
+    heard = []
+    records, _ = decode(Autoregressive(pair, "target", temperature=0), pair, examples, task, settings, heard.append)
+    assert heard == [2, 2, 1] and records["example_id"] == [ex.id for ex in examples]
