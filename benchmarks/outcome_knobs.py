@@ -29,32 +29,42 @@ from speccascade.uncertainty import percentile_interval, resample_weights
 from outcome_curve import mismatches, scores  # one definition of the labelled mismatches and their scores
 
 
+def budget_cuts(score: np.ndarray, harm: np.ndarray, allowed: int, weights: np.ndarray):
+    """For each row of ``weights`` ``[R, N]`` (how often each mismatch counts: a bootstrap resample's draws of
+    its example), the last distinct score ``values[k]`` whose cut keeps at most ``allowed`` harmful mismatches
+    (``k = -1``: none does), and the accepted and harmful counts at every distinct score. The scores are
+    sorted once for all rows; harm only grows with the cut, so the budget holds on a prefix."""
+    finite = np.isfinite(score)
+    order = np.argsort(score[finite], kind="stable")
+    s, h, w = score[finite][order], harm[finite][order], weights[:, finite][:, order]
+    values = np.unique(s)
+    ends = np.searchsorted(s, values, side="right")  # rows accepted at each distinct score
+    zero = np.zeros((len(w), 1))
+    accepted = np.concatenate([zero, np.cumsum(w, 1)], 1)[:, ends]
+    harmful = np.concatenate([zero, np.cumsum(h * w, 1)], 1)[:, ends]
+    return values, (harmful <= allowed).sum(1) - 1, accepted, harmful
+
+
 def most_accepting_cut(score: np.ndarray, harm: np.ndarray, allowed: int,
                        weight: np.ndarray | None = None) -> tuple[float, float, float]:
     """The cut (defer iff score > cut) accepting the most mismatches with at most ``allowed`` harmful ones,
     halfway to the next score so that float rounding in the decoder does not move a tie; and the accepted
     and harmful counts. ``-inf`` where even the lowest score brings more harm (nothing is accepted).
-    ``weight``: how often each mismatch counts (a bootstrap resample's draws of its example; default once)."""
+    ``weight``: how often each mismatch counts (default once)."""
     weight = np.ones(len(score)) if weight is None else weight
-    finite = np.isfinite(score)
-    order = np.argsort(score[finite], kind="stable")
-    s, h, w = score[finite][order], harm[finite][order], weight[finite][order]
-    values = np.unique(s)
-    ends = np.searchsorted(s, values, side="right")  # rows accepted at each distinct score
-    accepted = np.concatenate([[0], np.cumsum(w)])[ends]
-    harmful = np.concatenate([[0], np.cumsum(h * w)])[ends]
-    within = np.flatnonzero(harmful <= allowed)
-    if not len(within):
+    values, k, accepted, harmful = budget_cuts(score, harm, allowed, weight[None])
+    k = int(k[0])
+    if k < 0:
         return -math.inf, 0, 0
-    k = within[-1]
     cut = float(values[k]) if k + 1 == len(values) else float((values[k] + values[k + 1]) / 2)
-    return cut, accepted[k], harmful[k]
+    return cut, accepted[0, k], harmful[0, k]
 
 
 def accepted_replicates(score: np.ndarray, harm: np.ndarray, allowed: int, weights: np.ndarray) -> np.ndarray:
     """The most mismatches accepted within the budget in each bootstrap resample (rows of ``weights``, one
     weight per mismatch): the cut is chosen again in every resample, so the interval includes the choice."""
-    return np.array([most_accepting_cut(score, harm, allowed, w)[1] for w in weights])
+    _, k, accepted, _ = budget_cuts(score, harm, allowed, weights)
+    return np.where(k >= 0, accepted[np.arange(len(k)), np.maximum(k, 0)], 0.0)
 
 
 def spelled(name: str, rule: R.Rule, cut: float) -> str | None:

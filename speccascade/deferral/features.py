@@ -122,8 +122,8 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, h_p: torch.Tensor | None = N
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_v a(v) b(v)`` over the last axis, with no [..., V] temporary (``einsum``: on the CPU 4-8x faster
-    than a batched matrix product of 1 x V by V x 1, and than a product then a sum)."""
+    """``sum_v a(v) b(v)`` over the last axis (``einsum``: on the CPU 4-8x faster than a batched matrix product
+    of 1 x V by V x 1, and 2x faster than a product then a sum)."""
     return torch.einsum("...v,...v->...", a, b)
 
 
