@@ -3,8 +3,9 @@ and compare quality against cost (algorithms.md section 7) with 95% bootstrap in
 in local files and in W&B.
 
 Each point (rule and knob) keeps per-example records (:mod:`speccascade.evaluation.points`) written
-atomically as soon as it completes; ``--resume`` reuses the completed points of an interrupted (or
-finished) run and writes the same results files.
+atomically as soon as it completes, and those of its batches so far while it decodes; ``--resume``
+reuses the completed points of an interrupted (or finished) run, continues an interrupted point after
+its last whole batch, and writes the same results files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, Decoding
 from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 from ..version import __version__
 from . import report
-from .points import Point, PointStore, by_category, calls_against, empty_records, records_path, repetition, summarise
+from .points import (TOTALS, Point, PointStore, by_category, calls_against, empty_records, records_path, repetition,
+                     summarise)
 from .summary import pareto_front, summary
 
 LEARNED_RATES = (0.2, 0.4, 0.6, 0.8)  # the deferral rates whose recorded thresholds a learned head is swept at
@@ -98,7 +100,8 @@ def resolve(settings: EvaluateSettings) -> _Plan:
     s = resolve_groups(settings)
     points = plan_points(s.rules)
     task, examples = s.examples(s.seed, s.by_category if s.picks else None)
-    out = OutputDir(s.out, "evaluate", s.config(), s.resume, s.overwrite, progress=("points/*.json",))
+    out = OutputDir(s.out, "evaluate", s.config(), s.resume, s.overwrite,
+                    progress=("points/*.json", "points/*.partial.parquet"))
     return _Plan(s, task, examples, points, out.check())
 
 
@@ -164,15 +167,19 @@ def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
 
 
 def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings,
-           done: Callable[[int], object] = lambda n: None) -> tuple[dict, dict]:
+           done: Callable[[int], object] = lambda n: None, partial: tuple[dict, dict] | None = None,
+           save: Callable[[dict, dict], object] = lambda records, totals: None) -> tuple[dict, dict]:
     """Decode every example: per-example records and the point's totals that are no per-example sums.
 
     A multi-turn example's record adds up its turns' counters; its score is the reply to its last turn's, its
     text every reply, a blank line between them. ``done`` is told how many examples each batch decoded (progress).
+    ``partial``, the records and totals of the first whole batches (an interrupted run's), is continued with the
+    batches an uninterrupted run would decode next (example ``i`` is decoded with seed ``seed + i`` in either
+    case); ``save`` is given the records and totals after every batch but the last.
     """
-    records, stats = empty_records(), []
-    for start in range(0, len(examples), s.batch_size):
-        batch = examples[start : start + s.batch_size]
+    records, totals = partial or (empty_records(), dict.fromkeys(TOTALS, 0))
+    for start in range(len(records["example_id"]), len(examples), s.batch_size):
+        batch, stats = examples[start : start + s.batch_size], []
         replies, counters, tokens = _turns(decoder, pair, batch, [s.seed + start + i for i in range(len(batch))], s, stats)
         done(len(batch))
         for ex, texts, counts, reply_tokens in zip(batch, replies, counters, tokens):
@@ -183,8 +190,11 @@ def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Tas
                 records[name].append(counts[name])
             records["repetition"].append(repetition(reply_tokens))
             records["text"].append("\n\n".join(texts))
-    total = DecodeStats.merge(stats)
-    return records, {key: getattr(total, key) for key in ("wall_s", "target_forwards", "drafter_forwards")}
+        batch_total = DecodeStats.merge(stats)
+        totals = {name: totals[name] + getattr(batch_total, name) for name in TOTALS}
+        if start + len(batch) < len(examples):
+            save(records, totals)
+    return records, totals
 
 
 def _turns(decoder: Decoder, pair: ModelPair, batch: list[Example], seeds: list[int], s: EvaluateSettings,
@@ -239,9 +249,13 @@ def _decode_points(plan: _Plan, pair: ModelPair, store: PointStore) -> list[tupl
             progress.reset(examples)
             loaded = store.load(planned.point, ids)
             if loaded is None:
-                decoder = _decoder(planned, pair, plan.settings)
-                loaded = decode(decoder, pair, plan.examples, plan.task, plan.settings, lambda n: progress.advance(examples, n))
-                store.save(planned.point, *loaded)
+                point, decoder = planned.point, _decoder(planned, pair, plan.settings)
+                partial = store.load_partial(point, ids, plan.settings.batch_size)
+                if partial:
+                    progress.update(examples, completed=len(partial[0]["example_id"]))
+                loaded = decode(decoder, pair, plan.examples, plan.task, plan.settings, lambda n: progress.advance(examples, n),
+                                partial, lambda records, totals: store.save_partial(point, records, totals))
+                store.save(point, *loaded)
             done.append((planned.point, *loaded))
             progress.advance(bar)
     return done

@@ -5,7 +5,10 @@ A point's records are one row per example: its id, the task's score, new tokens,
 counters (target and drafter calls, drafts, deferrals, ...), a repetition rate and the reply.
 :class:`PointStore` keeps them as ``points/<label>-<key>.parquet`` beside results.json, written
 under a temporary name and renamed, then committed by a sidecar ``.json`` (the point's summary
-numbers), so a killed evaluation leaves only whole points and ``evaluate --resume`` skips them.
+numbers), so a killed evaluation leaves only whole points and ``evaluate --resume`` skips them. A point
+being decoded keeps the examples of its batches so far in ``points/<label>-<key>.partial.parquet``
+(replaced atomically after each batch, its totals in the file's metadata, removed when the point
+completes), from which ``--resume`` continues it.
 
 :func:`summarise` turns records into a point's numbers: quality with its 95% bootstrap interval
 over examples, the *paired* difference to the target (both resampled with the same example
@@ -19,6 +22,7 @@ ratio with its interval): the cost a cascade saves, free of timing noise under g
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ POINTS = "points"
 REPETITION_N = 4  # repetition = share of a reply's token 4-grams that already occurred earlier in it
 LOOPING = 0.5  # a reply loops when at least half its 4-grams are repeats
 LENGTH_TOLERANCE = 0.1  # length inflation: replies significantly more than 10% longer than the target's
+TOTALS = ("wall_s", "target_forwards", "drafter_forwards")  # a point's totals that are no per-example sums
+PARTIAL_META = b"speccascade.partial"  # the parquet metadata key of a partial point's key and totals
 
 
 @dataclass(frozen=True)
@@ -71,13 +77,41 @@ class PointStore:
         self.dir = Path(out) / POINTS
 
     def save(self, point: Point, records: dict[str, list], meta: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """A completed point: its records, then the sidecar that commits them; its partial file goes."""
         path = self.dir / f"{point.stem}.parquet"
-        tmp = path.with_name(f".tmp-{path.name}")
-        pq.write_table(pa.table(records), tmp)
-        os.replace(tmp, path)
+        self._write(pa.table(records), path)
         sidecar = {"key": point.key, "label": point.label, "examples": len(records["example_id"]), **meta}
         write_json(path.with_suffix(".json"), sidecar, indent=1)
+        self._partial(point).unlink(missing_ok=True)
+
+    def save_partial(self, point: Point, records: dict[str, list], totals: dict) -> None:
+        """The records of a point's batches decoded so far, with its totals, replacing the last ones."""
+        meta = json.dumps({"key": point.key, **totals}).encode()
+        self._write(pa.table(records).replace_schema_metadata({PARTIAL_META: meta}), self._partial(point))
+
+    def load_partial(self, point: Point, example_ids: list[str], batch_size: int) -> tuple[dict[str, list], dict] | None:
+        """The records and totals of the whole batches an earlier run decoded of this point, when they are the
+        first examples of ``example_ids`` (so the rest decode in the same batches), else None."""
+        try:
+            table = read_parquet(self._partial(point))
+            meta = json.loads(table.schema.metadata[PARTIAL_META])
+            key, totals = meta["key"], {name: meta[name] for name in TOTALS}
+        except (OSError, SpeccascadeError, KeyError, TypeError, ValueError):  # none, or damaged: decoded from the start
+            return None
+        records = table.to_pydict()
+        ids = records.get("example_id", [])
+        if key != point.key or ids != example_ids[: len(ids)] or len(ids) % batch_size:
+            return None
+        return records, totals
+
+    def _partial(self, point: Point) -> Path:
+        return self.dir / f"{point.stem}.partial.parquet"
+
+    def _write(self, table: pa.Table, path: Path) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
 
     def load(self, point: Point, example_ids: list[str]) -> tuple[dict[str, np.ndarray], dict] | None:
         """The point's records and meta when it completed for exactly these examples, else None."""

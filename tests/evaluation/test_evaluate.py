@@ -190,3 +190,50 @@ def test_decoding_a_point_reports_each_batch_as_it_ends(pair, tmp_path):
     heard = []
     records, _ = decode(Autoregressive(pair, "target", temperature=0), pair, examples, task, settings, heard.append)
     assert heard == [2, 2, 1] and records["example_id"] == [ex.id for ex in examples]
+
+
+def test_an_interrupted_point_continues_after_its_last_whole_batch(tmp_path, monkeypatch):
+    """Sampled decoding, so a batch decoded with the wrong seeds would show: a point interrupted in its second
+    batch keeps its first in a partial file, and --resume decodes only the two batches left and ends with the
+    records of an uninterrupted run, its partial file gone; a damaged partial file is decoded from the start."""
+    import importlib
+    import shutil
+
+    E = importlib.import_module("speccascade.evaluation.evaluate")  # the module (the package exports its function)
+
+    options = dict(models="tiny-random", limit=5, batch_size=2, max_new_tokens=6, block_size=GAMMA, temperature=1.0,
+                   rules="always", wandb_mode="disabled")
+    expected = evaluate(tmp_path / "full", **options)
+    turns, calls = E._turns, []
+
+    def interrupted_at(n: int):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return turns(*args, **kwargs)
+        return counted
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(E, "_turns", interrupted_at(5))  # the target's 3 batches, then exact decoding's first and second
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(out, **options)
+    [partial] = (out / "points").glob("*.partial.parquet")
+    assert pq.read_table(partial).num_rows == 2 and len(list((out / "points").glob("*.json"))) == 1
+    shutil.copytree(out, tmp_path / "damaged")
+    partial.with_name("x").write_bytes(b"")  # a stray file is not a partial point
+
+    for directory, batches in ((out, 2), (tmp_path / "damaged", 3)):
+        if directory.name == "damaged":
+            next((directory / "points").glob("*.partial.parquet")).write_bytes(b"PAR1 cut short")
+        calls.clear()
+        monkeypatch.setattr(E, "_turns", interrupted_at(0))
+        resumed = evaluate(directory, resume=True, **options)
+        assert len(calls) == batches
+        assert not list((directory / "points").glob("*.partial.parquet"))
+        untimed = lambda result: [{k: v for k, v in p.items() if k not in ("wall_s", "relative_latency")}  # noqa: E731
+                                  for p in result["points"]]
+        assert untimed(resumed) == untimed(expected)
+        records = [pq.read_table(d / "points" / p.name).to_pydict() for d in (directory, tmp_path / "full")
+                   for p in sorted((tmp_path / "full" / "points").glob("*.parquet"))]
+        assert records[: len(records) // 2] == records[len(records) // 2 :]
