@@ -9,6 +9,11 @@ cut that accepts the most mismatches with at most ``--allowed`` harmful ones amo
 mismatch the reply changes); the held-out test decodes on-policy and decides.
 
     python benchmarks/outcome_knobs.py runs/traces/worked-outcome-val gain kl entropy fly learned:runs/heads/h --allowed 1
+
+``--accepted N ...`` reads the same labels the other way round, at equal acceptance: the harmful mismatches
+among each score's N lowest-scored ones (with intervals, and paired against ``--versus``); ``--first-harmful K``
+lists the first K harmful mismatches in each score's order, with the swapped tokens (what a score lets through
+first: a digit or something else).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from speccascade.data import traces
 from speccascade.deferral import rules as R
@@ -67,6 +73,27 @@ def accepted_replicates(score: np.ndarray, harm: np.ndarray, allowed: int, weigh
     return np.where(k >= 0, accepted[np.arange(len(k)), np.maximum(k, 0)], 0.0)
 
 
+def harm_at_acceptance(score: np.ndarray, harm: np.ndarray, counts: list[int], weights: np.ndarray) -> np.ndarray:
+    """The harmful mismatches among the ``counts[j]`` lowest-scored ones, for each row of ``weights`` (as in
+    :func:`budget_cuts`): ``[R, len(counts)]``. The cut is the first distinct score at which that many are
+    accepted (a tie is taken whole); NaN where fewer finite scores exist."""
+    _, _, accepted, harmful = budget_cuts(score, harm, 0, weights)
+    out = np.full((len(weights), len(counts)), np.nan)
+    for j, n in enumerate(counts):
+        first = (accepted < n).sum(1)  # accepted grows along a row: the index of the first cut reaching n
+        reached = first < accepted.shape[1]
+        out[reached, j] = harmful[reached, first[reached]]
+    return out
+
+
+def first_harmful(score: np.ndarray, harm: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The first ``k`` harmful mismatches in the score's order (lowest score first, ties in row order), each as
+    (rank, index)."""
+    order = np.argsort(score, kind="stable")
+    ranks = np.flatnonzero(harm[order] > 0)[:k]
+    return [(int(r), int(order[r])) for r in ranks]
+
+
 def spelled(name: str, rule: R.Rule, cut: float) -> str | None:
     """The ``evaluate`` spelling of the rule at the knob of ``cut`` (None: no knob accepts a mismatch)."""
     if cut == -math.inf:
@@ -83,6 +110,8 @@ def main() -> None:
     parser.add_argument("rules", nargs="+", help="rule names (their score) or learned:DIR")
     parser.add_argument("--allowed", type=int, nargs="+", default=[1], help="harmful accepted mismatches allowed")
     parser.add_argument("--versus", help="a rule of RULES: every other one's accepted count minus its, paired")
+    parser.add_argument("--accepted", type=int, nargs="*", default=[], help="harm among each score's N lowest-scored mismatches")
+    parser.add_argument("--first-harmful", type=int, default=0, help="list the first K harmful mismatches of each score")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the problems (seed 0)")
     args = parser.parse_args()
     if args.versus and args.versus not in args.rules:
@@ -94,11 +123,17 @@ def main() -> None:
     report = {"examples": examples, "mismatches": int(len(harm)), "harmful": int(harm.sum()), "rules": {}}
     heads = load_heads([n.removeprefix("learned:") for n in args.rules if n.startswith("learned:")],
                        traces.read_manifest(args.traces), args.traces)
-    replicates = {}
+    replicates, at_accepted, tokenizer = {}, {}, None
     for name in args.rules:
         rule = heads[Path(name.removeprefix("learned:")).name] if name.startswith("learned:") else R.from_name(name)
         score = scores(rule, rows, keep)
         report["rules"][name] = {}
+        if args.accepted:
+            at_accepted[name] = harm_at_acceptance(score, harm, args.accepted, np.vstack([np.ones(len(harm)), weights]))
+        if args.first_harmful:
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(traces.read_manifest(args.traces)["target"])
+            report["rules"][name]["first_harmful"] = swapped(rows, keep, first_harmful(score, harm, args.first_harmful),
+                                                             tokenizer)
         for allowed in args.allowed:
             cut, accepted, harmful = most_accepting_cut(score, harm, allowed)
             replicates[name, allowed] = accepted_replicates(score, harm, allowed, weights)
@@ -112,7 +147,28 @@ def main() -> None:
             difference = report["rules"][name][str(allowed)]["accepted"] - base
             report["rules"][name][str(allowed)]["versus"] = {
                 "rule": args.versus, **percentile_interval(difference, reps - replicates[args.versus, allowed]).as_dict()}
+    for name, counts in at_accepted.items():
+        report["rules"][name]["at_accepted"] = {
+            str(n): {**percentile_interval(counts[0, j], counts[1:, j]).as_dict(), **(
+                {"versus": {"rule": args.versus, **percentile_interval(
+                    counts[0, j] - at_accepted[args.versus][0, j], counts[1:, j] - at_accepted[args.versus][1:, j]).as_dict()}}
+                if args.versus and name != args.versus else {})}
+            for j, n in enumerate(args.accepted)}
     print(json.dumps(report, indent=2))
+
+
+def swapped(rows, keep: np.ndarray, found: list[tuple[int, int]], tokenizer) -> list[dict]:
+    """Each found mismatch (:func:`first_harmful`'s rank and index into ``keep``) as its rank, example, position
+    and the two tokens as text, and its kind: ``digit`` where either token holds a digit, else ``other``."""
+    columns = rows.select_columns(["example_id", "position", "draft_token", "target_argmax"])
+    out = []
+    for rank, i in found:
+        row = columns[int(keep[i])]
+        draft, target = (tokenizer.decode([row[c]]) for c in ("draft_token", "target_argmax"))
+        kind = "digit" if any(ch.isdigit() for ch in draft + target) else "other"
+        out.append({"rank": rank, "example_id": row["example_id"], "position": row["position"], "draft": draft,
+                    "target": target, "kind": kind})
+    return out
 
 
 if __name__ == "__main__":

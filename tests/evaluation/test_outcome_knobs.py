@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from outcome_knobs import accepted_replicates, most_accepting_cut, spelled  # noqa: E402
+from outcome_knobs import (accepted_replicates, first_harmful, harm_at_acceptance, most_accepting_cut,  # noqa: E402
+                           spelled, swapped)
 
 from speccascade.deferral import rules as R  # noqa: E402
 from speccascade.uncertainty import percentile_interval, resample_weights  # noqa: E402
@@ -59,3 +60,44 @@ def test_the_paired_interval_tells_a_score_that_ranks_harm_last_from_one_that_do
     interval = percentile_interval(estimate, good - bad)
     assert estimate == (harm == 0).sum() + 1 - most_accepting_cut(random, harm, 1)[1] > 0  # and one harmful
     assert 0 < interval.low <= estimate <= interval.high
+
+
+def test_harm_at_equal_acceptance_counts_the_harm_among_the_lowest_scores():
+    score = np.array([0.1, 0.2, 0.2, 0.5, 0.7, math.inf])
+    harm = np.array([0, 1, 0, 0, 1, 1])
+    once = harm_at_acceptance(score, harm, [1, 2, 4, 5, 6], np.ones((1, 6)))
+    # 2 lowest: the tie at 0.2 goes in whole (3 accepted, 1 harmful); +inf is never accepted
+    assert once[0, :4].tolist() == [0, 1, 1, 2] and np.isnan(once[0, 4])
+    drawn = harm_at_acceptance(score, harm, [2, 4], np.array([[3.0, 0.0, 1.0, 1.0, 1.0, 1.0]]))
+    assert drawn.tolist() == [[0, 0]]  # the first row drawn thrice fills the count; the harmful 0.2 was not drawn
+    assert first_harmful(score, harm, 2) == [(1, 1), (4, 4)]  # (rank, index), lowest score first
+
+
+def test_equal_acceptance_tells_a_score_that_ranks_harm_last_from_one_that_does_not():
+    """The same planted problems as above: at equal acceptance the ranking score lets through no harm until the
+    harmless mismatches run out, a random one about a third; the paired interval excludes 0."""
+    rng = np.random.default_rng(1)
+    example = np.repeat(np.arange(60), 5)
+    harm = (rng.random(len(example)) < 1 / 3).astype(int)
+    ranked, random = harm + rng.random(len(harm)) * 0.5, rng.random(len(harm))
+    weights = np.vstack([np.ones(len(harm)), resample_weights(60, resamples=200, seed=0)[:, example]])
+    good, bad = (harm_at_acceptance(s, harm, [100], weights)[:, 0] for s in (ranked, random))
+    assert good[0] == 0 and bad[0] > 15
+    interval = percentile_interval(good[0] - bad[0], good[1:] - bad[1:])
+    assert interval.high < 0
+
+
+def test_the_first_harmful_mismatches_are_shown_as_text_with_their_kind():
+    from datasets import Dataset
+
+    from speccascade.decoding.presets import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    rows = Dataset.from_dict({"example_id": ["a", "a", "b"], "position": [3, 7, 2],
+                              "draft_token": [ids("x")[0], ids("7")[0], ids("w")[0]],
+                              "target_argmax": [ids("y")[0], ids("9")[0], ids("v")[0]]})
+    keep = np.array([1, 2])  # the mismatches are rows 1 and 2
+    found = swapped(rows, keep, [(0, 1), (5, 0)], tokenizer)
+    assert found == [{"rank": 0, "example_id": "b", "position": 2, "draft": "w", "target": "v", "kind": "other"},
+                     {"rank": 5, "example_id": "a", "position": 7, "draft": "7", "target": "9", "kind": "digit"}]
