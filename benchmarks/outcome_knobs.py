@@ -11,7 +11,8 @@ mismatch the reply changes); the held-out test decodes on-policy and decides.
     python benchmarks/outcome_knobs.py runs/traces/worked-outcome-val gain kl entropy fly learned:runs/heads/h --allowed 1
 
 ``--accepted N ...`` reads the same labels the other way round, at equal acceptance: the harmful mismatches
-among each score's N lowest-scored ones (with intervals, and paired against ``--versus``); ``--first-harmful K``
+among each score's N lowest-scored ones (with intervals, and paired against ``--versus``) and the rule's
+spelling at that cut; ``--first-harmful K``
 lists the first K harmful mismatches in each score's order, with the swapped tokens (what a score lets through
 first: a digit or something else).
 """
@@ -62,8 +63,22 @@ def most_accepting_cut(score: np.ndarray, harm: np.ndarray, allowed: int,
     k = int(k[0])
     if k < 0:
         return -math.inf, 0, 0
-    cut = float(values[k]) if k + 1 == len(values) else float((values[k] + values[k + 1]) / 2)
-    return cut, accepted[0, k], harmful[0, k]
+    return cut_after(values, k), accepted[0, k], harmful[0, k]
+
+
+def cut_after(values: np.ndarray, k: int) -> float:
+    """The cut that accepts the distinct scores up to ``values[k]``: halfway to the next one, so that float rounding
+    in the decoder does not move a tie."""
+    return float(values[k]) if k + 1 == len(values) else float((values[k] + values[k + 1]) / 2)
+
+
+def acceptance_cut(score: np.ndarray, n: int) -> float:
+    """The cut accepting the ``n`` lowest-scored mismatches (at the first distinct score that reaches ``n``, a tie
+    taken whole, as :func:`harm_at_acceptance` counts); ``-inf`` where fewer finite scores exist."""
+    finite = np.sort(score[np.isfinite(score)])
+    values = np.unique(finite)
+    k = int((np.searchsorted(finite, values, side="right") < n).sum())
+    return cut_after(values, k) if k < len(values) else -math.inf
 
 
 def accepted_replicates(score: np.ndarray, harm: np.ndarray, allowed: int, weights: np.ndarray) -> np.ndarray:
@@ -129,7 +144,8 @@ def main() -> None:
         score = scores(rule, rows, keep)
         report["rules"][name] = {}
         if args.accepted:
-            at_accepted[name] = harm_at_acceptance(score, harm, args.accepted, np.vstack([np.ones(len(harm)), weights]))
+            at_accepted[name] = rule, score, harm_at_acceptance(score, harm, args.accepted,
+                                                                np.vstack([np.ones(len(harm)), weights]))
         if args.first_harmful:
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(traces.read_manifest(args.traces)["target"])
             report["rules"][name]["first_harmful"] = swapped(rows, keep, first_harmful(score, harm, args.first_harmful),
@@ -147,11 +163,13 @@ def main() -> None:
             difference = report["rules"][name][str(allowed)]["accepted"] - base
             report["rules"][name][str(allowed)]["versus"] = {
                 "rule": args.versus, **percentile_interval(difference, reps - replicates[args.versus, allowed]).as_dict()}
-    for name, counts in at_accepted.items():
+    for name, (rule, score, counts) in at_accepted.items():
         report["rules"][name]["at_accepted"] = {
-            str(n): {**percentile_interval(counts[0, j], counts[1:, j]).as_dict(), **(
+            str(n): {"spec": spelled(name, rule, acceptance_cut(score, n)),
+                     **percentile_interval(counts[0, j], counts[1:, j]).as_dict(), **(
                 {"versus": {"rule": args.versus, **percentile_interval(
-                    counts[0, j] - at_accepted[args.versus][0, j], counts[1:, j] - at_accepted[args.versus][1:, j]).as_dict()}}
+                    counts[0, j] - at_accepted[args.versus][2][0, j],
+                    counts[1:, j] - at_accepted[args.versus][2][1:, j]).as_dict()}}
                 if args.versus and name != args.versus else {})}
             for j, n in enumerate(args.accepted)}
     print(json.dumps(report, indent=2))

@@ -3,7 +3,8 @@
 
 Both points were decoded on the same examples by one ``evaluate`` run; this reads their per-example
 records and gives the ratio of their sums of target calls with its 95% bootstrap interval over examples
-(1,000 resamples, seed 0), beside each point's non-inferiority to the target as ``evaluate`` judged it.
+(1,000 resamples, seed 0), the paired difference of their scores (the first point's minus the second's), and
+each point's non-inferiority to the target as ``evaluate`` judged it.
 
     python benchmarks/primary_test.py runs/eval/worked-test "learned:outcome-mlp@0.31" "gain:0.15"
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from speccascade.evaluation.points import calls_against
-from speccascade.uncertainty import resample_weights
+from speccascade.uncertainty import paired_difference, resample_weights
 
 
 def point(results: dict, label: str) -> dict:
@@ -29,14 +30,17 @@ def point(results: dict, label: str) -> dict:
 
 
 def paired_calls(directory: Path, numerator: dict, denominator: dict, seed: int = 0) -> dict:
-    """The ratio of the two points' target calls, summed over the examples both decoded, with its interval."""
+    """The ratio of the two points' target calls, summed over the examples both decoded, with its interval; and the
+    difference of their scores (numerator - denominator), paired on the same resamples."""
     a, b = (pq.read_table(directory / p["records"]).to_pandas().set_index("example_id") for p in (numerator, denominator))
     if set(a.index) != set(b.index):
         raise SystemExit("error: the two points were decoded on different examples")
     b = b.loc[a.index]
-    calls = calls_against(a, b, resample_weights(len(a), seed=seed))  # evaluate's own paired ratio, against b here
+    weights = resample_weights(len(a), seed=seed)
+    calls = calls_against(a, b, weights)  # evaluate's own paired ratio, against b here
+    difference = paired_difference(a["score"], b["score"], weights)
     return {"examples": len(a), "ratio": calls["target_calls_vs_exact"], "low": calls["target_calls_vs_exact_low"],
-            "high": calls["target_calls_vs_exact_high"]}
+            "high": calls["target_calls_vs_exact_high"], "score_difference": difference.as_dict()}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from outcome_knobs import (accepted_replicates, first_harmful, harm_at_acceptance, most_accepting_cut,  # noqa: E402
+from outcome_knobs import (acceptance_cut, accepted_replicates, first_harmful, harm_at_acceptance, most_accepting_cut,  # noqa: E402
                            spelled, swapped)
 
 from speccascade.deferral import rules as R  # noqa: E402
@@ -71,6 +71,9 @@ def test_harm_at_equal_acceptance_counts_the_harm_among_the_lowest_scores():
     drawn = harm_at_acceptance(score, harm, [2, 4], np.array([[3.0, 0.0, 1.0, 1.0, 1.0, 1.0]]))
     assert drawn.tolist() == [[0, 0]]  # the first row drawn thrice fills the count; the harmful 0.2 was not drawn
     assert first_harmful(score, harm, 2) == [(1, 1), (4, 4)]  # (rank, index), lowest score first
+    # the cut at each count accepts exactly the rows counted there: 1, the tie (3), 4, 5; none for 6
+    assert [(score <= acceptance_cut(score, n)).sum() for n in (1, 2, 4, 5)] == [1, 3, 4, 5]
+    assert acceptance_cut(score, 6) == -math.inf
 
 
 def test_equal_acceptance_tells_a_score_that_ranks_harm_last_from_one_that_does_not():

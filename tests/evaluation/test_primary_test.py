@@ -11,18 +11,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from primary_test import paired_calls  # noqa: E402
 
 
-def _records(directory: Path, name: str, ids: list[str], calls: list[int]) -> dict:
-    table = pa.table({"example_id": ids, "target_calls": calls, "drafter_calls": calls})  # as evaluate's records hold
+def _records(directory: Path, name: str, ids: list[str], calls: list[int], score: list[float] | None = None) -> dict:
+    score = score or [0.0] * len(ids)
+    table = pa.table({"example_id": ids, "target_calls": calls, "drafter_calls": calls, "score": score})  # as evaluate's
     pq.write_table(table, directory / f"{name}.parquet")
     return {"records": f"{name}.parquet"}
 
 
 def test_ratio_pairs_examples_by_id_whatever_their_order(tmp_path):
-    head = _records(tmp_path, "head", ["a", "b", "c", "d"], [10, 20, 30, 40])
-    rule = _records(tmp_path, "rule", ["d", "c", "b", "a"], [80, 60, 40, 20])  # twice the head's, other order
+    head = _records(tmp_path, "head", ["a", "b", "c", "d"], [10, 20, 30, 40], [1, 1, 0, 1])
+    rule = _records(tmp_path, "rule", ["d", "c", "b", "a"], [80, 60, 40, 20], [0, 0, 0, 1])  # twice the calls, other order
     out = paired_calls(tmp_path, head, rule)
     assert out["examples"] == 4 and out["ratio"] == pytest.approx(0.5)
     assert out["low"] == pytest.approx(0.5) and out["high"] == pytest.approx(0.5)  # every resample pairs them
+    # scores paired by id: the head is right on b and d where the rule is not, so +0.5, and never below 0
+    assert out["score_difference"]["estimate"] == pytest.approx(0.5) and out["score_difference"]["low"] >= 0
 
 
 def test_points_on_different_examples_are_refused(tmp_path):
