@@ -12,9 +12,8 @@ mismatch the reply changes); the held-out test decodes on-policy and decides.
 
 ``--accepted N ...`` reads the same labels the other way round, at equal acceptance: the harmful mismatches
 among each score's N lowest-scored ones (with intervals, and paired against ``--versus``) and the rule's
-spelling at that cut; ``--first-harmful K``
-lists the first K harmful mismatches in each score's order, with the swapped tokens (what a score lets through
-first: a digit or something else).
+spelling at that cut; ``--first-harmful K`` lists the first K harmful mismatches in each score's order, with
+the swapped tokens (what a score lets through first: a digit or something else).
 """
 
 from __future__ import annotations
@@ -163,15 +162,15 @@ def main() -> None:
             difference = report["rules"][name][str(allowed)]["accepted"] - base
             report["rules"][name][str(allowed)]["versus"] = {
                 "rule": args.versus, **percentile_interval(difference, reps - replicates[args.versus, allowed]).as_dict()}
-    for name, (rule, score, counts) in at_accepted.items():
-        report["rules"][name]["at_accepted"] = {
-            str(n): {"spec": spelled(name, rule, acceptance_cut(score, n)),
-                     **percentile_interval(counts[0, j], counts[1:, j]).as_dict(), **(
-                {"versus": {"rule": args.versus, **percentile_interval(
-                    counts[0, j] - at_accepted[args.versus][2][0, j],
-                    counts[1:, j] - at_accepted[args.versus][2][1:, j]).as_dict()}}
-                if args.versus and name != args.versus else {})}
-            for j, n in enumerate(args.accepted)}
+    for name, (rule, score, counts) in at_accepted.items():  # row 0 of counts: the labels as drawn; then resamples
+        found = report["rules"][name]["at_accepted"] = {}
+        for j, n in enumerate(args.accepted):
+            found[str(n)] = {"spec": spelled(name, rule, acceptance_cut(score, n)),
+                             **percentile_interval(counts[0, j], counts[1:, j]).as_dict()}
+            if args.versus and name != args.versus:
+                difference = counts[:, j] - at_accepted[args.versus][2][:, j]
+                found[str(n)]["versus"] = {"rule": args.versus,
+                                           **percentile_interval(difference[0], difference[1:]).as_dict()}
     print(json.dumps(report, indent=2))
 
 
