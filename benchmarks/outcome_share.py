@@ -8,6 +8,9 @@ rate is a ratio of per-example sums with its 95% bootstrap interval over example
 (``speccascade.uncertainty``).
 
     python benchmarks/outcome_share.py runs/traces/worked-outcome-s0 runs/traces/worked-outcome-s1
+
+``--by-kind`` splits the mismatches of right replies into digit swaps (either token holds a digit, decoded
+with the traces' target tokenizer) and all others, each with its harmless share.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from transformers import AutoTokenizer
 
 from speccascade.data import traces
 from speccascade.uncertainty import ratio_interval, resample_weights
@@ -28,17 +32,29 @@ def examined_mismatch(columns) -> object:
     return columns["examined"].astype(bool) & (columns["draft_token"] != columns["target_argmax"])
 
 
-def per_example(directories: list[str]) -> pd.DataFrame:
-    """Per example: its score, examined positions, mismatches and harmful / helpful mismatches."""
+def per_example(directories: list[str], digits: np.ndarray | None = None) -> pd.DataFrame:
+    """Per example: its score, examined positions, mismatches and harmful / helpful mismatches; with ``digits``
+    (one flag per token id: its text holds a digit) also the digit swaps among the mismatches and the harmful."""
     columns = ["example_id", "examined", "draft_token", "target_argmax", "outcome_harm", "outcome_delta", "score"]
     frames = [traces.load_traces(d).select_columns(columns).to_pandas() for d in directories]
     rows = pd.concat([f.assign(example_id=f"{i}:" + f["example_id"]) for i, f in enumerate(frames)])  # ids per directory
     mismatch = examined_mismatch(rows)
     rows = rows.assign(examined=rows["examined"].astype(bool), mismatch=mismatch, harmful=mismatch & (rows["outcome_harm"] == 1),
                        helpful=mismatch & (rows["outcome_delta"] < 0))
-    return rows.groupby("example_id").agg(score=("score", "first"), examined=("examined", "sum"),
-                                          mismatches=("mismatch", "sum"), harmful=("harmful", "sum"),
-                                          helpful=("helpful", "sum"))
+    sums = dict(mismatches=("mismatch", "sum"), harmful=("harmful", "sum"), helpful=("helpful", "sum"))
+    if digits is not None:
+        digit = rows["mismatch"] & (digits[rows["draft_token"].to_numpy()] | digits[rows["target_argmax"].to_numpy()])
+        rows = rows.assign(digit=digit, digit_harmful=digit & rows["harmful"])
+        sums |= dict(digit_mismatches=("digit", "sum"), digit_harmful=("digit_harmful", "sum"))
+    return rows.groupby("example_id").agg(score=("score", "first"), examined=("examined", "sum"), **sums)
+
+
+def digit_tokens(tokenizer, size: int = 0) -> np.ndarray:
+    """For every token id below ``max(size, len(tokenizer))`` (a model's vocabulary may be padded past the
+    tokenizer's), whether its text holds a digit."""
+    flags = np.zeros(max(size, len(tokenizer)), dtype=bool)
+    flags[: len(tokenizer)] = [any(ch.isdigit() for ch in tokenizer.decode([i])) for i in range(len(tokenizer))]
+    return flags
 
 
 def summary(examples: pd.DataFrame, seed: int = 0) -> dict:
@@ -55,15 +71,30 @@ def summary(examples: pd.DataFrame, seed: int = 0) -> dict:
         "mismatch_rate": ratio_interval(mismatches, examples["examined"].to_numpy(float), weights).as_dict(),
         "harmless_share_in_right_replies": ratio_interval(harmless_right, mismatches * right, weights).as_dict(),
         "harmless_share_all": ratio_interval(mismatches - harmful, mismatches, weights).as_dict(),
-    }
+    } | (by_kind(examples, right, weights) if "digit_mismatches" in examples else {})
+
+
+def by_kind(examples: pd.DataFrame, right: np.ndarray, weights: np.ndarray) -> dict:
+    """The mismatches of right replies and their harmless share, digit swaps apart from the others."""
+    digit, digit_harmful = (examples[c].to_numpy(float) * right for c in ("digit_mismatches", "digit_harmful"))
+    mismatches, harmful = (examples[c].to_numpy(float) * right for c in ("mismatches", "harmful"))
+    kinds = {"digit": (digit, digit_harmful), "other": (mismatches - digit, harmful - digit_harmful)}
+    return {"by_kind_in_right_replies": {kind: {"mismatches": int(m.sum()), "harmful": int(h.sum()),
+                                                "harmless_share": ratio_interval(m - h, m, weights).as_dict()}
+                                         for kind, (m, h) in kinds.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="+", help="trace directories logged with --labels outcome under --rule always")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--by-kind", action="store_true", help="digit swaps apart from the other mismatches")
     args = parser.parse_args()
-    print(json.dumps(summary(per_example(args.traces), args.seed), indent=2))
+    digits = None
+    if args.by_kind:
+        manifest = traces.read_manifest(args.traces[0])
+        digits = digit_tokens(AutoTokenizer.from_pretrained(manifest["target"]), manifest.get("vocab_size", 0))
+    print(json.dumps(summary(per_example(args.traces, digits), args.seed), indent=2))
 
 
 if __name__ == "__main__":
