@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -268,11 +269,24 @@ def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
 def _fabric(accelerator: str, devices: int, num_nodes: int):
     from lightning_fabric import Fabric
 
-    processes = devices * num_nodes
-    strategy = "ddp" if processes > 1 else "auto"
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=_strategy(devices * num_nodes))
     fabric.launch()
     return fabric
+
+
+RANK_WAIT = timedelta(hours=24)  # how long a rank that finished its share waits at the end for the others
+
+
+def _strategy(processes: int):
+    """DDP for several processes, with a wait of :data:`RANK_WAIT`: the ranks meet only before and after their
+    shares, and one share can take far longer than another (reply lengths, outcome labels), past the collectives'
+    default of 30 minutes, which ended healthy runs. A rank that dies closes its connections, so the others
+    fail at once rather than wait it out."""
+    if processes == 1:
+        return "auto"
+    from lightning_fabric.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=RANK_WAIT)
 
 
 @dataclass

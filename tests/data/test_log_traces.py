@@ -105,6 +105,17 @@ def test_two_processes_write_the_rows_of_one(tmp_path):
     assert_same_rows(tmp_path / "one", tmp_path / "two")
 
 
+def test_ranks_wait_at_the_end_longer_than_the_collectives_half_hour():
+    """A rank whose share ends first waits for the others at the end; with the collectives' default of 30 minutes
+    a share of outcome labels 30 minutes longer than another's ended a healthy run (rank 0 timed out)."""
+    from datetime import timedelta
+
+    from speccascade.tracing.log_traces import RANK_WAIT, _strategy
+
+    assert _strategy(1) == "auto" and RANK_WAIT >= timedelta(hours=12)
+    assert _strategy(2)._timeout == RANK_WAIT  # lightning_fabric's DDPStrategy keeps it there
+
+
 def test_the_command_ends_by_saying_what_it_logged_and_where(tmp_path, capsys):
     out = tmp_path / "ref"
     args = ["log-traces", "--out", str(out), "--models", "tiny-random", "--task", "arithmetic", "--limit", "6", "--batch-size",
