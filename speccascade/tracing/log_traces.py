@@ -40,6 +40,7 @@ from ..settings import (CategorySettings, DecodingSettings, LaunchSettings, Outp
                         TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..tracking import run_path, start_run, trace_artifact
 from ..version import __version__
+from .copied_labels import CopiedLabels
 from .outcome import OutcomeCost, OutcomeLabeller, sampled_choice
 
 MODES = ("reference", "on-policy")
@@ -63,6 +64,9 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Cate
                                       "(outcome_harm; tasks with an exact-match answer)")
     outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
                                           "reply after a swapped token", low=1)
+    outcome_from: str | None = setting(None, "outcome labels: copy them from earlier outcome-labelled traces of the same "
+                                       "replies (same pair, task and decoding; e.g. to add hidden states or top-k without "
+                                       "paying for the labels again), checked row by row against the drafted and target tokens")
     shard_examples: int = setting(32, "examples per shard (the unit of --resume)", low=1)
     seed: int = seed_setting("sampling seed (example i decodes with seed + i) and task-generator seed")
 
@@ -85,6 +89,8 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Cate
 
     def check_labels(self) -> None:
         """Outcome labels need on-policy decoding and a task whose answer is checked (exact match)."""
+        if self.outcome_from is not None and not self.outcome:
+            raise SpeccascadeError("--outcome-from copies outcome labels: it needs --labels outcome")
         if not self.outcome:
             return
         if self.mode != "on-policy":
@@ -105,6 +111,7 @@ class _Plan:
     rule: rules_module.Rule
     config: dict
     out: OutputDir
+    copied: CopiedLabels | None = None
 
 
 def log_traces(out, **options) -> dict:
@@ -124,9 +131,10 @@ def resolve(settings: LogTracesSettings) -> _Plan:
     if settings.mode == "reference":
         check_gold_replies(examples, settings.task)
     config = settings.config(rule)
+    copied = CopiedLabels.open(settings.outcome_from, config) if settings.outcome_from is not None else None
     out = OutputDir(settings.out, "log-traces", config, settings.resume, settings.overwrite, progress=("shards/r*.json",),
                     legacy=traces.legacy_marker)
-    return _Plan(settings, task, examples, rule, config, out.check())
+    return _Plan(settings, task, examples, rule, config, out.check(), copied)
 
 
 def check_gold_replies(examples: list[Example], task: str) -> None:
@@ -162,15 +170,17 @@ def run(plan: _Plan) -> dict:
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
         labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,
-                                   isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if s.outcome else None
+                                   isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if s.outcome and not plan.copied else None
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
-        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule, labeller))
+        _log_examples(plan, fabric, RowLogger(pair, plan.task, plan.config, plan.rule, labeller, plan.copied))
         fabric.barrier()
         manifest = {}
         if fabric.global_rank == 0:
-            if s.outcome:  # the cost over every complete shard, this run's and earlier runs' alike
+            if plan.copied:  # what the labels cost where they were computed
+                header["outcome_labels"] = plan.copied.summary()
+            elif s.outcome:  # the cost over every complete shard, this run's and earlier runs' alike
                 cost = OutcomeCost.from_dict(traces.shard_stats(s.out))
                 header["outcome_labels"] = cost.summary(s.outcome_max_new_tokens)
             manifest = traces.write_manifest(s.out, header, complete=True)
@@ -298,6 +308,7 @@ class RowLogger:
     config: dict
     rule: rules_module.Rule
     outcome: OutcomeLabeller | None = None
+    copied: CopiedLabels | None = None  # outcome labels taken from earlier traces instead (``--outcome-from``)
     _cost: OutcomeCost = field(default_factory=OutcomeCost)
 
     def take_stats(self) -> dict[str, int] | None:
@@ -370,7 +381,7 @@ class RowLogger:
         for turn in range(1 + max(len(ex.followups) for ex in examples)):
             rows = [b for b, ex in enumerate(examples) if turn <= len(ex.followups)]
             cols, texts = self._turn([examples[b] for b in rows], [conversation(examples[b], replies[b]) for b in rows],
-                                     [seeds[b] for b in rows])
+                                     [seeds[b] for b in rows], turn)
             cols["_row"] = torch.tensor(rows, device=device)[cols["_row"]]
             cols["turn"] = torch.full_like(cols["_row"], turn)
             for b, text in zip(rows, texts):
@@ -382,7 +393,8 @@ class RowLogger:
         cols["example_index"] = torch.tensor([i for i, _ in batch], device=device)[cols["_row"]]
         return cols
 
-    def _turn(self, examples: list[Example], prompts: list, seeds: list[int]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def _turn(self, examples: list[Example], prompts: list, seeds: list[int],
+              turn: int) -> tuple[dict[str, torch.Tensor], list[str]]:
         """One decode of ``prompts`` (one per example) with the hook: the drafted positions' columns (``_row`` indexing
         ``examples``, ``position`` the index in this decode's reply; with ``--labels outcome`` the outcome labels)
         and the replies."""
@@ -414,7 +426,12 @@ class RowLogger:
         cols = {k: torch.cat([blk[k] for blk in blocks]) for k in blocks[0]}
         keep = cols["position"] < lengths[cols["_row"]]  # drafts past the end of the text are dropped
         cols = {k: v[keep] for k, v in cols.items()}
-        if self.outcome is not None:
+        if self.copied is not None:
+            labels = self.copied.label([examples[b].id for b in cols["_row"].tolist()], turn,
+                                       *(cols[c].cpu().numpy() for c in ("position", "position_in_block", "draft_token",
+                                                                         "target_argmax")))
+            cols["outcome_harm"], cols["outcome_delta"] = (torch.from_numpy(v).to(pair.device) for v in labels)
+        elif self.outcome is not None:
             prompt_ids = [ids[b][mask[b].bool()].tolist() for b in range(len(examples))]
             replies = [out.new_tokens[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
             choice = cols.pop("_choice", cols["target_argmax"])

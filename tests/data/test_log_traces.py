@@ -33,9 +33,13 @@ def read_rows(directory: Path):
     return manifest, load_dataset("parquet", data_files=files, split="train")
 
 
-def sorted_rows(directory: Path) -> dict[tuple[str, int], dict]:
+def sorted_rows(directory: Path) -> dict[tuple[str, int, int, int], dict]:
+    """Rows by what makes one unique: example, turn, block start and position in the block."""
     _, rows = read_rows(directory)
-    return {(r["example_id"], r["position"]): r for r in rows}
+    keyed = {(r["example_id"], r.get("turn", 0), r["position"] - r["position_in_block"], r["position_in_block"]): r
+             for r in rows}
+    assert len(keyed) == len(rows)
+    return keyed
 
 
 def assert_same_rows(a: Path, b: Path) -> None:
@@ -44,7 +48,7 @@ def assert_same_rows(a: Path, b: Path) -> None:
     for key, row in ra.items():
         for name, value in row.items():
             if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
-                assert rb[key][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, name)
+                assert rb[key][name] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), (key, name)
             else:
                 assert rb[key][name] == value, (key, name)
 

@@ -20,7 +20,7 @@ from speccascade.decoding.presets import byte_tokenizer
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
 from speccascade.training import train_deferral
-from tests.data.test_log_traces import assert_same_rows, read_rows
+from tests.data.test_log_traces import assert_same_rows, drop_turn, read_rows
 from tests.test_faults import _start, _wait_for
 from tests.training.test_train import planted_traces
 
@@ -186,6 +186,8 @@ def test_sampled_labels_do_not_depend_on_the_batch(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"task": "summarisation"}, r"checkable answer \(exact match\); task 'summarisation' is scored by rouge2"),
     ({"mode": "reference"}, "needs --mode on-policy"),
+    ({"labels": "gap", "outcome_from": "elsewhere"}, "--outcome-from copies outcome labels: it needs --labels outcome"),
+    ({"outcome_from": "elsewhere"}, r"--outcome-from elsewhere: no traces there \(no manifest.json\)"),
 ])
 def test_outcome_labels_refuse_what_they_cannot_label(tmp_path, options, message):
     with pytest.raises(SpeccascadeError, match=message):
@@ -209,6 +211,38 @@ def test_outcome_objective_refuses_traces_without_the_labels(tmp_path, capsys):
     with pytest.raises(SpeccascadeError, match="--gap-weight .* needs objective 'outcome'"):
         train_deferral([str(bare)], tmp_path / "head", objective="gap", gap_weight=0.5, wandb_mode="disabled")
     assert not (tmp_path / "head").exists()
+
+
+def test_copied_labels_are_the_labels_and_decode_no_continuation(planted, tmp_path, monkeypatch):
+    """Labels logged without hidden states, then logged again with both hidden states and ``--outcome-from``: the
+    rows of a run that labelled and logged the hidden states at once, and the labels' cost, with no continuation."""
+    labelled, manifest = planted
+    bare, copied = tmp_path / "bare", tmp_path / "copied"
+    _planted_logs(bare, hidden_states="none")
+    drop_turn(bare)  # and logged before traces had `turn`: their rows are turn 0
+    monkeypatch.setattr(OutcomeLabeller, "label", lambda *_, **__: pytest.fail("a continuation was decoded"))
+    _planted_logs(copied, hidden_states="both", outcome_from=str(bare))
+    assert_same_rows(labelled, copied)  # hidden states and labels alike
+    cost = traces.read_manifest(copied)["outcome_labels"]
+    assert cost.pop("copied_from") == {"traces": str(bare), "fingerprint": traces.read_manifest(bare)["fingerprint"]}
+    assert cost == manifest["outcome_labels"]
+
+
+def test_copied_labels_refuse_other_settings_or_other_replies(tmp_path):
+    source = tmp_path / "source"
+    _planted_logs(source, limit=8)
+    with pytest.raises(SpeccascadeError, match=r"logged with max_new_tokens=16, this run has 12; labels carry over only"):
+        _planted_logs(tmp_path / "longer", limit=8, max_new_tokens=12, outcome_from=str(source))
+    assert not (tmp_path / "longer").exists()
+    pair = planted_pair()  # the same settings, but a drafter that drafts the target's tokens: other rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS, "planted", Planted)
+        mp.setattr(pairs, "load_pair", lambda *_, **__: ModelPair(pair.target, pair.target, TOKENIZER, "planted", "d", "t"))
+        message = (r"example 'planted-000' turn 0 position 0 has drafted \d+ against the target's \d+ there, this run "
+                   r"drafted (\d+) against \1; not the same replies")
+        with pytest.raises(SpeccascadeError, match=message):
+            log_traces(tmp_path / "other", **(OPTIONS | {"limit": 8, "outcome_from": str(source)}))
+    assert not (tmp_path / "other").exists()  # refused in its first batch: nothing written
 
 
 def _cli(out, extra=()):
