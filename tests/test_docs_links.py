@@ -27,6 +27,13 @@ SKIPPED = {
     "speccascade bench --models smollm2-135m-arithmetic [--drafter-vocab arithmetic] --batch-sizes 1 "
     "--block-size G --prompts 8 --max-new-tokens 80 --repeats 2 --bonus target "
     "--rules tokenv3:0.5,learned:DIR@0.2482,gain:0.2297",
+    # plan-worked.md's restarted run: the rules are read from the choices file by a shell function
+    """speccascade evaluate --config configs/eval/worked-test.yaml --rules "$(choice "['test_rules']")" """
+    "--out runs/worked/eval/test --resume",
+    """speccascade evaluate --config configs/eval/worked-test.yaml --limit 256 --rules "$(choice "['secondary_rules']")" """
+    "--out runs/worked/eval/secondary --resume",
+    "speccascade bench --models smollm2-135m-worked --task worked-arithmetic --prompts 64 --batch-sizes 1 "
+    '--max-new-tokens 176 --no-transformers --rules "$RULE,$HEAD"',
 }
 
 
