@@ -169,8 +169,9 @@ def run(plan: _Plan) -> dict:
                   "tokenizer": pair.tokenizer_fingerprint, "vocab_size": pair.vocab_size, "task": s.task, "split": s.split, "mode": s.mode,
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
+        computes_labels = s.outcome and plan.copied is None
         labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,
-                                   isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if s.outcome and not plan.copied else None
+                                   isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if computes_labels else None
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)
         fabric.barrier()
@@ -178,7 +179,7 @@ def run(plan: _Plan) -> dict:
         fabric.barrier()
         manifest = {}
         if fabric.global_rank == 0:
-            if plan.copied:  # what the labels cost where they were computed
+            if plan.copied is not None:  # what the labels cost where they were computed
                 header["outcome_labels"] = plan.copied.summary()
             elif s.outcome:  # the cost over every complete shard, this run's and earlier runs' alike
                 cost = OutcomeCost.from_dict(traces.shard_stats(s.out))
@@ -396,8 +397,8 @@ class RowLogger:
     def _turn(self, examples: list[Example], prompts: list, seeds: list[int],
               turn: int) -> tuple[dict[str, torch.Tensor], list[str]]:
         """One decode of ``prompts`` (one per example) with the hook: the drafted positions' columns (``_row`` indexing
-        ``examples``, ``position`` the index in this decode's reply; with ``--labels outcome`` the outcome labels)
-        and the replies."""
+        ``examples``, ``position`` the index in this decode's reply; with ``--labels outcome`` the outcome labels,
+        copied from the rows of the example's ``turn`` with ``--outcome-from``) and the replies."""
         pair, cfg = self.pair, self.config
         gamma = cfg["block_size"]
         sampled_labels = self.outcome is not None and cfg["temperature"] > 0
