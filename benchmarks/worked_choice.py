@@ -41,13 +41,14 @@ def choose(knobs: dict, curve: dict) -> dict:
     rules = {name: at_budget(knobs, name)[0] for name in (*TRAINING_FREE, *PAPER)}
     best = max(TRAINING_FREE, key=lambda name: (at_budget(knobs, name)[1], -TRAINING_FREE.index(name)))
     head = max(heads, key=lambda name: (at_budget(knobs, name)[1], curve[name]["estimate"]))
+    head_spec = at_budget(knobs, head)[0]
     equal = {name: knobs["rules"][name]["at_accepted"][EQUAL_ACCEPTANCE]["spec"] for name in (best, head)}
     if None in equal.values():
         raise SystemExit(f"error: {', '.join(n for n, spec in equal.items() if spec is None)} scores fewer than "
                          f"{EQUAL_ACCEPTANCE} validation mismatches finite: no cut accepts that many")
     return {"rules": rules, "best_training_free": {"name": best, "spec": rules[best]},
-            "head": {"name": head, "spec": at_budget(knobs, head)[0]},
-            "test_rules": ",".join(["target", "drafter", "always", *rules.values(), at_budget(knobs, head)[0]]),
+            "head": {"name": head, "spec": head_spec},
+            "test_rules": ",".join(["target", "drafter", "always", *rules.values(), head_spec]),
             "secondary_rules": ",".join(["target", equal[head], equal[best]])}
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..data import traces
 from ..errors import SpeccascadeError
@@ -51,9 +49,9 @@ class CopiedLabels:
             raise SpeccascadeError(f"--outcome-from {directory}: logged with {name}={theirs.get(name)!r}, this run has "
                                    f"{config.get(name)!r}; labels carry over only to the same replies"
                                    + (f" (also differ: {also})" if also else ""))
-        table = pa.concat_tables(_read(f) for f in traces.shard_files(directory, verify=True))
-        keys = zip(*(table[c].to_pylist() for c in ("example_id", "turn", "position", "position_in_block")))
-        values = zip(*(table[c].to_pylist() for c in TOKENS + LABELS))
+        table = traces.load_traces(directory).select_columns(list(COLUMNS))[:]  # turn filled in for older traces
+        keys = zip(*(table[c] for c in ("example_id", "turn", "position", "position_in_block")))
+        values = zip(*(table[c] for c in TOKENS + LABELS))
         return cls(directory, manifest, dict(zip(keys, values)))
 
     def label(self, example_ids: list[str], turn: int, position: np.ndarray, in_block: np.ndarray, draft: np.ndarray,
@@ -76,11 +74,3 @@ class CopiedLabels:
         return {**self.manifest.get("outcome_labels", {}),
                 "copied_from": {"traces": str(self.directory), "fingerprint": self.manifest.get("fingerprint")}}
 
-
-def _read(path: str) -> pa.Table:
-    """A shard's :data:`COLUMNS` (a shard logged before ``turn`` was written: turn 0)."""
-    names = pq.read_schema(path).names
-    table = traces.read_parquet(path, [c for c in COLUMNS if c in names])
-    if "turn" not in names:
-        table = table.append_column("turn", pa.array(np.zeros(table.num_rows, dtype=np.int32)))
-    return table.select(list(COLUMNS))
