@@ -33,7 +33,7 @@ SKIPPED = {
     """speccascade evaluate --config configs/eval/worked-test.yaml --limit 256 --rules "$(choice "['secondary_rules']")" """
     "--out runs/worked/eval/secondary --resume",
     "speccascade bench --models smollm2-135m-worked --task worked-arithmetic --prompts 64 --batch-sizes 1 "
-    '--max-new-tokens 176 --no-transformers --rules "$RULE,$HEAD"',
+    '--max-new-tokens 176 --no-transformers --rules "$RULE,$HEAD" --out runs/worked/bench',
 }
 
 

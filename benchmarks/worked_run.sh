@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 24's restarted run (docs/plan-worked.md, amendment 4): the runbook's commands in order, in runs/worked/.
+# Every stage resumes, or is skipped where its output is complete, so a session that ends mid-run reruns
+# this script. From the repository root after `make setup`:
+#
+#     benchmarks/worked_run.sh                 # all stages in order
+#     benchmarks/worked_run.sh labels heads    # some: labels | heads | choice | test | secondary | bench
+#
+# Logs go to runs/worked/logs/; each primary test's report to primary_test.json in its evaluate directory.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
+W=runs/worked
+PY=${PYTHON:-.venv/bin/python}
+HEADS=(mlp hidden-mlp outcome-mlp outcome-hidden-mlp)
+mkdir -p "$W/logs"
+
+speccascade() { "$PY" -m speccascade.cli "$@"; }
+say() { echo "[$(date -u +%FT%T)] $*" | tee -a "$W/logs/run.log" >&2; }
+chosen() {  # a value of choice.json by its keys, e.g. chosen head spec
+    "$PY" -c 'import json, sys; c = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]: c = c[key]
+print(c)' "$W/choice.json" "$@"
+}
+label() {  # the label evaluate gives the point of a rule's spelling (primary_test.py reads points by label)
+    "$PY" -c 'import sys; from speccascade.evaluation.evaluate import plan_points
+print(plan_points(sys.argv[1])[-1].point.label)' "$1"
+}
+report() {  # report FILE COMMAND...: COMMAND's stdout into FILE, unless FILE is already there
+    local file=$1; shift
+    [[ -s $file ]] || { "$@" > "$file.tmp" && mv "$file.tmp" "$file"; }
+}
+
+labels() {  # labels NAME FLAGS...: one trace directory of step 2, two processes of one core each
+    local name=$1; shift
+    say "labels $name"
+    OMP_NUM_THREADS=1 speccascade log-traces --config configs/traces/worked-outcome.yaml --devices 2 --accelerator cpu \
+        "$@" --out "$W/traces/$name" --resume >> "$W/logs/labels.log" 2>&1
+}
+
+stage_labels() {  # step 2; the validation problems before s2 (the order is free) so the curve can start early
+    labels s0 --seed 0 --limit 128
+    labels s1 --seed 1 --limit 128
+    labels val --split test --seed 1 --limit 128
+    labels s2 --seed 2 --limit 256
+}
+
+train_head() {  # train_head PROBLEMS NAME FLAGS...: one head of step 3 on the first 128, 256 or 512 problems
+    local problems=$1 out="$W/heads/$1-$2" traces; shift 2
+    case $problems in
+        128) traces=$W/traces/s0 ;;
+        256) traces=$W/traces/s0,$W/traces/s1 ;;
+        512) traces=$W/traces/s0,$W/traces/s1,$W/traces/s2 ;;
+    esac
+    [[ -f $out/model.safetensors ]] && return
+    say "head $problems-$(basename "$out")"
+    speccascade train-deferral --config configs/train/outcome.yaml --traces "$traces" --out "$out" --overwrite "$@" \
+        >> "$W/logs/heads.log" 2>&1
+}
+
+stage_heads() {  # step 3: the four input sets and the gap-label ablation, on 128, 256 and 512 problems
+    local n h
+    for n in 128 256 512; do
+        for h in "${HEADS[@]}"; do train_head "$n" "$h" --head "$h"; done
+        train_head "$n" outcome-hidden-mlp-gap --head outcome-hidden-mlp --gap-weight 1
+    done
+}
+
+stage_choice() {  # step 4: the 512 heads' curve and knobs beside the six rules, then worked_choice.py
+    local rules=(gain kl entropy fly diff tokenv3) every=("$W"/heads/*/) h
+    for h in "${HEADS[@]}"; do rules+=("learned:$W/heads/512-$h"); done
+    say "choice"
+    report "$W/curve.json" "$PY" benchmarks/outcome_curve.py "$W/traces/val" "${rules[@]}"
+    report "$W/knobs.json" "$PY" benchmarks/outcome_knobs.py "$W/traces/val" "${rules[@]}" --allowed 0 1 2 4 \
+        --accepted 100 200 400 800 --versus kl
+    report "$W/choice.json" "$PY" benchmarks/worked_choice.py "$W/knobs.json" "$W/curve.json"
+    report "$W/learning-curve.json" "$PY" benchmarks/outcome_curve.py "$W/traces/val" gain kl fly \
+        "${every[@]/#/learned:}"
+}
+
+compare() {  # compare OUT RULES HEAD RULE FLAGS...: evaluate, then the primary test of HEAD against RULE
+    local out=$1 rules=$2 head=$3 rule=$4; shift 4
+    say "evaluate $out"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} speccascade evaluate --config configs/eval/worked-test.yaml --rules "$rules" \
+        --out "$out" --resume "$@" >> "$W/logs/evaluate.log" 2>&1
+    report "$out/primary_test.json" "$PY" benchmarks/primary_test.py "$out" "$(label "$head")" "$(label "$rule")"
+}
+
+stage_test() {  # step 5 and the primary test
+    compare "$W/eval/test" "$(chosen test_rules)" "$(chosen head spec)" "$(chosen best_training_free spec)"
+}
+
+stage_secondary() {  # amendment 3: the head and the best rule at equal validation acceptance (256 problems)
+    local target head rule
+    IFS=, read -r target head rule <<< "$(chosen secondary_rules)"
+    compare "$W/eval/secondary" "$(chosen secondary_rules)" "$head" "$rule" --limit 256
+}
+
+stage_bench() {  # step 6: the best rule's and the head's latency at their knobs beside exact decoding
+    say "bench"
+    speccascade bench --models smollm2-135m-worked --task worked-arithmetic --prompts 64 --batch-sizes 1 \
+        --max-new-tokens 176 --no-transformers --rules "$(chosen best_training_free spec),$(chosen head spec)" \
+        --out "$W/bench" >> "$W/logs/bench.log" 2>&1
+}
+
+stages=("$@")
+[[ $# -gt 0 ]] || stages=(labels heads choice test secondary bench)
+for stage in "${stages[@]}"; do
+    declare -F "stage_$stage" > /dev/null || { echo "error: no stage $stage (labels, heads, choice, test, secondary, bench)" >&2; exit 2; }
+done
+for stage in "${stages[@]}"; do "stage_$stage"; done
+say "done: ${stages[*]}"
