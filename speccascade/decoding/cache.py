@@ -12,7 +12,9 @@ Two layouts, the same results:
 
 Batched rows share one slot layout: a slot that holds no token of a row (left padding, or a draft
 the row rejected) is masked out by the decoder's 2D attention mask, never zero-filled, and every
-row carries its own position ids. ``compact`` moves each row's real slots together at the right
+row carries its own position ids. Models with SDPA attention over every slot get that mask as the 4D one
+transformers would build from it, ready-made: one operator per forward instead of transformers' mask
+building, which also reads the 2D mask on the host. ``compact`` moves each row's real slots together at the right
 end, for models whose attention depends on slot distances (T5's relative bias) and to reuse a
 static cache's space.
 """
@@ -59,6 +61,8 @@ class KVCache:
         # decode steps (at most ``steady`` tokens, fixed shapes) run compiled; longer inputs (the prompt) eagerly
         self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
         self.steady = steady
+        self._prepares_mask = encoded is None and takes_prepared_mask(model)
+        self._causal = torch.ones(0, 0, dtype=torch.bool)  # [i, j]: slot j <= slot i (dynamic), grown on demand
 
     def __len__(self) -> int:
         """Number of slots held (the same for every layer): read off tensor shapes for the dynamic cache, a
@@ -80,7 +84,9 @@ class KVCache:
         new ones); ``None`` where every slot is real (the model's causal mask). ``logits_to_keep`` > 0
         computes logits (and returns hidden states) for that many last positions only.
         """
-        if attention_mask is not None and not self.static:
+        if attention_mask is not None and self._prepares_mask:
+            attention_mask = self._prepared(attention_mask, input_ids.shape[1])
+        elif attention_mask is not None and not self.static:
             attention_mask = attention_mask[:, : len(self) + input_ids.shape[1]]
         if self.encoded is not None:  # positions are slot distances (T5): the decoder keeps slots contiguous
             encoder_outputs, source_mask = self.encoded
@@ -106,6 +112,28 @@ class KVCache:
         hidden = hidden[:, -logits_to_keep:] if hidden is not None and 0 < logits_to_keep < hidden.shape[1] else hidden
         logits = logits if self.vocab_size in (None, logits.shape[-1]) else logits[..., : self.vocab_size]
         return (logits if logits.dtype == torch.float32 else logits.float()), hidden
+
+    def _prepared(self, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """The 4D mask transformers' SDPA path would build from the 2D one, ``[B, 1, n, slots]``: new token ``i``,
+        written at slot ``fill + i``, sees slot ``j`` where ``j <= fill + i`` and the row's slot ``j`` is real. A
+        few operators instead of transformers' mask building on every forward, which for one new token also reads
+        on the host whether the 2D mask has holes. The dynamic cache slices a causal template at ``len(self)``;
+        the static one compares slot indices with its fill counter on the device (all slots: fixed shapes)."""
+        if self.static:
+            slots = self._slots(attention_mask.shape[1], attention_mask.device)
+            query = self.cache.layers[0].cumulative_length + slots[:n]
+            return attention_mask[:, None, None, :].bool() & (slots <= query[:, None])
+        end = len(self) + n
+        if self._causal.shape[0] < end:
+            size = max(end, 2 * self._causal.shape[0])
+            self._causal = torch.ones(size, size, dtype=torch.bool, device=attention_mask.device).tril_()
+        return attention_mask[:, None, None, :end].bool() & self._causal[end - n : end, :end]
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def _slots(capacity: int, device: torch.device) -> torch.Tensor:
+        """Slot indices ``0 .. capacity - 1``, built once per capacity and device."""
+        return torch.arange(capacity, device=device)
 
     def rollback(self, n: torch.Tensor | int) -> None:
         """Drop the newest ``n`` slots: a 0-dim tensor on the device for the static cache (its fill counters drop
@@ -149,7 +177,7 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
     model supports it (no host syncs) and dynamic otherwise."""
     if layout not in (None, *LAYOUTS):
         raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    unsupported = next((m for m in models if m.config.is_encoder_decoder or not _rolls_back_statically(m)), None)
+    unsupported = next((m for m in models if m.config.is_encoder_decoder or not _full_attention(m)), None)
     if layout is None:
         layout = "static" if device.type == "cuda" and unsupported is None else "dynamic"
     if layout == "static" and unsupported is not None:
@@ -162,8 +190,17 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
     return layout
 
 
-def _rolls_back_statically(model: PreTrainedModel) -> bool:
-    """The static cache rolls back full-attention layers only."""
+def takes_prepared_mask(model: PreTrainedModel) -> bool:
+    """Whether the decoder may hand ``model`` its 4D boolean mask ready-made: SDPA attention (which reads one as
+    is) over every earlier slot in every layer (a ready mask replaces transformers' per-layer-type masks)."""
+    return model.config._attn_implementation == "sdpa" and _full_attention(model)
+
+
+def _full_attention(model: PreTrainedModel) -> bool:
+    """Every layer attends to all earlier slots: no sliding window or chunks (the static cache rolls back only
+    such layers)."""
     config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None) or []
-    return "sliding_attention" not in layer_types and not getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return set(layer_types) == {"full_attention"}
+    return not getattr(config, "sliding_window", None)

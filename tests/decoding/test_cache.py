@@ -122,12 +122,13 @@ def test_static_compiled_path_equals_the_eager_path(device):
 
 @pytest.mark.parametrize("cache, reads", [("dynamic", 1), ("static", 0)])
 def test_a_block_reads_the_host_at_most_once(pair, batch, monkeypatch, cache, reads):
-    """Outside the models' forwards a block reads a tensor on the host once with the dynamic cache (the
-    count its rollback crops, read with the tokens still to emit) and never with the static cache."""
+    """A block reads a tensor on the host once with the dynamic cache (the count its rollback crops, read with
+    the tokens still to emit) and never with the static cache; the models' forwards never do (they get their
+    4D mask ready-made, so transformers does not check the padded 2D mask on the host)."""
     ids, mask = batch
     dec = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4, temperature=0, cache=cache)
     state = dec.start(ids, mask, max_new_tokens=24)
-    inside, seen = [], []
+    inside, seen, seen_inside = [], [], []
 
     def enter(*_) -> None:
         inside.append(1)
@@ -137,8 +138,7 @@ def test_a_block_reads_the_host_at_most_once(pair, batch, monkeypatch, cache, re
 
     def counted(name: str, method):
         def read(tensor, *args):
-            if not inside:
-                seen.append(name)
+            (seen_inside if inside else seen).append(name)
             return method(tensor, *args)
         return read
 
@@ -154,15 +154,17 @@ def test_a_block_reads_the_host_at_most_once(pair, batch, monkeypatch, cache, re
             handle.remove()
     assert not bool(state.out.done.any())  # three full blocks, every row still decoding
     assert len(seen) == 3 * reads, seen
+    assert not seen_inside
 
 
 @pytest.mark.parametrize("rule", [rules.AlwaysDefer(), rules.OPT(alpha=0.3)], ids=["exact", "cascade"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_one_unpadded_prompt_decodes_dense_with_one_host_read_per_block(pair, batch, monkeypatch, rule, temperature):
-    """One unpadded prompt (dynamic cache) keeps no slot mask and gives the models no attention mask, so no
-    forward reads one on the host: a block's reads are its rollback's and, in a cascade, the one that decides
-    whether the drafter's last step runs (``bonus_on_demand``). The same prompt behind a padding token (masked,
-    so not dense) decodes the same tokens."""
+    """One unpadded prompt (dynamic cache) keeps no slot mask and gives the models no attention mask: a block's
+    host reads are its rollback's and, in a cascade, the one that decides whether the drafter's last step runs
+    (``bonus_on_demand``). The same prompt behind a padding token (masked, so not dense) decodes the same tokens
+    with no more reads: the models get their 4D mask ready-made, so transformers does not check the 2D one on the
+    host before each forward."""
     ids, mask = batch
     prompt = row(ids, mask, 0)
     padded = torch.cat([torch.zeros_like(prompt[:, :1]), prompt], 1)
@@ -194,5 +196,22 @@ def test_one_unpadded_prompt_decodes_dense_with_one_host_read_per_block(pair, ba
     masked_tokens, masked_reads, masked_dense = blocks(padded, padded_mask)
     assert dense and not masked_dense
     assert dense_reads == 3 * (1 + dec.bonus_on_demand) and dec.bonus_on_demand == (not isinstance(rule, rules.AlwaysDefer))
-    assert masked_reads > dense_reads  # the masked layout's forwards check their mask on the host
+    assert masked_reads == dense_reads
     assert torch.equal(dense_tokens, masked_tokens)
+
+
+def test_only_sdpa_models_attending_to_every_slot_get_a_ready_mask():
+    """A ready-made 4D mask is read as is by SDPA alone, and replaces transformers' per-layer-type masks, so
+    eager attention and sliding windows keep transformers' own mask building."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from speccascade.decoding.cache import takes_prepared_mask
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert takes_prepared_mask(LlamaForCausalLM(LlamaConfig(**small, attn_implementation="sdpa")))
+    assert not takes_prepared_mask(LlamaForCausalLM(LlamaConfig(**small, attn_implementation="eager")))
+    assert not takes_prepared_mask(MistralForCausalLM(MistralConfig(**small, sliding_window=8, attn_implementation="sdpa")))
+    hybrid = Qwen2Config(**small, layer_types=["full_attention", "sliding_attention"], use_sliding_window=True,
+                         sliding_window=8, attn_implementation="sdpa")
+    assert not takes_prepared_mask(Qwen2ForCausalLM(hybrid))
