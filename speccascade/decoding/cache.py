@@ -12,11 +12,10 @@ Two layouts, the same results:
 
 Batched rows share one slot layout: a slot that holds no token of a row (left padding, or a draft
 the row rejected) is masked out by the decoder's 2D attention mask, never zero-filled, and every
-row carries its own position ids. Models with SDPA attention over every slot get that mask as the 4D one
-transformers would build from it, ready-made: one operator per forward instead of transformers' mask
-building, which also reads the 2D mask on the host. ``compact`` moves each row's real slots together at the right
-end, for models whose attention depends on slot distances (T5's relative bias) and to reuse a
-static cache's space.
+row carries its own position ids. Models with SDPA attention over every slot get that mask in the 4D
+form transformers would build from it, ready-made (``KVCache._prepared``). ``compact`` moves each row's
+real slots together at the right end, for models whose attention depends on slot distances (T5's
+relative bias) and to reuse a static cache's space.
 """
 
 from __future__ import annotations
