@@ -13,6 +13,7 @@ as N processes under Lightning Fabric (gloo on the CPU); process ``r`` of ``N`` 
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -258,8 +259,8 @@ def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
     """This process's share of the examples not yet logged, in shards of whole examples; returns the rows written."""
     s = plan.settings
     writer = traces.ShardWriter(s.out, fabric.global_rank)
-    done = writer.completed()
-    mine = [(i, ex) for i, ex in enumerate(plan.examples) if i % fabric.world_size == fabric.global_rank and ex.id not in done]
+    done = fabric.broadcast(writer.completed(), src=0)  # every rank splits the same list
+    mine = share([(i, ex) for i, ex in enumerate(plan.examples) if ex.id not in done], fabric.global_rank, fabric.world_size)
     bar = tqdm(total=len(mine), unit="ex", desc=f"log-traces rank {fabric.global_rank}" if fabric.world_size > 1 else "log-traces",
                position=fabric.local_rank, disable=None)
     rows, started = 0, time.perf_counter()
@@ -275,6 +276,16 @@ def _log_examples(plan: _Plan, fabric, logger: RowLogger) -> int:
         bar.set_postfix(rows=rows, rows_per_s=f"{rows / (time.perf_counter() - started):.0f}")
     bar.close()
     return rows
+
+
+def share(todo: list, rank: int, world_size: int) -> list:
+    """Process ``rank``'s part of the examples still to log: every ``world_size``-th of them in an order shuffled
+    once (seed 0), kept in their own order. A split by index would hand one process every example of a kind where
+    kinds take turns (the arithmetic levels cycle with period 4: one of two processes got all the longest); the
+    split of what is left also balances a resumed run whose processes had finished unequal parts."""
+    order = list(range(len(todo)))
+    random.Random(0).shuffle(order)
+    return [todo[k] for k in sorted(order[rank::world_size])]
 
 
 def _fabric(accelerator: str, devices: int, num_nodes: int):

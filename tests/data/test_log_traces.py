@@ -109,6 +109,23 @@ def test_two_processes_write_the_rows_of_one(tmp_path):
     assert_same_rows(tmp_path / "one", tmp_path / "two")
 
 
+def test_processes_share_cycling_kinds_and_a_resumed_remainder_evenly():
+    """Examples whose kind takes turns (the arithmetic levels, 1 + i % 4, cost about their level) are split so that
+    two processes get about equal work, not levels 1 and 3 against 2 and 4 (1.5 times the work) as a split by
+    parity did; what a resumed run has left (here the odd examples, after one process finished the even ones) is
+    split between both again; each part keeps the examples' order and the parts are the whole, once."""
+    from speccascade.tracing.log_traces import share
+
+    todo = [(i, f"ex-{i}") for i in range(128)]
+    for left in (todo, todo[1::2]):
+        parts = [share(left, rank, 2) for rank in range(2)]
+        assert sorted(parts[0] + parts[1]) == left and all(part == sorted(part) for part in parts)
+        assert abs(len(parts[0]) - len(parts[1])) <= 1
+        work = [sum(1 + i % 4 for i, _ in part) for part in parts]
+        assert max(work) <= 1.15 * min(work), work
+    assert share(todo, 0, 1) == todo
+
+
 def test_ranks_wait_at_the_end_longer_than_the_collectives_half_hour():
     """A rank whose share ends first waits for the others at the end; with the collectives' default of 30 minutes
     a share of outcome labels 30 minutes longer than another's ended a healthy run (rank 0 timed out)."""
