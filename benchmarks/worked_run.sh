@@ -30,7 +30,7 @@ report() {  # report FILE COMMAND...: COMMAND's stdout into FILE, unless FILE is
     [[ -s $file ]] || { "$@" > "$file.tmp" && mv "$file.tmp" "$file"; }
 }
 
-labels() {  # labels NAME FLAGS...: one trace directory of step 2, two processes of one core each
+log_labels() {  # log_labels NAME FLAGS...: one trace directory of step 2, two processes of one core each
     local name=$1; shift
     say "labels $name"
     OMP_NUM_THREADS=1 speccascade log-traces --config configs/traces/worked-outcome.yaml --devices 2 --accelerator cpu \
@@ -38,10 +38,10 @@ labels() {  # labels NAME FLAGS...: one trace directory of step 2, two processes
 }
 
 stage_labels() {  # step 2; the validation problems before s2 (the order is free) so the curve can start early
-    labels s0 --seed 0 --limit 128
-    labels s1 --seed 1 --limit 128
-    labels val --split test --seed 1 --limit 128
-    labels s2 --seed 2 --limit 256
+    log_labels s0 --seed 0 --limit 128
+    log_labels s1 --seed 1 --limit 128
+    log_labels val --split test --seed 1 --limit 128
+    log_labels s2 --seed 2 --limit 256
 }
 
 train_head() {  # train_head PROBLEMS NAME FLAGS...: one head of step 3 on the first 128, 256 or 512 problems
@@ -90,8 +90,8 @@ stage_test() {  # step 5 and the primary test
 }
 
 stage_secondary() {  # amendment 3: the head and the best rule at equal validation acceptance (256 problems)
-    local target head rule
-    IFS=, read -r target head rule <<< "$(chosen secondary_rules)"
+    local head rule
+    IFS=, read -r _ head rule <<< "$(chosen secondary_rules)"
     compare "$W/eval/secondary" "$(chosen secondary_rules)" "$head" "$rule" --limit 256
 }
 
