@@ -52,7 +52,7 @@ train_head() {  # train_head PROBLEMS NAME FLAGS...: one head of step 3 on the f
         512) traces=$W/traces/s0,$W/traces/s1,$W/traces/s2 ;;
     esac
     [[ -f $out/model.safetensors ]] && return
-    say "head $problems-$(basename "$out")"
+    say "head $(basename "$out")"
     speccascade train-deferral --config configs/train/outcome.yaml --traces "$traces" --out "$out" --overwrite "$@" \
         >> "$W/logs/heads.log" 2>&1
 }

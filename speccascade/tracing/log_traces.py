@@ -65,6 +65,9 @@ class LogTracesSettings(TrackingSettings, LaunchSettings, DecodingSettings, Cate
                                       "(outcome_harm; tasks with an exact-match answer)")
     outcome_max_new_tokens: int = setting(128, "outcome labels: the most tokens the target decodes to finish each "
                                           "reply after a swapped token", low=1)
+    outcome_batch_size: int | None = setting(None, "outcome labels: continuations the target decodes together (default "
+                                             "twice --batch-size); the labels do not depend on it, and on a CPU more rows "
+                                             "per step decode faster", low=1)
     outcome_from: str | None = setting(None, "outcome labels: copy them from earlier outcome-labelled traces of the same "
                                        "replies (same pair, task and decoding; e.g. to add hidden states or top-k without "
                                        "paying for the labels again), checked row by row against the drafted and target tokens")
@@ -171,7 +174,7 @@ def run(plan: _Plan) -> dict:
                   "temperature": plan.config["temperature"], "block_size": s.block_size, "seed": s.seed,
                   "speccascade_version": __version__}
         computes_labels = s.outcome and plan.copied is None
-        labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, 2 * s.batch_size,
+        labeller = OutcomeLabeller(pair, plan.task, s.outcome_max_new_tokens, s.outcome_batch_size or 2 * s.batch_size,
                                    isinstance(plan.rule, rules_module.AlwaysDefer), s.temperature) if computes_labels else None
         if fabric.global_rank == 0:
             traces.write_manifest(s.out, header, complete=False)

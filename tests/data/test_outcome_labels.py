@@ -15,7 +15,7 @@ from speccascade.data import metrics, traces
 from speccascade.tracing.log_traces import log_traces
 from speccascade.tracing.outcome import OutcomeLabeller
 from speccascade.data.tasks import TASKS, Example, Task
-from speccascade.decoding import ModelPair
+from speccascade.decoding import Autoregressive, ModelPair
 from speccascade.decoding.presets import byte_tokenizer
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
@@ -177,9 +177,15 @@ def test_sampled_labels_estimate_the_probability_that_the_swap_loses_the_answer(
     assert (harm[examined] == (delta[examined] > 0)).all() and np.isnan(harm[~examined]).all()
 
 
-def test_sampled_labels_do_not_depend_on_the_batch(tmp_path):
+def test_sampled_labels_do_not_depend_on_the_batch_or_the_continuations_decoded_together(tmp_path, monkeypatch):
+    rows = []  # the rows of every batch of continuations the labeller decodes
+    generate = Autoregressive.generate
+    monkeypatch.setattr(Autoregressive, "generate", lambda self, ids, *a, **k: rows.append(len(ids)) or generate(self, ids, *a, **k))
     _planted_logs(tmp_path / "eight", temperature=1.0, limit=24, batch_size=8)
-    _planted_logs(tmp_path / "five", temperature=1.0, limit=24, batch_size=5)
+    assert max(rows) == 16  # by default twice the batch: 8 replies' 16 mismatches, two continuations each
+    rows.clear()
+    _planted_logs(tmp_path / "five", temperature=1.0, limit=24, batch_size=5, outcome_batch_size=3)
+    assert max(rows) == 3 and len(rows) >= 24 * 2 * 2 / 3
     assert_same_rows(tmp_path / "eight", tmp_path / "five")
 
 
