@@ -182,7 +182,7 @@ def test_sampled_labels_do_not_depend_on_the_batch_or_the_continuations_decoded_
     generate = Autoregressive.generate
     monkeypatch.setattr(Autoregressive, "generate", lambda self, ids, *a, **k: rows.append(len(ids)) or generate(self, ids, *a, **k))
     _planted_logs(tmp_path / "eight", temperature=1.0, limit=24, batch_size=8)
-    assert max(rows) == 16  # by default twice the batch: 8 replies' 16 mismatches, two continuations each
+    assert max(rows) == 16  # by default twice the batch (8 replies have 16 mismatches, so 32 continuations)
     rows.clear()
     _planted_logs(tmp_path / "five", temperature=1.0, limit=24, batch_size=5, outcome_batch_size=3)
     assert max(rows) == 3 and len(rows) >= 24 * 2 * 2 / 3
