@@ -144,6 +144,12 @@ class KVCache:
         if n > 0:
             self.cache.crop(-n)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows ``rows`` in that order (a row named twice is copied): the dynamic cache only."""
+        if self.static or self.encoded is not None:
+            raise SpeccascadeError("only a decoder-only model's dynamic cache selects rows")
+        self.cache.batch_select_indices(rows)
+
     @torch.inference_mode()
     def compact(self, order: torch.Tensor) -> None:
         """Keep, for each row ``b``, the slots ``order[b]`` (``[B, L]``) in that order: the cache becomes ``L`` long."""

@@ -31,7 +31,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from ..decoding import Autoregressive, ModelPair
+from ..decoding import ModelPair
+from ..decoding.continuations import Cut, continue_cuts
 from ..decoding.sampling import Sampler, sample
 from ..data.tasks import Example, Task
 
@@ -137,8 +138,7 @@ class OutcomeLabeller:
                 if (replies[b] and replies[b][-1] in eos) or len(replies[b]) >= t + 1 + self.max_new_tokens:
                     starts[k], finished[k] = replies[b][: t + 1 + self.max_new_tokens], True
         coupled = [coupled_seed(seeds[b], t, CONTINUATION) if seeds else 0 for b, t, _ in heads]
-        scores, cost = self._score([prompts[b] for b, _, _ in heads], starts, finished, [examples[b] for b, _, _ in heads],
-                                   coupled)
+        scores, cost = self._score(prompts, replies, heads, starts, finished, [examples[b] for b, _, _ in heads], coupled)
         for k, i in enumerate(differs):
             delta[i] = scores[2 * k] - scores[2 * k + 1]
             harm[i] = float(delta[i] > 0)
@@ -146,33 +146,22 @@ class OutcomeLabeller:
         cost.helpful, cost.target_right = int((delta < 0).sum()), sum(scores[2 * k] > 0 for k in range(len(differs)))
         return harm, delta, cost
 
-    def _score(self, prompts: list[list[int]], starts: list[list[int]], finished: list[bool], examples: list[Example],
-               seeds: list[int]) -> tuple[list[float], OutcomeCost]:
+    def _score(self, prompts: list[list[int]], replies: list[list[int]], heads: list[tuple[int, int, int]],
+               starts: list[list[int]], finished: list[bool], examples: list[Example], seeds: list[int]
+               ) -> tuple[list[float], OutcomeCost]:
         """The task's score of each reply ``start + the target's continuation`` (greedy, or sampled with the
-        start's seed); a ``finished`` start, or one that ends in an end-of-sequence token, is a whole reply already."""
+        start's seed), where head ``(b, t, token)``'s start is ``replies[b][:t] + [token]``; a ``finished`` start,
+        or one that ends in an end-of-sequence token, is a whole reply already. Every continuation of a reply
+        starts from one run of the target over ``prompt + reply`` (:func:`continue_cuts`)."""
         eos = set(self.pair.eos_token_ids)
-        replies = [list(s) for s in starts]
         open_ = [j for j, s in enumerate(starts) if not finished[j] and s[-1] not in eos]
-        open_.sort(key=lambda j: len(prompts[j]) + len(starts[j]))  # similar lengths together: less padding
-        cost = OutcomeCost()
-        decoder = Autoregressive(self.pair, "target", temperature=self.temperature)
-        for c in range(0, len(open_), self.batch_size):
-            chunk = open_[c : c + self.batch_size]
-            ids, mask = _left_padded([prompts[j] + starts[j] for j in chunk], self.pair.pad_token_id, self.pair.device)
-            out = decoder.generate(ids, mask, max_new_tokens=self.max_new_tokens, seed=[seeds[j] for j in chunk])
-            for k, j in enumerate(chunk):
-                n = out.stats.rows[k]["new_tokens"]
-                replies[j] += out.new_tokens[k, :n].tolist()
-            cost.target_tokens += out.stats.new_tokens
-            cost.prefill_tokens += int(mask.sum())
-        texts = self.pair.decode(replies)
+        sequences = [prompt + reply for prompt, reply in zip(prompts, replies)]
+        cuts = [Cut(heads[j][0], len(prompts[heads[j][0]]) + heads[j][1], heads[j][2]) for j in open_]
+        found = continue_cuts(self.pair, sequences, cuts, self.max_new_tokens, self.batch_size, Sampler(self.temperature),
+                              [seeds[j] for j in open_])
+        full = [list(s) for s in starts]
+        for j, tokens in zip(open_, found.tokens):
+            full[j] += tokens
+        texts = self.pair.decode(full)
+        cost = OutcomeCost(target_tokens=found.new_tokens, prefill_tokens=found.prefill_tokens)
         return [self.task.score(text, ex) for text, ex in zip(texts, examples)], cost
-
-
-def _left_padded(sequences: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(sequences):
-        ids[b, width - len(s) :], mask[b, width - len(s) :] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)

@@ -15,7 +15,7 @@ from speccascade.data import metrics, traces
 from speccascade.tracing.log_traces import log_traces
 from speccascade.tracing.outcome import OutcomeLabeller
 from speccascade.data.tasks import TASKS, Example, Task
-from speccascade.decoding import Autoregressive, ModelPair
+from speccascade.decoding import ModelPair, continuations
 from speccascade.decoding.presets import byte_tokenizer
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
@@ -179,8 +179,8 @@ def test_sampled_labels_estimate_the_probability_that_the_swap_loses_the_answer(
 
 def test_sampled_labels_do_not_depend_on_the_batch_or_the_continuations_decoded_together(tmp_path, monkeypatch):
     rows = []  # the rows of every batch of continuations the labeller decodes
-    generate = Autoregressive.generate
-    monkeypatch.setattr(Autoregressive, "generate", lambda self, ids, *a, **k: rows.append(len(ids)) or generate(self, ids, *a, **k))
+    decode = continuations._continue
+    monkeypatch.setattr(continuations, "_continue", lambda pair, model, seqs, cuts, *a: rows.append(len(cuts)) or decode(pair, model, seqs, cuts, *a))
     _planted_logs(tmp_path / "eight", temperature=1.0, limit=24, batch_size=8)
     assert max(rows) == 16  # by default twice the batch (8 replies have 16 mismatches, so 32 continuations)
     rows.clear()
