@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SpeccascadeError
 from .cache import KVCache
-from .pairs import ModelPair
+from .pairs import ModelPair, left_padded
 from .sampling import RandomStreams, Sampler, sample
 
 SHRINK = 0.75  # drop the finished rows once at most this share of the batch is still decoding
@@ -57,10 +57,9 @@ def continue_cuts(
     batch_size: int,
     sampler: Sampler,
     seeds: Sequence[int],
-    which: str = "target",
 ) -> Continuations:
-    """Decode ``pair``'s ``which`` model on from every cut, ``batch_size`` cuts at a time (those of the same
-    sequences together); row ``i`` samples with ``seeds[i]`` (ignored when greedy)."""
+    """Decode ``pair``'s target on from every cut, ``batch_size`` cuts at a time (those of the same sequences
+    together); row ``i`` samples with ``seeds[i]`` (ignored when greedy)."""
     for cut in cuts:
         if not 0 < cut.length <= len(sequences[cut.source]):
             raise SpeccascadeError(f"a cut keeps {cut.length} tokens of a sequence of {len(sequences[cut.source])}")
@@ -74,62 +73,55 @@ def continue_cuts(
     prefilled = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        new, ran = _continue(pair, getattr(pair, which), sequences, [cuts[i] for i in chunk], max_new_tokens, sampler,
-                             [seeds[i] for i in chunk])
+        new, ran = _continue(pair, sequences, [cuts[i] for i in chunk], max_new_tokens, sampler, [seeds[i] for i in chunk])
         for i, row in zip(chunk, new):
             tokens[i] = row
         prefilled += ran
     return Continuations(tokens, prefilled)
 
 
-def _continue(pair: ModelPair, model: torch.nn.Module, sequences: Sequence[Sequence[int]], cuts: list[Cut],
-              max_new_tokens: int, sampler: Sampler, seeds: list[int]) -> tuple[list[list[int]], int]:
-    """One batch of cuts: run the model over each source once (left-padded to a common width), give every cut
-    its source's cache, and decode, dropping finished rows."""
+def _continue(pair: ModelPair, sequences: Sequence[Sequence[int]], cuts: list[Cut], max_new_tokens: int,
+              sampler: Sampler, seeds: list[int]) -> tuple[list[list[int]], int]:
+    """One batch of cuts: run the target over each source once (left-padded to a common width), give every cut
+    its source's cache, and decode, dropping finished rows (one host read per step: which rows ended)."""
     device = pair.device
-    sources = sorted({cut.source for cut in cuts})
-    needed = {s: max(cut.length for cut in cuts if cut.source == s) for s in sources}
-    prefixes = [list(sequences[s][: needed[s]]) for s in sources]
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(sources), width), pair.pad_token_id, dtype=torch.long)
-    real = torch.zeros(len(sources), width + max_new_tokens, dtype=torch.long)  # the sources' slot mask
-    for b, prefix in enumerate(prefixes):
-        ids[b, width - len(prefix) :] = torch.tensor(prefix)
-        real[b, width - len(prefix) : width] = 1
-    ids, real = ids.to(device), real.to(device)
-    cache = KVCache(model, pair.vocab_size)
-    cache.forward(ids, (real[:, :width].cumsum(1) - 1).clamp_min(0), real, logits_to_keep=1)
+    needed: dict[int, int] = {}  # each source's longest cut: the prefix it runs over
+    for cut in cuts:
+        needed[cut.source] = max(needed.get(cut.source, 0), cut.length)
+    sources = list(needed)
+    ids, real = left_padded([sequences[s][: needed[s]] for s in sources], pair.pad_token_id, device)
+    width = ids.shape[1]
+    cache = KVCache(pair.target, pair.vocab_size)
+    cache.forward(ids, (real.cumsum(1) - 1).clamp_min(0), real, logits_to_keep=1)
 
     # every cut starts from its source's cache; the source's slots past the cut hold other tokens: masked out
     cache.select_rows(torch.tensor([sources.index(cut.source) for cut in cuts], device=device))
-    first = torch.tensor([width - needed[cut.source] for cut in cuts], device=device)  # a source's first real slot
+    first = torch.tensor([width - needed[cut.source] for cut in cuts], device=device)  # the source's first real slot
     length = torch.tensor([cut.length for cut in cuts], device=device)
     slot = torch.arange(width + max_new_tokens, device=device)
     mask = ((slot >= first[:, None]) & (slot < (first + length)[:, None])) | (slot >= width)  # new slots: all written
     token = torch.tensor([cut.token for cut in cuts], device=device)[:, None]
     position = length[:, None].clone()  # the fed token's position: one past the kept prefix
     uniforms = None if sampler.greedy else RandomStreams(seeds, max_new_tokens + 2, device).draft
-
-    rows = torch.arange(len(cuts), device=device)  # the cut each batch row continues
-    new = torch.zeros(len(cuts), max_new_tokens, dtype=torch.long, device=device)
-    count = [0] * len(cuts)
-    live = list(range(len(cuts)))  # the cuts still decoding
     eos = torch.tensor(pair.eos_token_ids, dtype=torch.long, device=device)
+
+    rows = list(range(len(cuts)))  # the cut each batch row continues
+    index = torch.arange(len(cuts), device=device)  # the same, on the device
+    new = torch.zeros(len(cuts), max_new_tokens, dtype=torch.long, device=device)
+    count = [0] * len(cuts)  # a cut's new tokens once it has ended; 0 while it decodes
     for j in range(max_new_tokens):
-        logits, _ = cache.forward(token, position, mask, logits_to_keep=1)
-        logits = logits[:, 0]
-        token = logits.argmax(-1) if uniforms is None else sample(sampler(logits), uniforms[rows, j])
-        new[rows, j] = token
-        ended = torch.isin(token, eos).tolist()
-        for r, i in enumerate(rows.tolist()):
-            if count[i] == 0 and (ended[r] or j + 1 == max_new_tokens):
+        logits = cache.forward(token, position, mask, logits_to_keep=1)[0][:, 0]
+        token = logits.argmax(-1) if uniforms is None else sample(sampler(logits), uniforms[index, j])
+        new[index, j] = token
+        for i, ended in zip(rows, torch.isin(token, eos).tolist()):
+            if count[i] == 0 and (ended or j + 1 == max_new_tokens):
                 count[i] = j + 1
-        live = [i for i in live if count[i] == 0]
-        if not live:
+        keep = [r for r, i in enumerate(rows) if count[i] == 0]
+        if not keep:
             break
         token, position = token[:, None], position + 1
-        if len(live) <= SHRINK * len(rows):
-            keep = torch.nonzero(torch.tensor([count[i] == 0 for i in rows.tolist()], device=device)).squeeze(1)
-            cache.select_rows(keep)
-            rows, mask, token, position = rows[keep], mask[keep], token[keep], position[keep]
+        if len(keep) <= SHRINK * len(rows):
+            kept = torch.tensor(keep, device=device)
+            cache.select_rows(kept)
+            rows, index, mask, token, position = [rows[r] for r in keep], index[kept], mask[kept], token[kept], position[kept]
     return [new[i, : count[i]].tolist() for i in range(len(cuts))], int(real.sum())

@@ -210,6 +210,17 @@ def layer_subset(target: PreTrainedModel, layers: Sequence[int]) -> PreTrainedMo
     return drafter.eval()
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch: ``ids`` and ``mask`` ``[B, longest]``, each row ending at the last column."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(sequences):
+        ids[b, width - len(s) :], mask[b, width - len(s) :] = torch.tensor(list(s), dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the right end (any padding side in, left padding out)."""
     if input_ids.dim() == 1:

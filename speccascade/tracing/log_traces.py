@@ -31,6 +31,7 @@ from ..data.schema import position_rows, to_numpy
 from ..data.tasks import Example, Task, get_task
 from ..data.tasks.base import conversation
 from ..decoding import BlockEvent, ModelPair, SpeculativeCascade
+from ..decoding.pairs import left_padded
 from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
@@ -354,12 +355,8 @@ class RowLogger:
         refs = [tok(ex.reference, add_special_tokens=False)["input_ids"][: cfg["max_reference_tokens"]] for _, ex in batch]
         if pair.eos_token_ids:
             refs = [r + [pair.eos_token_ids[0]] for r in refs]
-        width = max(len(r) for r in refs)
-        ref_ids = torch.full((len(batch), width), pair.pad_token_id, dtype=torch.long)
-        ref_mask = torch.zeros_like(ref_ids)
-        for b, r in enumerate(refs):  # right-aligned, so every row ends at the last column
-            ref_ids[b, width - len(r) :], ref_mask[b, width - len(r) :] = torch.tensor(r), 1
-        ref_ids, ref_mask = ref_ids.to(pair.device), ref_mask.to(pair.device)
+        ref_ids, ref_mask = left_padded(refs, pair.pad_token_id, pair.device)  # every row ends at the last column
+        width = ref_ids.shape[1]
         outputs = {}
         for name, model in (("q", pair.drafter), ("p", pair.target)):
             logits, hidden, ids = pair.teacher_forced(model, prompt_ids, prompt_mask, ref_ids, ref_mask, name in self.hidden)

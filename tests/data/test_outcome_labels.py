@@ -180,7 +180,7 @@ def test_sampled_labels_estimate_the_probability_that_the_swap_loses_the_answer(
 def test_sampled_labels_do_not_depend_on_the_batch_or_the_continuations_decoded_together(tmp_path, monkeypatch):
     rows = []  # the rows of every batch of continuations the labeller decodes
     decode = continuations._continue
-    monkeypatch.setattr(continuations, "_continue", lambda pair, model, seqs, cuts, *a: rows.append(len(cuts)) or decode(pair, model, seqs, cuts, *a))
+    monkeypatch.setattr(continuations, "_continue", lambda pair, seqs, cuts, *a: rows.append(len(cuts)) or decode(pair, seqs, cuts, *a))
     _planted_logs(tmp_path / "eight", temperature=1.0, limit=24, batch_size=8)
     assert max(rows) == 16  # by default twice the batch (8 replies have 16 mismatches, so 32 continuations)
     rows.clear()
