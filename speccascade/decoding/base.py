@@ -15,7 +15,7 @@ from ..errors import SpeccascadeError
 from .cache import KVCache, resolve_layout
 from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
-from .state import DecodeState, GenerateOutput, Output, Slots
+from .state import SHRINK, DecodeState, GenerateOutput, Output, Slots
 
 
 class Decoder(ABC):
@@ -47,6 +47,11 @@ class Decoder(ABC):
     def models(self) -> dict[str, torch.nn.Module]:
         """The models this decoder runs, by cache name."""
 
+    @property
+    def drops_rows(self) -> bool:
+        """Finished rows may leave the batch: the dynamic cache of a decoder-only pair (which selects rows)."""
+        return self.cache == "dynamic" and not self.pair.is_encoder_decoder
+
     @abstractmethod
     def step(self, state: DecodeState) -> None:
         """Extend every active row by at least one token."""
@@ -61,24 +66,27 @@ class Decoder(ABC):
     ) -> GenerateOutput:
         """Decode a batch of prompts; see :class:`GenerateOutput`.
 
-        A step that read the host anyway leaves the tokens still to emit there (``out.left``), which
-        ends the loop without another read. Otherwise, on CUDA the loop reads the all-done flag one step
-        late (copied while the next step runs), so the host never waits for the device; a finished batch
-        runs at most one idle step.
+        A step that read the host anyway leaves there the tokens still to emit and the rows still decoding
+        (``out.left``, ``out.live``); on the CPU the loop reads them itself. They end the loop, and where
+        :attr:`drops_rows`, the finished rows leave the batch once at most ``SHRINK`` of it still decodes,
+        so the longest reply no longer keeps them in every forward. Otherwise, on CUDA the loop reads the
+        all-done flag one step late (copied while the next step runs), so the host never waits for the
+        device; a finished batch runs at most one idle step.
         """
         state = self.start(input_ids, attention_mask, max_new_tokens, seed)
         late: tuple[torch.Tensor, torch.cuda.Event] | None = None
         while True:
             self.step(state)
-            if state.out.left is not None:
-                if state.out.left == 0:
+            out = state.out
+            if out.left is None and out.room.device.type != "cuda":
+                out.read(out.room.tolist())
+            if out.left is not None:
+                if out.left == 0:
                     break
+                if self.drops_rows and out.live <= SHRINK * out.room.shape[0]:
+                    state.keep_live()
                 continue
-            done = state.out.done
-            if done.device.type != "cuda":
-                if bool(done.all()):
-                    break
-                continue
+            done = out.done
             if late is not None:
                 late[1].synchronize()
                 if bool(late[0]):

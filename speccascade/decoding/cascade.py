@@ -151,6 +151,11 @@ class SpeculativeCascade(Decoder):
         return {"drafter": self.pair.drafter, "target": self.pair.target}
 
     @property
+    def drops_rows(self) -> bool:
+        """As every decoder's, but never under a hook, which sees every row of the batch in every block."""
+        return super().drops_rows and self.hook is None
+
+    @property
     def drafter_lag(self) -> int:
         """1 when nothing reads ``q_{gamma+1}``: the drafter then skips its last step of each block."""
         return int((self.bonus == "target" or not self.rule.needs_bonus_drafter) and self.hook is None)
@@ -371,12 +376,15 @@ class SpeculativeCascade(Decoder):
         mask the rest out.
 
         Both caches drop the same count: a drafter that skipped its last step holds one slot less
-        before the rollback and lags one slot behind after it. With the dynamic cache the count kept
-        and the tokens still to emit are read on the host together: the block's one wait for the device.
+        before the rollback and lags one slot behind after it. With the dynamic cache the count kept,
+        the tokens still to emit and the rows still decoding are read on the host together: the block's one
+        wait for the device.
         """
         slots, out = state.slots, state.out
-        if self.cache == "dynamic":  # the maxima taken on the host: a few ints, one operator less
-            kept, out.left = map(max, torch.stack([valid, out.room]).tolist())
+        if self.cache == "dynamic":  # read on the host: a few ints, one operator less
+            valid_h, room_h = torch.stack([valid, out.room]).tolist()
+            kept = max(valid_h)
+            out.read(room_h)
         else:
             kept = valid.max()
         slots.rollback(fed.shape[1], kept)

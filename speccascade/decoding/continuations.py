@@ -23,8 +23,7 @@ from ..errors import SpeccascadeError
 from .cache import KVCache
 from .pairs import ModelPair, left_padded
 from .sampling import RandomStreams, Sampler, sample
-
-SHRINK = 0.75  # drop the finished rows once at most this share of the batch is still decoding
+from .state import SHRINK
 
 
 @dataclass(frozen=True)

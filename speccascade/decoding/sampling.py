@@ -119,6 +119,12 @@ class RandomStreams:
     def resample(self) -> torch.Tensor:
         return self.streams[2]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the streams of the batch rows ``rows`` (in that order)."""
+        if "streams" in self.__dict__:
+            self.streams = tuple(stream[rows] for stream in self.streams)
+        self.seeds = [self.seeds[b] for b in rows.tolist()]
+
     @staticmethod
     def row_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:
         """An int seeds rows ``seed, seed + 1, ...``; a sequence gives one seed per row."""

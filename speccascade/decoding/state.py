@@ -34,6 +34,9 @@ The decoder's words, defined once:
 - **emit**: append a step's tokens to each row's output; a row is **done** at its first
   end-of-sequence token or at ``max_new_tokens``; ``emitted`` counts a row's new tokens, ``room``
   the tokens it may still emit (0 once done).
+- **keep**: drop the rows that are done from the batch, once at most ``SHRINK`` of it still decodes
+  (``Decoder.drops_rows``): their tokens and counts are banked under their place in the batch as it
+  started, their cache rows dropped; the rows left go on with the same slots.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from ..errors import SpeccascadeError
 from .cache import KVCache
 from .sampling import RandomStreams
 from .stats import Counters, DecodeStats
+
+SHRINK = 0.75  # finished rows leave a batch once at most this share of it is still decoding
 
 
 @dataclass
@@ -140,6 +145,15 @@ class Slots:
         self.block = Block(window, self.pos_column + self.first(n), index)
         return self.block
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows ``rows`` (in that order) in the layout and in every cache."""
+        for cache in self.caches.values():
+            cache.select_rows(rows)
+        self.mask, self.tokens, self.positions = self.mask[rows], self.tokens[rows], self.positions[rows]
+        self.pending, self.pos = self.pending[rows], self.pos[rows]
+        self.pos_column = self.pos.unsqueeze(1)
+        self.block = None
+
     def catch_up(self, name: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids``/``positions`` ``[B, n]`` for cache ``name``, preceded by the slots it lacks; it lacks none after."""
         k = self.behind.get(name, 0)
@@ -222,11 +236,31 @@ class Output:
     eos: torch.Tensor  # [E] end-of-sequence token ids (may be empty)
     pad_token_id: int
     left: int | None = None  # the most new tokens a row still lacks, as read on the host after the last step
+    live: int | None = None  # the rows still decoding, read with ``left``
 
     def __post_init__(self) -> None:
         self.offsets = Aranges(self.tokens.shape[1], self.tokens.device)  # token offsets, built once
         self.ends = Aranges(self.tokens.shape[1], self.tokens.device, start=1)  # offsets + 1
         self.emitted_column = self.emitted.unsqueeze(1)  # [B, 1], a view: follows ``emitted``, only updated in place
+        self.index = self.counts.index  # each row's place in the batch as it started
+        self.banked = (self.tokens, self.emitted)  # every row's tokens, in that order: written back as rows leave
+
+    def read(self, room: list[int]) -> None:
+        """Note what a host read of ``room`` says: the most tokens a row lacks (``left``) and the rows still decoding."""
+        self.left, self.live = max(room), len(room) - room.count(0)
+
+    def keep(self, rows: torch.Tensor | None = None) -> None:
+        """Bank every row's tokens under its place in the starting batch, then decode on the batch rows ``rows``
+        alone (the others have finished); ``None`` banks and keeps every row."""
+        tokens, emitted = self.banked
+        if tokens is not self.tokens:  # rows have left before: write the current ones back
+            tokens.index_copy_(0, self.index, self.tokens)
+            emitted.index_copy_(0, self.index, self.emitted)
+        self.counts.keep(rows)
+        if rows is not None:
+            self.index = self.counts.index
+            self.tokens, self.emitted, self.room = self.tokens[rows], self.emitted[rows], self.room[rows]
+            self.emitted_column = self.emitted.unsqueeze(1)
 
     @classmethod
     def empty(cls, batch: int, width: int, block_size: int, max_new_tokens: int, eos: list[int], pad_token_id: int,
@@ -269,10 +303,11 @@ class Output:
         return self.room == 0
 
     def new_tokens(self) -> torch.Tensor:
-        """``[B, max emitted]``: each row's new tokens, right-padded."""
-        width = int(self.emitted.max()) if self.emitted.numel() else 0
-        new = self.tokens[:, :width]
-        filled = torch.arange(width, device=new.device) < self.emitted.unsqueeze(1)
+        """``[B, max emitted]``: each row's new tokens, right-padded, in the order the batch started in."""
+        tokens, emitted = self.banked
+        width = int(emitted.max()) if emitted.numel() else 0
+        new = tokens[:, :width]
+        filled = torch.arange(width, device=new.device) < emitted.unsqueeze(1)
         return torch.where(filled, new, self.pad_token_id)
 
 
@@ -290,6 +325,17 @@ class DecodeState:
         self.rows = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
         self.fills: dict[int, torch.Tensor] = {}
 
+    @torch.inference_mode()
+    def keep_live(self) -> None:
+        """Drop the rows that have finished from the batch: their tokens and counts are banked, their slots and
+        cache rows dropped (the dynamic cache of a decoder-only model; see ``Decoder.drops_rows``)."""
+        rows = (self.out.room > 0).nonzero().squeeze(1)
+        self.slots.keep(rows)
+        self.out.keep(rows)
+        self.streams.keep(rows)
+        self.rows = self.rows[: rows.shape[0]]
+        self.fills = {}
+
     def filled(self, value: int) -> torch.Tensor:
         """``[B]`` filled with ``value`` (each row's draft count in a fixed block), built once per value; read only."""
         if value not in self.fills:
@@ -300,8 +346,8 @@ class DecodeState:
     def finish(self) -> GenerateOutput:
         """The sequences and the stats; each row's new tokens are counted here, once (in inference mode, as the
         counters were made: a caller may finish a decode outside it)."""
-        self.out.counts.add("new_tokens", self.out.emitted)
-        self.out.counts.count_blocks()
+        self.out.keep()  # every row's tokens and counts, in the order the batch started in
         wall = time.perf_counter() - self.started
         sequences = torch.cat([self.prompt_ids, self.out.new_tokens()], dim=1)
-        return GenerateOutput(sequences=sequences, stats=self.out.counts.finish(wall), prompt_length=self.prompt_ids.shape[1])
+        stats = self.out.counts.finish(wall, new_tokens=self.out.banked[1])
+        return GenerateOutput(sequences=sequences, stats=stats, prompt_length=self.prompt_ids.shape[1])

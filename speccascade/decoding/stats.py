@@ -29,19 +29,40 @@ RATES = ("tokens_per_target_call", "acceptance_rate", "deferral_rate", "rejectio
 class Counters:
     """Device-side per-row counters, plus the batched forwards per model.
 
-    The cascade records each block's outcome with :meth:`block` (references to tensors it made
+    Rows that finish may leave the batch (:meth:`keep`): their counts are banked under their place in the
+    batch as it started, which is the order :meth:`finish` reports rows in. The cascade records each block's outcome with :meth:`block` (references to tensors it made
     anyway, no operator runs) and the counters are computed from all blocks at once in :meth:`finish`;
     the baselines :meth:`add` to the counters directly.
     """
 
     def __init__(self, batch_size: int, block_size: int, device: torch.device) -> None:
-        self.rows = {name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in COUNTERS}
         self.block_size = max(block_size, 1)
+        self.forwards = {"drafter": 0, "target": 0}
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.index = torch.arange(batch_size, device=device)  # each row's place in the batch as it started
+        self.banked = {name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in COUNTERS}
+        self.banked_at = torch.zeros(2, self.block_size, dtype=torch.long, device=device)  # reached_at, accepted_at summed
+        self._reset(batch_size)
+
+    def _reset(self, batch_size: int) -> None:
+        """Zero the counters of the ``batch_size`` rows decoding now."""
+        device = self.index.device
+        self.rows = {name: torch.zeros(batch_size, dtype=torch.long, device=device) for name in COUNTERS}
         self.reached_at = torch.zeros(batch_size, self.block_size, dtype=torch.long, device=device)
         self.accepted_at = torch.zeros_like(self.reached_at)
-        self.forwards = {"drafter": 0, "target": 0}
         self.everywhere: dict[int, torch.Tensor] = {}  # all-True ``deferred`` by width
-        self.blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+
+    @torch.inference_mode()
+    def keep(self, rows: torch.Tensor | None = None) -> None:
+        """Bank every row's counts so far under its place in the starting batch, then count on for the batch rows
+        ``rows`` alone (the others have finished and left it); ``None`` banks and keeps every row."""
+        self.count_blocks()
+        for name, value in self.rows.items():
+            self.banked[name].index_add_(0, self.index, value)
+        self.banked_at += torch.stack([self.reached_at.sum(0), self.accepted_at.sum(0)])
+        if rows is not None:
+            self.index = self.index[rows]
+        self._reset(self.index.shape[0])
 
     def deferred_everywhere(self, width: int) -> torch.Tensor:
         """``[B, width]`` True: ``r = 1`` at every position (exact speculative decoding), built once per width; read only."""
@@ -81,15 +102,18 @@ class Counters:
         self.accepted_at += (a.unsqueeze(-1) * (offsets < n.unsqueeze(-1))).sum(0)
         self.blocks = []
 
-    def finish(self, wall_s: float) -> DecodeStats:
-        self.count_blocks()
-        rows = {name: t.tolist() for name, t in self.rows.items()}
+    def finish(self, wall_s: float, new_tokens: torch.Tensor) -> DecodeStats:
+        """The stats of the whole batch, given each row's ``new_tokens`` (in the order it started in)."""
+        self.keep()
+        self.banked["new_tokens"] += new_tokens
+        rows = {name: t.tolist() for name, t in self.banked.items()}
+        reached_at, accepted_at = self.banked_at.tolist()
         return DecodeStats(
             **{name: sum(values) for name, values in rows.items()},
             target_forwards=self.forwards["target"],
             drafter_forwards=self.forwards["drafter"],
-            reached_at=self.reached_at.sum(0).tolist(),
-            accepted_at=self.accepted_at.sum(0).tolist(),
+            reached_at=reached_at,
+            accepted_at=accepted_at,
             wall_s=wall_s,
             rows=[dict(zip(rows, values)) for values in zip(*rows.values())],
         )
