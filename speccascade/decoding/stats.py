@@ -29,10 +29,10 @@ RATES = ("tokens_per_target_call", "acceptance_rate", "deferral_rate", "rejectio
 class Counters:
     """Device-side per-row counters, plus the batched forwards per model.
 
-    Rows that finish may leave the batch (:meth:`keep`): their counts are banked under their place in the
-    batch as it started, which is the order :meth:`finish` reports rows in. The cascade records each block's outcome with :meth:`block` (references to tensors it made
-    anyway, no operator runs) and the counters are computed from all blocks at once in :meth:`finish`;
-    the baselines :meth:`add` to the counters directly.
+    The cascade records each block's outcome with :meth:`block` (references to tensors it made anyway, no
+    operator runs) and the counters are computed from all blocks at once in :meth:`finish`; the baselines
+    :meth:`add` to the counters directly. Rows that finish may leave the batch (:meth:`keep`): their counts
+    are banked under their place in the batch as it started, the order :meth:`finish` reports rows in.
     """
 
     def __init__(self, batch_size: int, block_size: int, device: torch.device) -> None:
