@@ -242,7 +242,6 @@ class Output:
         self.offsets = Aranges(self.tokens.shape[1], self.tokens.device)  # token offsets, built once
         self.ends = Aranges(self.tokens.shape[1], self.tokens.device, start=1)  # offsets + 1
         self.emitted_column = self.emitted.unsqueeze(1)  # [B, 1], a view: follows ``emitted``, only updated in place
-        self.index = self.counts.index  # each row's place in the batch as it started
         self.banked = (self.tokens, self.emitted)  # every row's tokens, in that order: written back as rows leave
 
     def read(self, room: list[int]) -> None:
@@ -254,11 +253,10 @@ class Output:
         alone (the others have finished); ``None`` banks and keeps every row."""
         tokens, emitted = self.banked
         if tokens is not self.tokens:  # rows have left before: write the current ones back
-            tokens.index_copy_(0, self.index, self.tokens)
-            emitted.index_copy_(0, self.index, self.emitted)
+            tokens.index_copy_(0, self.counts.index, self.tokens)  # each row's place in the batch as it started
+            emitted.index_copy_(0, self.counts.index, self.emitted)
         self.counts.keep(rows)
         if rows is not None:
-            self.index = self.counts.index
             self.tokens, self.emitted, self.room = self.tokens[rows], self.emitted[rows], self.room[rows]
             self.emitted_column = self.emitted.unsqueeze(1)
 
