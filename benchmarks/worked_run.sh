@@ -77,28 +77,49 @@ stage_choice() {  # step 4: the 512 heads' curve and knobs beside the six rules,
         "${every[@]/#/learned:}"
 }
 
-compare() {  # compare OUT RULES HEAD RULE FLAGS...: evaluate, then the primary test of HEAD against RULE
-    local out=$1 rules=$2 head=$3 rule=$4; shift 4
+evaluate() {  # evaluate OUT RULES FLAGS...: the test's settings with these rules, resumed
+    local out=$1 rules=$2; shift 2
     say "evaluate $out"
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} speccascade evaluate --config configs/eval/worked-test.yaml --rules "$rules" \
         --out "$out" --resume "$@" >> "$W/logs/evaluate.log" 2>&1
-    report "$out/primary_test.json" "$PY" benchmarks/primary_test.py "$out" "$(label "$head")" "$(label "$rule")"
 }
 
-stage_test() {  # step 5 and the primary test
-    compare "$W/eval/test" "$(chosen test_rules)" "$(chosen head spec)" "$(chosen best_training_free spec)"
+training_free() {  # the labels of the four training-free rules at their knobs, comma-separated
+    local name labels=()
+    for name in gain kl entropy fly; do labels+=("$(label "$(chosen rules "$name")")"); done
+    (IFS=,; echo "${labels[*]}")
+}
+
+stage_test() {  # step 5 and the primary test: the head against the best training-free rule that keeps the
+    # target's quality on the test, else exact decoding (amendment 8)
+    evaluate "$W/eval/test" "$(chosen test_rules)"
+    report "$W/eval/test/primary_test.json" "$PY" benchmarks/primary_test.py "$W/eval/test" \
+        "$(label "$(chosen head spec)")" "$(training_free)" --otherwise "$(label always)"
 }
 
 stage_secondary() {  # amendment 3: the head and the best rule at equal validation acceptance (256 problems)
     local head rule
     IFS=, read -r _ head rule <<< "$(chosen secondary_rules)"
-    compare "$W/eval/secondary" "$(chosen secondary_rules)" "$head" "$rule" --limit 256
+    evaluate "$W/eval/secondary" "$(chosen secondary_rules)" --limit 256
+    report "$W/eval/secondary/primary_test.json" "$PY" benchmarks/primary_test.py "$W/eval/secondary" \
+        "$(label "$head")" "$(label "$rule")"
 }
 
-stage_bench() {  # step 6: the best rule's and the head's latency at their knobs beside exact decoding
+denominator() {  # the spelling of the primary test's denominator rule (amendment 8); nothing for exact decoding
+    local name
+    for name in gain kl entropy fly; do
+        [[ $(label "$(chosen rules "$name")") == "$("$PY" -c 'import json, sys
+print(json.load(open(sys.argv[1]))["denominator"])' "$W/eval/test/primary_test.json")" ]] && chosen rules "$name"
+    done
+    return 0
+}
+
+stage_bench() {  # step 6: the primary test's two points (amendment 8) beside exact decoding, latency
+    local rules
+    rules=$(denominator)
     say "bench"
     speccascade bench --models smollm2-135m-worked --task worked-arithmetic --prompts 64 --batch-sizes 1 \
-        --max-new-tokens 176 --no-transformers --rules "$(chosen best_training_free spec),$(chosen head spec)" \
+        --max-new-tokens 176 --no-transformers --rules "${rules:+$rules,}$(chosen head spec)" \
         --out "$W/bench" >> "$W/logs/bench.log" 2>&1
 }
 

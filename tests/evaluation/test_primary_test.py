@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from primary_test import paired_calls  # noqa: E402
+from primary_test import best_non_inferior, paired_calls  # noqa: E402
 
 
 def _records(directory: Path, name: str, ids: list[str], calls: list[int], score: list[float] | None = None) -> dict:
@@ -33,3 +33,17 @@ def test_points_on_different_examples_are_refused(tmp_path):
     rule = _records(tmp_path, "rule", ["a", "c"], [1, 2])
     with pytest.raises(SystemExit, match="different examples"):
         paired_calls(tmp_path, head, rule)
+
+
+def test_the_denominator_is_the_non_inferior_candidate_with_the_fewest_calls():
+    results = {"points": [
+        {"label": "always", "non_inferior": True, "target_calls": 100},
+        {"label": "gain:0.2", "non_inferior": False, "target_calls": 80},  # fewest calls, but loses quality
+        {"label": "kl:0.6", "non_inferior": True, "target_calls": 95},
+        {"label": "fly:1.1", "non_inferior": True, "target_calls": 97},
+    ]}
+    assert best_non_inferior(results, ["gain:0.2", "kl:0.6", "fly:1.1"], "always")["label"] == "kl:0.6"
+    assert best_non_inferior(results, ["gain:0.2"], "always")["label"] == "always"  # none non-inferior
+    assert best_non_inferior(results, ["gain:0.2"])["label"] == "gain:0.2"  # one label: that point, as before
+    with pytest.raises(SystemExit, match="no single point"):
+        best_non_inferior(results, ["kl:0.6", "entropy:0.9"], "always")
