@@ -13,7 +13,7 @@ those ``evaluate`` judged non-inferior to the target, or ``--otherwise``'s point
 amendment 8: the best training-free rule at non-inferior quality, else exact decoding):
 
     python benchmarks/primary_test.py runs/eval/worked-test "learned:outcome-mlp@0.31" "gain:0.15,kl:0.6:tau=0.9" \
-        --otherwise always
+        --otherwise "speculative decoding"
 """
 
 from __future__ import annotations

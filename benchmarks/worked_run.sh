@@ -106,10 +106,10 @@ stage_secondary() {  # amendment 3: the head and the best rule at equal validati
 }
 
 denominator() {  # the spelling of the primary test's denominator rule (amendment 8); nothing for exact decoding
-    local name
+    local name found
+    found=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["denominator"])' "$W/eval/test/primary_test.json")
     for name in gain kl entropy fly; do
-        [[ $(label "$(chosen rules "$name")") == "$("$PY" -c 'import json, sys
-print(json.load(open(sys.argv[1]))["denominator"])' "$W/eval/test/primary_test.json")" ]] && chosen rules "$name"
+        [[ $(label "$(chosen rules "$name")") == "$found" ]] && chosen rules "$name"
     done
     return 0
 }
