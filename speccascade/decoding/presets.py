@@ -284,9 +284,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    num_layers: int, vocab_size: int, seed: int, hidden_size: int = 64, init_std: float = 0.2, context: int = 2048
+    num_layers: int, vocab_size: int, seed: int, hidden_size: int = 64, init_std: float = 0.2, context: int = 8192
 ) -> LlamaForCausalLM:
-    """A random Llama-style model, deterministic by seed (float32, CPU)."""
+    """A random Llama-style model, deterministic by seed (float32, CPU). Its context holds Spec-Bench's longest
+    prompt in bytes (6,850) plus 1,024 new tokens; the weights do not depend on it."""
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

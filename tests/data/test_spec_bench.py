@@ -143,3 +143,16 @@ def test_the_shared_file_has_six_categories_of_80():
         assert all(len(e.followups) == (1 if category == "mt_bench" else 0) for e in chosen)
     referenced = {c: sum(bool(e.answer) for e in examples if e.category == c) for c in CATEGORIES}
     assert referenced == {"mt_bench": 0, "translation": 80, "summarization": 80, "qa": 0, "math_reasoning": 80, "rag": 80}
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason="the shared Spec-Bench copy is not here")
+def test_the_tiny_random_pair_holds_every_prompt_with_1024_new_tokens():
+    """tiny-random's byte-level tokens make Spec-Bench's summaries its longest prompts (6,850 bytes): its context
+    takes each of them with the GPU configuration's 1,024 new tokens, so the whole file runs on it."""
+    from speccascade.decoding import load_pair
+
+    pair = load_pair("tiny-random")
+    examples = get_task("spec-bench").examples("test", data_file=SHARED)
+    _, mask = pair.encode([e.prompt for e in examples])
+    longest = int(mask.sum(1).max())
+    assert longest > 6000 and longest + 1024 <= pair.context_length
