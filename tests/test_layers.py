@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "speccascade"
 TOP = "speccascade"
-LAYERS = ("errors", "version", "runtime", "listing", "uncertainty", "report", "outdir", "deferral", "data", "tracking", "decoding",
+LAYERS = ("errors", "version", "runtime", "launch", "listing", "uncertainty", "report", "outdir", "deferral", "data", "tracking", "decoding",
           "settings", "finetune", "pairs", "tracing", "evaluation", "training", "bench", "demo", "cli", TOP)  # bottom to top
 
 

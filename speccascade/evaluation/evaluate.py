@@ -11,7 +11,7 @@ its last whole batch, and writes the same results files.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +24,13 @@ from ..decoding.stats import COUNTERS, DecodeStats
 from ..deferral import rules as R
 from ..deferral.heads import fingerprint
 from ..errors import SpeccascadeError
+from ..launch import launch
 from ..listing import split_list
 from ..outdir import OutputDir
 from ..pairs import check_heads, load_settings_pair
 from ..report import by_rule
-from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, DecodingSettings, OutputSettings, PairSettings,
-                        TaskSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting)
+from ..settings import (EXAMPLES_HIGH, BlockSettings, CategorySettings, DecodingSettings, LaunchSettings, OutputSettings,
+                        PairSettings, TaskSettings, TrackingSettings, as_config, resolve_groups, seed_setting, setting)
 from ..uncertainty import LEVEL, RESAMPLES, resample_weights
 from ..version import __version__
 from . import report
@@ -45,8 +46,8 @@ DEFAULT_MARGIN = 0.02
 
 
 @dataclass(kw_only=True)
-class EvaluateSettings(TrackingSettings, BlockSettings, DecodingSettings, CategorySettings, TaskSettings, PairSettings,
-                       OutputSettings):
+class EvaluateSettings(TrackingSettings, LaunchSettings, BlockSettings, DecodingSettings, CategorySettings, TaskSettings,
+                       PairSettings, OutputSettings):
     """Settings of ``evaluate`` (the shared groups, then its own)."""
 
     split: str = setting("test", "evaluation split")
@@ -168,8 +169,10 @@ def _check_pair(rule: R.Learned, pair: ModelPair) -> None:
 
 def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Task, s: EvaluateSettings,
            done: Callable[[int], object] = lambda n: None, partial: tuple[dict, dict] | None = None,
-           save: Callable[[dict, dict], object] = lambda records, totals: None) -> tuple[dict, dict]:
-    """Decode every example: per-example records and the point's totals that are no per-example sums.
+           save: Callable[[dict, dict], object] = lambda records, totals: None,
+           starts: Sequence[int] | None = None) -> tuple[dict, dict]:
+    """Decode the batches of ``examples`` that begin at ``starts`` (default: all of them, in order): per-example
+    records and the point's totals that are no per-example sums.
 
     A multi-turn example's record adds up its turns' counters; its score is the reply to its last turn's, its
     text every reply, a blank line between them. ``done`` is told how many examples each batch decoded (progress).
@@ -177,8 +180,10 @@ def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Tas
     batches an uninterrupted run would decode next (example ``i`` is decoded with seed ``seed + i`` in either
     case); ``save`` is given the records and totals after every batch but the last.
     """
+    starts = range(0, len(examples), s.batch_size) if starts is None else starts
     records, totals = partial or (empty_records(), dict.fromkeys(TOTALS, 0))
-    for start in range(len(records["example_id"]), len(examples), s.batch_size):
+    for n in range(-(-len(records["example_id"]) // s.batch_size), len(starts)):  # after the batches a partial run decoded
+        start = starts[n]
         batch, stats = examples[start : start + s.batch_size], []
         replies, counters, tokens = _turns(decoder, pair, batch, [s.seed + start + i for i in range(len(batch))], s, stats)
         done(len(batch))
@@ -192,7 +197,7 @@ def decode(decoder: Decoder, pair: ModelPair, examples: list[Example], task: Tas
             records["text"].append("\n\n".join(texts))
         batch_total = DecodeStats.merge(stats)
         totals = {name: totals[name] + getattr(batch_total, name) for name in TOTALS}
-        if start + len(batch) < len(examples):
+        if n + 1 < len(starts):
             save(records, totals)
     return records, totals
 
@@ -218,14 +223,19 @@ def _turns(decoder: Decoder, pair: ModelPair, batch: list[Example], seeds: list[
 
 
 def run(plan: _Plan) -> dict:
-    """Decode the points not yet complete, then summarise, report and log every point."""
+    """Decode the points not yet complete, then summarise, report and log every point (in process 0; the others,
+    with ``--devices`` > 1, decode their share of each point's batches and return an empty dict)."""
     s, out = plan.settings, Path(plan.settings.out)
     with plan.out.claim():
-        pair = load_settings_pair(s)
+        fabric = launch(s.accelerator, s.devices, s.num_nodes)
+        pair = load_settings_pair(s, device=fabric.device)
         check_heads((p.rule for p in plan.points), pair)
         for learned in {id(p.rule.head): p.rule for p in plan.points if isinstance(p.rule, R.Learned)}.values():
             _check_pair(learned, pair)
-        done = _decode_points(plan, pair, PointStore(out))
+        done = _decode_points(plan, pair, PointStore(out), fabric)
+        if fabric.global_rank != 0:
+            plan.out.finish()
+            return {}
         result = results(plan, done, pair)
         report.write_outputs(out, result)
         if s.wandb_mode != "disabled":
@@ -236,29 +246,64 @@ def run(plan: _Plan) -> dict:
     return result
 
 
-def _decode_points(plan: _Plan, pair: ModelPair, store: PointStore) -> list[tuple[Point, dict, dict]]:
-    """Every point's records: loaded when an earlier run completed it, else decoded and saved at once."""
-    ids = [ex.id for ex in plan.examples]
+def _decode_points(plan: _Plan, pair: ModelPair, store: PointStore, fabric) -> list[tuple[Point, dict, dict]]:
+    """Every point's records: loaded when an earlier run completed it, else decoded and saved at once. With several
+    processes, process ``r`` of ``w`` decodes every ``w``-th batch from its ``r``-th (the same batches and seeds as
+    one process), saves its share, and process 0 puts the shares together; only process 0 returns the records."""
+    ids, size = [ex.id for ex in plan.examples], plan.settings.batch_size
+    rank, world = fabric.global_rank, fabric.world_size
+    shares = [range(0, len(ids), size)[r::world] for r in range(world)]  # the first example of each process's batches
+    starts, mine = shares[rank], _batch_ids(ids, shares[rank], size)
     done = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, transient=True, disable=rank != 0) as progress:
         bar = progress.add_task("evaluate", total=len(plan.points))
-        examples = progress.add_task("  examples", total=len(ids))
+        examples = progress.add_task("  examples" if world == 1 else "  examples of process 0", total=len(mine))
         for planned in plan.points:
             progress.update(bar, description=f"evaluate {planned.point.label}")
             progress.reset(examples)
             loaded = store.load(planned.point, ids)
             if loaded is None:
                 point, decoder = planned.point, _decoder(planned, pair, plan.settings)
-                partial = store.load_partial(point, ids, plan.settings.batch_size)
+                partial = store.load_partial(point, mine, size, rank, world)
                 if partial:
                     progress.update(examples, completed=len(partial[0]["example_id"]))
-                loaded = decode(decoder, pair, plan.examples, plan.task, plan.settings, lambda n: progress.advance(examples, n),
-                                partial, lambda records, totals: store.save_partial(point, records, totals))
-                store.save(point, *loaded)
-            done.append((planned.point, *loaded))
+                share = decode(decoder, pair, plan.examples, plan.task, plan.settings, lambda n: progress.advance(examples, n),
+                               partial, lambda records, totals: store.save_partial(point, records, totals, rank, world), starts)
+                if world > 1:
+                    store.save_partial(point, *share, rank, world)
+                    fabric.barrier()
+                    share = _gathered(store, point, shares, ids, size) if rank == 0 else share
+                if rank == 0:
+                    store.save(point, *share)
+                    loaded = share
+                fabric.barrier()
+            if rank == 0:
+                done.append((planned.point, *loaded))
             progress.advance(bar)
     return done
+
+
+def _batch_ids(ids: list[str], starts: Sequence[int], size: int) -> list[str]:
+    """The ids of the examples in the batches that begin at ``starts``, in order."""
+    return [ids[i] for start in starts for i in range(start, min(start + size, len(ids)))]
+
+
+def _gathered(store: PointStore, point: Point, starts: list[Sequence[int]], ids: list[str], size: int) -> tuple[dict, dict]:
+    """One point's records in the examples' order, and its totals, from the shares every process saved (process
+    ``r`` decoded the batches beginning at ``starts[r]``)."""
+    world = len(starts)
+    shares = [store.load_partial(point, _batch_ids(ids, mine, size), size, r, world) for r, mine in enumerate(starts)]
+    if None in shares:
+        raise SpeccascadeError(f"process {shares.index(None)} saved no share of point {point.label!r} in {store.dir}")
+    records = empty_records()
+    for n in range(sum(len(mine) for mine in starts)):  # batch n is the (n // world)-th of process n % world
+        share = shares[n % world][0]
+        first = (n // world) * size
+        for name in records:
+            records[name] += share[name][first : first + size]
+    totals = {name: sum(share[1][name] for share in shares) for name in TOTALS}
+    return records, totals
 
 
 def results(plan: _Plan, done: list[tuple[Point, dict, dict]], pair: ModelPair) -> dict:

@@ -82,30 +82,34 @@ class PointStore:
         self._write(pa.table(records), path)
         sidecar = {"key": point.key, "label": point.label, "examples": len(records["example_id"]), **meta}
         write_json(path.with_suffix(".json"), sidecar, indent=1)
-        self._partial(point).unlink(missing_ok=True)
+        for partial in self.dir.glob(f"{point.stem}.*partial.parquet"):  # every process's, of any process count
+            partial.unlink(missing_ok=True)
 
-    def save_partial(self, point: Point, records: dict[str, list], totals: dict) -> None:
-        """The records of a point's batches decoded so far, with its totals, replacing the last ones."""
+    def save_partial(self, point: Point, records: dict[str, list], totals: dict, rank: int = 0, world: int = 1) -> None:
+        """The records of the batches process ``rank`` of ``world`` decoded so far of a point, with their totals,
+        replacing the last ones."""
         meta = json.dumps({"key": point.key, **totals}).encode()
-        self._write(pa.table(records).replace_schema_metadata({PARTIAL_META: meta}), self._partial(point))
+        self._write(pa.table(records).replace_schema_metadata({PARTIAL_META: meta}), self._partial(point, rank, world))
 
-    def load_partial(self, point: Point, example_ids: list[str], batch_size: int) -> tuple[dict[str, list], dict] | None:
-        """The records and totals of the whole batches an earlier run decoded of this point, when they are the
-        first examples of ``example_ids`` (so the rest decode in the same batches), else None."""
+    def load_partial(self, point: Point, example_ids: list[str], batch_size: int, rank: int = 0,
+                     world: int = 1) -> tuple[dict[str, list], dict] | None:
+        """The records and totals of the whole batches an earlier run (process ``rank`` of ``world``) decoded of
+        this point, when they are the first examples of ``example_ids`` (so the rest decode in the same batches),
+        or all of them, else None."""
         try:
-            table = read_parquet(self._partial(point))
+            table = read_parquet(self._partial(point, rank, world))
             meta = json.loads(table.schema.metadata[PARTIAL_META])
             key, totals = meta["key"], {name: meta[name] for name in TOTALS}
         except (OSError, SpeccascadeError, KeyError, TypeError, ValueError):  # none, or damaged: decoded from the start
             return None
         records = table.to_pydict()
         ids = records.get("example_id", [])
-        if key != point.key or ids != example_ids[: len(ids)] or len(ids) % batch_size:
-            return None
+        if key != point.key or ids != example_ids[: len(ids)] or (len(ids) % batch_size and len(ids) < len(example_ids)):
+            return None  # another point's, other examples, or a batch cut short
         return records, totals
 
-    def _partial(self, point: Point) -> Path:
-        return self.dir / f"{point.stem}.partial.parquet"
+    def _partial(self, point: Point, rank: int = 0, world: int = 1) -> Path:
+        return self.dir / (f"{point.stem}.partial.parquet" if world == 1 else f"{point.stem}.rank{rank}-of-{world}.partial.parquet")
 
     def _write(self, table: pa.Table, path: Path) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +34,7 @@ from ..decoding.pairs import left_padded
 from ..deferral import features as F
 from ..deferral import rules as rules_module
 from ..errors import SpeccascadeError
+from ..launch import launch
 from ..outdir import OutputDir
 from ..pairs import check_heads, load_settings_pair
 from ..report import say, wrote
@@ -163,7 +163,7 @@ def run(plan: _Plan) -> dict:
         if plan.out.complete:
             say("log-traces", f"{s.out} holds complete traces of these settings; nothing to do")
             return summarise(s.out, traces.read_manifest(s.out))
-        fabric = _fabric(s.accelerator, s.devices, s.num_nodes)
+        fabric = launch(s.accelerator, s.devices, s.num_nodes)
         pair = load_settings_pair(s, device=fabric.device)
         if s.outcome and pair.is_encoder_decoder:
             raise SpeccascadeError(f"--labels outcome needs a decoder-only pair; {pair.name!r} is encoder-decoder")
@@ -290,29 +290,6 @@ def share(todo: list, rank: int, world_size: int) -> list:
     order = list(range(len(todo)))
     random.Random(0).shuffle(order)
     return [todo[k] for k in sorted(order[rank::world_size])]
-
-
-def _fabric(accelerator: str, devices: int, num_nodes: int):
-    from lightning_fabric import Fabric
-
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=_strategy(devices * num_nodes))
-    fabric.launch()
-    return fabric
-
-
-RANK_WAIT = timedelta(hours=24)  # how long a rank that finished its share waits at the end for the others
-
-
-def _strategy(processes: int):
-    """DDP for several processes, with a wait of :data:`RANK_WAIT`: the ranks meet only before and after their
-    shares, and one share can take far longer than another (reply lengths, outcome labels), past the collectives'
-    default of 30 minutes, which ended healthy runs. A rank that dies closes its connections, so the others
-    fail at once rather than wait it out."""
-    if processes == 1:
-        return "auto"
-    from lightning_fabric.strategies import DDPStrategy
-
-    return DDPStrategy(timeout=RANK_WAIT)
 
 
 @dataclass

@@ -131,10 +131,10 @@ def test_ranks_wait_at_the_end_longer_than_the_collectives_half_hour():
     a share of outcome labels 30 minutes longer than another's ended a healthy run (rank 0 timed out)."""
     from datetime import timedelta
 
-    from speccascade.tracing.log_traces import RANK_WAIT, _strategy
+    from speccascade.launch import RANK_WAIT, strategy
 
-    assert _strategy(1) == "auto" and RANK_WAIT >= timedelta(hours=12)
-    assert _strategy(2)._timeout == RANK_WAIT  # lightning_fabric's DDPStrategy keeps it there
+    assert strategy(1) == "auto" and RANK_WAIT >= timedelta(hours=12)
+    assert strategy(2)._timeout == RANK_WAIT  # lightning_fabric's DDPStrategy keeps it there
 
 
 def test_the_command_ends_by_saying_what_it_logged_and_where(tmp_path, capsys):

@@ -237,3 +237,28 @@ def test_an_interrupted_point_continues_after_its_last_whole_batch(tmp_path, mon
         records = [pq.read_table(d / "points" / p.name).to_pydict() for d in (directory, tmp_path / "full")
                    for p in sorted((tmp_path / "full" / "points").glob("*.parquet"))]
         assert records[: len(records) // 2] == records[len(records) // 2 :]
+
+
+def test_two_processes_decode_the_records_of_one(tmp_path):
+    """--devices 2: process 1 decodes every other batch (here the second of three, the last one short) and process 0
+    puts the shares together into the records one process writes (sampled decoding: a batch decoded with another
+    batch's seeds would show), reports once, and leaves no share behind."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--models", "tiny-random", "--task", "arithmetic", "--limit", "5", "--batch-size", "2", "--max-new-tokens",
+            "6", "--temperature", "1.0", "--rules", "target,always", "--wandb-mode", "disabled", "--accelerator", "cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    printed = {}
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        run = subprocess.run([sys.executable, "-m", "speccascade.cli", "evaluate", "--out", str(tmp_path / name), *args,
+                              *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        printed[name] = run.stdout
+    assert printed["two"].count(str(tmp_path / "two" / "results.json")) == printed["one"].count(str(tmp_path / "one" / "results.json")) == 1
+    points = sorted(p.name for p in (tmp_path / "one" / "points").glob("*.parquet"))
+    assert len(points) == 2 and sorted(p.name for p in (tmp_path / "two" / "points").glob("*.parquet")) == points
+    for name in points:
+        one, two = (pq.read_table(tmp_path / d / "points" / name).to_pydict() for d in ("one", "two"))
+        assert len(one["example_id"]) == 5 and two == one
