@@ -77,11 +77,12 @@ stage_choice() {  # step 4: the 512 heads' curve and knobs beside the six rules,
         "${every[@]/#/learned:}"
 }
 
-evaluate() {  # evaluate OUT RULES FLAGS...: the test's settings with these rules, resumed
+evaluate() {  # evaluate OUT RULES FLAGS...: the test's settings with these rules, resumed, two processes of one
+    # core each (amendment 10)
     local out=$1 rules=$2; shift 2
     say "evaluate $out"
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} speccascade evaluate --config configs/eval/worked-test.yaml --rules "$rules" \
-        --out "$out" --resume "$@" >> "$W/logs/evaluate.log" 2>&1
+    OMP_NUM_THREADS=1 speccascade evaluate --config configs/eval/worked-test.yaml --devices 2 --accelerator cpu \
+        --rules "$rules" --out "$out" --resume "$@" >> "$W/logs/evaluate.log" 2>&1
 }
 
 training_free() {  # the labels of the four training-free rules at their knobs, comma-separated
