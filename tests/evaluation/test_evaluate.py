@@ -262,3 +262,45 @@ def test_two_processes_decode_the_records_of_one(tmp_path):
     for name in points:
         one, two = (pq.read_table(tmp_path / d / "points" / name).to_pydict() for d in ("one", "two"))
         assert len(one["example_id"]) == 5 and two == one
+
+
+def test_a_process_share_resumes_and_the_shares_make_one_processs_records(tmp_path, monkeypatch):
+    """The two processes of --devices 2, run one after the other: process 1, interrupted in the second of its
+    batches (the first and third of 4, the last one short), keeps its first in its own partial file and, run again,
+    decodes only the one left; process 0 then decodes its own and puts both shares together into the records one
+    process writes (sampled decoding: a batch decoded with the wrong seeds would show)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from speccascade.decoding import load_pair
+    from speccascade.evaluation.points import PointStore
+
+    E = importlib.import_module("speccascade.evaluation.evaluate")
+    options = dict(models="tiny-random", limit=7, batch_size=2, max_new_tokens=6, temperature=1.0, rules="target",
+                   wandb_mode="disabled")
+    evaluate(tmp_path / "one", **options)
+    pair, plan = load_pair("tiny-random"), E.resolve(E.EvaluateSettings(out=tmp_path / "two", **options))
+    store, turns, calls = PointStore(tmp_path / "two"), E._turns, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return turns(*args, **kwargs)
+
+    monkeypatch.setattr(E, "_turns", counted)
+    process = lambda rank: SimpleNamespace(global_rank=rank, world_size=2, barrier=lambda: None)  # noqa: E731
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        E._decode_points(plan, pair, store, process(1))
+    [partial] = (tmp_path / "two" / "points").glob("*.rank1-of-2.partial.parquet")
+    assert pq.read_table(partial).num_rows == 2
+    calls.clear()
+    stop_at = 0
+    assert E._decode_points(plan, pair, store, process(1)) == [] and len(calls) == 1
+    [(point, records, totals)] = E._decode_points(plan, pair, store, process(0))
+    assert len(calls) == 3 and not list((tmp_path / "two" / "points").glob("*.partial.parquet"))
+    [one] = (tmp_path / "one" / "points").glob("*.parquet")
+    assert records == pq.read_table(one).to_pydict()
+    sidecar = json.loads(one.with_suffix(".json").read_text())
+    assert (totals["target_forwards"], totals["drafter_forwards"]) == (sidecar["target_forwards"], sidecar["drafter_forwards"])
