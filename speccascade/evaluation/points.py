@@ -109,7 +109,8 @@ class PointStore:
         return records, totals
 
     def _partial(self, point: Point, rank: int = 0, world: int = 1) -> Path:
-        return self.dir / (f"{point.stem}.partial.parquet" if world == 1 else f"{point.stem}.rank{rank}-of-{world}.partial.parquet")
+        process = "" if world == 1 else f".rank{rank}-of-{world}"
+        return self.dir / f"{point.stem}{process}.partial.parquet"
 
     def _write(self, table: pa.Table, path: Path) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
