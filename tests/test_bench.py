@@ -150,6 +150,38 @@ def test_configurations_take_turns_on_each_chunk_of_prompts_and_the_warm_up_roun
     assert single.batch_tokens == [1, 1, 1, 1] and pairwise.batch_tokens == [2, 2] and single.stats.new_tokens == 4
 
 
+def test_a_refilling_configuration_decodes_each_chunk_in_one_call():
+    """``--chunk`` above the largest batch: a row that refills takes the chunk whole, the others batch by batch."""
+    from types import SimpleNamespace
+
+    from speccascade.bench.command import measure
+    from speccascade.decoding import DecodeStats
+
+    log = []
+    run = lambda name: lambda ids, mask: log.append((name, ids[:, -1].tolist())) or DecodeStats(new_tokens=ids.shape[0])  # noqa: E731
+    fixed, refilling = Configuration("fixed", "speccascade", 2, run("fixed")), Configuration("refilling", "speccascade", 2,
+                                                                                           run("refilling"), refills=True)
+    ids = torch.arange(6).unsqueeze(1)
+    measure([fixed, refilling], SimpleNamespace(device=torch.device("cpu")), ids, torch.ones_like(ids), repeats=1, chunk=3)
+    one_round = [("fixed", [0, 1]), ("fixed", [2]), ("refilling", [0, 1, 2]), ("fixed", [3, 4]), ("fixed", [5]),
+                 ("refilling", [3, 4, 5])]
+    assert log == one_round * 2 and refilling.batch_tokens == [3, 3]
+
+
+def test_exact_decoding_above_batch_1_refills_its_rows():
+    configs = configurations(load_pair("tiny-random"), [1, 2], 3, [], 4, {"cache": None, "compile": False},
+                             {"bonus": "mix", "draft_stop": 0.0}, transformers_rows=False)
+    assert {(c.name, c.batch_size): c.refills for c in configs if c.refills or c.batch_size > 1} == {
+        ("exact speculative decoding", 2): True}
+
+
+def test_bench_refuses_a_chunk_below_the_largest_batch(tmp_path, capsys):
+    args = ["bench", "--models", "tiny-random", "--out", str(tmp_path), "--prompts", "4", "--batch-sizes", "1,4"]
+    assert main([*args, "--chunk", "2"]) == 2
+    assert one_error_line(capsys) == "error: --chunk 2: a chunk must lie in [the largest batch size 4, prompts=4]"
+    assert not (tmp_path / "bench.json").exists()
+
+
 def test_ideal_speedup_is_the_section_7_formula():
     assert ideal_speedup(0.0, 5, 0.1) == pytest.approx(1 / 1.5)  # every draft rejected: one token per block
     assert ideal_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)  # every draft accepted

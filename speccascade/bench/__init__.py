@@ -8,7 +8,8 @@ early where the drafter's confidence falls below 0.4), (c) speccascade's target 
 alone, (d) exact speculative decoding, (e) speculative cascades under OPT and TokenV3 at one alpha
 (or the rules asked for), with ``--draft-stop`` also exact decoding whose blocks end where the
 drafter is unsure, and (f) exact speculative decoding at each batch size; ``--no-transformers``
-leaves out (a) and (b). Configurations take turns on each chunk of prompts (one largest batch) in
+leaves out (a) and (b); (f) above batch 1 refills finished rows from the chunk's waiting prompts
+(continuous batching). Configurations take turns on each chunk of prompts (``--chunk``, default one largest batch) in
 ``repeats`` rounds after a warm-up and are reported as medians, so machine noise hits them alike; a batch-1 configuration's speed-up carries a 95% bootstrap interval over
 prompts (paired with the target alone, and for the cascades with exact decoding).
 

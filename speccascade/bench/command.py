@@ -43,6 +43,8 @@ class BenchSettings(CategorySettings, BlockSettings, PairSettings, OutputSetting
                                   "all those of --categories and --limit-per-category); each batch size decodes all of them",
                                   low=1, high=EXAMPLES_HIGH)
     max_new_tokens: int = setting(64, "new tokens per prompt", low=1)
+    chunk: int | None = setting(None, "prompts the configurations take turns on (default: the largest batch size); "
+                                "exact decoding at a batch size above 1 decodes a chunk with continuous batching", low=1)
     repeats: int = setting(3, "timed rounds after one warm-up round; medians are reported", low=1)
     task: str = setting("arithmetic", "task whose test prompts are decoded (spec-bench: Spec-Bench's table by category)")
     data_file: str | None = setting(None, "local JSONL/parquet file of the task's records (spec-bench: a copy of "
@@ -69,7 +71,7 @@ class BenchSettings(CategorySettings, BlockSettings, PairSettings, OutputSetting
         """The settings recorded in bench.json."""
         picked = {"data_file": self.data_file, "categories": self.categories, "limit_per_category": self.limit_per_category}
         return {"task": self.task, "block_size": self.block_size, "rules": [r.spec for r in cascades], **self.block_options(),
-                "prompts": len(examples), "max_new_tokens": self.max_new_tokens, "repeats": self.repeats,
+                "prompts": len(examples), "max_new_tokens": self.max_new_tokens, "repeats": self.repeats, "chunk": self.chunk,
                 "cache": self.cache or "default", "compile": self.compile, "transformers_rows": self.transformers,
                 **{k: v for k, v in picked.items() if v is not None}}
 
@@ -101,6 +103,8 @@ def resolve(settings: BenchSettings) -> _Plan:
     cascades = cascade_rules(s.rules, s.alpha)
     examples = _examples(s)
     sizes = _batch_sizes(s.batch_sizes or ("1" if s.task == SPEC_BENCH else DEFAULT_BATCH_SIZES), len(examples))
+    if s.chunk is not None and not sizes[-1] <= s.chunk <= len(examples):
+        raise SpeccascadeError(f"--chunk {s.chunk}: a chunk must lie in [the largest batch size {sizes[-1]}, prompts={len(examples)}]")
     config = s.config(cascades, examples) | as_config(s, ("drafter", "target", "batch_sizes")) | s.pair_config()
     out = OutputDir(s.out, "bench", config, s.resume, s.overwrite).check()
     return _Plan(s, cascades, sizes, examples, out)
@@ -139,7 +143,7 @@ def _timed(plan: _Plan) -> dict:
     spec = s.task == SPEC_BENCH
     if spec:
         configs = [c for c in configs if c.in_spec_bench]
-    measure(configs, pair, ids, mask, s.repeats, warm_up=1 if spec else None)
+    measure(configs, pair, ids, mask, s.repeats, warm_up=1 if spec else None, chunk=s.chunk)
     steps = step_times(pair, ids[:1, -int(mask[0].sum()) :], s.block_size, s.repeats)
     result = report(configs, steps, pair, s.config(plan.cascades, plan.examples) | {"turns": len(prompts)})
     if spec:
@@ -171,15 +175,16 @@ def turn_prompts(pair, examples: list[Example], max_new_tokens: int) -> tuple[li
     return prompts, owners
 
 
-def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int, warm_up: int | None = None) -> None:
+def measure(configs: list, pair, ids: torch.Tensor, mask: torch.Tensor, repeats: int, warm_up: int | None = None,
+            chunk: int | None = None) -> None:
     """Time every configuration over one warm-up round and ``repeats`` timed rounds, then profile each once.
 
-    Within a round the configurations take turns on each chunk of prompts (one largest batch), so a
-    slow spell of a shared machine hits every configuration on the same prompts, not whichever
-    configuration happened to run then; the paired intervals over prompts rest on that. ``warm_up``
-    prompts (all when None) make the warm-up round and the profiled run.
+    Within a round the configurations take turns on each ``chunk`` of prompts (default: one largest
+    batch), so a slow spell of a shared machine hits every configuration on the same prompts, not
+    whichever configuration happened to run then; the paired intervals over prompts rest on that.
+    ``warm_up`` prompts (all when None) make the warm-up round and the profiled run.
     """
-    chunk = max(config.batch_size for config in configs)
+    chunk = chunk or max(config.batch_size for config in configs)
     for round_ in tqdm(range(repeats + 1), desc="bench rounds", unit="round"):
         for config in configs:
             begin_round(config)

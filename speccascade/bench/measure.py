@@ -33,6 +33,7 @@ class Configuration:
     run: Run
     models: tuple[torch.nn.Module, ...] = ()
     in_spec_bench: bool = False
+    refills: bool = False  # ``run`` takes a whole turn's prompts and decodes them at ``batch_size`` with continuous batching
     seconds: list[float] = field(default_factory=list)  # wall time of each timed round
     batch_seconds: list[list[float]] = field(default_factory=list)  # [round][batch] wall time of each batch
     batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (of the last round)
@@ -40,6 +41,10 @@ class Configuration:
     peak_mib: float = 0.0
     forward_share: float = float("nan")
     split_ms: dict[str, float] = field(default_factory=dict)  # ms per decoder step: drafter forwards, target forward, rest
+
+    def decodes(self, ids: torch.Tensor) -> int:
+        """How many of the prompts ``ids`` one ``run`` takes: a batch, or all of them where it refills its rows."""
+        return ids.shape[0] if self.refills else self.batch_size
 
 
 def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list[rules.Rule], new: int,
@@ -51,8 +56,8 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
     exact-decoding row (batch 1) runs beside the fixed-block ones.
     """
 
-    def ours(decoder) -> Run:
-        return lambda ids, mask: decoder.generate(ids, mask, max_new_tokens=new).stats
+    def ours(decoder, batch_size: int | None = None) -> Run:
+        return lambda ids, mask: decoder.generate(ids, mask, max_new_tokens=new, batch_size=batch_size).stats
 
     def hf(**assistant: object) -> Run:
         """transformers' generate; with ``assistant`` settings, assisted generation by the drafter.
@@ -97,10 +102,10 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
         adaptive = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, draft_stop=block["draft_stop"], **options)
         configs.append(Configuration(exact_name(block["draft_stop"]), "speccascade", 1, ours(adaptive), both,
                                      in_spec_bench=True))
-    for b in sizes:
+    for b in sizes:  # batches above 1 refill finished rows from the turn's waiting prompts (continuous batching)
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
-                                     ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options)), both,
-                                     in_spec_bench=True))
+                                     ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options), b), both,
+                                     in_spec_bench=True, refills=b > 1))
     return configs
 
 
@@ -133,12 +138,12 @@ def sync(device: torch.device) -> None:
 
 
 def timed(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Decode one chunk of prompts in batches of ``config.batch_size``, adding to the current round (the last
+    """Decode one turn's prompts in batches of ``config.batch_size`` (refilled, where it refills), adding to the current round (the last
     entry of ``seconds`` and ``batch_seconds``, opened by :func:`begin_round`): wall time, per-batch times,
     stats and peak memory."""
     stats = []
     with peak_memory(pair.device) as peak:
-        for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
+        for batch_ids, batch_mask in batches(ids, mask, config.decodes(ids)):
             sync(pair.device)
             began = time.perf_counter()
             stats.append(config.run(batch_ids, batch_mask))
@@ -167,7 +172,7 @@ def profiled(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: to
     with ForwardClock(pair) as clock:
         sync(pair.device)
         start = time.perf_counter()
-        for batch_ids, batch_mask in batches(ids, mask, config.batch_size):
+        for batch_ids, batch_mask in batches(ids, mask, config.decodes(ids)):
             config.run(batch_ids, batch_mask)
         sync(pair.device)
         wall = time.perf_counter() - start

@@ -16,6 +16,7 @@ from .cache import KVCache, resolve_layout
 from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
 from .state import SHRINK, DecodeState, GenerateOutput, Output, Slots
+from .stats import DecodeStats
 
 
 class Decoder(ABC):
@@ -63,24 +64,34 @@ class Decoder(ABC):
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         seed: int | Sequence[int] = 0,
+        batch_size: int | None = None,
     ) -> GenerateOutput:
-        """Decode a batch of prompts; see :class:`GenerateOutput`.
+        """Decode prompts, at most ``batch_size`` at a time (default: all); see :class:`GenerateOutput`.
 
         A step that read the host anyway leaves there the tokens still to emit and the rows still decoding
         (``out.left``, ``out.live``); on the CPU the loop reads them itself. They end the loop, and where
         :attr:`drops_rows`, the finished rows leave the batch once at most ``SHRINK`` of it still decodes,
-        so the longest reply no longer keeps them in every forward. Otherwise, on CUDA the loop reads the
-        all-done flag one step late (copied while the next step runs), so the host never waits for the
-        device; a finished batch runs at most one idle step.
+        so the longest reply no longer keeps them in every forward; with prompts waiting (``batch_size``
+        below their number), waiting prompts then take the finished rows' places (continuous batching). A
+        decoder that keeps its rows decodes ``batch_size`` prompts after ``batch_size``. Otherwise, on CUDA
+        the loop reads the all-done flag one step late (copied while the next step runs), so the host never
+        waits for the device; a finished batch runs at most one idle step.
         """
-        state = self.start(input_ids, attention_mask, max_new_tokens, seed)
+        if batch_size is not None and batch_size < 1:
+            raise SpeccascadeError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None and batch_size < input_ids.shape[0] and not self.refills(batch_size):
+            return self.in_batches(input_ids, attention_mask, max_new_tokens, seed, batch_size)
+        state = self.start(input_ids, attention_mask, max_new_tokens, seed, batch_size)
         late: tuple[torch.Tensor, torch.cuda.Event] | None = None
         while True:
             self.step(state)
             out = state.out
-            if out.left is None and out.room.device.type != "cuda":
+            if out.left is None and (out.room.device.type != "cuda" or state.waiting):
                 out.read(out.room.tolist())
             if out.left is not None:
+                if state.waiting and out.live <= SHRINK * state.batch_size:
+                    state.refill()
+                    continue
                 if out.left == 0:
                     break
                 if self.drops_rows and out.live <= SHRINK * out.room.shape[0]:
@@ -97,6 +108,23 @@ class Decoder(ABC):
             late = (flag, event)
         return state.finish()
 
+    def refills(self, batch_size: int) -> bool:
+        """Whether waiting prompts take finished rows' places in batches of ``batch_size``: where rows leave the batch,
+        and a batch has more than one row (one row alone decodes its prompts one after the other, dense)."""
+        return self.drops_rows and batch_size > 1
+
+    def in_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                   seed: int | Sequence[int], batch_size: int) -> GenerateOutput:
+        """Decode ``batch_size`` prompts after ``batch_size``; one output, the stats summed."""
+        ids, mask = left_pad(input_ids, attention_mask)
+        seeds = RandomStreams.row_seeds(seed, ids.shape[0])
+        outs = [self.generate(ids[i : i + batch_size], mask[i : i + batch_size], max_new_tokens, seeds[i : i + batch_size])
+                for i in range(0, ids.shape[0], batch_size)]
+        width = max(o.sequences.shape[1] for o in outs)
+        sequences = torch.cat([torch.nn.functional.pad(o.sequences, (0, width - o.sequences.shape[1]), value=self.pair.pad_token_id)
+                               for o in outs])
+        return GenerateOutput(sequences, DecodeStats.merge(o.stats for o in outs), outs[0].prompt_length)
+
     @torch.inference_mode()
     def start(
         self,
@@ -104,13 +132,19 @@ class Decoder(ABC):
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         seed: int | Sequence[int] = 0,
+        batch_size: int | None = None,
     ) -> DecodeState:
-        """Check the prompts and lay them out; every cache takes its prompt in its first step."""
+        """Check the prompts and lay out the first ``batch_size`` (all by default; the rest wait, see
+        :meth:`generate`); every cache takes its prompt in its first step."""
         started = time.perf_counter()
         device, pair = self.pair.device, self.pair
-        ids, mask = left_pad(input_ids, attention_mask)
-        ids, mask = ids.to(device), mask.to(device)
-        self._check(ids, mask, max_new_tokens)
+        every, every_mask = left_pad(input_ids, attention_mask)
+        every, every_mask = every.to(device), every_mask.to(device)
+        self._check(every, every_mask, max_new_tokens)
+        seeds = RandomStreams.row_seeds(seed, every.shape[0])
+        first = every.shape[0] if batch_size is None else min(batch_size, every.shape[0])
+        width = int(every_mask[:first].sum(1).max()) if first < every.shape[0] else every.shape[1]
+        ids, mask = every[:first, -width:], every_mask[:first, -width:]
         encoded = {name: None for name in self.models}
         if pair.is_encoder_decoder:  # each model encodes the source once; decoding starts from the start token
             encoded = {name: (model.get_encoder()(input_ids=ids, attention_mask=mask), mask) for name, model in self.models.items()}
@@ -118,15 +152,20 @@ class Decoder(ABC):
             mask = torch.ones_like(ids)
         static = self.cache == "static"
         steady = self.block_size + 2  # the most tokens a step feeds once caught up
-        # compaction (static) reclaims rejected slots; the dynamic buffers hold the worst case
-        capacity = ids.shape[1] + (2 * max_new_tokens + 2 * steady if static else steady * (max_new_tokens + 1))
+        # compaction (static; dynamic with prompts waiting) reclaims rejected slots; the dynamic buffers hold the worst case
+        longest = ids.shape[1] if first == every.shape[0] else every.shape[1]  # a waiting prompt may be longer
+        capacity = longest + (2 * max_new_tokens + 2 * steady if static else steady * (max_new_tokens + 1))
         caches = {name: KVCache(model, pair.vocab_size, capacity if static else None, self.compile, encoded[name], steady)
                   for name, model in self.models.items()}
         slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, static, contiguous=pair.is_encoder_decoder)
-        width = max_new_tokens + self.block_size + 1
-        out = Output.empty(ids.shape[0], width, self.block_size, max_new_tokens, pair.eos_token_ids, pair.pad_token_id, device)
-        streams = RandomStreams(RandomStreams.row_seeds(seed, ids.shape[0]), width, device)
-        return DecodeState(ids, slots, out, streams, started)
+        room = max_new_tokens + self.block_size + 1
+        out = Output.empty(every.shape[0], room, self.block_size, max_new_tokens, pair.eos_token_ids, pair.pad_token_id, device)
+        streams = RandomStreams(seeds[:first], room, device)
+        if first == every.shape[0]:
+            return DecodeState(ids, slots, out, streams, started)
+        out.keep(torch.arange(first, device=device))
+        return DecodeState(every, slots, out, streams, started, waiting=list(range(first, every.shape[0])),
+                           prompt_mask=every_mask, seeds=seeds, batch_size=first)
 
     def _check(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
         lengths = mask.sum(1)

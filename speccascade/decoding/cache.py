@@ -150,6 +150,23 @@ class KVCache:
             raise SpeccascadeError("only a decoder-only model's dynamic cache selects rows")
         self.cache.batch_select_indices(rows)
 
+    def add_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, length: int) -> None:
+        """Append rows for new prompts (the dynamic cache of a decoder-only model): their ``ids`` ``[k, n]`` (with
+        ``positions`` and slot ``mask``) fill the last ``n`` of the cache's ``length`` slots, the slots before are
+        holes. The keys and values come from a forward over the new rows alone, in a cache of their own."""
+        if self.static or self.encoded is not None:
+            raise SpeccascadeError("only a decoder-only model's dynamic cache adds rows")
+        k, n = ids.shape
+        if n:
+            fresh = KVCache(self.model, self.vocab_size, steady=self.steady)
+            fresh.forward(ids, positions, mask, logits_to_keep=1)
+            parts = [(layer.keys, layer.values) for layer in fresh.cache.layers]
+        for i, layer in enumerate(self.cache.layers):
+            old = (layer.keys, layer.values)
+            holes = [t.new_zeros(k, t.shape[1], length - n, t.shape[3]) for t in old]
+            new = [torch.cat([h, p], 2) for h, p in zip(holes, parts[i])] if n else holes
+            layer.keys, layer.values = (torch.cat([t, r]) for t, r in zip(old, new))
+
     @torch.inference_mode()
     def compact(self, order: torch.Tensor) -> None:
         """Keep, for each row ``b``, the slots ``order[b]`` (``[B, L]``) in that order: the cache becomes ``L`` long."""

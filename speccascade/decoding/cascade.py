@@ -281,9 +281,11 @@ class SpeculativeCascade(Decoder):
         """gamma, or fewer where every row is closer than that to ``max_new_tokens`` (tokens past it
         are never emitted). Only in greedy decoding, whose tokens do not depend on where blocks end
         (sampled tokens would use other random draws; a block rule's look-ahead reads drafts past the
-        cut), and where shapes may change: the dynamic cache, no hook reading blocks. The count left is
-        the one the last rollback read on the host."""
-        if self.cache == "static" or self.hook is not None or not self.sampler.greedy or self.rule.needs_drafts:
+        cut; a bonus from ``p`` would replace ``pi``'s token at the cut under a rule other than forced
+        defer), and where shapes may change: the dynamic cache, no hook reading blocks. The count left
+        is the one the last rollback read on the host."""
+        bonus_from_p = self.bonus == "target" and not isinstance(self.rule, AlwaysDefer)
+        if self.cache == "static" or self.hook is not None or not self.sampler.greedy or self.rule.needs_drafts or bonus_from_p:
             return self.block_size
         return max(1, min(self.block_size, state.out.left - 1))
 

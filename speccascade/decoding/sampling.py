@@ -104,7 +104,10 @@ class RandomStreams:
     @functools.cached_property
     def streams(self) -> tuple[torch.Tensor, ...]:
         """The draft, accept and resample streams, each ``[B, L]``."""
-        rows = [torch.rand(3, self.length, generator=torch.Generator().manual_seed(int(seed))) for seed in self.seeds]
+        return self._drawn(self.seeds)
+
+    def _drawn(self, seeds: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        rows = [torch.rand(3, self.length, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
         return torch.stack(rows, dim=1).to(self.device).unbind(0)
 
     @property
@@ -124,6 +127,12 @@ class RandomStreams:
         if "streams" in self.__dict__:
             self.streams = tuple(stream[rows] for stream in self.streams)
         self.seeds = [self.seeds[b] for b in rows.tolist()]
+
+    def join(self, seeds: Sequence[int]) -> None:
+        """Add rows seeded with ``seeds`` at the end of the batch."""
+        if "streams" in self.__dict__:
+            self.streams = tuple(torch.cat(pair) for pair in zip(self.streams, self._drawn(seeds)))
+        self.seeds = [*self.seeds, *seeds]
 
     @staticmethod
     def row_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:

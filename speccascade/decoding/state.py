@@ -91,6 +91,22 @@ class Aranges:
         return self.cut[n]
 
 
+def laid_out(ids: torch.Tensor, mask: torch.Tensor, capacity: int, start: int, pad_token_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts ``[k, w]`` in a slot buffer of ``capacity``: every token but the last in slots
+    ``start .. start + w - 2``, the rest holes; the slot ``mask``, ``tokens`` and ``positions``, each ``[k, capacity]``."""
+    batch, width = ids.shape
+    context = mask[:, :-1].bool()
+    new = slice(start, start + width - 1)
+    slots = torch.zeros(batch, capacity, dtype=torch.bool, device=ids.device)
+    slots[:, new] = context
+    tokens = torch.full((batch, capacity), pad_token_id, dtype=torch.long, device=ids.device)
+    tokens[:, new] = ids[:, :-1]
+    positions = torch.zeros_like(tokens)
+    positions[:, new] = (context.cumsum(1) - 1).clamp_min(0)
+    return slots, tokens, positions
+
+
 @dataclass
 class Slots:
     """The slot layout every KV cache of a batch shares, and the caches laid out in it."""
@@ -121,19 +137,43 @@ class Slots:
         """Lay out left-padded prompts: every token but the last in the slots (no cache holds them yet:
         each cache starts behind by all of them), the last one pending. ``static``: the length lives on
         the device (a static cache's fill counter) rather than on the host."""
-        batch, width = ids.shape
-        context = mask[:, :-1].bool()
-        slots = torch.zeros(batch, capacity, dtype=torch.bool, device=ids.device)
-        slots[:, : width - 1] = context
-        tokens = torch.full((batch, capacity), pad_token_id, dtype=torch.long, device=ids.device)
-        tokens[:, : width - 1] = ids[:, :-1]
-        positions = torch.zeros_like(tokens)
-        positions[:, : width - 1] = (context.cumsum(1) - 1).clamp_min(0)
+        width = ids.shape[1]
+        slots, tokens, positions = laid_out(ids, mask, capacity, 0, pad_token_id)
         length = torch.tensor(width - 1, device=ids.device) if static else width - 1
-        dense = batch == 1 and not static and not contiguous and bool(context.all())
+        dense = ids.shape[0] == 1 and not static and not contiguous and bool(slots[:, : width - 1].all())
         return cls(caches, slots, tokens, positions, length,
                    pending=ids[:, -1:].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
                    contiguous=contiguous, bound=width - 1, dense=dense)
+
+    def join(self, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> list[str]:
+        """Add the left-padded prompts ``ids`` ``[k, w]`` as new rows at the end of the batch (dynamic cache, after
+        finished rows left): the layout is compacted, the new rows' tokens but the last take its last ``w - 1``
+        slots (their slots before are holes; where the rows there hold fewer, the layout grows by holes at its end,
+        which every cache catches up on), and the last is pending. Each cache computes the new rows' keys and
+        values over the slots it holds in a forward of its own over those rows (its catch-up feeds the rest);
+        returns the names of the caches that ran one."""
+        need = ids.shape[1] - 1
+        self.compact()
+        grow = max(0, need - self.length)
+        if grow:
+            self.reserve(grow)
+            self.tokens[:, self.length : self.length + grow], self.positions[:, self.length : self.length + grow] = pad_token_id, 0
+            self.behind = {name: lag + grow for name, lag in self.behind.items()}
+            self.length += grow
+        start = self.length - need
+        slots, tokens, positions = laid_out(ids, mask, self.mask.shape[1], start, pad_token_id)
+        prefilled = []
+        for name, cache in self.caches.items():
+            held = self.length - self.behind.get(name, 0)  # the slots this cache holds
+            fed = slice(start, max(start, held))
+            cache.add_rows(tokens[:, fed], positions[:, fed], slots[:, fed], held)
+            prefilled += [name] if held > start else []
+        self.mask, self.tokens, self.positions = (torch.cat(pair) for pair in
+                                                  ((self.mask, slots), (self.tokens, tokens), (self.positions, positions)))
+        self.pending, self.pos = torch.cat([self.pending, ids[:, -1:]]), torch.cat([self.pos, mask.sum(1) - 1])
+        self.pos_column = self.pos.unsqueeze(1)
+        self.block = None
+        return prefilled
 
     def open(self, n: int) -> Block:
         """Make room for a step's ``n`` new slots and mark them real in the mask, which is then the step's
@@ -209,7 +249,8 @@ class Slots:
             self.bound = used
             return
         order = torch.argsort(self.mask[:, :used].int(), dim=1, stable=True)  # holes first, tokens in order
-        keep = max(int(self.mask[:, :used].sum(1).max()), *self.behind.values())
+        real = int(self.mask[:, :used].sum(1).max()) if self.mask.shape[0] else 0  # (no row: all have left, others join)
+        keep = max(real, *self.behind.values())
         self.bound = keep
         if keep == used and bool((self.mask[:, 1:used] >= self.mask[:, : used - 1]).all()):
             return  # every row's tokens already sit together at the right end
@@ -300,6 +341,15 @@ class Output:
         """``[B]`` bool: the row saw its end-of-sequence token or reached ``max_new_tokens`` (computed when read)."""
         return self.room == 0
 
+    def join(self, index: torch.Tensor) -> None:
+        """Add rows for the prompts at places ``index`` of the batch as it started (none decoded yet), at the end."""
+        tokens, emitted = self.banked
+        self.counts.join(index)
+        self.tokens, self.emitted = torch.cat([self.tokens, tokens[index]]), torch.cat([self.emitted, emitted[index]])
+        self.room = torch.cat([self.room, torch.full_like(index, self.max_new_tokens)])
+        self.emitted_column = self.emitted.unsqueeze(1)
+        self.read(self.room.tolist())
+
     def new_tokens(self) -> torch.Tensor:
         """``[B, max emitted]``: each row's new tokens, right-padded, in the order the batch started in."""
         tokens, emitted = self.banked
@@ -313,14 +363,19 @@ class Output:
 class DecodeState:
     """A batch being decoded: its slot layout, its output, and its random streams."""
 
-    prompt_ids: torch.Tensor  # [B, L] left-padded (for encoder-decoder pairs: the decoder start token)
+    prompt_ids: torch.Tensor  # [N, L] every prompt, left-padded (for encoder-decoder pairs: the decoder start token)
     slots: Slots
     out: Output
     streams: RandomStreams
     started: float = field(default_factory=time.perf_counter)
+    waiting: list[int] = field(default_factory=list)  # prompts not started yet, by place (continuous batching)
+    prompt_mask: torch.Tensor | None = None  # [N, L] the prompts' attention mask, where prompts wait
+    seeds: list[int] = field(default_factory=list)  # every prompt's seed, where prompts wait
+    batch_size: int = 0  # the most rows decoding at once, where prompts wait
 
     def __post_init__(self) -> None:
-        self.rows = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
+        self.places = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
+        self.rows = self.places[: self.out.room.shape[0]]
         self.fills: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
@@ -331,8 +386,23 @@ class DecodeState:
         self.slots.keep(rows)
         self.out.keep(rows)
         self.streams.keep(rows)
-        self.rows = self.rows[: rows.shape[0]]
+        self.rows = self.places[: rows.shape[0]]
         self.fills = {}
+
+    @torch.inference_mode()
+    def refill(self) -> None:
+        """Drop the finished rows and let waiting prompts take their places, up to ``batch_size`` rows (each new row's
+        prompt trimmed to its batch's longest)."""
+        self.keep_live()
+        k = min(self.batch_size - self.out.room.shape[0], len(self.waiting))
+        index, self.waiting = self.places[self.waiting[:k]], self.waiting[k:]
+        ids, mask = self.prompt_ids[index], self.prompt_mask[index]
+        width = int(mask.sum(1).max())
+        for name in self.slots.join(ids[:, -width:], mask[:, -width:], self.out.pad_token_id):
+            self.out.counts.forwards[name] += 1
+        self.out.join(index)
+        self.streams.join([self.seeds[i] for i in index.tolist()])
+        self.rows = self.places[: self.out.room.shape[0]]
 
     def filled(self, value: int) -> torch.Tensor:
         """``[B]`` filled with ``value`` (each row's draft count in a fixed block), built once per value; read only."""

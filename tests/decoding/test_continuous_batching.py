@@ -1,0 +1,113 @@
+"""Continuous batching (``generate``'s ``batch_size``): waiting prompts take the places of finished rows, and every
+prompt decodes to the tokens it decodes to in one batch of all; decoders that keep their rows decode batch after
+batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speccascade.decoding import Autoregressive, SequentialCascade, SpeculativeCascade
+from speccascade.decoding.state import Slots
+from speccascade.deferral import rules
+from speccascade.errors import SpeccascadeError
+
+PROMPTS = ["hello world", "a", "the quick brown fox jumps", "1 + 1 =", "one two three", "x y", "so it goes", "0",
+           "lorem ipsum dolor sit amet", "b c"]
+MAX_NEW = 14
+DECODERS = {
+    "target alone": lambda pair, t: Autoregressive(pair, "target", temperature=t),
+    "exact": lambda pair, t: SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3, temperature=t),
+    "opt": lambda pair, t: SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=3, temperature=t),
+    "opt, bonus from p": lambda pair, t: SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=3, temperature=t,
+                                                            bonus="target"),
+    "sequential chow": lambda pair, t: SequentialCascade(pair, rules.Chow(alpha=0.5), temperature=t),
+}
+# what a row counts whichever rows share its batch (a row's drafter forwards and block cuts follow its batch's rows)
+OWN = ("target_calls", "new_tokens", "deferrals", "rejections")
+
+
+@pytest.fixture
+def ragged(pair):
+    """Ten prompts, and one token in seven an end of sequence, so rows end at different steps."""
+    pair.target.generation_config.eos_token_id = list(range(3, pair.vocab_size, 7))
+    yield pair.encode(PROMPTS, chat=False)
+    pair.target.generation_config.eos_token_id = 2
+
+
+@pytest.fixture
+def joins(monkeypatch):
+    """The number of rows of each join."""
+    seen: list[int] = []
+    join = Slots.join
+    monkeypatch.setattr(Slots, "join", lambda self, ids, *a: seen.append(len(ids)) or join(self, ids, *a))
+    return seen
+
+
+def _counts(out, names=None) -> list[dict]:
+    return [{k: v for k, v in row.items() if names is None or k in names} for row in out.stats.rows]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "T=1"])
+@pytest.mark.parametrize("name", DECODERS)
+def test_waiting_prompts_take_finished_rows_places_and_decode_the_same_tokens(pair, ragged, joins, name, temperature):
+    ids, mask = ragged
+    together = DECODERS[name](pair, temperature).generate(ids, mask, max_new_tokens=MAX_NEW, seed=5)
+    decoder = DECODERS[name](pair, temperature)
+    continuous = decoder.generate(ids, mask, max_new_tokens=MAX_NEW, seed=5, batch_size=3)
+    lengths = [row["new_tokens"] for row in together.stats.rows]
+    assert min(lengths) < MAX_NEW and len(set(lengths)) > 2  # rows ended at different steps
+    assert decoder.refills(3) and sum(joins) == len(PROMPTS) - 3 and len(joins) > 1
+    assert torch.equal(continuous.sequences, together.sequences)
+    assert _counts(continuous, OWN) == _counts(together, OWN)
+    if name in ("exact", "target alone"):  # no rule reads the batch: every count is the row's own
+        assert _counts(continuous) == _counts(together)
+
+
+def test_continuous_batching_runs_fewer_blocks_than_batch_after_batch(pair, ragged, monkeypatch):
+    ids, mask = ragged
+    decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3)
+    blocks = []
+    verify = decoder.verify
+    monkeypatch.setattr(decoder, "verify", lambda state, fed: blocks.append(len(fed)) or verify(state, fed))
+    fixed = decoder.in_batches(ids, mask, MAX_NEW, 0, 3)
+    fixed_blocks, blocks[:] = list(blocks), []
+    continuous = decoder.generate(ids, mask, max_new_tokens=MAX_NEW, batch_size=3)
+    assert torch.equal(continuous.sequences, fixed.sequences)
+    assert max(blocks) == 3 and len(blocks) < len(fixed_blocks)
+    assert sum(blocks) <= sum(fixed_blocks)  # rows in blocks: finished rows ride along less
+
+
+def test_a_prompt_longer_than_the_rows_decoding_joins_them(pair, joins):
+    """The layout grows by holes at its end where a waiting prompt is longer than every decoding row's tokens."""
+    prompts = ["a", "b", "the quick brown fox jumps over the lazy dog, again and again and again", "c"]
+    ids, mask = pair.encode(prompts, chat=False)
+    for temperature in (0.0, 1.0):
+        decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3, temperature=temperature)
+        together = decoder.generate(ids, mask, max_new_tokens=4, seed=3)
+        continuous = decoder.generate(ids, mask, max_new_tokens=4, seed=3, batch_size=2)
+        assert torch.equal(continuous.sequences, together.sequences)
+        assert _counts(continuous) == _counts(together)
+    assert joins and int(mask[2].sum()) > 2 + 4 + 3  # longer than a short prompt with all its tokens and a block
+
+
+@pytest.mark.parametrize("keeps", ["hook", "static cache", "batch of one"])
+def test_a_decoder_that_keeps_its_rows_decodes_batch_after_batch(pair, ragged, joins, keeps):
+    ids, mask = ragged
+    extra = {"hook": {"hook": lambda event: None}, "static cache": {"cache": "static"}}.get(keeps, {})
+    size = 1 if keeps == "batch of one" else 4
+    decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3, temperature=1.0, **extra)
+    batched = decoder.generate(ids, mask, max_new_tokens=MAX_NEW, seed=5, batch_size=size)
+    parts = [decoder.generate(ids[i : i + size], mask[i : i + size], max_new_tokens=MAX_NEW, seed=list(range(5 + i, 5 + min(i + size, len(PROMPTS)))))
+             for i in range(0, len(PROMPTS), size)]
+    assert not decoder.refills(size) and not joins
+    assert _counts(batched) == [row for part in parts for row in _counts(part)]
+    assert batched.stats.target_forwards == sum(part.stats.target_forwards for part in parts)
+    width = batched.sequences.shape[1]
+    assert torch.equal(batched.sequences, torch.cat([torch.nn.functional.pad(p.sequences, (0, width - p.sequences.shape[1]),
+                                                                             value=pair.pad_token_id) for p in parts]))
+
+
+def test_a_batch_size_below_one_is_refused(pair, batch):
+    with pytest.raises(SpeccascadeError, match="batch_size must be >= 1, got 0"):
+        SpeculativeCascade(pair).generate(*batch, batch_size=0)
