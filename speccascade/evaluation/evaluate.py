@@ -60,6 +60,9 @@ class EvaluateSettings(TrackingSettings, LaunchSettings, BlockSettings, Decoding
     margin: float = setting(DEFAULT_MARGIN, "non-inferiority margin in the task metric's units: a point reaches the target's "
                             "quality when the 95% interval of its paired difference to the target lies above -margin", low=0.0)
     seed: int = seed_setting("sampling seed (example i uses seed + i), task-generator seed and bootstrap seed")
+    rows: int | None = setting(None, "rows decoding at once within a batch (default: all of it); fewer: the batch's waiting "
+                               "examples take finished rows' places (continuous batching, on the dynamic KV cache; the same "
+                               "replies, so --resume may change it)", low=1)
 
     def config(self) -> dict:
         """What every point depends on; --resume with another config is refused (the rules may change)."""
@@ -147,7 +150,9 @@ def _learned_points(rule: R.Learned, spec: R.Spec) -> list[_Planned]:
 
 
 def _decoder(planned: _Planned, pair: ModelPair, s: EvaluateSettings) -> Decoder:
-    kw = dict(temperature=s.temperature)
+    """The point's decoder; with ``--rows``, on the dynamic KV cache, where rows leave and join a batch (CUDA's default,
+    the static cache, keeps its rows)."""
+    kw = dict(temperature=s.temperature, cache="dynamic" if s.rows else None)
     if planned.kind in ("target", "drafter"):
         return Autoregressive(pair, planned.kind, **kw)
     if planned.kind == "sequential":
@@ -213,7 +218,7 @@ def _turns(decoder: Decoder, pair: ModelPair, batch: list[Example], seeds: list[
     for turn in range(1 + max(len(ex.followups) for ex in batch)):
         rows = [i for i, ex in enumerate(batch) if turn <= len(ex.followups)]
         ids, mask = pair.encode([conversation(batch[i], replies[i]) for i in rows])
-        out = decoder.generate(ids, mask, max_new_tokens=s.max_new_tokens, seed=[seeds[i] for i in rows])
+        out = decoder.generate(ids, mask, max_new_tokens=s.max_new_tokens, seed=[seeds[i] for i in rows], batch_size=s.rows)
         for i, text, row, new in zip(rows, pair.decode(out.new_tokens), out.stats.rows, out.new_tokens.tolist()):
             replies[i].append(text)
             counters[i] = {name: counters[i][name] + int(row[name]) for name in COUNTERS}

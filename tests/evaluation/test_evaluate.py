@@ -306,3 +306,22 @@ def test_a_process_share_resumes_and_the_shares_make_one_processs_records(tmp_pa
     sidecar = json.loads(one.with_suffix(".json").read_text())
     assert {name: totals[name] for name in ("target_forwards", "drafter_forwards")} == {
         name: sidecar[name] for name in ("target_forwards", "drafter_forwards")}
+
+
+def test_rows_decode_each_batch_with_continuous_batching_and_the_same_records(tmp_path, monkeypatch):
+    """--rows 2 in batches of 5: two rows decode at a time, the batch's other examples joining as rows finish
+    (sampled decoding); every record is the one the whole batch decodes, and a run may resume with another --rows."""
+    from speccascade.decoding.state import Slots
+
+    joins = []
+    join = Slots.join
+    monkeypatch.setattr(Slots, "join", lambda self, ids, *a: joins.append(len(ids)) or join(self, ids, *a))
+    options = dict(models="tiny-random", limit=7, batch_size=5, max_new_tokens=8, temperature=1.0, rules="target,opt:0.5",
+                   wandb_mode="disabled")
+    evaluate(tmp_path / "whole", **options)
+    assert not joins
+    evaluate(tmp_path / "rows", rows=2, **options)
+    assert sum(joins) == 2 * (5 - 2)  # two points; each first batch's three waiting examples join (the second has 2)
+    for path in sorted((tmp_path / "whole" / "points").glob("*.parquet")):
+        assert pq.read_table(tmp_path / "rows" / "points" / path.name).to_pydict() == pq.read_table(path).to_pydict()
+    assert evaluate(tmp_path / "rows", resume=True, rows=3, **options)["points"]  # --rows is no setting of the records
