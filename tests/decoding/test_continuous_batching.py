@@ -12,8 +12,6 @@ from speccascade.decoding.state import Slots
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
 
-PROMPTS = ["hello world", "a", "the quick brown fox jumps", "1 + 1 =", "one two three", "x y", "so it goes", "0",
-           "lorem ipsum dolor sit amet", "b c"]
 MAX_NEW = 14
 DECODERS = {
     "target alone": lambda pair, t: Autoregressive(pair, "target", temperature=t),
@@ -25,14 +23,6 @@ DECODERS = {
 }
 # what a row counts whichever rows share its batch (a row's drafter forwards and block cuts follow its batch's rows)
 OWN = ("target_calls", "new_tokens", "deferrals", "rejections")
-
-
-@pytest.fixture
-def ragged(pair):
-    """Ten prompts, and one token in seven an end of sequence, so rows end at different steps."""
-    pair.target.generation_config.eos_token_id = list(range(3, pair.vocab_size, 7))
-    yield pair.encode(PROMPTS, chat=False)
-    pair.target.generation_config.eos_token_id = 2
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def test_waiting_prompts_take_finished_rows_places_and_decode_the_same_tokens(pa
     continuous = decoder.generate(ids, mask, max_new_tokens=MAX_NEW, seed=5, batch_size=3)
     lengths = [row["new_tokens"] for row in together.stats.rows]
     assert min(lengths) < MAX_NEW and len(set(lengths)) > 2  # rows ended at different steps
-    assert decoder.refills(3) and sum(joins) == len(PROMPTS) - 3 and len(joins) > 1
+    assert decoder.refills(3) and sum(joins) == len(ids) - 3 and len(joins) > 1
     assert torch.equal(continuous.sequences, together.sequences)
     assert _counts(continuous, OWN) == _counts(together, OWN)
     if name in ("exact", "target alone"):  # no rule reads the batch: every count is the row's own
@@ -98,8 +88,9 @@ def test_a_decoder_that_keeps_its_rows_decodes_batch_after_batch(pair, ragged, j
     size = 1 if keeps == "batch of one" else 4
     decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=3, temperature=1.0, **extra)
     batched = decoder.generate(ids, mask, max_new_tokens=MAX_NEW, seed=5, batch_size=size)
-    parts = [decoder.generate(ids[i : i + size], mask[i : i + size], max_new_tokens=MAX_NEW, seed=list(range(5 + i, 5 + min(i + size, len(PROMPTS)))))
-             for i in range(0, len(PROMPTS), size)]
+    seeds = list(range(5, 5 + len(ids)))
+    parts = [decoder.generate(ids[i : i + size], mask[i : i + size], max_new_tokens=MAX_NEW, seed=seeds[i : i + size])
+             for i in range(0, len(ids), size)]
     assert not decoder.refills(size) and not joins
     assert _counts(batched) == [row for part in parts for row in _counts(part)]
     assert batched.stats.target_forwards == sum(part.stats.target_forwards for part in parts)

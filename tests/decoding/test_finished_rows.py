@@ -12,7 +12,6 @@ from speccascade.decoding import Autoregressive, SequentialCascade, SpeculativeC
 from speccascade.decoding.cache import KVCache
 from speccascade.deferral import rules
 
-PROMPTS = ["hello world", "a", "the quick brown fox jumps", "1 + 1 =", "one two three", "x y", "so it goes", "0"]
 MAX_NEW = 14
 DECODERS = {
     "target alone": lambda pair, t: Autoregressive(pair, "target", temperature=t),
@@ -20,14 +19,6 @@ DECODERS = {
     "opt": lambda pair, t: SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=3, temperature=t),
     "sequential chow": lambda pair, t: SequentialCascade(pair, rules.Chow(alpha=0.5), temperature=t),
 }
-
-
-@pytest.fixture
-def ragged(pair):
-    """Eight prompts, and one token in seven an end of sequence, so rows end at different steps."""
-    pair.target.generation_config.eos_token_id = list(range(3, pair.vocab_size, 7))
-    yield pair.encode(PROMPTS, chat=False)
-    pair.target.generation_config.eos_token_id = 2
 
 
 @pytest.fixture
@@ -57,8 +48,8 @@ def test_rows_leave_the_batch_and_change_nothing(pair, ragged, batch_sizes, monk
     assert min(lengths) < MAX_NEW and len(set(lengths)) > 2  # rows ended at different steps
     assert torch.equal(dropping.sequences, staying.sequences)
     assert _stats(dropping) == _stats(staying)  # per-row counters in the batch's order, forwards, acceptance
-    assert set(batch_sizes) == {len(PROMPTS)}
-    assert seen[0] == len(PROMPTS) and seen == sorted(seen, reverse=True) and seen[-1] < len(PROMPTS)
+    assert set(batch_sizes) == {len(ids)}
+    assert seen[0] == len(ids) and seen == sorted(seen, reverse=True) and seen[-1] < len(ids)
     # a row leaves once at most three quarters of its batch still decode
     assert all(size <= 0.75 * earlier for earlier, size in zip(seen, seen[1:]) if size < earlier)
 
@@ -73,5 +64,5 @@ def test_a_hook_or_the_static_cache_keeps_every_row(pair, ragged, batch_sizes, k
     out = cascade.generate(ids, mask, max_new_tokens=MAX_NEW)
     assert not cascade.drops_rows
     assert min(row["new_tokens"] for row in out.stats.rows) < MAX_NEW
-    assert set(batch_sizes) == {len(PROMPTS)}
-    assert all(len(event.drafts) == len(PROMPTS) for event in events)
+    assert set(batch_sizes) == {len(ids)}
+    assert all(len(event.drafts) == len(ids) for event in events)
