@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SpeccascadeError
-from .cache import KVCache, resolve_layout
+from .cache import KVCache, full_attention, resolve_layout
 from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
 from .state import SHRINK, DecodeState, GenerateOutput, Output, Slots
@@ -110,8 +110,9 @@ class Decoder(ABC):
 
     def refills(self, batch_size: int) -> bool:
         """Whether waiting prompts take finished rows' places in batches of ``batch_size``: where rows leave the batch,
+        every layer attends to all earlier slots (a sliding window's cache would not take the joining rows' slots)
         and a batch has more than one row (one row alone decodes its prompts one after the other, dense)."""
-        return self.drops_rows and batch_size > 1
+        return self.drops_rows and batch_size > 1 and all(full_attention(model) for model in self.models.values())
 
     def in_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                    seed: int | Sequence[int], batch_size: int) -> GenerateOutput:
@@ -157,7 +158,9 @@ class Decoder(ABC):
         capacity = longest + (2 * max_new_tokens + 2 * steady if static else steady * (max_new_tokens + 1))
         caches = {name: KVCache(model, pair.vocab_size, capacity if static else None, self.compile, encoded[name], steady)
                   for name, model in self.models.items()}
-        slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, static, contiguous=pair.is_encoder_decoder)
+        # attention that reads slot distances (T5's relative bias, a sliding window) needs each row's tokens side by side
+        contiguous = pair.is_encoder_decoder or not all(full_attention(model) for model in self.models.values())
+        slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, static, contiguous=contiguous)
         room = max_new_tokens + self.block_size + 1
         out = Output.empty(every.shape[0], room, self.block_size, max_new_tokens, pair.eos_token_ids, pair.pad_token_id, device)
         streams = RandomStreams(seeds[:first], room, device)

@@ -15,7 +15,7 @@ the row rejected) is masked out by the decoder's 2D attention mask, never zero-f
 row carries its own position ids. Models with SDPA attention over every slot get that mask in the 4D
 form transformers would build from it, ready-made (``KVCache._prepared``). ``compact`` moves each row's
 real slots together at the right end, for models whose attention depends on slot distances (T5's
-relative bias) and to reuse a static cache's space.
+relative bias, sliding windows, whose layers here keep every slot) and to reuse a static cache's space.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class KVCache:
         if encoded is not None:
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
-            self.cache = StaticCache(config=config, max_cache_len=capacity) if self.static else DynamicCache(config=config)
+            # a sliding window's layers keep every slot (transformers masks the window): rollback and compaction need them
+            self.cache = (StaticCache(config=config, max_cache_len=capacity) if self.static
+                          else DynamicCache(config=config) if full_attention(model) else DynamicCache())
         self._cache_arg = cache_argument(getattr(model.forward, "__func__", model.forward))
         # decode steps (at most ``steady`` tokens, fixed shapes) run compiled; longer inputs (the prompt) eagerly
         self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
@@ -199,7 +201,7 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
     model supports it (no host syncs) and dynamic otherwise."""
     if layout not in (None, *LAYOUTS):
         raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    unsupported = next((m for m in models if m.config.is_encoder_decoder or not _full_attention(m)), None)
+    unsupported = next((m for m in models if m.config.is_encoder_decoder or not full_attention(m)), None)
     if layout is None:
         layout = "static" if device.type == "cuda" and unsupported is None else "dynamic"
     if layout == "static" and unsupported is not None:
@@ -215,10 +217,10 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
 def takes_prepared_mask(model: PreTrainedModel) -> bool:
     """Whether the decoder may hand ``model`` its 4D boolean mask ready-made: SDPA attention (which reads one as
     is) over every earlier slot in every layer (a ready mask replaces transformers' per-layer-type masks)."""
-    return model.config._attn_implementation == "sdpa" and _full_attention(model)
+    return model.config._attn_implementation == "sdpa" and full_attention(model)
 
 
-def _full_attention(model: PreTrainedModel) -> bool:
+def full_attention(model: PreTrainedModel) -> bool:
     """Every layer attends to all earlier slots: no sliding window or chunks (the static cache rolls back only
     such layers)."""
     config = model.config.get_text_config()

@@ -30,7 +30,7 @@ The decoder's words, defined once:
   are its tokens, the rest holes) and make the next token pending.
 - **rollback**: drop from every cache the newest slots that no row kept.
 - **compact**: move each row's real slots together at the right end and drop the slots no row
-  uses (T5 reads slot distances as positions; the static cache reuses the space).
+  uses (T5 reads slot distances as positions, a sliding window counts slots; the static cache reuses the space).
 - **emit**: append a step's tokens to each row's output; a row is **done** at its first
   end-of-sequence token or at ``max_new_tokens``; ``emitted`` counts a row's new tokens, ``room``
   the tokens it may still emit (0 once done).

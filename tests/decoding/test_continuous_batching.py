@@ -102,3 +102,21 @@ def test_a_decoder_that_keeps_its_rows_decodes_batch_after_batch(pair, ragged, j
 def test_a_batch_size_below_one_is_refused(pair, batch):
     with pytest.raises(SpeccascadeError, match="batch_size must be >= 1, got 0"):
         SpeculativeCascade(pair).generate(*batch, batch_size=0)
+
+
+def test_a_sliding_window_pair_decodes_batch_after_batch(joins):
+    """A sliding window's cache keeps only its window, so joining rows' slots would not line up: no refill."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from speccascade.decoding import ModelPair
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, sliding_window=4, attn_implementation="sdpa")
+    models = [MistralForCausalLM(MistralConfig(**small)) for _ in range(2)]
+    pair = ModelPair(*models, None, "sliding", "drafter", "target")
+    ids = torch.randint(3, 64, (5, 6))
+    decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=2)
+    out = decoder.generate(ids, max_new_tokens=6, batch_size=2)
+    assert decoder.drops_rows and not decoder.refills(2) and not joins
+    assert torch.equal(out.sequences, decoder.in_batches(ids, None, 6, 0, 2).sequences)
