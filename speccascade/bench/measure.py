@@ -33,7 +33,7 @@ class Configuration:
     run: Run
     models: tuple[torch.nn.Module, ...] = ()
     in_spec_bench: bool = False
-    refills: bool = False  # ``run`` takes a whole turn's prompts and decodes them at ``batch_size`` with continuous batching
+    refills: bool = False  # ``run`` takes a whole chunk of prompts and decodes them at ``batch_size`` with continuous batching
     seconds: list[float] = field(default_factory=list)  # wall time of each timed round
     batch_seconds: list[list[float]] = field(default_factory=list)  # [round][batch] wall time of each batch
     batch_tokens: list[int] = field(default_factory=list)  # new tokens of each batch (of the last round)
@@ -102,7 +102,7 @@ def configurations(pair: ModelPair, sizes: list[int], gamma: int, cascades: list
         adaptive = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, draft_stop=block["draft_stop"], **options)
         configs.append(Configuration(exact_name(block["draft_stop"]), "speccascade", 1, ours(adaptive), both,
                                      in_spec_bench=True))
-    for b in sizes:  # batches above 1 refill finished rows from the turn's waiting prompts (continuous batching)
+    for b in sizes:  # batches above 1 refill finished rows from the chunk's waiting prompts (continuous batching)
         configs.append(Configuration("exact speculative decoding", "speccascade", b,
                                      ours(SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=gamma, **options), b), both,
                                      in_spec_bench=True, refills=b > 1))
@@ -138,9 +138,9 @@ def sync(device: torch.device) -> None:
 
 
 def timed(config: Configuration, pair: ModelPair, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Decode one turn's prompts in batches of ``config.batch_size`` (refilled, where it refills), adding to the current round (the last
-    entry of ``seconds`` and ``batch_seconds``, opened by :func:`begin_round`): wall time, per-batch times,
-    stats and peak memory."""
+    """Decode one chunk of prompts in batches of ``config.batch_size`` (refilled, where it refills), adding to the
+    current round (the last entry of ``seconds`` and ``batch_seconds``, opened by :func:`begin_round`): wall time,
+    per-batch times, stats and peak memory."""
     stats = []
     with peak_memory(pair.device) as peak:
         for batch_ids, batch_mask in batches(ids, mask, config.decodes(ids)):

@@ -19,6 +19,9 @@ DECODERS = {
     "opt": lambda pair, t: SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=3, temperature=t),
     "opt, bonus from p": lambda pair, t: SpeculativeCascade(pair, rules.OPT(alpha=0.3), block_size=3, temperature=t,
                                                             bonus="target"),
+    "exact, adaptive blocks": lambda pair, t: SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=4, temperature=t,
+                                                                 draft_stop=0.3),
+    "fly": lambda pair, t: SpeculativeCascade(pair, rules.FLy(), block_size=3, temperature=t),
     "sequential chow": lambda pair, t: SequentialCascade(pair, rules.Chow(alpha=0.5), temperature=t),
 }
 # what a row counts whichever rows share its batch (a row's drafter forwards and block cuts follow its batch's rows)
@@ -50,7 +53,7 @@ def test_waiting_prompts_take_finished_rows_places_and_decode_the_same_tokens(pa
     assert decoder.refills(3) and sum(joins) == len(ids) - 3 and len(joins) > 1
     assert torch.equal(continuous.sequences, together.sequences)
     assert _counts(continuous, OWN) == _counts(together, OWN)
-    if name in ("exact", "target alone"):  # no rule reads the batch: every count is the row's own
+    if name in ("exact", "target alone"):  # nothing reads the batch: every count is the row's own
         assert _counts(continuous) == _counts(together)
 
 
