@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SpeccascadeError
-from .cache import KVCache, full_attention, resolve_layout
+from .cache import KVCache, full_attention, resolve_layout, sliding
 from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
 from .state import SHRINK, DecodeState, GenerateOutput, Output, Slots
@@ -159,7 +159,7 @@ class Decoder(ABC):
         caches = {name: KVCache(model, pair.vocab_size, capacity if static else None, self.compile, encoded[name], steady)
                   for name, model in self.models.items()}
         # attention that reads slot distances (T5's relative bias, a sliding window) needs each row's tokens side by side
-        contiguous = pair.is_encoder_decoder or not all(full_attention(model) for model in self.models.values())
+        contiguous = pair.is_encoder_decoder or any(sliding(model) for model in self.models.values())
         slots = Slots.for_prompts(ids, mask, caches, capacity, pair.pad_token_id, static, contiguous=contiguous)
         room = max_new_tokens + self.block_size + 1
         out = Output.empty(every.shape[0], room, self.block_size, max_new_tokens, pair.eos_token_ids, pair.pad_token_id, device)

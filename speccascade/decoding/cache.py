@@ -57,7 +57,7 @@ class KVCache:
         else:
             # a sliding window's layers keep every slot (transformers masks the window): rollback and compaction need them
             self.cache = (StaticCache(config=config, max_cache_len=capacity) if self.static
-                          else DynamicCache(config=config) if full_attention(model) else DynamicCache())
+                          else DynamicCache() if sliding(model) else DynamicCache(config=config))
         self._cache_arg = cache_argument(getattr(model.forward, "__func__", model.forward))
         # decode steps (at most ``steady`` tokens, fixed shapes) run compiled; longer inputs (the prompt) eagerly
         self._step = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
@@ -228,3 +228,13 @@ def full_attention(model: PreTrainedModel) -> bool:
     if layer_types:
         return set(layer_types) == {"full_attention"}
     return not getattr(config, "sliding_window", None)
+
+
+def sliding(model: PreTrainedModel) -> bool:
+    """Some layers attend to a sliding window of slots, the others to all of them (Gemma 2 and 3, Mistral, Qwen2
+    with its window on): the decoder keeps every slot in their caches and each row's slots side by side."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types and set(layer_types) <= {"full_attention", "sliding_attention"}
+    return bool(getattr(config, "sliding_window", None))
