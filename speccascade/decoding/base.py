@@ -110,7 +110,8 @@ class Decoder(ABC):
 
     def refills(self, batch_size: int) -> bool:
         """Whether waiting prompts take finished rows' places in batches of ``batch_size``: where rows leave the batch,
-        every layer attends to all earlier slots (a sliding window's cache would not take the joining rows' slots)
+        every layer attends to all earlier slots (a sliding window counts slots, and a join may leave holes after the
+        decoding rows' tokens for a step)
         and a batch has more than one row (one row alone decodes its prompts one after the other, dense)."""
         return self.drops_rows and batch_size > 1 and all(full_attention(model) for model in self.models.values())
 

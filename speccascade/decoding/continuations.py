@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SpeccascadeError
-from .cache import KVCache
+from .cache import KVCache, sliding
 from .pairs import ModelPair, left_padded
 from .sampling import RandomStreams, Sampler, sample
 from .state import SHRINK
@@ -99,6 +99,10 @@ def _continue(pair: ModelPair, sequences: Sequence[Sequence[int]], cuts: list[Cu
     length = torch.tensor([cut.length for cut in cuts], device=device)
     slot = torch.arange(width + max_new_tokens, device=device)
     mask = ((slot >= first[:, None]) & (slot < (first + length)[:, None])) | (slot >= width)  # new slots: all written
+    if sliding(pair.target):  # a window counts slots: each cut's kept prefix moves next to its new slots
+        order = torch.argsort(mask[:, :width].int(), dim=1, stable=True)
+        cache.compact(order)
+        mask[:, :width] = mask[:, :width].gather(1, order)
     token = torch.tensor([cut.token for cut in cuts], device=device)[:, None]
     position = length[:, None].clone()  # the fed token's position: one past the kept prefix
     uniforms = None if sampler.greedy else RandomStreams(seeds, max_new_tokens + 2, device).draft

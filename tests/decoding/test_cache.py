@@ -10,7 +10,7 @@ import torch
 
 from speccascade import SpeculativeCascade, rules
 from speccascade.decoding.cache import KVCache
-from tests.helpers import row
+from tests.helpers import row, sliding_pair
 
 
 def full_forward_probs(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -217,32 +217,13 @@ def test_only_sdpa_models_attending_to_every_slot_get_a_ready_mask():
     assert not takes_prepared_mask(Qwen2ForCausalLM(hybrid))
 
 
-SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, attn_implementation="sdpa")
-
-
-def _sliding(family: str):
-    """A small random model of ``family`` whose attention (in one layer of two, for the hybrids) sees 4 slots."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**SMALL, sliding_window=4))
-    if family == "qwen2 hybrid":
-        return Qwen2ForCausalLM(Qwen2Config(**SMALL, layer_types=["full_attention", "sliding_attention"],
-                                            use_sliding_window=True, sliding_window=4))
-    return Gemma3ForCausalLM(Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=4,
-                                              layer_types=["sliding_attention", "full_attention"]))
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2 hybrid", "gemma3"])
 def test_sliding_window_models_decode_past_their_window_as_their_own_generate(family):
     """Rolling back past a sliding window (transformers' sliding layers keep only the window, and refuse to crop) and
     batches whose rows hold holes (the window counts slots): every row decodes as the target's greedy generate."""
-    from speccascade.decoding import Autoregressive, ModelPair
+    from speccascade.decoding import Autoregressive
 
-    torch.manual_seed(0)
-    pair = ModelPair(_sliding(family), _sliding(family), None, "sliding", "drafter", "target")
+    pair = sliding_pair(family)
     prompts = [torch.randint(3, 64, (n,)).tolist() for n in (2, 6, 9)]
     new = 12  # prompt and reply run well past the window of 4
     alone = [pair.target.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(p):]

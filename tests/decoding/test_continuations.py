@@ -12,6 +12,7 @@ from speccascade.decoding import Autoregressive, Sampler, continuations
 from speccascade.decoding.cache import KVCache
 from speccascade.decoding.continuations import Cut, continue_cuts
 from speccascade.errors import SpeccascadeError
+from tests.helpers import sliding_pair
 
 MAX_NEW = 16
 
@@ -82,3 +83,17 @@ def test_a_cut_past_the_context_is_refused(pair):
     sequences = _sequences(pair)
     with pytest.raises(SpeccascadeError, match="exceeds the model's context"):
         continue_cuts(pair, sequences, [Cut(2, 19, 5)], pair.context_length, 4, Sampler(0.0), [0])
+
+
+@pytest.mark.parametrize("sampler", [Sampler(0.0), Sampler(1.0)], ids=repr)
+def test_a_sliding_window_target_continues_each_cut_as_it_decodes_alone(sampler):
+    """A sliding window counts slots: each cut's kept prefix moves next to its new slots (the source's slots past
+    the cut would otherwise sit in its window), so every cut continues as the target alone, past the window too."""
+    pair = sliding_pair()
+    g = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (9, 25, 40)]
+    cuts = [Cut(s, int(torch.randint(1, len(sequences[s]) + 1, (1,), generator=g)), int(torch.randint(3, 64, (1,), generator=g)))
+            for s in [0, 1, 2] * 6]
+    seeds = list(range(len(cuts)))
+    found = continue_cuts(pair, sequences, cuts, 12, 6, sampler, seeds)
+    assert found.tokens == [_alone(pair, sequences, cut, sampler, seed)[:12] for cut, seed in zip(cuts, seeds)]

@@ -11,6 +11,7 @@ from speccascade.decoding import Autoregressive, SequentialCascade, SpeculativeC
 from speccascade.decoding.state import Slots
 from speccascade.deferral import rules
 from speccascade.errors import SpeccascadeError
+from tests.helpers import sliding_pair
 
 MAX_NEW = 14
 DECODERS = {
@@ -108,16 +109,9 @@ def test_a_batch_size_below_one_is_refused(pair, batch):
 
 
 def test_a_sliding_window_pair_decodes_batch_after_batch(joins):
-    """A sliding window's cache keeps only its window, so joining rows' slots would not line up: no refill."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from speccascade.decoding import ModelPair
-
-    torch.manual_seed(0)
-    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, sliding_window=4, attn_implementation="sdpa")
-    models = [MistralForCausalLM(MistralConfig(**small)) for _ in range(2)]
-    pair = ModelPair(*models, None, "sliding", "drafter", "target")
+    """A sliding window counts slots, and a join that grows the layout leaves holes after the decoding rows' tokens for a
+    step: no refill."""
+    pair = sliding_pair()
     ids = torch.randint(3, 64, (5, 6))
     decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=2)
     out = decoder.generate(ids, max_new_tokens=6, batch_size=2)
