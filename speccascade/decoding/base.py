@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SpeccascadeError
-from .cache import KVCache, full_attention, resolve_layout, sliding
+from .cache import KVCache, resolve_layout, sliding
 from .pairs import ModelPair, left_pad
 from .sampling import RandomStreams, Sampler
 from .state import SHRINK, DecodeState, GenerateOutput, Output, Slots
@@ -110,10 +110,8 @@ class Decoder(ABC):
 
     def refills(self, batch_size: int) -> bool:
         """Whether waiting prompts take finished rows' places in batches of ``batch_size``: where rows leave the batch,
-        every layer attends to all earlier slots (a sliding window counts slots, and a join may leave holes after the
-        decoding rows' tokens for a step)
         and a batch has more than one row (one row alone decodes its prompts one after the other, dense)."""
-        return self.drops_rows and batch_size > 1 and all(full_attention(model) for model in self.models.values())
+        return self.drops_rows and batch_size > 1
 
     def in_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                    seed: int | Sequence[int], batch_size: int) -> GenerateOutput:

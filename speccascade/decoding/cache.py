@@ -169,6 +169,12 @@ class KVCache:
             new = [torch.cat([h, p], 2) for h, p in zip(holes, parts[i])] if n else holes
             layer.keys, layer.values = (torch.cat([t, r]) for t, r in zip(old, new))
 
+    def add_holes(self, n: int) -> None:
+        """Put ``n`` hole slots (zeros, masked out) in front of every row's slots: the dynamic cache only."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = (torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], 2)
+                                        for t in (layer.keys, layer.values))
+
     @torch.inference_mode()
     def compact(self, order: torch.Tensor) -> None:
         """Keep, for each row ``b``, the slots ``order[b]`` (``[B, L]``) in that order: the cache becomes ``L`` long."""

@@ -148,17 +148,20 @@ class Slots:
     def join(self, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> list[str]:
         """Add the left-padded prompts ``ids`` ``[k, w]`` as new rows at the end of the batch (dynamic cache, after
         finished rows left): the layout is compacted, the new rows' tokens but the last take its last ``w - 1``
-        slots (their slots before are holes; where the rows there hold fewer, the layout grows by holes at its end,
-        which every cache catches up on), and the last is pending. Each cache computes the new rows' keys and
-        values over the slots it holds in a forward of its own over those rows (its catch-up feeds the rest);
-        returns the names of the caches that ran one."""
+        slots (their slots before are holes; where the rows there hold fewer, the layout grows by holes at its
+        start), and the last is pending; every row's tokens stay side by side at the layout's end. Each cache
+        computes the new rows' keys and values over the slots it holds in a forward of its own over those rows
+        (its catch-up feeds the rest); returns the names of the caches that ran one."""
         need = ids.shape[1] - 1
         self.compact()
         grow = max(0, need - self.length)
         if grow:
             self.reserve(grow)
-            self.tokens[:, self.length : self.length + grow], self.positions[:, self.length : self.length + grow] = pad_token_id, 0
-            self.behind = {name: lag + grow for name, lag in self.behind.items()}
+            for cache in self.caches.values():
+                cache.add_holes(grow)
+            self.mask, self.tokens, self.positions = (
+                torch.cat([torch.full_like(t[:, :grow], fill), t[:, :-grow]], 1)
+                for t, fill in ((self.mask, False), (self.tokens, pad_token_id), (self.positions, 0)))
             self.length += grow
         start = self.length - need
         slots, tokens, positions = laid_out(ids, mask, self.mask.shape[1], start, pad_token_id)

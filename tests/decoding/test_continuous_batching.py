@@ -108,12 +108,16 @@ def test_a_batch_size_below_one_is_refused(pair, batch):
         SpeculativeCascade(pair).generate(*batch, batch_size=0)
 
 
-def test_a_sliding_window_pair_decodes_batch_after_batch(joins):
-    """A sliding window counts slots, and a join that grows the layout leaves holes after the decoding rows' tokens for a
-    step: no refill."""
-    pair = sliding_pair()
-    ids = torch.randint(3, 64, (5, 6))
-    decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=2)
-    out = decoder.generate(ids, max_new_tokens=6, batch_size=2)
-    assert decoder.drops_rows and not decoder.refills(2) and not joins
-    assert torch.equal(out.sequences, decoder.in_batches(ids, None, 6, 0, 2).sequences)
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_a_sliding_window_pair_refills_and_decodes_the_same_tokens(joins, family):
+    """A sliding window counts slots: joins keep every row's tokens side by side at the layout's end (a longer
+    prompt grows the layout at its start), so rows decode as in one batch of all, past the window too."""
+    pair = sliding_pair(family)
+    ids = torch.randint(3, 64, (6, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = mask[2, :6] = mask[3, :3] = 0  # a short first batch: the later prompts are longer than its rows
+    for temperature in (0.0, 1.0):
+        decoder = SpeculativeCascade(pair, rules.AlwaysDefer(), block_size=2, temperature=temperature)
+        together = decoder.generate(ids, mask, max_new_tokens=10, seed=1)
+        assert torch.equal(decoder.generate(ids, mask, max_new_tokens=10, seed=1, batch_size=2).sequences, together.sequences)
+    assert joins
