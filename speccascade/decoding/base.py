@@ -49,9 +49,14 @@ class Decoder(ABC):
         """The models this decoder runs, by cache name."""
 
     @property
+    def hooked(self) -> bool:
+        """A hook reads every row of the batch in every block (the rows stay as they started)."""
+        return False
+
+    @property
     def drops_rows(self) -> bool:
-        """Finished rows may leave the batch: the dynamic cache of a decoder-only pair (which selects rows)."""
-        return self.cache == "dynamic" and not self.pair.is_encoder_decoder
+        """Finished rows may leave the batch: the dynamic cache of a decoder-only pair (which selects rows), no hook."""
+        return self.cache == "dynamic" and not self.pair.is_encoder_decoder and not self.hooked
 
     @abstractmethod
     def step(self, state: DecodeState) -> None:
@@ -71,11 +76,12 @@ class Decoder(ABC):
         A step that read the host anyway leaves there the tokens still to emit and the rows still decoding
         (``out.left``, ``out.live``); on the CPU the loop reads them itself. They end the loop, and where
         :attr:`drops_rows`, the finished rows leave the batch once at most ``SHRINK`` of it still decodes,
-        so the longest reply no longer keeps them in every forward; with prompts waiting (``batch_size``
-        below their number), waiting prompts then take the finished rows' places (continuous batching). A
-        decoder that keeps its rows decodes ``batch_size`` prompts after ``batch_size``. Otherwise, on CUDA
-        the loop reads the all-done flag one step late (copied while the next step runs), so the host never
-        waits for the device; a finished batch runs at most one idle step.
+        so the longest reply no longer keeps them in every forward. With prompts waiting (``batch_size``
+        below their number), the loop reads the host after every step and, once at most ``SHRINK`` of the
+        batch still decodes, waiting prompts take the finished rows' places in place (continuous batching,
+        either cache); a hook or an encoder-decoder pair decodes ``batch_size`` prompts after ``batch_size``.
+        Otherwise, on CUDA the loop reads the all-done flag one step late (copied while the next step runs),
+        so the host never waits for the device; a finished batch runs at most one idle step.
         """
         if batch_size is not None and batch_size < 1:
             raise SpeccascadeError(f"batch_size must be >= 1, got {batch_size}")
@@ -89,9 +95,8 @@ class Decoder(ABC):
             if out.left is None and (out.room.device.type != "cuda" or state.waiting):
                 out.read(out.room.tolist())
             if out.left is not None:
-                if state.waiting and out.live <= SHRINK * state.batch_size:
-                    state.refill()
-                    continue
+                if state.waiting and out.live <= SHRINK * out.room.shape[0]:
+                    state.refill()  # finished rows left over (fewer prompts waited) may leave below
                 if out.left == 0:
                     break
                 if self.drops_rows and out.live <= SHRINK * out.room.shape[0]:
@@ -109,9 +114,10 @@ class Decoder(ABC):
         return state.finish()
 
     def refills(self, batch_size: int) -> bool:
-        """Whether waiting prompts take finished rows' places in batches of ``batch_size``: where rows leave the batch,
-        and a batch has more than one row (one row alone decodes its prompts one after the other, dense)."""
-        return self.drops_rows and batch_size > 1
+        """Whether waiting prompts take finished rows' places in batches of ``batch_size``: a decoder-only pair (either
+        cache: a row is replaced in place), no hook, and more than one row (one row alone decodes its prompts one
+        after the other, dense)."""
+        return not self.pair.is_encoder_decoder and not self.hooked and batch_size > 1
 
     def in_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                    seed: int | Sequence[int], batch_size: int) -> GenerateOutput:
@@ -167,7 +173,7 @@ class Decoder(ABC):
             return DecodeState(ids, slots, out, streams, started)
         out.keep(torch.arange(first, device=device))
         return DecodeState(every, slots, out, streams, started, waiting=list(range(first, every.shape[0])),
-                           prompt_mask=every_mask, seeds=seeds, batch_size=first)
+                           prompt_mask=every_mask, seeds=seeds)
 
     def _check(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
         lengths = mask.sum(1)

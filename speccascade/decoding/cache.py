@@ -152,28 +152,38 @@ class KVCache:
             raise SpeccascadeError("only a decoder-only model's dynamic cache selects rows")
         self.cache.batch_select_indices(rows)
 
-    def add_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, length: int) -> None:
-        """Append rows for new prompts (the dynamic cache of a decoder-only model): their ``ids`` ``[k, n]`` (with
-        ``positions`` and slot ``mask``) fill the last ``n`` of the cache's ``length`` slots, the slots before are
-        holes. The keys and values come from a forward over the new rows alone, in a cache of their own."""
-        if self.static or self.encoded is not None:
-            raise SpeccascadeError("only a decoder-only model's dynamic cache adds rows")
+    def replace_rows(self, rows: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     length: int) -> None:
+        """Give the batch rows ``rows`` to new prompts (decoder-only models): their ``ids`` ``[k, n]`` (with
+        ``positions`` and slot ``mask``) fill the last ``n`` of the cache's first ``length`` slots, the slots
+        before are holes (zeros). The keys and values come from a forward over the new rows alone, in a cache of
+        their own; a static cache's slots past ``length`` keep what they held, masked out until written."""
+        if self.encoded is not None:
+            raise SpeccascadeError("an encoder-decoder model's cache replaces no rows")
         k, n = ids.shape
         if n:
             fresh = KVCache(self.model, self.vocab_size, steady=self.steady)
             fresh.forward(ids, positions, mask, logits_to_keep=1)
-            parts = [(layer.keys, layer.values) for layer in fresh.cache.layers]
         for i, layer in enumerate(self.cache.layers):
-            old = (layer.keys, layer.values)
-            holes = [t.new_zeros(k, t.shape[1], length - n, t.shape[3]) for t in old]
-            new = [torch.cat([h, p], 2) for h, p in zip(holes, parts[i])] if n else holes
-            layer.keys, layer.values = (torch.cat([t, r]) for t, r in zip(old, new))
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(k, old.shape[1], length, old.shape[3])
+                if n:
+                    new[:, :, length - n :] = getattr(fresh.cache.layers[i], name)
+                old[rows, :, :length] = new
 
     def add_holes(self, n: int) -> None:
-        """Put ``n`` hole slots (zeros, masked out) in front of every row's slots: the dynamic cache only."""
+        """Put ``n`` hole slots (zeros, masked out) in front of every row's slots."""
         for layer in self.cache.layers:
-            layer.keys, layer.values = (torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], 2)
-                                        for t in (layer.keys, layer.values))
+            if self.static:  # in place: the static address stays
+                used = int(layer.cumulative_length)
+                for t in (layer.keys, layer.values):
+                    t[:, :, n : n + used] = t[:, :, :used].clone()
+                    t[:, :, :n] = 0
+                layer.cumulative_length.add_(n)
+            else:
+                layer.keys, layer.values = (torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], 2)
+                                            for t in (layer.keys, layer.values))
 
     @torch.inference_mode()
     def compact(self, order: torch.Tensor) -> None:

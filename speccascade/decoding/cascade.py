@@ -151,9 +151,8 @@ class SpeculativeCascade(Decoder):
         return {"drafter": self.pair.drafter, "target": self.pair.target}
 
     @property
-    def drops_rows(self) -> bool:
-        """As every decoder's, but never under a hook, which sees every row of the batch in every block."""
-        return super().drops_rows and self.hook is None
+    def hooked(self) -> bool:
+        return self.hook is not None
 
     @property
     def drafter_lag(self) -> int:

@@ -128,11 +128,14 @@ class RandomStreams:
             self.streams = tuple(stream[rows] for stream in self.streams)
         self.seeds = [self.seeds[b] for b in rows.tolist()]
 
-    def join(self, seeds: Sequence[int]) -> None:
-        """Add rows seeded with ``seeds`` at the end of the batch."""
+    def replace(self, rows: torch.Tensor, seeds: Sequence[int]) -> None:
+        """Seed the batch rows ``rows`` with ``seeds`` (new prompts in finished rows' places)."""
         if "streams" in self.__dict__:
-            self.streams = tuple(torch.cat(pair) for pair in zip(self.streams, self._drawn(seeds)))
-        self.seeds = [*self.seeds, *seeds]
+            for stream, drawn in zip(self.streams, self._drawn(seeds)):
+                stream[rows] = drawn
+        self.seeds = list(self.seeds)
+        for b, seed in zip(rows.tolist(), seeds):
+            self.seeds[b] = seed
 
     @staticmethod
     def row_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:

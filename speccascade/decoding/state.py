@@ -145,16 +145,16 @@ class Slots:
                    pending=ids[:, -1:].clone(), pos=mask.sum(1) - 1, behind={name: width - 1 for name in caches},
                    contiguous=contiguous, bound=width - 1, dense=dense)
 
-    def join(self, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> list[str]:
-        """Add the left-padded prompts ``ids`` ``[k, w]`` as new rows at the end of the batch (dynamic cache, after
-        finished rows left): the layout is compacted, the new rows' tokens but the last take its last ``w - 1``
-        slots (their slots before are holes; where the rows there hold fewer, the layout grows by holes at its
-        start), and the last is pending; every row's tokens stay side by side at the layout's end. Each cache
-        computes the new rows' keys and values over the slots it holds in a forward of its own over those rows
-        (its catch-up feeds the rest); returns the names of the caches that ran one."""
+    def replace(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> list[str]:
+        """Put the left-padded prompts ``ids`` ``[k, w]`` in the batch rows ``rows`` (finished ones) in place: the layout
+        is compacted, a new row's tokens but the last take its last ``w - 1`` slots (its slots before are holes; where
+        the other rows hold fewer, the layout grows by holes at its start), and the last is pending; every row's
+        tokens stay side by side at the layout's end. Each cache computes the new rows' keys and values over the
+        slots it holds in a forward of its own over those rows (its catch-up feeds the rest); returns the names of
+        the caches that ran one."""
         need = ids.shape[1] - 1
         self.compact()
-        grow = max(0, need - self.length)
+        grow = max(0, need - int(self.length))
         if grow:
             self.reserve(grow)
             for cache in self.caches.values():
@@ -162,19 +162,17 @@ class Slots:
             self.mask, self.tokens, self.positions = (
                 torch.cat([torch.full_like(t[:, :grow], fill), t[:, :-grow]], 1)
                 for t, fill in ((self.mask, False), (self.tokens, pad_token_id), (self.positions, 0)))
-            self.length += grow
-        start = self.length - need
+            self.length = self.length + grow
+        start = int(self.length) - need
         slots, tokens, positions = laid_out(ids, mask, self.mask.shape[1], start, pad_token_id)
         prefilled = []
         for name, cache in self.caches.items():
-            held = self.length - self.behind.get(name, 0)  # the slots this cache holds
+            held = int(self.length) - self.behind.get(name, 0)  # the slots this cache holds
             fed = slice(start, max(start, held))
-            cache.add_rows(tokens[:, fed], positions[:, fed], slots[:, fed], held)
+            cache.replace_rows(rows, tokens[:, fed], positions[:, fed], slots[:, fed], held)
             prefilled += [name] if held > start else []
-        self.mask, self.tokens, self.positions = (torch.cat(pair) for pair in
-                                                  ((self.mask, slots), (self.tokens, tokens), (self.positions, positions)))
-        self.pending, self.pos = torch.cat([self.pending, ids[:, -1:]]), torch.cat([self.pos, mask.sum(1) - 1])
-        self.pos_column = self.pos.unsqueeze(1)
+        self.mask[rows], self.tokens[rows], self.positions[rows] = slots, tokens, positions
+        self.pending[rows], self.pos[rows] = ids[:, -1:], mask.sum(1) - 1
         self.block = None
         return prefilled
 
@@ -344,13 +342,12 @@ class Output:
         """``[B]`` bool: the row saw its end-of-sequence token or reached ``max_new_tokens`` (computed when read)."""
         return self.room == 0
 
-    def join(self, index: torch.Tensor) -> None:
-        """Add rows for the prompts at places ``index`` of the batch as it started (none decoded yet), at the end."""
-        tokens, emitted = self.banked
-        self.counts.join(index)
-        self.tokens, self.emitted = torch.cat([self.tokens, tokens[index]]), torch.cat([self.emitted, emitted[index]])
-        self.room = torch.cat([self.room, torch.full_like(index, self.max_new_tokens)])
-        self.emitted_column = self.emitted.unsqueeze(1)
+    def replace(self, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Bank every row's tokens and counts, then decode the prompts at places ``index`` of the batch as it started
+        (none decoded yet) in the batch rows ``rows``."""
+        self.keep()
+        self.counts.index[rows] = index
+        self.tokens[rows], self.emitted[rows], self.room[rows] = self.pad_token_id, 0, self.max_new_tokens
         self.read(self.room.tolist())
 
     def new_tokens(self) -> torch.Tensor:
@@ -374,7 +371,6 @@ class DecodeState:
     waiting: list[int] = field(default_factory=list)  # prompts not started yet, by place (continuous batching)
     prompt_mask: torch.Tensor | None = None  # [N, L] the prompts' attention mask, where prompts wait
     seeds: list[int] = field(default_factory=list)  # every prompt's seed, where prompts wait
-    batch_size: int = 0  # the most rows decoding at once, where prompts wait
 
     def __post_init__(self) -> None:
         self.places = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)  # row indices, built once
@@ -394,18 +390,16 @@ class DecodeState:
 
     @torch.inference_mode()
     def refill(self) -> None:
-        """Drop the finished rows and let waiting prompts take their places, up to ``batch_size`` rows (each new row's
-        prompt trimmed to its batch's longest)."""
-        self.keep_live()
-        k = min(self.batch_size - self.out.room.shape[0], len(self.waiting))
-        index, self.waiting = self.places[self.waiting[:k]], self.waiting[k:]
+        """Let waiting prompts take the places of finished rows, in place (each new row's prompt trimmed to the longest
+        of those joining)."""
+        rows = (self.out.room == 0).nonzero().squeeze(1)[: len(self.waiting)]
+        index, self.waiting = self.places[self.waiting[: rows.shape[0]]], self.waiting[rows.shape[0] :]
         ids, mask = self.prompt_ids[index], self.prompt_mask[index]
         width = int(mask.sum(1).max())
-        for name in self.slots.join(ids[:, -width:], mask[:, -width:], self.out.pad_token_id):
+        for name in self.slots.replace(rows, ids[:, -width:], mask[:, -width:], self.out.pad_token_id):
             self.out.counts.forwards[name] += 1
-        self.out.join(index)
-        self.streams.join([self.seeds[i] for i in index.tolist()])
-        self.rows = self.places[: self.out.room.shape[0]]
+        self.out.replace(rows, index)
+        self.streams.replace(rows, [self.seeds[i] for i in index.tolist()])
 
     def filled(self, value: int) -> torch.Tensor:
         """``[B]`` filled with ``value`` (each row's draft count in a fixed block), built once per value; read only."""

@@ -64,13 +64,6 @@ class Counters:
             self.index = self.index[rows]
         self._reset(self.index.shape[0])
 
-    def join(self, index: torch.Tensor) -> None:
-        """Bank every row's counts so far, then count on for the batch with rows for the prompts at places ``index``
-        of the batch as it started appended."""
-        self.keep()
-        self.index = torch.cat([self.index, index])
-        self._reset(self.index.shape[0])
-
     def deferred_everywhere(self, width: int) -> torch.Tensor:
         """``[B, width]`` True: ``r = 1`` at every position (exact speculative decoding), built once per width; read only."""
         if width not in self.everywhere:

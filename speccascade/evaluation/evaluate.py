@@ -61,8 +61,8 @@ class EvaluateSettings(TrackingSettings, LaunchSettings, BlockSettings, Decoding
                             "quality when the 95% interval of its paired difference to the target lies above -margin", low=0.0)
     seed: int = seed_setting("sampling seed (example i uses seed + i), task-generator seed and bootstrap seed")
     rows: int | None = setting(None, "rows decoding at once within a batch (default: all of it); fewer: the batch's waiting "
-                               "examples take finished rows' places (continuous batching, on the dynamic KV cache; the same "
-                               "replies, so --resume may change it)", low=1)
+                               "examples take finished rows' places (continuous batching; the same replies, so --resume may "
+                               "change it)", low=1)
 
     def config(self) -> dict:
         """What every point depends on; --resume with another config is refused (the rules may change)."""
@@ -150,9 +150,7 @@ def _learned_points(rule: R.Learned, spec: R.Spec) -> list[_Planned]:
 
 
 def _decoder(planned: _Planned, pair: ModelPair, s: EvaluateSettings) -> Decoder:
-    """The point's decoder; with ``--rows``, on the dynamic KV cache, where rows leave and join a batch (CUDA's default,
-    the static cache, keeps its rows)."""
-    kw = dict(temperature=s.temperature, cache="dynamic" if s.rows else None)
+    kw = dict(temperature=s.temperature)
     if planned.kind in ("target", "drafter"):
         return Autoregressive(pair, planned.kind, **kw)
     if planned.kind == "sequential":

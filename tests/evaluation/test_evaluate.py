@@ -314,8 +314,8 @@ def test_rows_decode_each_batch_with_continuous_batching_and_the_same_records(tm
     from speccascade.decoding.state import Slots
 
     joins = []
-    join = Slots.join
-    monkeypatch.setattr(Slots, "join", lambda self, ids, *a: joins.append(len(ids)) or join(self, ids, *a))
+    replace = Slots.replace
+    monkeypatch.setattr(Slots, "replace", lambda self, rows, ids, *a: joins.append(len(ids)) or replace(self, rows, ids, *a))
     options = dict(models="tiny-random", limit=7, batch_size=5, max_new_tokens=8, temperature=1.0, rules="target,opt:0.5",
                    wandb_mode="disabled")
     evaluate(tmp_path / "whole", **options)
