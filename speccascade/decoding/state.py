@@ -250,8 +250,7 @@ class Slots:
             self.bound = used
             return
         order = torch.argsort(self.mask[:, :used].int(), dim=1, stable=True)  # holes first, tokens in order
-        real = int(self.mask[:, :used].sum(1).max()) if self.mask.shape[0] else 0  # (no row: all have left, others join)
-        keep = max(real, *self.behind.values())
+        keep = max(int(self.mask[:, :used].sum(1).max()), *self.behind.values())
         self.bound = keep
         if keep == used and bool((self.mask[:, 1:used] >= self.mask[:, : used - 1]).all()):
             return  # every row's tokens already sit together at the right end
