@@ -217,7 +217,7 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
     model supports it (no host syncs) and dynamic otherwise."""
     if layout not in (None, *LAYOUTS):
         raise SpeccascadeError(f"cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    unsupported = next((m for m in models if m.config.is_encoder_decoder or not full_attention(m)), None)
+    unsupported = next((m for m in models if m.config.is_encoder_decoder or not _full_attention(m)), None)
     if layout is None:
         layout = "static" if device.type == "cuda" and unsupported is None else "dynamic"
     if layout == "static" and unsupported is not None:
@@ -233,10 +233,10 @@ def resolve_layout(layout: str | None, compile: bool, device: torch.device, mode
 def takes_prepared_mask(model: PreTrainedModel) -> bool:
     """Whether the decoder may hand ``model`` its 4D boolean mask ready-made: SDPA attention (which reads one as
     is) over every earlier slot in every layer (a ready mask replaces transformers' per-layer-type masks)."""
-    return model.config._attn_implementation == "sdpa" and full_attention(model)
+    return model.config._attn_implementation == "sdpa" and _full_attention(model)
 
 
-def full_attention(model: PreTrainedModel) -> bool:
+def _full_attention(model: PreTrainedModel) -> bool:
     """Every layer attends to all earlier slots: no sliding window or chunks (the static cache rolls back only
     such layers)."""
     config = model.config.get_text_config()
